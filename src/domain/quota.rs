@@ -1,0 +1,480 @@
+//! The quota service: decides consumes and refunds, answers lookups, and keeps Redis and
+//! Firestore level according to the phase.
+
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::Duration,
+};
+
+use chrono::{DateTime, Utc};
+use tokio::sync::watch;
+
+use super::{Phase, ProviderId, writer::Writer};
+use crate::storage::{
+    Applied, Change, Counters, Decision, Ledger, LedgerDecision, Op, Seed, StorageError,
+    WriteOutcome, new_epoch,
+};
+
+/// Where a lookup was answered from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Source {
+    Cache,
+    Store,
+}
+
+/// A provider's quota as a lookup answers it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QuotaView {
+    pub used: i64,
+    pub limit: i64,
+    pub source: Source,
+}
+
+/// A decided consume or refund.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    Decided(Decision),
+    /// The first answer of a retried request (same idempotency key and amount).
+    Replayed(Decision),
+}
+
+/// Why the service could not decide.
+#[derive(Debug, thiserror::Error)]
+pub enum QuotaError {
+    #[error("idempotency key reused with another amount")]
+    KeyReused,
+    #[error("a dependency is unavailable: {0}")]
+    Unavailable(StorageError),
+    #[error("storage error: {0}")]
+    Internal(StorageError),
+    #[error("phase {0} is not available yet")]
+    PhaseNotAvailable(Phase),
+}
+
+impl From<StorageError> for QuotaError {
+    fn from(err: StorageError) -> Self {
+        if err.is_unavailable() {
+            QuotaError::Unavailable(err)
+        } else {
+            QuotaError::Internal(err)
+        }
+    }
+}
+
+/// Shared state of one replica's quota decisions.
+pub struct QuotaService {
+    counters: Arc<dyn Counters>,
+    ledger: Arc<dyn Ledger>,
+    default_limit: i64,
+    cache_ttl: Duration,
+    phase: watch::Sender<(Phase, DateTime<Utc>)>,
+    redis_up: AtomicBool,
+    writer: Writer,
+}
+
+impl QuotaService {
+    pub fn new(
+        counters: Arc<dyn Counters>,
+        ledger: Arc<dyn Ledger>,
+        default_limit: i64,
+        cache_ttl: Duration,
+        initial_phase: Phase,
+    ) -> Arc<Self> {
+        let (phase, _) = watch::channel((initial_phase, Utc::now()));
+        Arc::new(Self {
+            counters,
+            ledger,
+            default_limit,
+            cache_ttl,
+            phase,
+            redis_up: AtomicBool::new(true),
+            writer: Writer::default(),
+        })
+    }
+
+    pub fn counters(&self) -> &Arc<dyn Counters> {
+        &self.counters
+    }
+
+    pub fn ledger(&self) -> &Arc<dyn Ledger> {
+        &self.ledger
+    }
+
+    pub fn writer(&self) -> &Writer {
+        &self.writer
+    }
+
+    pub fn phase(&self) -> (Phase, DateTime<Utc>) {
+        *self.phase.borrow()
+    }
+
+    /// Adopts a phase read from the ledger (every replica polls it).
+    pub fn follow_phase(&self, phase: Phase, since: DateTime<Utc>) {
+        self.phase.send_if_modified(|current| {
+            if current.0 == phase && current.1 == since {
+                return false;
+            }
+            if current.0 != phase {
+                tracing::info!(from = %current.0, to = %phase, "phase changed");
+                metrics::counter!("quotad_phase_changes_total", "to" => phase.as_str())
+                    .increment(1);
+            }
+            *current = (phase, since);
+            true
+        });
+    }
+
+    /// Stores a new phase durably and adopts it.
+    pub async fn set_phase(&self, phase: Phase) -> Result<(Phase, DateTime<Utc>), QuotaError> {
+        let (current, since) = self.phase();
+        if current == phase {
+            return Ok((current, since));
+        }
+        let since = Utc::now();
+        self.ledger.set_phase(phase, since).await?;
+        self.follow_phase(phase, since);
+        Ok((phase, since))
+    }
+
+    pub fn redis_is_up(&self) -> bool {
+        self.redis_up.load(Ordering::Relaxed)
+    }
+
+    /// Marks Redis down after a failed call: decisions go to Firestore until the health
+    /// task sees it answer again (and has reloaded what Firestore changed meanwhile).
+    fn redis_failed(&self, err: &StorageError) {
+        self.redis_down(&err.to_string());
+    }
+
+    /// Marks Redis down (see `redis_failed`); the health task calls it when a probe fails.
+    pub fn redis_down(&self, reason: &str) {
+        if self.redis_up.swap(false, Ordering::Relaxed) {
+            tracing::warn!(
+                reason,
+                "Redis unavailable: deciding from Firestore until it answers again"
+            );
+            metrics::counter!("quotad_redis_transitions_total", "to" => "down").increment(1);
+        }
+    }
+
+    /// Called by the health task once Redis answers and the reconciliation is done.
+    pub fn redis_recovered(&self) {
+        if !self.redis_up.swap(true, Ordering::Relaxed) {
+            tracing::info!("Redis answers again: deciding from Redis");
+            metrics::counter!("quotad_redis_transitions_total", "to" => "up").increment(1);
+        }
+    }
+
+    /// Whether to use Redis for this request, given the phase.
+    fn use_redis(&self, phase: Phase) -> bool {
+        phase.redis_decides() && self.redis_is_up()
+    }
+
+    fn limit_of(&self, stored: Option<i64>) -> i64 {
+        stored.unwrap_or(self.default_limit)
+    }
+
+    /// A lookup: Redis first (read-through), Firestore on a miss, in `firestore-only` or
+    /// while Redis is away.
+    pub async fn get(&self, provider: &ProviderId) -> Result<QuotaView, QuotaError> {
+        let (phase, _) = self.phase();
+        if self.use_redis(phase) {
+            match self.counters.read(provider).await {
+                Ok(Some(record)) => {
+                    metrics::counter!("quotad_cache_total", "result" => "hit").increment(1);
+                    return Ok(QuotaView {
+                        used: record.used,
+                        limit: record.limit,
+                        source: Source::Cache,
+                    });
+                }
+                Ok(None) => {
+                    metrics::counter!("quotad_cache_total", "result" => "miss").increment(1);
+                    match self.load(provider).await {
+                        Ok(seed) => {
+                            return Ok(QuotaView {
+                                used: seed.used,
+                                limit: seed.limit,
+                                source: Source::Store,
+                            });
+                        }
+                        Err(QuotaError::Unavailable(err)) if err.is_redis() => {
+                            self.redis_failed(&err)
+                        }
+                        Err(err) => return Err(err),
+                    }
+                }
+                Err(err) if err.is_unavailable() => self.redis_failed(&err),
+                Err(err) => return Err(err.into()),
+            }
+        }
+        let doc = self.ledger.read(provider).await?.unwrap_or_default();
+        Ok(QuotaView {
+            used: doc.used.unwrap_or(0),
+            limit: self.limit_of(doc.limit),
+            source: Source::Store,
+        })
+    }
+
+    /// Reads the document and caches it (unless another replica cached it first).
+    async fn load(&self, provider: &ProviderId) -> Result<Seed, QuotaError> {
+        let doc = self.ledger.read(provider).await?.unwrap_or_default();
+        let seed = Seed {
+            used: doc.used.unwrap_or(0),
+            limit: self.limit_of(doc.limit),
+            epoch: new_epoch(),
+            loaded_from: doc.epoch.unwrap_or_default(),
+        };
+        self.counters.load(provider, &seed, self.cache_ttl).await?;
+        Ok(seed)
+    }
+
+    /// Consumes or refunds `amount` (see API.md "Quotas").
+    pub async fn change(
+        &self,
+        provider: &ProviderId,
+        op: Op,
+        amount: i64,
+        idempotency_key: Option<&str>,
+    ) -> Result<Outcome, QuotaError> {
+        let change = Change {
+            op,
+            amount,
+            idempotency_key,
+        };
+        let (phase, _) = self.phase();
+        let outcome = if self.use_redis(phase) {
+            match self.change_in_redis(provider, &change, phase).await {
+                Ok(outcome) => Ok(outcome),
+                Err(QuotaError::Unavailable(err)) if err.is_redis() => {
+                    self.redis_failed(&err);
+                    metrics::counter!("quotad_fallbacks_total").increment(1);
+                    self.change_in_ledger(provider, &change, phase, true).await
+                }
+                Err(err) => Err(err),
+            }
+        } else {
+            if phase.redis_decides() {
+                metrics::counter!("quotad_fallbacks_total").increment(1);
+            } else if self.redis_is_up() {
+                // firestore-only: a record Redis still holds is stale from now on.
+                if let Err(err) = self.invalidate(provider).await {
+                    tracing::debug!(error = %err, "could not drop the cached record");
+                }
+            }
+            self.change_in_ledger(provider, &change, phase, phase.redis_decides())
+                .await
+        };
+        if let Ok(Outcome::Decided(decision) | Outcome::Replayed(decision)) = &outcome {
+            let result = match &outcome {
+                Ok(Outcome::Replayed(_)) => "replayed",
+                _ if decision.allowed => "allowed",
+                _ => "denied",
+            };
+            metrics::counter!("quotad_decisions_total", "kind" => "quota", "op" => op.as_str(),
+                "outcome" => result, "phase" => phase.as_str())
+            .increment(1);
+        }
+        outcome
+    }
+
+    async fn change_in_redis(
+        &self,
+        provider: &ProviderId,
+        change: &Change<'_>,
+        phase: Phase,
+    ) -> Result<Outcome, QuotaError> {
+        for _ in 0..3 {
+            match self.counters.apply(provider, change).await? {
+                Applied::Miss => {
+                    metrics::counter!("quotad_cache_total", "result" => "miss").increment(1);
+                    self.load(provider).await?;
+                }
+                Applied::KeyReused => return Err(QuotaError::KeyReused),
+                Applied::Replayed(decision) => return Ok(Outcome::Replayed(decision)),
+                Applied::Decided(decision) => {
+                    if phase == Phase::DualWrite {
+                        self.writer.enqueue(provider.clone());
+                    }
+                    return Ok(Outcome::Decided(decision));
+                }
+            }
+        }
+        Err(QuotaError::Internal(StorageError::Other {
+            backend: "redis",
+            message: "record vanished three times while deciding".into(),
+        }))
+    }
+
+    async fn change_in_ledger(
+        &self,
+        provider: &ProviderId,
+        change: &Change<'_>,
+        phase: Phase,
+        fallback: bool,
+    ) -> Result<Outcome, QuotaError> {
+        tracing::debug!(%phase, fallback, "deciding with a Firestore transaction");
+        match self
+            .ledger
+            .decide(provider, change, self.default_limit, fallback)
+            .await?
+        {
+            LedgerDecision::Decided(decision) => Ok(Outcome::Decided(decision)),
+            LedgerDecision::Replayed(decision) => Ok(Outcome::Replayed(decision)),
+            LedgerDecision::KeyReused => Err(QuotaError::KeyReused),
+        }
+    }
+
+    /// Writes a provider's unsynced usage to the ledger, exactly once. Returns `true` when
+    /// the record is clean afterwards (or there is none).
+    pub async fn flush(&self, provider: &ProviderId) -> Result<bool, StorageError> {
+        for _ in 0..3 {
+            let Some(record) = self.counters.read(provider).await? else {
+                return Ok(true);
+            };
+            if !record.is_dirty() {
+                return Ok(true);
+            }
+            match self.ledger.write_record(provider, &record).await {
+                Ok(WriteOutcome::Written { limit }) => {
+                    metrics::counter!("quotad_store_writes_total", "result" => "written")
+                        .increment(1);
+                    self.counters
+                        .mark_synced(
+                            provider,
+                            &record.epoch,
+                            record.version,
+                            self.limit_of(limit),
+                            self.cache_ttl,
+                        )
+                        .await?;
+                    if self
+                        .counters
+                        .read(provider)
+                        .await?
+                        .is_none_or(|r| !r.is_dirty())
+                    {
+                        return Ok(true);
+                    }
+                }
+                Ok(WriteOutcome::Stale) => {
+                    metrics::counter!("quotad_store_writes_total", "result" => "stale")
+                        .increment(1);
+                    tracing::warn!(%provider, epoch = %record.epoch, "cached record is stale: the document moved to another epoch");
+                }
+                Err(err) => {
+                    metrics::counter!("quotad_store_writes_total", "result" => "failed")
+                        .increment(1);
+                    return Err(err);
+                }
+            }
+        }
+        Ok(false)
+    }
+
+    /// Drops the cached record, writing its unsynced usage first: invalidation never loses
+    /// usage.
+    pub async fn invalidate(&self, provider: &ProviderId) -> Result<(), QuotaError> {
+        for _ in 0..5 {
+            if self.counters.evict_clean(provider).await? {
+                return Ok(());
+            }
+            self.flush(provider).await?;
+        }
+        Err(QuotaError::Unavailable(StorageError::Other {
+            backend: "redis",
+            message: "the record stayed dirty".into(),
+        }))
+    }
+
+    /// Sets `used` and/or `limit` in the ledger and the cache: both agree when it returns.
+    pub async fn set_quota(
+        &self,
+        provider: &ProviderId,
+        used: Option<i64>,
+        limit: Option<i64>,
+    ) -> Result<QuotaView, QuotaError> {
+        let redis = self.redis_is_up();
+        if redis {
+            match self.flush(provider).await {
+                Ok(_) => {}
+                Err(err) if err.is_redis() && err.is_unavailable() => self.redis_failed(&err),
+                Err(err) => return Err(err.into()),
+            }
+        }
+        let epoch = new_epoch();
+        let doc = self.ledger.set_quota(provider, used, limit, &epoch).await?;
+        let view = QuotaView {
+            used: doc.used.unwrap_or(0),
+            limit: self.limit_of(doc.limit),
+            source: Source::Store,
+        };
+        let cached = if used.is_some() {
+            let seed = Seed {
+                used: view.used,
+                limit: view.limit,
+                epoch: epoch.clone(),
+                loaded_from: epoch,
+            };
+            self.counters.replace(provider, &seed, self.cache_ttl).await
+        } else {
+            self.counters.set_limit(provider, view.limit).await
+        };
+        if let Err(err) = cached {
+            // Redis will reload this provider before it decides for it again.
+            tracing::warn!(%provider, error = %err, "quota set in Firestore; the cache will be reloaded");
+            self.ledger.note_changed_outside(provider).await?;
+            if err.is_unavailable() {
+                self.redis_failed(&err);
+            }
+        }
+        Ok(view)
+    }
+
+    /// Reloads the providers Firestore decided while Redis was away: writes what Redis
+    /// still holds unsynced, then drops the records so the next request loads them.
+    pub async fn reconcile(&self) -> Result<usize, StorageError> {
+        let mut done = 0;
+        loop {
+            let changed = self.ledger.changed_outside(200).await?;
+            if changed.is_empty() {
+                return Ok(done);
+            }
+            for provider in &changed {
+                match self.invalidate(provider).await {
+                    Ok(()) => {}
+                    Err(QuotaError::Unavailable(err) | QuotaError::Internal(err)) => {
+                        return Err(err);
+                    }
+                    Err(err) => {
+                        return Err(StorageError::Other {
+                            backend: "redis",
+                            message: err.to_string(),
+                        });
+                    }
+                }
+                self.ledger.clear_changed_outside(provider).await?;
+                done += 1;
+            }
+        }
+    }
+}
+
+impl StorageError {
+    /// Whether this error came from Redis (the counters), not Firestore.
+    pub fn is_redis(&self) -> bool {
+        matches!(
+            self,
+            StorageError::Unavailable {
+                backend: "redis",
+                ..
+            } | StorageError::Other {
+                backend: "redis",
+                ..
+            }
+        )
+    }
+}

@@ -1,0 +1,42 @@
+//! The batch sync's cron schedule, evaluated in UTC.
+
+use std::str::FromStr;
+
+use chrono::{DateTime, Utc};
+
+/// A parsed 5-field cron expression.
+#[derive(Debug, Clone)]
+pub struct Schedule(croner::Cron);
+
+impl Schedule {
+    pub fn parse(expression: &str) -> anyhow::Result<Self> {
+        if expression.split_whitespace().count() != 5 {
+            anyhow::bail!("expected 5 fields: minute hour day-of-month month day-of-week");
+        }
+        Ok(Self(croner::Cron::from_str(expression)?))
+    }
+
+    /// The first run strictly after `after`.
+    pub fn next_after(&self, after: DateTime<Utc>) -> Option<DateTime<Utc>> {
+        self.0.find_next_occurrence(&after, false).ok()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use chrono::TimeZone;
+
+    use super::*;
+
+    #[test]
+    fn the_default_runs_nightly_at_three_utc() {
+        let schedule = Schedule::parse("0 3 * * *").unwrap();
+        let now = Utc.with_ymd_and_hms(2026, 11, 25, 13, 0, 0).unwrap();
+        assert_eq!(
+            schedule.next_after(now),
+            Some(Utc.with_ymd_and_hms(2026, 11, 26, 3, 0, 0).unwrap())
+        );
+        assert!(Schedule::parse("nightly").is_err());
+        assert!(Schedule::parse("* * * * * *").is_err());
+    }
+}

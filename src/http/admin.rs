@@ -1,0 +1,155 @@
+//! `/admin/*`: invalidation, setting quotas, the phase, the sync and anomalies.
+
+use axum::{
+    Json,
+    extract::{Query, State},
+    response::IntoResponse,
+};
+use serde_json::{Value, json};
+
+use super::{
+    AppState,
+    error::ApiError,
+    extract::{Fields, JsonObject, ProviderPath},
+};
+use crate::domain::{Phase, QuotaValue, sync::SyncError};
+
+pub async fn invalidate(
+    State(app): State<AppState>,
+    ProviderPath(provider): ProviderPath,
+) -> Result<impl IntoResponse, ApiError> {
+    app.quotas.invalidate(&provider).await?;
+    Ok(Json(
+        json!({"provider": provider.as_str(), "invalidated": true}),
+    ))
+}
+
+pub async fn set_quota(
+    State(app): State<AppState>,
+    ProviderPath(provider): ProviderPath,
+    body: JsonObject,
+) -> Result<impl IntoResponse, ApiError> {
+    let fields = Fields::new(body, &["limit", "used"])?;
+    let value = |name: &'static str| {
+        fields
+            .has(name)
+            .then(|| {
+                fields
+                    .get(name)
+                    .ok_or(crate::domain::InvalidInput(name))
+                    .and_then(|v| QuotaValue::from_json(v, name))
+                    .map(QuotaValue::get)
+            })
+            .transpose()
+    };
+    let (limit, used) = (value("limit")?, value("used")?);
+    if limit.is_none() && used.is_none() {
+        return Err(ApiError::BadRequest {
+            code: "invalid_body",
+            detail: "give at least one of limit and used".into(),
+        });
+    }
+    let view = app.quotas.set_quota(&provider, used, limit).await?;
+    Ok(Json(json!({
+        "provider": provider.as_str(),
+        "used": view.used,
+        "limit": view.limit,
+        "remaining": (view.limit - view.used).max(0),
+        "hasQuota": view.used < view.limit,
+        "source": "store",
+    })))
+}
+
+fn phase_body((phase, since): (Phase, chrono::DateTime<chrono::Utc>)) -> Json<Value> {
+    Json(
+        json!({"phase": phase.as_str(), "since": since.to_rfc3339_opts(chrono::SecondsFormat::Millis, true)}),
+    )
+}
+
+pub async fn phase(State(app): State<AppState>) -> impl IntoResponse {
+    phase_body(app.quotas.phase())
+}
+
+pub async fn set_phase(
+    State(app): State<AppState>,
+    body: JsonObject,
+) -> Result<impl IntoResponse, ApiError> {
+    let fields = Fields::new(body, &["phase"])?;
+    let phase = fields
+        .get("phase")
+        .and_then(Value::as_str)
+        .and_then(Phase::parse)
+        .ok_or_else(|| {
+            ApiError::invalid(
+                "phase",
+                "phase must be firestore-only, dual-write or redis-primary",
+            )
+        })?;
+    let (current, _) = app.quotas.phase();
+    if current == Phase::RedisPrimary && phase != Phase::RedisPrimary {
+        // Leaving redis-primary: Firestore must hold every unit first.
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(60);
+        let report = loop {
+            match app.sync.run_once().await {
+                Err(SyncError::Running) if tokio::time::Instant::now() < deadline => {
+                    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+                }
+                other => break other,
+            }
+        };
+        let complete = matches!(&report, Ok(r) if r.failed == 0);
+        if !complete {
+            return Err(ApiError::Conflict {
+                code: "sync_incomplete",
+                detail: "usage is left unsynced; the phase is unchanged".into(),
+            });
+        }
+    }
+    Ok(phase_body(app.quotas.set_phase(phase).await?))
+}
+
+pub async fn sync_now(State(app): State<AppState>) -> Result<impl IntoResponse, ApiError> {
+    match app.sync.run_once().await {
+        Ok(report) => Ok(Json(report)),
+        Err(SyncError::Running) => Err(ApiError::Conflict {
+            code: "sync_running",
+            detail: "another sync is running".into(),
+        }),
+        Err(SyncError::Storage(err)) => Err(crate::domain::QuotaError::from(err).into()),
+    }
+}
+
+pub async fn sync_status(State(app): State<AppState>) -> impl IntoResponse {
+    let next = app
+        .schedule
+        .next_after(chrono::Utc::now())
+        .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true));
+    Json(json!({"last": app.sync.last(), "nextRunAt": next}))
+}
+
+pub async fn anomalies(
+    State(app): State<AppState>,
+    Query(query): Query<Vec<(String, String)>>,
+) -> Result<impl IntoResponse, ApiError> {
+    let mut limit = 50;
+    for (name, value) in query {
+        match name.as_str() {
+            "limit" => {
+                limit = value
+                    .parse::<usize>()
+                    .ok()
+                    .filter(|n| (1..=1000).contains(n))
+                    .ok_or_else(|| {
+                        ApiError::invalid("query", "limit must be an integer 1..=1000")
+                    })?;
+            }
+            _ => {
+                return Err(ApiError::invalid(
+                    "query",
+                    format!("unknown query parameter {name:?}"),
+                ));
+            }
+        }
+    }
+    Ok(Json(json!({"anomalies": app.limiter.anomalies(limit)})))
+}

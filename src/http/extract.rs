@@ -1,0 +1,121 @@
+//! Extractors whose rejections are our own [`ApiError`]s.
+
+use axum::{
+    body::Bytes,
+    extract::{FromRequest, FromRequestParts, Path, Request},
+    http::{header, request::Parts},
+};
+use serde_json::{Map, Value};
+
+use super::error::ApiError;
+use crate::domain::{IdempotencyKey, ProviderId};
+
+/// Bodies over this many bytes are refused with `413`.
+pub const MAX_BODY: usize = 64 * 1024;
+
+/// A JSON object body (an empty body is `{}`: every POST field has a default). Checks the
+/// media type, the size and the shape; handlers read the fields with [`Fields`].
+pub struct JsonObject(pub Map<String, Value>);
+
+fn is_json(content_type: &str) -> bool {
+    content_type
+        .split(';')
+        .next()
+        .is_some_and(|m| m.trim().eq_ignore_ascii_case("application/json"))
+}
+
+impl<S: Send + Sync> FromRequest<S> for JsonObject {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        let declared = req
+            .headers()
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        if declared.is_some_and(|n| n > MAX_BODY as u64) {
+            return Err(ApiError::PayloadTooLarge);
+        }
+        let content_type = req
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .map(|v| v.to_str().unwrap_or("").to_owned());
+        let bytes = Bytes::from_request(req, state).await.map_err(|rejection| {
+            if rejection.status() == axum::http::StatusCode::PAYLOAD_TOO_LARGE {
+                ApiError::PayloadTooLarge
+            } else {
+                ApiError::InvalidJson("the body could not be read".into())
+            }
+        })?;
+        if bytes.len() > MAX_BODY {
+            return Err(ApiError::PayloadTooLarge);
+        }
+        if bytes.is_empty() {
+            return Ok(JsonObject(Map::new()));
+        }
+        if !content_type.as_deref().is_some_and(is_json) {
+            return Err(ApiError::UnsupportedMediaType);
+        }
+        match serde_json::from_slice::<Value>(&bytes) {
+            Ok(Value::Object(map)) => Ok(JsonObject(map)),
+            Ok(_) => Err(ApiError::InvalidJson(
+                "the body must be a JSON object".into(),
+            )),
+            Err(err) => Err(ApiError::InvalidJson(format!(
+                "the body is not valid JSON: {err}"
+            ))),
+        }
+    }
+}
+
+/// Reads the fields of a [`JsonObject`], refusing any field the endpoint does not know.
+pub struct Fields(Map<String, Value>);
+
+impl Fields {
+    pub fn new(JsonObject(map): JsonObject, known: &[&str]) -> Result<Self, ApiError> {
+        if let Some(unknown) = map.keys().find(|k| !known.contains(&k.as_str())) {
+            return Err(ApiError::InvalidJson(format!("unknown field {unknown:?}")));
+        }
+        Ok(Self(map))
+    }
+
+    /// A present, non-null field.
+    pub fn get(&self, name: &str) -> Option<&Value> {
+        self.0.get(name).filter(|v| !v.is_null())
+    }
+
+    pub fn has(&self, name: &str) -> bool {
+        self.0.contains_key(name)
+    }
+}
+
+/// The `{provider}` path segment, validated.
+pub struct ProviderPath(pub ProviderId);
+
+impl<S: Send + Sync> FromRequestParts<S> for ProviderPath {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        let Path(raw) = Path::<String>::from_request_parts(parts, state)
+            .await
+            .map_err(|_| ApiError::invalid("id", "the provider id is not valid"))?;
+        if raw.is_empty() {
+            return Err(ApiError::NotFound); // an empty segment matches no route
+        }
+        Ok(ProviderPath(ProviderId::parse(&raw)?))
+    }
+}
+
+/// The optional `Idempotency-Key` header, validated.
+pub struct Idempotency(pub Option<IdempotencyKey>);
+
+impl<S: Send + Sync> FromRequestParts<S> for Idempotency {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, Self::Rejection> {
+        match parts.headers.get("idempotency-key") {
+            None => Ok(Idempotency(None)),
+            Some(value) => Ok(Idempotency(Some(IdempotencyKey::parse(value.as_bytes())?))),
+        }
+    }
+}

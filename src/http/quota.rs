@@ -1,0 +1,98 @@
+//! `GET /quota/{provider}`, `POST /quota/{provider}/consume` and `.../refund`.
+
+use axum::{Json, extract::State, response::IntoResponse};
+use serde_json::json;
+
+use super::{
+    AppState,
+    error::ApiError,
+    extract::{Fields, Idempotency, JsonObject, ProviderPath},
+};
+use crate::{
+    domain::{Amount, Outcome, ProviderId, Source},
+    storage::{Decision, Op},
+};
+
+pub async fn lookup(
+    State(app): State<AppState>,
+    ProviderPath(provider): ProviderPath,
+) -> Result<impl IntoResponse, ApiError> {
+    let view = app.quotas.get(&provider).await?;
+    let source = match view.source {
+        Source::Cache => "cache",
+        Source::Store => "store",
+    };
+    Ok(Json(json!({
+        "provider": provider.as_str(),
+        "used": view.used,
+        "limit": view.limit,
+        "remaining": (view.limit - view.used).max(0),
+        "hasQuota": view.used < view.limit,
+        "source": source,
+    })))
+}
+
+pub async fn consume(
+    state: State<AppState>,
+    provider: ProviderPath,
+    key: Idempotency,
+    body: JsonObject,
+) -> Result<impl IntoResponse, ApiError> {
+    change(state, provider, key, body, Op::Consume).await
+}
+
+pub async fn refund(
+    state: State<AppState>,
+    provider: ProviderPath,
+    key: Idempotency,
+    body: JsonObject,
+) -> Result<impl IntoResponse, ApiError> {
+    change(state, provider, key, body, Op::Refund).await
+}
+
+async fn change(
+    State(app): State<AppState>,
+    ProviderPath(provider): ProviderPath,
+    Idempotency(key): Idempotency,
+    body: JsonObject,
+    op: Op,
+) -> Result<impl IntoResponse, ApiError> {
+    let fields = Fields::new(body, &["amount"])?;
+    let amount = match fields.get("amount") {
+        None if !fields.has("amount") => Amount::new(1)?,
+        None => {
+            return Err(ApiError::invalid(
+                "amount",
+                "amount must be an integer 1..=1000000",
+            ));
+        }
+        Some(value) => Amount::from_json(value)?,
+    };
+    let outcome = app
+        .quotas
+        .change(
+            &provider,
+            op,
+            amount.get(),
+            key.as_ref().map(|k| k.as_str()),
+        )
+        .await?;
+    let (Outcome::Decided(decision) | Outcome::Replayed(decision)) = outcome;
+    answer(&provider, decision)
+}
+
+fn answer(provider: &ProviderId, d: Decision) -> Result<Json<serde_json::Value>, ApiError> {
+    if !d.allowed {
+        return Err(ApiError::QuotaExceeded {
+            used: d.used,
+            limit: d.limit,
+        });
+    }
+    Ok(Json(json!({
+        "provider": provider.as_str(),
+        "allowed": true,
+        "used": d.used,
+        "limit": d.limit,
+        "remaining": (d.limit - d.used).max(0),
+    })))
+}

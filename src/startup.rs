@@ -1,0 +1,224 @@
+//! Wiring: configuration → adapters → domain → HTTP, and the background tasks.
+
+use std::{future::Future, sync::Arc, time::Duration};
+
+use anyhow::Context;
+use tokio::net::TcpListener;
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+
+use crate::{
+    config::Config,
+    domain::{
+        QuotaService, ratelimit, ratelimit::RateLimiter, schedule::Schedule, sync::SyncJob, writer,
+    },
+    http::{self, App, Health},
+    storage::{Counters, Ledger, firestore::FirestoreLedger, memory, redis::RedisCounters},
+    telemetry,
+};
+
+/// A built service: its listener is bound, nothing runs until [`Application::run_until`].
+pub struct Application {
+    listener: TcpListener,
+    app: Arc<App>,
+}
+
+impl Application {
+    pub async fn build(config: Config) -> anyhow::Result<Self> {
+        let counters: Arc<dyn Counters> = match &config.redis_url {
+            Some(url) => {
+                Arc::new(RedisCounters::new(url, &config.redis_prefix).context("REDIS_URL")?)
+            }
+            None => Arc::new(memory::MemoryCounters::default()),
+        };
+        let ledger: Arc<dyn Ledger> = match &config.firestore_project_id {
+            Some(project) => Arc::new(FirestoreLedger::new(project, &config.collection)),
+            None => Arc::new(memory::MemoryLedger::default()),
+        };
+        Self::with_backends(config, counters, ledger).await
+    }
+
+    /// Builds on given adapters (tests share an in-memory ledger between two apps).
+    pub async fn with_backends(
+        config: Config,
+        counters: Arc<dyn Counters>,
+        ledger: Arc<dyn Ledger>,
+    ) -> anyhow::Result<Self> {
+        tracing::info!(
+            counters = counters.kind(),
+            ledger = ledger.kind(),
+            "starting quotad on {} counters and {} ledger{}",
+            counters.kind(),
+            ledger.kind(),
+            if counters.kind() == "memory" || ledger.kind() == "memory" {
+                " (embedded in-memory backends: nothing is shared or kept across restarts)"
+            } else {
+                ""
+            }
+        );
+        if config.api_keys.is_empty() {
+            tracing::warn!("QUOTAD_API_KEYS is unset: the caller endpoints are open to anyone");
+        }
+        if config.admin_token.is_none() {
+            tracing::info!("QUOTAD_ADMIN_TOKEN is unset: the admin endpoints answer 403");
+        }
+        let plans = ratelimit::plans_from_config(&config.plans)?;
+        let schedule = Schedule::parse(&config.sync_schedule)?;
+        let quotas = QuotaService::new(
+            counters,
+            ledger,
+            config.default_limit,
+            config.cache_ttl,
+            config.initial_phase,
+        );
+        let listener = TcpListener::bind(&config.addr)
+            .await
+            .with_context(|| format!("binding {}", config.addr))?;
+        let app = Arc::new(App {
+            sync: Arc::new(SyncJob::new(quotas.clone())),
+            quotas,
+            limiter: Arc::new(RateLimiter::default()),
+            plans,
+            api_keys: config.api_keys.clone(),
+            admin_token: config.admin_token.clone(),
+            schedule,
+            health: Arc::new(Health::default()),
+            metrics: telemetry::metrics_handle(),
+        });
+        Ok(Self { listener, app })
+    }
+
+    pub fn port(&self) -> u16 {
+        self.listener.local_addr().map(|a| a.port()).unwrap_or(0)
+    }
+
+    pub fn app(&self) -> &Arc<App> {
+        &self.app
+    }
+
+    /// Serves until `shutdown` completes, then drains requests and flushes pending writes.
+    pub async fn run_until(
+        self,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> anyhow::Result<()> {
+        let cancel = CancellationToken::new();
+        let tasks = TaskTracker::new();
+        tasks.spawn(writer::run(self.app.quotas.clone(), cancel.clone()));
+        tasks.spawn(watch_health(self.app.clone(), cancel.clone()));
+        tasks.spawn(follow_phase(self.app.clone(), cancel.clone()));
+        tasks.spawn(scheduled_sync(self.app.clone(), cancel.clone()));
+        tasks.close();
+        tracing::info!(addr = %self.listener.local_addr()?, "listening");
+        let router = http::router(self.app.clone());
+        let result = axum::serve(self.listener, router)
+            .with_graceful_shutdown(shutdown)
+            .await;
+        tracing::info!("shutting down: flushing pending Firestore writes");
+        cancel.cancel();
+        tasks.wait().await;
+        tracing::info!("stopped");
+        result.map_err(Into::into)
+    }
+}
+
+/// Completes on SIGINT or SIGTERM.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {},
+        () = terminate => {},
+    }
+}
+
+/// Sleeps `period` unless cancelled; `false` when cancelled.
+async fn tick(cancel: &CancellationToken, period: Duration) -> bool {
+    tokio::select! {
+        () = cancel.cancelled() => false,
+        () = tokio::time::sleep(period) => true,
+    }
+}
+
+/// Probes both dependencies every second for `/readyz`, and brings decisions back to
+/// Redis once it answers again and what Firestore decided meanwhile is reloaded.
+async fn watch_health(app: Arc<App>, cancel: CancellationToken) {
+    let quotas = &app.quotas;
+    let mut rounds = 0u64;
+    loop {
+        let redis_ok = quotas.counters().ping().await.is_ok();
+        let firestore_ok = quotas.ledger().ping().await.is_ok();
+        app.health.set(redis_ok, firestore_ok);
+        if !redis_ok && quotas.redis_is_up() {
+            quotas.redis_down("health probe failed");
+        }
+        let reconcile_now =
+            redis_ok && firestore_ok && (!quotas.redis_is_up() || rounds.is_multiple_of(5));
+        if reconcile_now {
+            match quotas.reconcile().await {
+                Ok(reloaded) => {
+                    if reloaded > 0 {
+                        tracing::info!(
+                            reloaded,
+                            "reloaded records Firestore changed while Redis was away"
+                        );
+                    }
+                    quotas.redis_recovered();
+                }
+                Err(err) => {
+                    tracing::warn!(error = %err, "reconciling with Firestore failed; will retry")
+                }
+            }
+        }
+        rounds += 1;
+        if !tick(&cancel, Duration::from_secs(1)).await {
+            return;
+        }
+    }
+}
+
+/// Follows the phase stored in the ledger (every replica within a second or two).
+async fn follow_phase(app: Arc<App>, cancel: CancellationToken) {
+    loop {
+        match app.quotas.ledger().phase().await {
+            Ok(Some((phase, since))) => app.quotas.follow_phase(phase, since),
+            Ok(None) => {}
+            Err(err) => tracing::debug!(error = %err, "reading the phase failed"),
+        }
+        if !tick(&cancel, Duration::from_secs(1)).await {
+            return;
+        }
+    }
+}
+
+/// Runs the batch sync on its cron schedule (UTC).
+async fn scheduled_sync(app: Arc<App>, cancel: CancellationToken) {
+    loop {
+        let now = chrono::Utc::now();
+        let Some(next) = app.schedule.next_after(now) else {
+            return;
+        };
+        let wait = (next - now).to_std().unwrap_or_default();
+        if !tick(&cancel, wait).await {
+            return;
+        }
+        match app.sync.run_once().await {
+            Ok(report) => tracing::info!(
+                written = report.written,
+                failed = report.failed,
+                "scheduled sync done"
+            ),
+            Err(err) => tracing::warn!(error = %err, "scheduled sync did not run"),
+        }
+    }
+}

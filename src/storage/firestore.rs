@@ -1,0 +1,602 @@
+//! [`Ledger`] on Firestore (crate `firestore`, gRPC; the emulator when
+//! `FIRESTORE_EMULATOR_HOST` is set).
+//!
+//! Provider documents stay compatible with the legacy ones (`aiCallsUsed`, `aiCallsLimit`);
+//! quotad adds `quotadEpoch`, `quotadWatermark` and `quotadVersion`. Its own documents live
+//! outside the provider collection: `quotad/phase` and
+//! `quotad_changed/*` (providers decided by Firestore while Redis was away).
+
+use std::{collections::BTreeMap, sync::RwLock, time::Duration};
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use firestore::{
+    FirestoreDb, FirestoreDbOptions, FirestoreWritePrecondition, errors::FirestoreError,
+};
+use serde::{Deserialize, Serialize};
+
+use super::{
+    Change, Decision, DeltaPlan, Document, IDEMPOTENCY_TTL, Ledger, LedgerDecision, Op, Record,
+    StorageError, WriteOutcome, delta_for,
+};
+use crate::domain::{Phase, ProviderId};
+
+const META: &str = "quotad";
+const CHANGED: &str = "quotad_changed";
+/// A single read or write.
+const CALL_TIMEOUT: Duration = Duration::from_secs(10);
+/// A read-modify-write, retries on contention included.
+const TRANSACTION_TIMEOUT: Duration = Duration::from_secs(50);
+
+/// An integer field that a legacy writer may have stored as a double.
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(untagged)]
+enum Num {
+    Int(i64),
+    Float(f64),
+}
+
+impl Num {
+    #[allow(clippy::cast_possible_truncation)]
+    fn get(self) -> i64 {
+        match self {
+            Num::Int(n) => n,
+            Num::Float(f) => f.round() as i64,
+        }
+    }
+}
+
+#[allow(non_snake_case)]
+#[derive(Debug, Clone, Default, Deserialize)]
+struct ProviderDoc {
+    #[serde(default)]
+    aiCallsUsed: Option<Num>,
+    #[serde(default)]
+    aiCallsLimit: Option<Num>,
+    #[serde(default)]
+    quotadEpoch: Option<String>,
+    #[serde(default)]
+    quotadWatermark: Option<Num>,
+    #[serde(default)]
+    quotadVersion: Option<Num>,
+    #[serde(default)]
+    quotadKeys: Option<BTreeMap<String, String>>,
+}
+
+impl ProviderDoc {
+    fn document(&self) -> Document {
+        Document {
+            used: self.aiCallsUsed.map(Num::get),
+            limit: self.aiCallsLimit.map(Num::get),
+            epoch: self.quotadEpoch.clone(),
+        }
+    }
+}
+
+/// The fields one write sets: exactly those that are `Some` (they form the update mask, so
+/// other writers' fields, `aiCallsLimit` included, are never touched unless set here).
+#[allow(non_snake_case)]
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct ProviderWrite {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    aiCallsUsed: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    aiCallsLimit: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    quotadEpoch: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    quotadWatermark: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    quotadVersion: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    quotadKeys: Option<BTreeMap<String, String>>,
+}
+
+impl ProviderWrite {
+    fn mask(&self) -> Vec<&'static str> {
+        let fields = [
+            ("aiCallsUsed", self.aiCallsUsed.is_some()),
+            ("aiCallsLimit", self.aiCallsLimit.is_some()),
+            ("quotadEpoch", self.quotadEpoch.is_some()),
+            ("quotadWatermark", self.quotadWatermark.is_some()),
+            ("quotadVersion", self.quotadVersion.is_some()),
+            ("quotadKeys", self.quotadKeys.is_some()),
+        ];
+        fields
+            .into_iter()
+            .filter(|(_, set)| *set)
+            .map(|(name, _)| name)
+            .collect()
+    }
+}
+
+/// An idempotency record kept in the provider document itself (map `quotadKeys`), so the
+/// decision and its record are one single-document write:
+/// `amount:allowed:used:limit:expiresMs`.
+struct IdempotencyEntry {
+    amount: i64,
+    decision: Decision,
+    expires_ms: i64,
+}
+
+impl IdempotencyEntry {
+    fn parse(raw: &str) -> Option<Self> {
+        let mut parts = raw.split(':').map(str::parse::<i64>);
+        let mut next = || parts.next()?.ok();
+        let (amount, allowed, used, limit, expires_ms) =
+            (next()?, next()?, next()?, next()?, next()?);
+        Some(Self {
+            amount,
+            decision: Decision {
+                allowed: allowed == 1,
+                used,
+                limit,
+            },
+            expires_ms,
+        })
+    }
+
+    fn render(&self) -> String {
+        let d = self.decision;
+        format!(
+            "{}:{}:{}:{}:{}",
+            self.amount,
+            u8::from(d.allowed),
+            d.used,
+            d.limit,
+            self.expires_ms
+        )
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct PhaseDoc {
+    phase: String,
+    since: DateTime<Utc>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct ChangedDoc {
+    provider: String,
+    at: DateTime<Utc>,
+}
+
+/// Firestore-backed ledger. Connects lazily, so the service starts while Firestore is away.
+pub struct FirestoreLedger {
+    project: String,
+    collection: String,
+    db: RwLock<Option<FirestoreDb>>,
+    connect_lock: tokio::sync::Mutex<()>,
+    /// Update times of the change markers last listed (see `clear_changed_outside`).
+    listed_changes:
+        std::sync::Mutex<std::collections::HashMap<ProviderId, firestore::FirestoreInstant>>,
+}
+
+fn classify(err: &FirestoreError) -> StorageError {
+    let message = err.to_string();
+    let unavailable = match err {
+        FirestoreError::NetworkError(_) | FirestoreError::SystemError(_) => true,
+        FirestoreError::DatabaseError(e) => {
+            e.retry_possible
+                || ["Unavailable", "DeadlineExceeded", "transport", "connect"]
+                    .iter()
+                    .any(|needle| e.details.contains(needle) || message.contains(needle))
+        }
+        FirestoreError::ErrorInTransaction(_) => true,
+        _ => false,
+    };
+    if unavailable {
+        StorageError::Unavailable {
+            backend: "firestore",
+            message,
+        }
+    } else {
+        StorageError::Other {
+            backend: "firestore",
+            message,
+        }
+    }
+}
+
+fn timed_out() -> StorageError {
+    StorageError::Unavailable {
+        backend: "firestore",
+        message: "call timed out".into(),
+    }
+}
+
+/// The `quotadKeys` entry of an idempotency key (hex: keys may hold any printable byte).
+fn idempotency_field(op: Op, key: &str) -> String {
+    let hex: String = key.bytes().map(|b| format!("{b:02x}")).collect();
+    format!("{}:{hex}", &op.as_str()[..1])
+}
+
+/// Whether a write failed only because another writer changed the document first.
+fn lost_race(err: &FirestoreError) -> bool {
+    match err {
+        FirestoreError::DataConflictError(_) | FirestoreError::DataNotFoundError(_) => true,
+        FirestoreError::DatabaseError(e) => {
+            ["FailedPrecondition", "Aborted", "AlreadyExists", "NotFound"]
+                .contains(&e.public.code.as_str())
+        }
+        _ => false,
+    }
+}
+
+impl FirestoreLedger {
+    /// One optimistic read-modify-write of a provider document: reads it with its update
+    /// time, lets `plan` choose the answer and the fields to write, and writes them only if
+    /// the document is unchanged since the read (or still absent); a lost race reads again.
+    /// No server-side transaction is held, so a replica killed mid-write leaves no lock.
+    async fn modify<T>(
+        &self,
+        provider: &ProviderId,
+        plan: impl Fn(&ProviderDoc) -> (T, Option<ProviderWrite>) + Send + Sync,
+    ) -> Result<T, StorageError> {
+        let db = self.db().await?;
+        let work = async {
+            let mut backoff = Duration::from_millis(5);
+            loop {
+                let raw = db
+                    .fluent()
+                    .select()
+                    .by_id_in(&self.collection)
+                    .one(provider.as_str())
+                    .await?;
+                let (doc, precondition) = match &raw {
+                    None => (
+                        ProviderDoc::default(),
+                        FirestoreWritePrecondition::Exists(false),
+                    ),
+                    Some(raw) => {
+                        let doc: ProviderDoc = FirestoreDb::deserialize_doc_to(raw)?;
+                        let Some(updated) = raw.update_time else {
+                            return Err(FirestoreError::DeserializeError(
+                                firestore::errors::FirestoreSerializationError::from_message(
+                                    "a document without an update time",
+                                ),
+                            ));
+                        };
+                        let at = firestore::timestamp_utils::from_timestamp(updated)?;
+                        (doc, FirestoreWritePrecondition::UpdateTime(at))
+                    }
+                };
+                let (answer, write) = plan(&doc);
+                let Some(write) = write else {
+                    return Ok(answer);
+                };
+                let written = db
+                    .fluent()
+                    .update()
+                    .fields(write.mask())
+                    .in_col(&self.collection)
+                    .precondition(precondition)
+                    .document_id(provider.as_str())
+                    .object(&write)
+                    .execute::<ProviderDoc>()
+                    .await;
+                match written {
+                    Ok(_) => return Ok(answer),
+                    Err(err) if lost_race(&err) => {
+                        metrics::counter!("quotad_store_write_conflicts_total").increment(1);
+                        let jitter = Duration::from_millis(rand::random::<u64>() % 10);
+                        tokio::time::sleep(backoff + jitter).await;
+                        backoff = (backoff * 2).min(Duration::from_millis(200));
+                    }
+                    Err(err) => return Err(err),
+                }
+            }
+        };
+        self.timed(TRANSACTION_TIMEOUT, work).await
+    }
+
+    pub fn new(project: &str, collection: &str) -> Self {
+        Self {
+            project: project.to_owned(),
+            collection: collection.to_owned(),
+            db: RwLock::new(None),
+            connect_lock: tokio::sync::Mutex::new(()),
+            listed_changes: std::sync::Mutex::default(),
+        }
+    }
+
+    async fn db(&self) -> Result<FirestoreDb, StorageError> {
+        if let Some(db) = self.db.read().unwrap().clone() {
+            return Ok(db);
+        }
+        let _guard = self.connect_lock.lock().await;
+        if let Some(db) = self.db.read().unwrap().clone() {
+            return Ok(db);
+        }
+        let options = FirestoreDbOptions::new(self.project.clone());
+        let db = tokio::time::timeout(CALL_TIMEOUT, FirestoreDb::with_options(options))
+            .await
+            .map_err(|_| timed_out())?
+            .map_err(|e| classify(&e))?;
+        *self.db.write().unwrap() = Some(db.clone());
+        Ok(db)
+    }
+
+    async fn timed<T>(
+        &self,
+        limit: Duration,
+        call: impl std::future::Future<Output = Result<T, FirestoreError>>,
+    ) -> Result<T, StorageError> {
+        tokio::time::timeout(limit, call)
+            .await
+            .map_err(|_| timed_out())?
+            .map_err(|e| classify(&e))
+    }
+}
+
+#[async_trait]
+impl Ledger for FirestoreLedger {
+    fn kind(&self) -> &'static str {
+        "firestore"
+    }
+
+    async fn ping(&self) -> Result<(), StorageError> {
+        let db = self.db().await?;
+        self.timed(Duration::from_secs(3), async move {
+            db.fluent()
+                .select()
+                .by_id_in(META)
+                .obj::<PhaseDoc>()
+                .one("phase")
+                .await
+                .map(|_| ())
+        })
+        .await
+    }
+
+    #[tracing::instrument(skip_all, fields(provider = %provider), err(level = "debug"))]
+    async fn read(&self, provider: &ProviderId) -> Result<Option<Document>, StorageError> {
+        let db = self.db().await?;
+        let doc: Option<ProviderDoc> = self
+            .timed(
+                CALL_TIMEOUT,
+                db.fluent()
+                    .select()
+                    .by_id_in(&self.collection)
+                    .obj()
+                    .one(provider.as_str()),
+            )
+            .await?;
+        Ok(doc.map(|d| d.document()))
+    }
+
+    #[tracing::instrument(skip_all, fields(provider = %provider, version = record.version), err(level = "debug"))]
+    async fn write_record(
+        &self,
+        provider: &ProviderId,
+        record: &Record,
+    ) -> Result<WriteOutcome, StorageError> {
+        self.modify(provider, |doc| {
+            let limit = doc.aiCallsLimit.map(Num::get);
+            let plan = delta_for(
+                record,
+                doc.quotadEpoch.as_deref(),
+                doc.quotadWatermark.map_or(0, Num::get),
+                doc.quotadVersion
+                    .map_or(0, |v| u64::try_from(v.get()).unwrap_or(0)),
+            );
+            match plan {
+                DeltaPlan::Stale => (WriteOutcome::Stale, None),
+                DeltaPlan::AlreadyThere => (WriteOutcome::Written { limit }, None),
+                DeltaPlan::Add(delta) => {
+                    let write = ProviderWrite {
+                        aiCallsUsed: Some(doc.aiCallsUsed.map_or(0, Num::get) + delta),
+                        quotadEpoch: Some(record.epoch.clone()),
+                        quotadWatermark: Some(record.used),
+                        quotadVersion: Some(i64::try_from(record.version).unwrap_or(i64::MAX)),
+                        ..ProviderWrite::default()
+                    };
+                    (WriteOutcome::Written { limit }, Some(write))
+                }
+            }
+        })
+        .await
+    }
+
+    #[tracing::instrument(skip_all, fields(provider = %provider, op = change.op.as_str()), err(level = "debug"))]
+    async fn decide(
+        &self,
+        provider: &ProviderId,
+        change: &Change<'_>,
+        default_limit: i64,
+        mark_changed: bool,
+    ) -> Result<LedgerDecision, StorageError> {
+        if mark_changed {
+            // Before the decision: a marker without a change only costs a reload.
+            self.note_changed_outside(provider).await?;
+        }
+        let key_field = change
+            .idempotency_key
+            .map(|k| idempotency_field(change.op, k));
+        let now = Utc::now().timestamp_millis();
+        self.modify(provider, |doc| {
+            let mut keys = doc.quotadKeys.clone().unwrap_or_default();
+            keys.retain(|_, entry| {
+                IdempotencyEntry::parse(entry).is_some_and(|e| e.expires_ms > now)
+            });
+            if let Some(prior) = key_field
+                .as_ref()
+                .and_then(|f| keys.get(f))
+                .and_then(|e| IdempotencyEntry::parse(e))
+            {
+                if prior.amount != change.amount {
+                    return (LedgerDecision::KeyReused, None);
+                }
+                return (LedgerDecision::Replayed(prior.decision), None);
+            }
+            let used = doc.aiCallsUsed.map_or(0, Num::get);
+            let limit = doc.aiCallsLimit.map_or(default_limit, Num::get);
+            let decision = match change.op {
+                Op::Consume if used + change.amount > limit => Decision {
+                    allowed: false,
+                    used,
+                    limit,
+                },
+                Op::Consume => Decision {
+                    allowed: true,
+                    used: used + change.amount,
+                    limit,
+                },
+                Op::Refund => Decision {
+                    allowed: true,
+                    used: (used - change.amount).max(0),
+                    limit,
+                },
+            };
+            let mut write = ProviderWrite::default();
+            if decision.used != used {
+                write.aiCallsUsed = Some(decision.used);
+            }
+            if let Some(field) = key_field.clone() {
+                let ttl = i64::try_from(IDEMPOTENCY_TTL.as_millis()).unwrap_or(i64::MAX);
+                let entry = IdempotencyEntry {
+                    amount: change.amount,
+                    decision,
+                    expires_ms: now + ttl,
+                };
+                keys.insert(field, entry.render());
+                write.quotadKeys = Some(keys);
+            }
+            let changes = write.aiCallsUsed.is_some() || write.quotadKeys.is_some();
+            (LedgerDecision::Decided(decision), changes.then_some(write))
+        })
+        .await
+    }
+
+    #[tracing::instrument(skip_all, fields(provider = %provider), err(level = "debug"))]
+    async fn set_quota(
+        &self,
+        provider: &ProviderId,
+        used: Option<i64>,
+        limit: Option<i64>,
+        new_epoch: &str,
+    ) -> Result<Document, StorageError> {
+        self.modify(provider, |doc| {
+            let mut write = ProviderWrite::default();
+            let mut after = doc.document();
+            if let Some(used) = used {
+                write.aiCallsUsed = Some(used);
+                write.quotadEpoch = Some(new_epoch.to_owned());
+                write.quotadWatermark = Some(used);
+                write.quotadVersion = Some(0);
+                after.used = Some(used);
+                after.epoch = Some(new_epoch.to_owned());
+            }
+            if let Some(limit) = limit {
+                write.aiCallsLimit = Some(limit);
+                after.limit = Some(limit);
+            }
+            (after, Some(write))
+        })
+        .await
+    }
+
+    async fn changed_outside(&self, max: usize) -> Result<Vec<ProviderId>, StorageError> {
+        let db = self.db().await?;
+        let docs = self
+            .timed(
+                CALL_TIMEOUT,
+                db.fluent()
+                    .select()
+                    .from(CHANGED)
+                    .limit(u32::try_from(max).unwrap_or(u32::MAX))
+                    .query(),
+            )
+            .await?;
+        let mut listed = self.listed_changes.lock().unwrap();
+        let mut providers = Vec::new();
+        for raw in docs {
+            let Ok(doc) = FirestoreDb::deserialize_doc_to::<ChangedDoc>(&raw) else {
+                continue;
+            };
+            let Ok(provider) = ProviderId::parse(&doc.provider) else {
+                continue;
+            };
+            if let Some(at) = raw
+                .update_time
+                .and_then(|t| firestore::timestamp_utils::from_timestamp(t).ok())
+            {
+                listed.insert(provider.clone(), at);
+            }
+            providers.push(provider);
+        }
+        Ok(providers)
+    }
+
+    async fn note_changed_outside(&self, provider: &ProviderId) -> Result<(), StorageError> {
+        let db = self.db().await?;
+        let doc = ChangedDoc {
+            provider: provider.as_str().to_owned(),
+            at: Utc::now(),
+        };
+        self.timed(
+            CALL_TIMEOUT,
+            db.fluent()
+                .update()
+                .in_col(CHANGED)
+                .document_id(provider.as_str())
+                .object(&doc)
+                .execute::<ChangedDoc>(),
+        )
+        .await
+        .map(|_| ())
+    }
+
+    /// Deletes the marker only if nobody rewrote it since it was listed (a fallback
+    /// decision made meanwhile keeps it, for the next reconciliation).
+    async fn clear_changed_outside(&self, provider: &ProviderId) -> Result<(), StorageError> {
+        let db = self.db().await?;
+        let listed_at = self.listed_changes.lock().unwrap().remove(provider);
+        let delete = db.fluent().delete().from(CHANGED);
+        let delete = match listed_at {
+            Some(at) => delete.precondition(FirestoreWritePrecondition::UpdateTime(at)),
+            None => delete,
+        };
+        match tokio::time::timeout(
+            CALL_TIMEOUT,
+            delete.document_id(provider.as_str()).execute(),
+        )
+        .await
+        {
+            Err(_) => Err(timed_out()),
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(err)) if lost_race(&err) => Ok(()),
+            Ok(Err(err)) => Err(classify(&err)),
+        }
+    }
+
+    async fn phase(&self) -> Result<Option<(Phase, DateTime<Utc>)>, StorageError> {
+        let db = self.db().await?;
+        let doc: Option<PhaseDoc> = self
+            .timed(
+                CALL_TIMEOUT,
+                db.fluent().select().by_id_in(META).obj().one("phase"),
+            )
+            .await?;
+        Ok(doc.and_then(|d| Phase::parse(&d.phase).map(|p| (p, d.since))))
+    }
+
+    async fn set_phase(&self, phase: Phase, since: DateTime<Utc>) -> Result<(), StorageError> {
+        let db = self.db().await?;
+        let doc = PhaseDoc {
+            phase: phase.as_str().to_owned(),
+            since,
+        };
+        self.timed(
+            CALL_TIMEOUT,
+            db.fluent()
+                .update()
+                .in_col(META)
+                .document_id("phase")
+                .object(&doc)
+                .execute::<PhaseDoc>(),
+        )
+        .await
+        .map(|_| ())
+    }
+}

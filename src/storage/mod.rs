@@ -1,0 +1,330 @@
+//! The two ports the domain talks to, and their adapters.
+//!
+//! - [`Counters`]: the fast, atomic store that decides (Redis, or [`memory`] in-process).
+//! - [`Ledger`]: the durable system of record (Firestore, or [`memory`] in-process).
+//!
+//! # How a change reaches the ledger exactly once
+//!
+//! A cached [`Record`] carries an `epoch` (random, chosen when it was loaded from the
+//! ledger), the `base` usage it was loaded at, the ledger epoch it was `loaded_from`, a
+//! `version` bumped by every change and `synced`, the last version the ledger holds. The
+//! ledger document keeps quotad's bookkeeping next to the legacy fields: the epoch, the
+//! version and the `watermark` (the record's usage already added to `aiCallsUsed`). A write
+//! adds `used - watermark` (or `used - base` for a new epoch) in one transaction, so replays
+//! add nothing and other writers' increments survive (see `Ledger::write_record`).
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+
+use crate::domain::{Phase, ProviderId};
+
+pub mod firestore;
+pub mod memory;
+pub mod redis;
+
+/// A storage failure. `Unavailable` means the backend did not answer (refused, timed out,
+/// dropped): the caller may fall back or retry. `Other` is a bug or a refused request.
+#[derive(Debug, thiserror::Error)]
+pub enum StorageError {
+    #[error("{backend} unavailable: {message}")]
+    Unavailable {
+        backend: &'static str,
+        message: String,
+    },
+    #[error("{backend}: {message}")]
+    Other {
+        backend: &'static str,
+        message: String,
+    },
+}
+
+impl StorageError {
+    pub fn is_unavailable(&self) -> bool {
+        matches!(self, StorageError::Unavailable { .. })
+    }
+}
+
+/// A provider's cached counter as the domain sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Record {
+    pub used: i64,
+    pub limit: i64,
+    pub epoch: String,
+    pub base: i64,
+    pub loaded_from: String,
+    pub version: u64,
+    pub synced: u64,
+}
+
+impl Record {
+    pub fn is_dirty(&self) -> bool {
+        self.version > self.synced
+    }
+}
+
+/// What a record is created from: the ledger document as it was read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Seed {
+    pub used: i64,
+    pub limit: i64,
+    /// The new record's epoch.
+    pub epoch: String,
+    /// The document's epoch at the time of the read ("" when it has none).
+    pub loaded_from: String,
+}
+
+/// Consume or refund.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Op {
+    Consume,
+    Refund,
+}
+
+impl Op {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Op::Consume => "consume",
+            Op::Refund => "refund",
+        }
+    }
+}
+
+/// One consume or refund to apply atomically.
+#[derive(Debug, Clone)]
+pub struct Change<'a> {
+    pub op: Op,
+    pub amount: i64,
+    pub idempotency_key: Option<&'a str>,
+}
+
+/// The decided answer of a consume or refund (also what an idempotency key replays).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Decision {
+    pub allowed: bool,
+    pub used: i64,
+    pub limit: i64,
+}
+
+/// What the counters said about a change.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Applied {
+    /// No record: load it from the ledger, then apply again.
+    Miss,
+    /// Decided now.
+    Decided(Decision),
+    /// The idempotency key was used before with this amount: its first answer.
+    Replayed(Decision),
+    /// The idempotency key was used before with another amount.
+    KeyReused,
+}
+
+/// How long idempotency keys are remembered.
+pub const IDEMPOTENCY_TTL: Duration = Duration::from_secs(24 * 60 * 60);
+
+/// The fast, atomic store: decides consumes and refunds, caches records.
+#[async_trait]
+pub trait Counters: Send + Sync {
+    /// `"redis"` or `"memory"`, for logs.
+    fn kind(&self) -> &'static str;
+    /// Answers when the backend is reachable.
+    async fn ping(&self) -> Result<(), StorageError>;
+    /// The cached record, if any.
+    async fn read(&self, provider: &ProviderId) -> Result<Option<Record>, StorageError>;
+    /// Creates the record from `seed` unless one exists (another replica may have won);
+    /// a new record is clean and expires after `ttl`.
+    async fn load(
+        &self,
+        provider: &ProviderId,
+        seed: &Seed,
+        ttl: Duration,
+    ) -> Result<(), StorageError>;
+    /// Applies a consume or refund atomically with its idempotency record; a change makes
+    /// the record dirty (it no longer expires) and indexes it for the writer.
+    async fn apply(
+        &self,
+        provider: &ProviderId,
+        change: &Change<'_>,
+    ) -> Result<Applied, StorageError>;
+    /// Records that the ledger holds `version` of `epoch` (never lowers `synced`); takes
+    /// `limit` from the ledger; a record that became clean gets the TTL again.
+    async fn mark_synced(
+        &self,
+        provider: &ProviderId,
+        epoch: &str,
+        version: u64,
+        limit: i64,
+        ttl: Duration,
+    ) -> Result<(), StorageError>;
+    /// Drops a clean record. Returns `false` (and keeps it) when it is dirty.
+    async fn evict_clean(&self, provider: &ProviderId) -> Result<bool, StorageError>;
+    /// Replaces the record (an operator set the quota); it is clean.
+    async fn replace(
+        &self,
+        provider: &ProviderId,
+        seed: &Seed,
+        ttl: Duration,
+    ) -> Result<(), StorageError>;
+    /// Sets the limit of a cached record, if there is one.
+    async fn set_limit(&self, provider: &ProviderId, limit: i64) -> Result<(), StorageError>;
+    /// Up to `max` dirty providers that have been dirty for at least `min_age`.
+    async fn dirty(&self, min_age: Duration, max: usize) -> Result<Vec<ProviderId>, StorageError>;
+}
+
+/// A provider document as quotad reads it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Document {
+    pub used: Option<i64>,
+    pub limit: Option<i64>,
+    pub epoch: Option<String>,
+}
+
+/// What a [`Ledger::write_record`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WriteOutcome {
+    /// The delta landed (or had landed before); the ledger holds this version. `limit` is
+    /// the document's limit (or `None` when it stores none).
+    Written { limit: Option<i64> },
+    /// The document belongs to another epoch now: this record is stale.
+    Stale,
+}
+
+/// The answer of a decision made by a ledger transaction.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LedgerDecision {
+    Decided(Decision),
+    Replayed(Decision),
+    KeyReused,
+}
+
+/// The durable system of record.
+#[async_trait]
+pub trait Ledger: Send + Sync {
+    fn kind(&self) -> &'static str;
+    async fn ping(&self) -> Result<(), StorageError>;
+    /// Reads a provider document (`None`: it does not exist).
+    async fn read(&self, provider: &ProviderId) -> Result<Option<Document>, StorageError>;
+    /// Adds the record's unsynced delta to the document exactly once (see module docs).
+    async fn write_record(
+        &self,
+        provider: &ProviderId,
+        record: &Record,
+    ) -> Result<WriteOutcome, StorageError>;
+    /// Decides a consume or refund in one transaction on the document, with its
+    /// idempotency record, retrying on contention. Marks the provider as changed outside
+    /// Redis when `mark_changed` (the fallback path), so Redis reloads it later.
+    async fn decide(
+        &self,
+        provider: &ProviderId,
+        change: &Change<'_>,
+        default_limit: i64,
+        mark_changed: bool,
+    ) -> Result<LedgerDecision, StorageError>;
+    /// Sets `used` and/or `limit`. When `used` is set the document starts `new_epoch` with
+    /// that usage as its watermark. Returns the document after the write.
+    async fn set_quota(
+        &self,
+        provider: &ProviderId,
+        used: Option<i64>,
+        limit: Option<i64>,
+        new_epoch: &str,
+    ) -> Result<Document, StorageError>;
+    /// Providers whose documents changed outside Redis (fallback decisions), up to `max`.
+    async fn changed_outside(&self, max: usize) -> Result<Vec<ProviderId>, StorageError>;
+    /// Records that a provider's document changed outside Redis.
+    async fn note_changed_outside(&self, provider: &ProviderId) -> Result<(), StorageError>;
+    /// Forgets a provider of [`Ledger::changed_outside`].
+    async fn clear_changed_outside(&self, provider: &ProviderId) -> Result<(), StorageError>;
+    /// The stored phase and when it was set.
+    async fn phase(&self) -> Result<Option<(Phase, chrono::DateTime<chrono::Utc>)>, StorageError>;
+    async fn set_phase(
+        &self,
+        phase: Phase,
+        since: chrono::DateTime<chrono::Utc>,
+    ) -> Result<(), StorageError>;
+}
+
+/// A fresh random epoch id.
+pub fn new_epoch() -> String {
+    uuid::Uuid::new_v4().simple().to_string()
+}
+
+/// The delta a record adds to a document, or `None` when the document is in another epoch
+/// (the record is stale) or already holds this version. Shared by every ledger adapter.
+pub fn delta_for(
+    record: &Record,
+    doc_epoch: Option<&str>,
+    doc_watermark: i64,
+    doc_version: u64,
+) -> DeltaPlan {
+    let doc_epoch = doc_epoch.unwrap_or("");
+    if doc_epoch == record.epoch {
+        if doc_version >= record.version {
+            DeltaPlan::AlreadyThere
+        } else {
+            DeltaPlan::Add(record.used - doc_watermark)
+        }
+    } else if doc_epoch == record.loaded_from {
+        DeltaPlan::Add(record.used - record.base)
+    } else {
+        DeltaPlan::Stale
+    }
+}
+
+/// See [`delta_for`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeltaPlan {
+    Add(i64),
+    AlreadyThere,
+    Stale,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(used: i64, version: u64) -> Record {
+        Record {
+            used,
+            limit: 100,
+            epoch: "e2".into(),
+            base: 10,
+            loaded_from: "e1".into(),
+            version,
+            synced: 0,
+        }
+    }
+
+    #[test]
+    fn a_new_epoch_adds_what_was_used_since_the_load() {
+        assert_eq!(
+            delta_for(&record(15, 5), Some("e1"), 99, 99),
+            DeltaPlan::Add(5)
+        );
+    }
+
+    #[test]
+    fn the_same_epoch_adds_above_the_watermark_once() {
+        assert_eq!(
+            delta_for(&record(15, 5), Some("e2"), 12, 3),
+            DeltaPlan::Add(3)
+        );
+        assert_eq!(
+            delta_for(&record(15, 5), Some("e2"), 15, 5),
+            DeltaPlan::AlreadyThere
+        );
+        assert_eq!(
+            delta_for(&record(14, 4), Some("e2"), 15, 5),
+            DeltaPlan::AlreadyThere
+        );
+    }
+
+    #[test]
+    fn another_epoch_makes_the_record_stale() {
+        assert_eq!(
+            delta_for(&record(15, 5), Some("e3"), 0, 0),
+            DeltaPlan::Stale
+        );
+        assert_eq!(delta_for(&record(15, 5), None, 0, 0), DeltaPlan::Stale);
+    }
+}

@@ -1,0 +1,51 @@
+//! Every Redis key quotad uses, built in one place. Keys of one provider carry its id as a
+//! hash tag (`{id}`), so every key a quota script touches lives in one cluster slot (ids
+//! cannot contain braces). The dirty index is the one key outside that rule: see
+//! `scripts/apply.lua`.
+
+use crate::{domain::ProviderId, storage::Op};
+
+/// Builds keys under one prefix (each test app has its own).
+#[derive(Debug, Clone)]
+pub struct Keys {
+    prefix: String,
+}
+
+impl Keys {
+    pub fn new(prefix: &str) -> Self {
+        Self {
+            prefix: prefix.to_owned(),
+        }
+    }
+
+    /// Hash of a provider's cached record: `used limit epoch base from ver synced`.
+    pub fn record(&self, provider: &ProviderId) -> String {
+        format!("{}q:{{{provider}}}", self.prefix)
+    }
+
+    /// An idempotency record: `amount:allowed:used:limit` of the first answer.
+    pub fn idempotency(&self, provider: &ProviderId, op: Op, key: &str) -> String {
+        format!("{}idem:{{{provider}}}:{}:{key}", self.prefix, op.as_str())
+    }
+
+    /// Sorted set of dirty providers, scored by when they first became dirty (ms).
+    pub fn dirty(&self) -> String {
+        format!("{}dirty", self.prefix)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn provider_keys_share_a_hash_tag() {
+        let keys = Keys::new("t:");
+        let p = ProviderId::parse("creator:1@x").unwrap();
+        assert_eq!(keys.record(&p), "t:q:{creator:1@x}");
+        assert_eq!(
+            keys.idempotency(&p, Op::Refund, "k 1"),
+            "t:idem:{creator:1@x}:refund:k 1"
+        );
+    }
+}

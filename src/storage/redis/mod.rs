@@ -1,0 +1,378 @@
+//! [`Counters`] on Redis: one Lua script per operation, preloaded and sent as EVALSHA
+//! (reloaded on NOSCRIPT), over one shared multiplexed connection that pipelines
+//! concurrent requests. The connection is made lazily and remade after failures, so the
+//! service starts and serves (from Firestore) while Redis is away.
+
+pub mod keys;
+
+use std::{
+    sync::{LazyLock, RwLock},
+    time::Duration,
+};
+
+use ::redis::{Script, Value, aio::ConnectionManager};
+use async_trait::async_trait;
+
+pub use self::keys::Keys;
+use super::{Applied, Change, Counters, Decision, IDEMPOTENCY_TTL, Op, Record, Seed, StorageError};
+use crate::domain::ProviderId;
+
+/// The longest a single Redis call may take before it counts as unavailable. API.md: no
+/// request waits more than 2 s on an unresponsive Redis before deciding from Firestore.
+pub const CALL_TIMEOUT: Duration = Duration::from_millis(800);
+
+/// A consume or refund script that Redis runs later than this after it was sent (by Redis
+/// time) changes nothing: its sender has given up by then (after [`CALL_TIMEOUT`]) and
+/// decided from Firestore, so a hung Redis that wakes up must not apply it a second time.
+/// The gap between the two bounds the transit time of a late reply.
+pub const APPLY_DEADLINE: Duration = Duration::from_millis(250);
+
+static APPLY: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("scripts/apply.lua")));
+static LOAD: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("scripts/load.lua")));
+static MARK_SYNCED: LazyLock<Script> =
+    LazyLock::new(|| Script::new(include_str!("scripts/mark_synced.lua")));
+static EVICT_CLEAN: LazyLock<Script> =
+    LazyLock::new(|| Script::new(include_str!("scripts/evict_clean.lua")));
+static SET_LIMIT: LazyLock<Script> =
+    LazyLock::new(|| Script::new(include_str!("scripts/set_limit.lua")));
+static DIRTY: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("scripts/dirty.lua")));
+
+/// Redis-backed counters.
+pub struct RedisCounters {
+    client: ::redis::Client,
+    connection: RwLock<Option<ConnectionManager>>,
+    connect_lock: tokio::sync::Mutex<()>,
+    keys: Keys,
+    /// Redis clock minus ours, in ms (measured with `TIME`); `None` until measured.
+    clock_offset_ms: RwLock<Option<i64>>,
+    /// When the last connection attempt failed.
+    failed_connect: RwLock<Option<std::time::Instant>>,
+}
+
+fn unavailable(message: impl ToString) -> StorageError {
+    StorageError::Unavailable {
+        backend: "redis",
+        message: message.to_string(),
+    }
+}
+
+fn classify(err: &::redis::RedisError) -> StorageError {
+    if err.is_timeout()
+        || err.is_io_error()
+        || err.is_connection_dropped()
+        || err.is_connection_refusal()
+    {
+        unavailable(err)
+    } else {
+        StorageError::Other {
+            backend: "redis",
+            message: err.to_string(),
+        }
+    }
+}
+
+impl RedisCounters {
+    /// Checks the URL; connects on first use.
+    pub fn new(url: &str, prefix: &str) -> anyhow::Result<Self> {
+        Ok(Self {
+            client: ::redis::Client::open(url)?,
+            connection: RwLock::new(None),
+            connect_lock: tokio::sync::Mutex::new(()),
+            keys: Keys::new(prefix),
+            clock_offset_ms: RwLock::new(None),
+            failed_connect: RwLock::new(None),
+        })
+    }
+
+    pub fn keys(&self) -> &Keys {
+        &self.keys
+    }
+
+    /// The shared connection, made on first use (or after it was dropped as broken).
+    async fn connection(&self) -> Result<ConnectionManager, StorageError> {
+        if let Some(conn) = self.connection.read().unwrap().clone() {
+            return Ok(conn);
+        }
+        // One task connects while the others wait for it, not for attempts of their own: a
+        // request waits at most two call timeouts on a Redis that hangs.
+        let _guard = tokio::time::timeout(CALL_TIMEOUT, self.connect_lock.lock())
+            .await
+            .map_err(|_| unavailable("connecting"))?;
+        if let Some(conn) = self.connection.read().unwrap().clone() {
+            return Ok(conn);
+        }
+        if self
+            .failed_connect
+            .read()
+            .unwrap()
+            .is_some_and(|at| at.elapsed() < CALL_TIMEOUT)
+        {
+            return Err(unavailable("the last connection attempt failed"));
+        }
+        let config = ::redis::aio::ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(CALL_TIMEOUT))
+            .set_response_timeout(Some(CALL_TIMEOUT))
+            .set_number_of_retries(1)
+            .set_max_delay(Duration::from_millis(500));
+        let conn = tokio::time::timeout(
+            CALL_TIMEOUT,
+            ConnectionManager::new_with_config(self.client.clone(), config),
+        )
+        .await
+        .map_err(|_| unavailable("connect timed out"))
+        .and_then(|made| made.map_err(|e| classify(&e)))
+        .inspect_err(|_| *self.failed_connect.write().unwrap() = Some(std::time::Instant::now()))?;
+        *self.connection.write().unwrap() = Some(conn.clone());
+        Ok(conn)
+    }
+
+    /// Runs one call with the timeout; an unavailable answer drops the connection so the
+    /// next call makes a new one (a hung server keeps a TCP connection that never answers).
+    async fn call<T, F, Fut>(&self, f: F) -> Result<T, StorageError>
+    where
+        F: FnOnce(ConnectionManager) -> Fut,
+        Fut: std::future::Future<Output = ::redis::RedisResult<T>>,
+    {
+        let conn = self.connection().await?;
+        let result = match tokio::time::timeout(CALL_TIMEOUT, f(conn)).await {
+            Ok(Ok(value)) => Ok(value),
+            Ok(Err(err)) => Err(classify(&err)),
+            Err(_) => Err(unavailable("call timed out")),
+        };
+        if let Err(err) = &result
+            && err.is_unavailable()
+        {
+            *self.connection.write().unwrap() = None;
+        }
+        result
+    }
+
+    /// Runs an arbitrary command (tests and tools look inside Redis with it).
+    pub async fn query<T: ::redis::FromRedisValue + Send>(
+        &self,
+        cmd: ::redis::Cmd,
+    ) -> Result<T, StorageError> {
+        self.call(|mut conn| async move { cmd.query_async(&mut conn).await })
+            .await
+    }
+}
+
+fn int(value: &Value) -> Option<i64> {
+    match value {
+        Value::Int(n) => Some(*n),
+        Value::BulkString(bytes) => std::str::from_utf8(bytes).ok()?.parse().ok(),
+        Value::SimpleString(s) => s.parse().ok(),
+        _ => None,
+    }
+}
+
+fn text(value: &Value) -> Option<String> {
+    match value {
+        Value::BulkString(bytes) => Some(String::from_utf8_lossy(bytes).into_owned()),
+        Value::SimpleString(s) => Some(s.clone()),
+        _ => None,
+    }
+}
+
+fn bad_reply(what: &str, reply: &[Value]) -> StorageError {
+    StorageError::Other {
+        backend: "redis",
+        message: format!("unexpected {what} reply: {reply:?}"),
+    }
+}
+
+#[async_trait]
+impl Counters for RedisCounters {
+    fn kind(&self) -> &'static str {
+        "redis"
+    }
+
+    /// `TIME`, which also measures the clock offset used by the apply deadline.
+    async fn ping(&self) -> Result<(), StorageError> {
+        let sent = now_ms();
+        let (secs, micros): (i64, i64) = self.query(::redis::cmd("TIME")).await?;
+        let received = now_ms();
+        let redis_ms = secs * 1000 + micros / 1000;
+        *self.clock_offset_ms.write().unwrap() = Some(redis_ms - (sent + received) / 2);
+        Ok(())
+    }
+
+    #[tracing::instrument(skip_all, fields(provider = %provider), err(level = "debug"))]
+    async fn read(&self, provider: &ProviderId) -> Result<Option<Record>, StorageError> {
+        let mut cmd = ::redis::cmd("HMGET");
+        cmd.arg(self.keys.record(provider))
+            .arg(&["used", "limit", "epoch", "base", "from", "ver", "synced"]);
+        let v: Vec<Value> = self.query(cmd).await?;
+        if v.len() != 7 || matches!(v[0], Value::Nil) {
+            return Ok(None);
+        }
+        let parse = || {
+            Some(Record {
+                used: int(&v[0])?,
+                limit: int(&v[1])?,
+                epoch: text(&v[2])?,
+                base: int(&v[3])?,
+                loaded_from: text(&v[4])?,
+                version: u64::try_from(int(&v[5])?).ok()?,
+                synced: u64::try_from(int(&v[6])?).ok()?,
+            })
+        };
+        parse().map(Some).ok_or_else(|| bad_reply("record", &v))
+    }
+
+    #[tracing::instrument(skip_all, fields(provider = %provider), err(level = "debug"))]
+    async fn load(
+        &self,
+        provider: &ProviderId,
+        seed: &Seed,
+        ttl: Duration,
+    ) -> Result<(), StorageError> {
+        self.write_seed(provider, seed, ttl, false).await
+    }
+
+    #[tracing::instrument(skip_all, fields(provider = %provider), err(level = "debug"))]
+    async fn apply(
+        &self,
+        provider: &ProviderId,
+        change: &Change<'_>,
+    ) -> Result<Applied, StorageError> {
+        let idem_key = change.idempotency_key.unwrap_or("");
+        let mut invocation = APPLY.prepare_invoke();
+        invocation
+            .key(self.keys.record(provider))
+            .key(self.keys.idempotency(provider, change.op, idem_key))
+            .key(self.keys.dirty())
+            .arg(if change.op == Op::Consume { "c" } else { "r" })
+            .arg(change.amount)
+            .arg(if change.idempotency_key.is_some() {
+                "1"
+            } else {
+                "0"
+            })
+            .arg(IDEMPOTENCY_TTL.as_secs())
+            .arg(provider.as_str())
+            .arg(self.apply_deadline_ms());
+        let reply: Vec<Value> = self
+            .call(|mut conn| async move { invocation.invoke_async(&mut conn).await })
+            .await?;
+        let status = reply.first().and_then(text);
+        let decision = || {
+            Some(Decision {
+                allowed: int(reply.get(1)?)? == 1,
+                used: int(reply.get(2)?)?,
+                limit: int(reply.get(3)?)?,
+            })
+        };
+        match (status.as_deref(), decision()) {
+            (Some("miss"), _) => Ok(Applied::Miss),
+            (Some("late"), _) => Err(unavailable("Redis ran the script after its deadline")),
+            (Some("reused"), _) => Ok(Applied::KeyReused),
+            (Some("replay"), Some(d)) => Ok(Applied::Replayed(d)),
+            (Some("ok"), Some(d)) => Ok(Applied::Decided(d)),
+            _ => Err(bad_reply("apply", &reply)),
+        }
+    }
+
+    #[tracing::instrument(skip_all, fields(provider = %provider, version), err(level = "debug"))]
+    async fn mark_synced(
+        &self,
+        provider: &ProviderId,
+        epoch: &str,
+        version: u64,
+        limit: i64,
+        ttl: Duration,
+    ) -> Result<(), StorageError> {
+        let mut invocation = MARK_SYNCED.prepare_invoke();
+        invocation
+            .key(self.keys.record(provider))
+            .key(self.keys.dirty())
+            .arg(epoch)
+            .arg(version)
+            .arg(limit)
+            .arg(ttl.as_secs())
+            .arg(provider.as_str());
+        self.call(|mut conn| async move { invocation.invoke_async::<i64>(&mut conn).await })
+            .await
+            .map(|_| ())
+    }
+
+    async fn evict_clean(&self, provider: &ProviderId) -> Result<bool, StorageError> {
+        let mut invocation = EVICT_CLEAN.prepare_invoke();
+        invocation.key(self.keys.record(provider));
+        let gone: i64 = self
+            .call(|mut conn| async move { invocation.invoke_async(&mut conn).await })
+            .await?;
+        Ok(gone == 1)
+    }
+
+    async fn replace(
+        &self,
+        provider: &ProviderId,
+        seed: &Seed,
+        ttl: Duration,
+    ) -> Result<(), StorageError> {
+        self.write_seed(provider, seed, ttl, true).await
+    }
+
+    async fn set_limit(&self, provider: &ProviderId, limit: i64) -> Result<(), StorageError> {
+        let mut invocation = SET_LIMIT.prepare_invoke();
+        invocation.key(self.keys.record(provider)).arg(limit);
+        self.call(|mut conn| async move { invocation.invoke_async::<i64>(&mut conn).await })
+            .await
+            .map(|_| ())
+    }
+
+    async fn dirty(&self, min_age: Duration, max: usize) -> Result<Vec<ProviderId>, StorageError> {
+        let mut invocation = DIRTY.prepare_invoke();
+        invocation
+            .key(self.keys.dirty())
+            .arg(u64::try_from(min_age.as_millis()).unwrap_or(u64::MAX))
+            .arg(max);
+        let ids: Vec<String> = self
+            .call(|mut conn| async move { invocation.invoke_async(&mut conn).await })
+            .await?;
+        Ok(ids
+            .iter()
+            .filter_map(|id| ProviderId::parse(id).ok())
+            .collect())
+    }
+}
+
+fn now_ms() -> i64 {
+    chrono::Utc::now().timestamp_millis()
+}
+
+impl RedisCounters {
+    /// The Redis time after which an apply sent now must not change anything (0: none,
+    /// while the offset is unmeasured).
+    fn apply_deadline_ms(&self) -> i64 {
+        let deadline = i64::try_from(APPLY_DEADLINE.as_millis()).unwrap_or(250);
+        self.clock_offset_ms
+            .read()
+            .unwrap()
+            .map_or(0, |offset| now_ms() + offset + deadline)
+    }
+
+    async fn write_seed(
+        &self,
+        provider: &ProviderId,
+        seed: &Seed,
+        ttl: Duration,
+        replace: bool,
+    ) -> Result<(), StorageError> {
+        let mut invocation = LOAD.prepare_invoke();
+        invocation
+            .key(self.keys.record(provider))
+            .key(self.keys.dirty())
+            .arg(seed.used)
+            .arg(seed.limit)
+            .arg(&seed.epoch)
+            .arg(&seed.loaded_from)
+            .arg(ttl.as_secs())
+            .arg(if replace { "1" } else { "0" })
+            .arg(provider.as_str());
+        self.call(|mut conn| async move { invocation.invoke_async::<i64>(&mut conn).await })
+            .await
+            .map(|_| ())
+    }
+}

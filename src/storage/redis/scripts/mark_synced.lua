@@ -1,0 +1,19 @@
+-- The ledger holds a version of a record: raise `synced` (never lower it), take the ledger's
+-- limit, and once the record is clean give it the cache TTL and drop it from the dirty index.
+-- KEYS[1] record hash, KEYS[2] dirty index
+-- ARGV[1] epoch, ARGV[2] version, ARGV[3] limit, ARGV[4] TTL seconds, ARGV[5] provider id
+-- Returns 1 when the record is clean now, 0 otherwise.
+local v = redis.call('HMGET', KEYS[1], 'epoch', 'ver', 'synced')
+if not v[1] then
+  redis.call('ZREM', KEYS[2], ARGV[5])
+  return 1
+end
+if v[1] ~= ARGV[1] then return 0 end
+local synced = math.max(tonumber(v[3]), tonumber(ARGV[2]))
+redis.call('HSET', KEYS[1], 'synced', string.format('%d', synced), 'limit', ARGV[3])
+if synced >= tonumber(v[2]) then
+  redis.call('EXPIRE', KEYS[1], ARGV[4])
+  redis.call('ZREM', KEYS[2], ARGV[5])
+  return 1
+end
+return 0

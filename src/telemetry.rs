@@ -1,0 +1,80 @@
+//! Logs (tracing, to stdout; `RUST_LOG` filters) and the Prometheus recorder.
+
+use std::sync::OnceLock;
+
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+
+/// Installs the log subscriber once (later calls do nothing).
+pub fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stdout());
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_target(false)
+        .with_ansi(ansi)
+        .try_init();
+}
+
+/// The process-wide Prometheus recorder (installed on first use; every app in a test
+/// process shares it).
+pub fn metrics_handle() -> PrometheusHandle {
+    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+    HANDLE
+        .get_or_init(|| {
+            let buckets = [
+                0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+            ];
+            let recorder = PrometheusBuilder::new()
+                .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), &buckets)
+                .expect("static bucket list is valid")
+                .build_recorder();
+            let handle = recorder.handle();
+            if metrics::set_global_recorder(recorder).is_err() {
+                tracing::warn!("a metrics recorder was already installed");
+            }
+            describe();
+            handle
+        })
+        .clone()
+}
+
+fn describe() {
+    metrics::describe_counter!(
+        "quotad_http_requests_total",
+        "HTTP requests by route, method and status"
+    );
+    metrics::describe_histogram!(
+        "quotad_http_request_duration_seconds",
+        "HTTP request latency by route"
+    );
+    metrics::describe_counter!(
+        "quotad_decisions_total",
+        "Quota and rate-limit decisions by outcome and phase"
+    );
+    metrics::describe_counter!(
+        "quotad_cache_total",
+        "Quota cache lookups by result (hit, miss)"
+    );
+    metrics::describe_counter!(
+        "quotad_fallbacks_total",
+        "Quota decisions made by Firestore while Redis was unavailable"
+    );
+    metrics::describe_counter!(
+        "quotad_store_writes_total",
+        "Firestore usage writes by result"
+    );
+    metrics::describe_counter!(
+        "quotad_store_write_retries_total",
+        "Firestore usage writes that failed and will be retried"
+    );
+    metrics::describe_counter!(
+        "quotad_redis_transitions_total",
+        "Redis availability transitions"
+    );
+    metrics::describe_counter!(
+        "quotad_phase_changes_total",
+        "Migration phase changes seen by this replica"
+    );
+    metrics::describe_counter!("quotad_sync_runs_total", "Batch sync runs");
+}

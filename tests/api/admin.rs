@@ -1,0 +1,210 @@
+//! The admin API and authentication.
+
+use std::time::Duration;
+
+use quotad::domain::Phase;
+use reqwest::Method;
+use serde_json::json;
+
+use crate::helpers::{ADMIN, Shared, eventually, ok, problem, spawn_app, spawn_with};
+
+#[tokio::test]
+async fn invalidate_makes_the_next_read_come_from_the_store_and_keeps_usage() {
+    let app = spawn_app().await;
+    let store = app.shared.store();
+    store.put("p1", Some(7), Some(20)).await;
+    ok(app.consume("p1", 1).await).await;
+    store.add_used("p1", 10).await; // another writer, behind the cache
+    let body = ok(app
+        .admin(Method::POST, "/admin/quota/p1/invalidate", None)
+        .await)
+    .await;
+    assert_eq!(body, json!({"provider": "p1", "invalidated": true}));
+    let fresh = app.quota("p1").await;
+    assert_eq!(
+        (fresh["source"].as_str(), fresh["used"].as_i64()),
+        (Some("store"), Some(18))
+    );
+}
+
+#[tokio::test]
+async fn put_quota_writes_through_and_both_replicas_agree() {
+    let shared = Shared::real();
+    let (a, b) = (
+        spawn_with(&shared, |_| {}).await,
+        spawn_with(&shared, |_| {}).await,
+    );
+    let store = shared.store();
+    store.put("p1", Some(7), Some(20)).await;
+    for _ in 0..3 {
+        ok(a.consume("p1", 1).await).await;
+    }
+    let body = ok(a
+        .admin(
+            Method::PUT,
+            "/admin/quota/p1",
+            Some(json!({"limit": 50, "used": 5})),
+        )
+        .await)
+    .await;
+    assert_eq!(
+        (body["used"].as_i64(), body["limit"].as_i64()),
+        (Some(5), Some(50))
+    );
+    assert_eq!(store.get("p1").await, Some((Some(5), Some(50))));
+    assert_eq!(b.quota("p1").await["used"], 5);
+    // One field keeps the other, and pending usage is written first.
+    ok(a.consume("p1", 1).await).await;
+    ok(
+        a.admin(Method::PUT, "/admin/quota/p1", Some(json!({"limit": 6})))
+            .await,
+    )
+    .await;
+    assert_eq!(store.get("p1").await, Some((Some(6), Some(6))));
+    problem(b.consume("p1", 1).await, 429, "quota_exceeded").await;
+    ok(a.admin(Method::POST, "/admin/sync", None).await).await;
+    assert_eq!(store.get("p1").await, Some((Some(6), Some(6))));
+}
+
+#[tokio::test]
+async fn put_quota_refuses_bad_values() {
+    let app = spawn_app().await;
+    for (field, value) in [
+        ("limit", json!(-1)),
+        ("used", json!(1_000_000_000_001_i64)),
+        ("limit", json!(1.5)),
+        ("used", json!("5")),
+    ] {
+        let resp = app
+            .admin(Method::PUT, "/admin/quota/p1", Some(json!({field: value})))
+            .await;
+        problem(resp, 400, &format!("invalid_{field}")).await;
+    }
+    problem(
+        app.admin(Method::PUT, "/admin/quota/p1", Some(json!({})))
+            .await,
+        400,
+        "invalid_body",
+    )
+    .await;
+    assert_eq!(app.shared.store().get("p1").await, None);
+}
+
+#[tokio::test]
+async fn the_phase_is_stored_and_followed_by_another_replica_within_5_seconds() {
+    let shared = Shared::real();
+    let (a, b) = (
+        spawn_with(&shared, |_| {}).await,
+        spawn_with(&shared, |_| {}).await,
+    );
+    let body = ok(a.admin(Method::GET, "/admin/phase", None).await).await;
+    assert_eq!(body["phase"], "dual-write");
+    let set = ok(a.set_phase(Phase::FirestoreOnly).await).await;
+    assert_eq!(set["phase"], "firestore-only");
+    let seen = eventually(Duration::from_secs(5), json!("firestore-only"), || async {
+        ok(b.admin(Method::GET, "/admin/phase", None).await).await["phase"].clone()
+    })
+    .await;
+    assert_eq!(seen, "firestore-only");
+    problem(
+        a.admin(Method::PUT, "/admin/phase", Some(json!({"phase": "bogus"})))
+            .await,
+        400,
+        "invalid_phase",
+    )
+    .await;
+    // A replica started later adopts the stored phase over its own default.
+    let c = spawn_with(&shared, |_| {}).await;
+    let seen = eventually(Duration::from_secs(5), json!("firestore-only"), || async {
+        ok(c.admin(Method::GET, "/admin/phase", None).await).await["phase"].clone()
+    })
+    .await;
+    assert_eq!(seen, "firestore-only");
+}
+
+#[tokio::test]
+async fn sync_reports_and_status() {
+    let app = spawn_app().await;
+    let status = ok(app.admin(Method::GET, "/admin/sync", None).await).await;
+    assert_eq!(status["last"], serde_json::Value::Null);
+    assert!(status["nextRunAt"].is_string());
+    let report = ok(app.admin(Method::POST, "/admin/sync", None).await).await;
+    for member in ["runId", "startedAt", "finishedAt"] {
+        assert!(report[member].is_string(), "{report}");
+    }
+    let status = ok(app.admin(Method::GET, "/admin/sync", None).await).await;
+    assert_eq!(status["last"]["runId"], report["runId"]);
+}
+
+#[tokio::test]
+async fn admin_needs_the_admin_token_and_is_off_without_one() {
+    let shared = Shared::real();
+    let app = spawn_with(&shared, |c| c.api_keys = vec!["k1".into()]).await;
+    for auth in [
+        None,
+        Some("Bearer wrong"),
+        Some("Bearer k1"),
+        Some("Bearer"),
+        Some(ADMIN),
+        Some("Basic admin-secret"),
+    ] {
+        let mut req = app.http.get(app.url("/admin/phase"));
+        if let Some(auth) = auth {
+            req = req.header("Authorization", auth);
+        }
+        problem(req.send().await.unwrap(), 401, "unauthorized").await;
+    }
+    let disabled = spawn_with(&shared, |c| c.admin_token = None).await;
+    let resp = disabled
+        .http
+        .get(disabled.url("/admin/phase"))
+        .bearer_auth(ADMIN)
+        .send()
+        .await
+        .unwrap();
+    problem(resp, 403, "admin_disabled").await;
+}
+
+#[tokio::test]
+async fn caller_endpoints_need_a_known_key_when_keys_are_set() {
+    let app = spawn_with(&Shared::real(), |c| {
+        c.api_keys = vec!["k1".into(), "k2".into()]
+    })
+    .await;
+    problem(app.get("/quota/p1").await, 401, "unauthorized").await;
+    let resp = app
+        .http
+        .get(app.url("/quota/p1"))
+        .bearer_auth("k1,k2")
+        .send()
+        .await
+        .unwrap();
+    problem(resp, 401, "unauthorized").await;
+    for key in ["k1", "k2"] {
+        let resp = app
+            .http
+            .post(app.url("/quota/p1/consume"))
+            .bearer_auth(key)
+            .send()
+            .await
+            .unwrap();
+        ok(resp).await;
+    }
+    let resp = app.http.get(app.url("/healthz")).send().await.unwrap();
+    ok(resp).await;
+}
+
+#[tokio::test]
+async fn operations_endpoints_answer() {
+    let app = spawn_app().await;
+    ok(app.get("/healthz").await).await;
+    let ready = ok(app.get("/readyz").await).await;
+    assert_eq!(ready, json!({"redis": "ok", "firestore": "ok"}));
+    ok(app.consume("p1", 1).await).await;
+    let metrics = app.get("/metrics").await.text().await.unwrap();
+    assert!(metrics.contains("quotad_decisions_total"), "{metrics}");
+    assert!(metrics.contains("quotad_http_requests_total"));
+    let spec = app.get("/openapi.yaml").await.text().await.unwrap();
+    assert!(spec.starts_with("openapi: 3"));
+    app.stop().await;
+}

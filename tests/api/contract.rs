@@ -1,0 +1,360 @@
+//! The storage contract: one body of tests run against every adapter of each port
+//! (in-memory, Redis, Firestore emulator).
+
+use std::{sync::Arc, time::Duration};
+
+use chrono::Utc;
+use quotad::{
+    domain::{Phase, ProviderId},
+    storage::{
+        Applied, Change, Counters, Decision, Ledger, LedgerDecision, Op, Record, Seed,
+        WriteOutcome, firestore::FirestoreLedger, memory, redis::RedisCounters,
+    },
+};
+
+use crate::helpers::{emulator_host, redis_url, unique};
+
+const TTL: Duration = Duration::from_secs(300);
+
+fn p(id: &str) -> ProviderId {
+    ProviderId::parse(id).unwrap()
+}
+
+fn consume(amount: i64) -> Change<'static> {
+    Change {
+        op: Op::Consume,
+        amount,
+        idempotency_key: None,
+    }
+}
+
+fn seed(used: i64, limit: i64) -> Seed {
+    Seed {
+        used,
+        limit,
+        epoch: "e1".into(),
+        loaded_from: String::new(),
+    }
+}
+
+async fn counters_contract(counters: Arc<dyn Counters>) {
+    let id = p("c1");
+    assert_eq!(
+        counters.apply(&id, &consume(1)).await.unwrap(),
+        Applied::Miss
+    );
+    assert_eq!(counters.read(&id).await.unwrap(), None);
+    counters.load(&id, &seed(2, 5), TTL).await.unwrap();
+    counters.load(&id, &seed(0, 99), TTL).await.unwrap(); // another replica lost the race
+    let decided = |allowed, used| {
+        Applied::Decided(Decision {
+            allowed,
+            used,
+            limit: 5,
+        })
+    };
+    assert_eq!(
+        counters.apply(&id, &consume(2)).await.unwrap(),
+        decided(true, 4)
+    );
+    assert_eq!(
+        counters.apply(&id, &consume(2)).await.unwrap(),
+        decided(false, 4)
+    );
+    let refund = Change {
+        op: Op::Refund,
+        amount: 10,
+        idempotency_key: None,
+    };
+    assert_eq!(
+        counters.apply(&id, &refund).await.unwrap(),
+        decided(true, 0)
+    );
+    let record = counters.read(&id).await.unwrap().unwrap();
+    assert_eq!(
+        (record.used, record.base, record.version, record.synced),
+        (0, 2, 2, 0)
+    );
+    assert!(record.is_dirty());
+    assert_eq!(
+        counters.dirty(Duration::ZERO, 10).await.unwrap(),
+        vec![id.clone()]
+    );
+    assert!(
+        !counters.evict_clean(&id).await.unwrap(),
+        "a dirty record is kept"
+    );
+
+    // Idempotency: replayed with the same amount, refused with another.
+    let keyed = Change {
+        op: Op::Consume,
+        amount: 1,
+        idempotency_key: Some("k"),
+    };
+    assert_eq!(counters.apply(&id, &keyed).await.unwrap(), decided(true, 1));
+    assert_eq!(
+        counters.apply(&id, &keyed).await.unwrap(),
+        Applied::Replayed(Decision {
+            allowed: true,
+            used: 1,
+            limit: 5
+        })
+    );
+    let other = Change {
+        amount: 2,
+        ..keyed.clone()
+    };
+    assert_eq!(
+        counters.apply(&id, &other).await.unwrap(),
+        Applied::KeyReused
+    );
+    let refund_key = Change {
+        op: Op::Refund,
+        amount: 1,
+        idempotency_key: Some("k"),
+    };
+    assert_eq!(
+        counters.apply(&id, &refund_key).await.unwrap(),
+        decided(true, 0)
+    );
+
+    // Synced up to an older version: still dirty; up to the latest: clean.
+    let record = counters.read(&id).await.unwrap().unwrap();
+    counters
+        .mark_synced(&id, "e1", record.version - 1, 7, TTL)
+        .await
+        .unwrap();
+    assert!(counters.read(&id).await.unwrap().unwrap().is_dirty());
+    counters
+        .mark_synced(&id, "other-epoch", record.version, 7, TTL)
+        .await
+        .unwrap();
+    assert!(counters.read(&id).await.unwrap().unwrap().is_dirty());
+    counters
+        .mark_synced(&id, "e1", record.version, 7, TTL)
+        .await
+        .unwrap();
+    let clean = counters.read(&id).await.unwrap().unwrap();
+    assert!(!clean.is_dirty());
+    assert_eq!(clean.limit, 7, "the ledger's limit is taken");
+    assert!(counters.dirty(Duration::ZERO, 10).await.unwrap().is_empty());
+    counters.set_limit(&id, 9).await.unwrap();
+    assert_eq!(counters.read(&id).await.unwrap().unwrap().limit, 9);
+    assert!(counters.evict_clean(&id).await.unwrap());
+    assert_eq!(counters.read(&id).await.unwrap(), None);
+    counters.set_limit(&id, 9).await.unwrap();
+    assert_eq!(
+        counters.read(&id).await.unwrap(),
+        None,
+        "set_limit creates nothing"
+    );
+
+    // Replace overwrites a dirty record and clears its dirt.
+    counters.load(&id, &seed(0, 5), TTL).await.unwrap();
+    counters.apply(&id, &consume(1)).await.unwrap();
+    counters
+        .replace(
+            &id,
+            &Seed {
+                used: 3,
+                limit: 4,
+                epoch: "e2".into(),
+                loaded_from: "e2".into(),
+            },
+            TTL,
+        )
+        .await
+        .unwrap();
+    let replaced = counters.read(&id).await.unwrap().unwrap();
+    assert_eq!(
+        (
+            replaced.used,
+            replaced.limit,
+            replaced.epoch.as_str(),
+            replaced.is_dirty()
+        ),
+        (3, 4, "e2", false)
+    );
+    assert!(counters.dirty(Duration::ZERO, 10).await.unwrap().is_empty());
+    counters.ping().await.unwrap();
+}
+
+fn record(used: i64, base: i64, epoch: &str, loaded_from: &str, version: u64) -> Record {
+    Record {
+        used,
+        limit: 100,
+        epoch: epoch.into(),
+        base,
+        loaded_from: loaded_from.into(),
+        version,
+        synced: 0,
+    }
+}
+
+async fn ledger_contract(ledger: Arc<dyn Ledger>) {
+    let id = p("l1");
+    assert_eq!(ledger.read(&id).await.unwrap(), None);
+    // A record loaded from a missing document (base 0) writes its usage once.
+    let r1 = record(3, 0, "e1", "", 3);
+    assert_eq!(
+        ledger.write_record(&id, &r1).await.unwrap(),
+        WriteOutcome::Written { limit: None }
+    );
+    assert_eq!(
+        ledger.write_record(&id, &r1).await.unwrap(),
+        WriteOutcome::Written { limit: None }
+    );
+    assert_eq!(ledger.read(&id).await.unwrap().unwrap().used, Some(3));
+    // A later version adds only the difference; an older one adds nothing.
+    ledger
+        .write_record(&id, &record(5, 0, "e1", "", 5))
+        .await
+        .unwrap();
+    ledger
+        .write_record(&id, &record(4, 0, "e1", "", 4))
+        .await
+        .unwrap();
+    assert_eq!(ledger.read(&id).await.unwrap().unwrap().used, Some(5));
+    // Another writer's increment survives; a new epoch loaded at 5 adds what it used since.
+    let decided = ledger.decide(&id, &consume(10), 100, true).await.unwrap();
+    assert_eq!(
+        decided,
+        LedgerDecision::Decided(Decision {
+            allowed: true,
+            used: 15,
+            limit: 100
+        })
+    );
+    ledger
+        .write_record(&id, &record(8, 5, "e2", "e1", 1))
+        .await
+        .unwrap();
+    assert_eq!(ledger.read(&id).await.unwrap().unwrap().used, Some(18));
+    assert_eq!(
+        ledger
+            .write_record(&id, &record(9, 0, "e1", "", 6))
+            .await
+            .unwrap(),
+        WriteOutcome::Stale
+    );
+    assert_eq!(ledger.read(&id).await.unwrap().unwrap().used, Some(18));
+    assert_eq!(ledger.changed_outside(10).await.unwrap(), vec![id.clone()]);
+    ledger.clear_changed_outside(&id).await.unwrap();
+    assert!(ledger.changed_outside(10).await.unwrap().is_empty());
+    ledger.note_changed_outside(&id).await.unwrap();
+    assert_eq!(ledger.changed_outside(10).await.unwrap(), vec![id.clone()]);
+
+    // Decisions: the limit holds, denials change nothing, keys replay.
+    let doc = ledger
+        .set_quota(&id, None, Some(20), "unused")
+        .await
+        .unwrap();
+    assert_eq!((doc.used, doc.limit), (Some(18), Some(20)));
+    let keyed = Change {
+        op: Op::Consume,
+        amount: 2,
+        idempotency_key: Some("k"),
+    };
+    let first = ledger.decide(&id, &keyed, 100, false).await.unwrap();
+    assert_eq!(
+        first,
+        LedgerDecision::Decided(Decision {
+            allowed: true,
+            used: 20,
+            limit: 20
+        })
+    );
+    assert_eq!(
+        ledger.decide(&id, &keyed, 100, false).await.unwrap(),
+        LedgerDecision::Replayed(Decision {
+            allowed: true,
+            used: 20,
+            limit: 20
+        })
+    );
+    let other = Change {
+        amount: 1,
+        ..keyed.clone()
+    };
+    assert_eq!(
+        ledger.decide(&id, &other, 100, false).await.unwrap(),
+        LedgerDecision::KeyReused
+    );
+    assert_eq!(
+        ledger.decide(&id, &consume(1), 100, false).await.unwrap(),
+        LedgerDecision::Decided(Decision {
+            allowed: false,
+            used: 20,
+            limit: 20
+        })
+    );
+    // Setting usage starts a new epoch: older records are stale against it.
+    let doc = ledger.set_quota(&id, Some(4), None, "e9").await.unwrap();
+    assert_eq!(
+        (doc.used, doc.limit, doc.epoch.as_deref()),
+        (Some(4), Some(20), Some("e9"))
+    );
+    assert_eq!(
+        ledger
+            .write_record(&id, &record(30, 5, "e2", "e1", 9))
+            .await
+            .unwrap(),
+        WriteOutcome::Stale
+    );
+    ledger
+        .write_record(&id, &record(6, 4, "e9", "e9", 1))
+        .await
+        .unwrap();
+    assert_eq!(ledger.read(&id).await.unwrap().unwrap().used, Some(6));
+    // An unknown document takes the default limit in a decision.
+    assert_eq!(
+        ledger
+            .decide(&p("l2"), &consume(3), 2, false)
+            .await
+            .unwrap(),
+        LedgerDecision::Decided(Decision {
+            allowed: false,
+            used: 0,
+            limit: 2
+        })
+    );
+    assert_eq!(
+        ledger.read(&p("l2")).await.unwrap(),
+        None,
+        "a denial writes nothing"
+    );
+
+    assert_eq!(ledger.phase().await.unwrap(), None);
+    let since = Utc::now();
+    ledger.set_phase(Phase::RedisPrimary, since).await.unwrap();
+    let (phase, stored) = ledger.phase().await.unwrap().unwrap();
+    assert_eq!(phase, Phase::RedisPrimary);
+    assert!((stored - since).num_milliseconds().abs() < 1);
+    ledger.ping().await.unwrap();
+}
+
+#[tokio::test]
+async fn memory_counters_keep_the_contract() {
+    counters_contract(Arc::new(memory::MemoryCounters::default())).await;
+}
+
+#[tokio::test]
+async fn redis_counters_keep_the_contract() {
+    let counters = RedisCounters::new(&redis_url(), &(unique("c") + ":")).unwrap();
+    counters_contract(Arc::new(counters)).await;
+}
+
+#[tokio::test]
+async fn memory_ledger_keeps_the_contract() {
+    ledger_contract(Arc::new(memory::MemoryLedger::default())).await;
+}
+
+#[tokio::test]
+async fn firestore_ledger_keeps_the_contract() {
+    let _ = emulator_host();
+    ledger_contract(Arc::new(FirestoreLedger::new(
+        &unique("contract-"),
+        "providers",
+    )))
+    .await;
+}

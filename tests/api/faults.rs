@@ -1,0 +1,231 @@
+//! Faults: Redis killed, restarted and hung; Firestore cut off; the service killed.
+
+use std::time::Duration;
+
+use quotad::domain::Phase;
+use serde_json::{Value, json};
+
+use crate::helpers::{
+    QuotadProcess, RedisServer, Shared, Store, TcpProxy, client, emulator_host, eventually, ok,
+    problem, spawn_with, unique,
+};
+
+const DEADLINE: Duration = Duration::from_secs(30);
+
+async fn readiness(app: &crate::helpers::TestApp) -> Value {
+    app.get("/readyz").await.json().await.unwrap()
+}
+
+#[tokio::test]
+async fn redis_killed_and_restarted_mid_test_keeps_decisions_exact() {
+    let mut redis = RedisServer::start().await;
+    let shared = Shared {
+        redis_url: Some(redis.url()),
+        ..Shared::real()
+    };
+    let app = spawn_with(&shared, |_| {}).await;
+    let store = shared.store();
+    store.put("p1", Some(0), Some(6)).await;
+    for _ in 0..3 {
+        ok(app.consume("p1", 1).await).await;
+    }
+    assert_eq!(
+        eventually(DEADLINE, Some(3), || store.used("p1")).await,
+        Some(3)
+    );
+
+    redis.kill();
+    for _ in 0..2 {
+        ok(app.consume("p1", 1).await).await; // decided by Firestore transactions
+    }
+    assert_eq!(store.used("p1").await, Some(5));
+    let down = json!({"redis": "down", "firestore": "ok"});
+    assert_eq!(
+        eventually(Duration::from_secs(10), down.clone(), || readiness(&app)).await,
+        down
+    );
+
+    redis.launch().await; // back, empty
+    let up = json!({"redis": "ok", "firestore": "ok"});
+    assert_eq!(
+        eventually(Duration::from_secs(10), up.clone(), || readiness(&app)).await,
+        up
+    );
+    assert_eq!(ok(app.consume("p1", 1).await).await["used"], 6);
+    problem(app.consume("p1", 1).await, 429, "quota_exceeded").await;
+    assert_eq!(
+        eventually(DEADLINE, Some(6), || store.used("p1")).await,
+        Some(6)
+    );
+}
+
+#[tokio::test]
+async fn a_hung_redis_sends_decisions_to_firestore_and_its_stale_data_is_reloaded() {
+    let redis = RedisServer::start().await;
+    let shared = Shared {
+        redis_url: Some(redis.url()),
+        ..Shared::real()
+    };
+    let app = spawn_with(&shared, |_| {}).await;
+    let store = shared.store();
+    store.put("p1", Some(0), Some(5)).await;
+    for _ in 0..2 {
+        ok(app.consume("p1", 1).await).await;
+    }
+    assert_eq!(
+        eventually(DEADLINE, Some(2), || store.used("p1")).await,
+        Some(2)
+    );
+
+    redis.pause(true);
+    for _ in 0..2 {
+        ok(app.consume("p1", 1).await).await;
+    }
+    assert_eq!(store.used("p1").await, Some(4));
+
+    redis.pause(false); // Redis still believes used = 2
+    let up = json!({"redis": "ok", "firestore": "ok"});
+    assert_eq!(
+        eventually(Duration::from_secs(10), up.clone(), || readiness(&app)).await,
+        up
+    );
+    assert_eq!(ok(app.consume("p1", 1).await).await["used"], 5);
+    problem(app.consume("p1", 1).await, 429, "quota_exceeded").await;
+    assert_eq!(
+        eventually(DEADLINE, Some(5), || store.used("p1")).await,
+        Some(5)
+    );
+}
+
+#[tokio::test]
+async fn a_failed_firestore_write_is_retried_until_it_lands_once() {
+    let redis = RedisServer::start().await;
+    let emulator: std::net::SocketAddr = emulator_host().parse().unwrap();
+    let mut proxy = TcpProxy::start(emulator).await;
+    let project = unique("test-");
+    let store = Store::new(project.clone());
+    store.put("p1", Some(0), Some(100)).await;
+    let quotad = QuotadProcess::start(&[
+        ("REDIS_URL", redis.url()),
+        ("FIRESTORE_PROJECT_ID", project.clone()),
+        ("FIRESTORE_EMULATOR_HOST", proxy.address()),
+    ])
+    .await;
+    let http = client();
+    let consume = || async {
+        http.post(format!("{}/quota/p1/consume", quotad.base))
+            .send()
+            .await
+            .unwrap()
+            .status()
+            .as_u16()
+    };
+    assert_eq!(consume().await, 200);
+    assert_eq!(
+        eventually(DEADLINE, Some(1), || store.used("p1")).await,
+        Some(1)
+    );
+
+    proxy.set_up(false).await;
+    for _ in 0..3 {
+        assert_eq!(consume().await, 200); // Redis decides; the writes fail and wait
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(store.used("p1").await, Some(1));
+
+    proxy.set_up(true).await;
+    assert_eq!(
+        eventually(DEADLINE, Some(4), || store.used("p1")).await,
+        Some(4)
+    );
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        store.used("p1").await,
+        Some(4),
+        "a retried write was doubled"
+    );
+    assert!(quotad.terminate().success());
+}
+
+#[tokio::test]
+async fn sigterm_flushes_pending_writes_and_exits_zero() {
+    let redis = RedisServer::start().await;
+    let project = unique("test-");
+    let store = Store::new(project.clone());
+    let quotad = QuotadProcess::start(&[
+        ("REDIS_URL", redis.url()),
+        ("FIRESTORE_PROJECT_ID", project.clone()),
+        ("FIRESTORE_EMULATOR_HOST", emulator_host()),
+    ])
+    .await;
+    let http = client();
+    for _ in 0..20 {
+        let resp = http
+            .post(format!("{}/quota/p1/consume", quotad.base))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status().as_u16(), 200);
+    }
+    assert!(quotad.terminate().success());
+    assert_eq!(store.used("p1").await, Some(20));
+}
+
+#[tokio::test]
+async fn writes_a_killed_replica_left_behind_are_taken_over_by_another() {
+    let redis = RedisServer::start().await;
+    let emulator: std::net::SocketAddr = emulator_host().parse().unwrap();
+    let mut proxy = TcpProxy::start(emulator).await;
+    let project = unique("test-");
+    let store = Store::new(project.clone());
+    let env = |host: String| {
+        vec![
+            ("REDIS_URL", redis.url()),
+            ("FIRESTORE_PROJECT_ID", project.clone()),
+            ("FIRESTORE_EMULATOR_HOST", host),
+        ]
+    };
+    let victim = QuotadProcess::start(&env(proxy.address())).await;
+    let http = client();
+    let resp = http
+        .post(format!("{}/quota/p1/consume", victim.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 200); // loads the record while Firestore answers
+    assert_eq!(
+        eventually(DEADLINE, Some(1), || store.used("p1")).await,
+        Some(1)
+    );
+    proxy.set_up(false).await; // from now on its writes cannot land
+    for _ in 0..6 {
+        let resp = http
+            .post(format!("{}/quota/p1/consume", victim.base))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status().as_u16(), 200);
+    }
+    drop(victim); // SIGKILL: its queue is gone, the dirty records stay in Redis
+    let survivor = QuotadProcess::start(&env(emulator_host())).await;
+    assert_eq!(
+        eventually(DEADLINE, Some(7), || store.used("p1")).await,
+        Some(7)
+    );
+    drop(survivor);
+}
+
+#[tokio::test]
+async fn embedded_backends_run_without_redis_or_firestore() {
+    let shared = Shared {
+        redis_url: None,
+        prefix: unique("t"),
+        project: None,
+    };
+    let app = spawn_with(&shared, |c| c.initial_phase = Phase::DualWrite).await;
+    assert_eq!(ok(app.consume("p1", 1).await).await["used"], 1);
+    assert_eq!(
+        readiness(&app).await,
+        json!({"redis": "ok", "firestore": "ok"})
+    );
+}

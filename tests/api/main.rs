@@ -1,0 +1,9 @@
+//! Integration tests: the service over real Redis and the Firestore emulator. One binary;
+//! run through `scripts/test.sh`, which starts both and exports their addresses.
+
+mod admin;
+mod contract;
+mod faults;
+mod helpers;
+mod inputs;
+mod quota;

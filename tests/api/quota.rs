@@ -1,0 +1,275 @@
+//! Quotas end to end: lookups, consumes, refunds, idempotency, phases, concurrency.
+
+use std::time::Duration;
+
+use futures::future::join_all;
+use quotad::domain::Phase;
+use serde_json::json;
+
+use crate::helpers::{Shared, eventually, ok, problem, spawn_app, spawn_with};
+
+const STORE_DEADLINE: Duration = Duration::from_secs(30);
+
+#[tokio::test]
+async fn an_unknown_provider_has_the_default_limit_and_no_document_is_created() {
+    let app = spawn_app().await;
+    let body = app.quota("newcomer").await;
+    assert_eq!(
+        body,
+        json!({"provider": "newcomer", "used": 0, "limit": 100, "remaining": 100,
+        "hasQuota": true, "source": "store"})
+    );
+    assert_eq!(app.quota("newcomer").await["source"], "cache");
+    assert_eq!(app.shared.store().get("newcomer").await, None);
+}
+
+#[tokio::test]
+async fn the_first_read_comes_from_the_store_then_from_the_cache() {
+    let app = spawn_app().await;
+    let store = app.shared.store();
+    store.put("p1", Some(7), Some(20)).await;
+    let first = app.quota("p1").await;
+    assert_eq!(
+        (
+            first["used"].as_i64(),
+            first["limit"].as_i64(),
+            first["source"].as_str()
+        ),
+        (Some(7), Some(20), Some("store"))
+    );
+    store.put("p1", Some(9), None).await; // behind the cache's back
+    let second = app.quota("p1").await;
+    assert_eq!(
+        (second["used"].as_i64(), second["source"].as_str()),
+        (Some(7), Some("cache"))
+    );
+}
+
+#[tokio::test]
+async fn a_clean_record_expires_after_the_cache_ttl() {
+    let shared = Shared::real();
+    let app = spawn_with(&shared, |c| c.cache_ttl = Duration::from_secs(1)).await;
+    shared.store().put("p1", Some(1), Some(10)).await;
+    assert_eq!(app.quota("p1").await["source"], "store");
+    shared.store().put("p1", Some(4), None).await;
+    let reloaded = eventually(Duration::from_secs(5), Some(4), || async {
+        app.quota("p1").await["used"].as_i64()
+    })
+    .await;
+    assert_eq!(reloaded, Some(4));
+}
+
+#[tokio::test]
+async fn consume_answers_the_values_after_consuming_and_denies_without_consuming() {
+    let app = spawn_app().await;
+    let store = app.shared.store();
+    store.put("p1", Some(0), Some(3)).await;
+    let body = ok(app.consume("p1", 2).await).await;
+    assert_eq!(
+        body,
+        json!({"provider": "p1", "allowed": true, "used": 2, "limit": 3, "remaining": 1})
+    );
+    let denied = problem(app.consume("p1", 2).await, 429, "quota_exceeded").await;
+    assert_eq!(
+        (
+            denied["used"].as_i64(),
+            denied["limit"].as_i64(),
+            denied["remaining"].as_i64()
+        ),
+        (Some(2), Some(3), Some(1))
+    );
+    ok(app.consume("p1", 1).await).await;
+    problem(app.consume("p1", 1).await, 429, "quota_exceeded").await;
+    assert_eq!(
+        eventually(STORE_DEADLINE, Some(3), || store.used("p1")).await,
+        Some(3)
+    );
+}
+
+#[tokio::test]
+async fn refund_gives_usage_back_and_never_goes_below_zero() {
+    let app = spawn_app().await;
+    let store = app.shared.store();
+    store.put("p1", Some(5), Some(10)).await;
+    assert_eq!(ok(app.refund("p1", 2).await).await["used"], 3);
+    assert_eq!(ok(app.refund("p1", 100).await).await["used"], 0);
+    assert_eq!(ok(app.consume("p1", 1).await).await["used"], 1);
+    assert_eq!(
+        eventually(STORE_DEADLINE, Some(1), || store.used("p1")).await,
+        Some(1)
+    );
+}
+
+#[tokio::test]
+async fn concurrent_consumes_on_two_replicas_admit_exactly_the_limit() {
+    let shared = Shared::real();
+    let (a, b) = (
+        spawn_with(&shared, |_| {}).await,
+        spawn_with(&shared, |_| {}).await,
+    );
+    shared.store().put("hot", Some(0), Some(100)).await;
+    let calls = (0..300).map(|i| {
+        let app = if i % 2 == 0 { &a } else { &b };
+        async move { app.consume("hot", 1).await.status().as_u16() }
+    });
+    let statuses = join_all(calls).await;
+    assert_eq!(statuses.iter().filter(|s| **s == 200).count(), 100);
+    assert_eq!(statuses.iter().filter(|s| **s == 429).count(), 200);
+    assert_eq!(a.quota("hot").await["used"], 100);
+    assert_eq!(b.quota("hot").await["used"], 100);
+    let store = shared.store();
+    assert_eq!(
+        eventually(STORE_DEADLINE, Some(100), || store.used("hot")).await,
+        Some(100)
+    );
+}
+
+#[tokio::test]
+async fn other_writers_increments_survive_dual_write() {
+    let app = spawn_app().await;
+    let store = app.shared.store();
+    store.put("p1", Some(10), Some(1000)).await;
+    for round in 0..5 {
+        ok(app.consume("p1", 1).await).await;
+        store.add_used("p1", 100).await;
+        let expected = 10 + (round + 1) * 101;
+        assert_eq!(
+            eventually(STORE_DEADLINE, Some(expected), || store.used("p1")).await,
+            Some(expected)
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_retried_consume_is_answered_again_and_charged_once_across_replicas() {
+    let shared = Shared::real();
+    let (a, b) = (
+        spawn_with(&shared, |_| {}).await,
+        spawn_with(&shared, |_| {}).await,
+    );
+    shared.store().put("p1", Some(0), Some(2)).await;
+    let first = ok(a.consume_with_key("p1", 2, "call-1").await).await;
+    let again = ok(b.consume_with_key("p1", 2, "call-1").await).await;
+    assert_eq!(first, again);
+    problem(
+        a.consume_with_key("p1", 3, "call-1").await,
+        422,
+        "idempotency_key_reused",
+    )
+    .await;
+    // A denied answer is recorded too, and replayed.
+    let denied = problem(
+        a.consume_with_key("p1", 1, "call-2").await,
+        429,
+        "quota_exceeded",
+    )
+    .await;
+    ok(a.refund("p1", 2).await).await;
+    assert_eq!(
+        problem(
+            b.consume_with_key("p1", 1, "call-2").await,
+            429,
+            "quota_exceeded"
+        )
+        .await,
+        denied
+    );
+    // Refund keys are independent of consume keys.
+    let refund = a
+        .http
+        .post(a.url("/quota/p1/refund"))
+        .header("Idempotency-Key", "call-1")
+        .json(&json!({"amount": 1}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(ok(refund).await["used"], 0);
+    assert_eq!(a.quota("p1").await["used"], 0);
+}
+
+#[tokio::test]
+async fn concurrent_requests_with_one_key_are_decided_once() {
+    let app = spawn_app().await;
+    let calls = (0..20).map(|_| async { ok(app.consume_with_key("p1", 5, "same").await).await });
+    let answers = join_all(calls).await;
+    assert!(answers.iter().all(|a| a == &answers[0]));
+    assert_eq!(app.quota("p1").await["used"], 5);
+}
+
+#[tokio::test]
+async fn firestore_only_decides_with_exact_transactions() {
+    let shared = Shared::real();
+    let (a, b) = (
+        spawn_with(&shared, |c| c.initial_phase = Phase::FirestoreOnly).await,
+        spawn_with(&shared, |c| c.initial_phase = Phase::FirestoreOnly).await,
+    );
+    let store = shared.store();
+    store.put("p1", Some(0), Some(10)).await;
+    let calls = (0..24).map(|i| {
+        let app = if i % 2 == 0 { &a } else { &b };
+        async move { app.consume("p1", 1).await.status().as_u16() }
+    });
+    let statuses = join_all(calls).await;
+    assert_eq!(
+        statuses.iter().filter(|s| **s == 200).count(),
+        10,
+        "{statuses:?}"
+    );
+    assert_eq!(store.used("p1").await, Some(10)); // written by the transaction itself
+    assert_eq!(a.quota("p1").await["source"], "store");
+    // Idempotency holds in this phase too.
+    ok(a.refund("p1", 10).await).await;
+    let first = ok(a.consume_with_key("p1", 3, "k").await).await;
+    assert_eq!(ok(b.consume_with_key("p1", 3, "k").await).await, first);
+    assert_eq!(store.used("p1").await, Some(3));
+}
+
+#[tokio::test]
+async fn switching_from_dual_write_to_firestore_only_and_back_loses_nothing() {
+    let app = spawn_app().await;
+    let store = app.shared.store();
+    for _ in 0..3 {
+        ok(app.consume("p1", 1).await).await;
+    }
+    ok(app.set_phase(Phase::FirestoreOnly).await).await;
+    ok(app.consume("p1", 1).await).await;
+    assert_eq!(store.used("p1").await, Some(4));
+    ok(app.set_phase(Phase::DualWrite).await).await;
+    assert_eq!(ok(app.consume("p1", 1).await).await["used"], 5);
+    assert_eq!(
+        eventually(STORE_DEADLINE, Some(5), || store.used("p1")).await,
+        Some(5)
+    );
+}
+
+#[tokio::test]
+async fn redis_primary_keeps_usage_in_redis_until_the_sync() {
+    let shared = Shared::real();
+    let app = spawn_with(&shared, |c| c.cache_ttl = Duration::from_secs(1)).await;
+    let store = shared.store();
+    store.put("p1", Some(1), Some(50)).await;
+    ok(app.set_phase(Phase::RedisPrimary).await).await;
+    for _ in 0..4 {
+        ok(app.consume("p1", 1).await).await;
+    }
+    tokio::time::sleep(Duration::from_millis(2500)).await; // past the TTL: dirty records stay
+    assert_eq!(app.quota("p1").await["used"], 5);
+    assert_eq!(store.used("p1").await, Some(1));
+    let report = ok(app.admin(reqwest::Method::POST, "/admin/sync", None).await).await;
+    assert_eq!(
+        (
+            report["providers"].as_u64(),
+            report["written"].as_u64(),
+            report["failed"].as_u64()
+        ),
+        (Some(1), Some(1), Some(0))
+    );
+    assert_eq!(store.used("p1").await, Some(5));
+    let again = ok(app.admin(reqwest::Method::POST, "/admin/sync", None).await).await;
+    assert_eq!(again["written"], 0);
+    assert_eq!(store.used("p1").await, Some(5));
+    // Leaving redis-primary syncs first.
+    ok(app.consume("p1", 2).await).await;
+    ok(app.set_phase(Phase::DualWrite).await).await;
+    assert_eq!(store.used("p1").await, Some(7));
+}
