@@ -1,0 +1,39 @@
+//! The benchmark's ceiling: a bare axum server doing what a quota request minimally costs
+//! (parse a small JSON body with serde_json, serialise it back), with none of quotad's
+//! logic or storage. `bench/run.sh` compares quotad's throughput and latency to this.
+//!
+//! Usage: `cargo run --release --example echo -- 127.0.0.1:9000`
+//! - `POST /echo` body `{"amount":1}` → `200 {"amount":1}`
+//! - `GET /echo` → `200 {"amount":1}`
+
+use axum::{Json, Router, routing::get};
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Deserialize, Serialize)]
+struct Body {
+    #[serde(default = "one")]
+    amount: u64,
+}
+
+fn one() -> u64 {
+    1
+}
+
+async fn echo_post(Json(body): Json<Body>) -> Json<Body> {
+    Json(body)
+}
+
+async fn echo_get() -> Json<Body> {
+    Json(Body { amount: 1 })
+}
+
+#[tokio::main(flavor = "multi_thread")]
+async fn main() -> std::io::Result<()> {
+    let addr = std::env::args()
+        .nth(1)
+        .unwrap_or_else(|| "127.0.0.1:9000".to_owned());
+    let app = Router::new().route("/echo", get(echo_get).post(echo_post));
+    let listener = tokio::net::TcpListener::bind(&addr).await?;
+    eprintln!("echo listening on {}", listener.local_addr()?);
+    axum::serve(listener, app).await
+}
