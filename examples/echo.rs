@@ -29,9 +29,7 @@ async fn echo_get() -> Json<Body> {
 
 #[tokio::main(flavor = "multi_thread")]
 async fn main() -> std::io::Result<()> {
-    let addr = std::env::args()
-        .nth(1)
-        .unwrap_or_else(|| "127.0.0.1:9000".to_owned());
+    let addr = std::env::args().nth(1).unwrap_or_else(|| "127.0.0.1:9000".to_owned());
     let app = Router::new().route("/echo", get(echo_get).post(echo_post));
     let listener = tokio::net::TcpListener::bind(&addr).await?;
     eprintln!("echo listening on {}", listener.local_addr()?);

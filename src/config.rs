@@ -122,10 +122,9 @@ impl Config {
         let var = |name: &str| env(name).filter(|v| !v.trim().is_empty());
         let file = match var("QUOTAD_CONFIG") {
             Some(path) => {
-                let text = std::fs::read_to_string(&path)
-                    .with_context(|| format!("reading QUOTAD_CONFIG file {path}"))?;
-                toml::from_str::<FileConfig>(&text)
-                    .with_context(|| format!("parsing QUOTAD_CONFIG file {path}"))?
+                let text =
+                    std::fs::read_to_string(&path).with_context(|| format!("reading QUOTAD_CONFIG file {path}"))?;
+                toml::from_str::<FileConfig>(&text).with_context(|| format!("parsing QUOTAD_CONFIG file {path}"))?
             }
             None => FileConfig::default(),
         };
@@ -143,8 +142,8 @@ impl Config {
             .or_else(|| host_port(file.redis_host, file.redis_port.map(|p| p.to_string())));
         config.firestore_project_id = var("FIRESTORE_PROJECT_ID").or(file.firestore_project_id);
         if let Some(phase) = var("QUOTAD_PHASE").or(file.phase) {
-            config.initial_phase = Phase::parse(&phase)
-                .with_context(|| format!("QUOTAD_PHASE: unknown phase {phase:?}"))?;
+            config.initial_phase =
+                Phase::parse(&phase).with_context(|| format!("QUOTAD_PHASE: unknown phase {phase:?}"))?;
         }
         let keys = match var("QUOTAD_API_KEYS") {
             Some(list) => Some(list),
@@ -181,9 +180,10 @@ impl Config {
             bail!("QUOTAD_DEFAULT_LIMIT must be 0..=10^12");
         }
         if let Some(ttl) = var("QUOTAD_CACHE_TTL") {
-            let secs: u64 = ttl.trim().parse().with_context(|| {
-                format!("QUOTAD_CACHE_TTL: not a whole number of seconds: {ttl:?}")
-            })?;
+            let secs: u64 = ttl
+                .trim()
+                .parse()
+                .with_context(|| format!("QUOTAD_CACHE_TTL: not a whole number of seconds: {ttl:?}"))?;
             config.cache_ttl = Duration::from_secs(secs);
         } else if let Some(secs) = file.cache_ttl {
             config.cache_ttl = Duration::from_secs(secs);
@@ -214,10 +214,7 @@ mod tests {
     use super::*;
 
     fn from(vars: &[(&str, &str)]) -> anyhow::Result<Config> {
-        let map: HashMap<String, String> = vars
-            .iter()
-            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
-            .collect();
+        let map: HashMap<String, String> = vars.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect();
         Config::from_lookup(|name| map.get(name).cloned())
     }
 

@@ -8,9 +8,7 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::{
     config::Config,
-    domain::{
-        QuotaService, ratelimit, ratelimit::RateLimiter, schedule::Schedule, sync::SyncJob, writer,
-    },
+    domain::{QuotaService, limiter, limiter::RateLimiter, ratelimit, schedule::Schedule, sync::SyncJob, writer},
     http::{self, App, Health},
     storage::{Counters, Ledger, firestore::FirestoreLedger, memory, redis::RedisCounters},
     telemetry,
@@ -20,14 +18,14 @@ use crate::{
 pub struct Application {
     listener: TcpListener,
     app: Arc<App>,
+    /// The anomaly webhook's URL and queue, when one is configured.
+    webhook: Option<(String, tokio::sync::mpsc::Receiver<crate::domain::ratelimit::Anomaly>)>,
 }
 
 impl Application {
     pub async fn build(config: Config) -> anyhow::Result<Self> {
         let counters: Arc<dyn Counters> = match &config.redis_url {
-            Some(url) => {
-                Arc::new(RedisCounters::new(url, &config.redis_prefix).context("REDIS_URL")?)
-            }
+            Some(url) => Arc::new(RedisCounters::new(url, &config.redis_prefix).context("REDIS_URL")?),
             None => Arc::new(memory::MemoryCounters::default()),
         };
         let ledger: Arc<dyn Ledger> = match &config.firestore_project_id {
@@ -64,19 +62,26 @@ impl Application {
         let plans = ratelimit::plans_from_config(&config.plans)?;
         let schedule = Schedule::parse(&config.sync_schedule)?;
         let quotas = QuotaService::new(
-            counters,
+            counters.clone(),
             ledger,
             config.default_limit,
             config.cache_ttl,
             config.initial_phase,
         );
+        let (webhook_tx, webhook) = match &config.anomaly_webhook {
+            Some(url) => {
+                let (tx, rx) = limiter::webhook_channel();
+                (Some(tx), Some((url.clone(), rx)))
+            }
+            None => (None, None),
+        };
         let listener = TcpListener::bind(&config.addr)
             .await
             .with_context(|| format!("binding {}", config.addr))?;
         let app = Arc::new(App {
             sync: Arc::new(SyncJob::new(quotas.clone())),
+            limiter: Arc::new(RateLimiter::new(counters, quotas.clone(), webhook_tx)),
             quotas,
-            limiter: Arc::new(RateLimiter::default()),
             plans,
             api_keys: config.api_keys.clone(),
             admin_token: config.admin_token.clone(),
@@ -84,7 +89,7 @@ impl Application {
             health: Arc::new(Health::default()),
             metrics: telemetry::metrics_handle(),
         });
-        Ok(Self { listener, app })
+        Ok(Self { listener, app, webhook })
     }
 
     pub fn port(&self) -> u16 {
@@ -96,16 +101,16 @@ impl Application {
     }
 
     /// Serves until `shutdown` completes, then drains requests and flushes pending writes.
-    pub async fn run_until(
-        self,
-        shutdown: impl Future<Output = ()> + Send + 'static,
-    ) -> anyhow::Result<()> {
+    pub async fn run_until(self, shutdown: impl Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
         let cancel = CancellationToken::new();
         let tasks = TaskTracker::new();
         tasks.spawn(writer::run(self.app.quotas.clone(), cancel.clone()));
         tasks.spawn(watch_health(self.app.clone(), cancel.clone()));
         tasks.spawn(follow_phase(self.app.clone(), cancel.clone()));
         tasks.spawn(scheduled_sync(self.app.clone(), cancel.clone()));
+        if let Some((url, queue)) = self.webhook {
+            tasks.spawn(limiter::deliver_webhooks(url, queue, cancel.clone()));
+        }
         tasks.close();
         tracing::info!(addr = %self.listener.local_addr()?, "listening");
         let router = http::router(self.app.clone());
@@ -162,16 +167,12 @@ async fn watch_health(app: Arc<App>, cancel: CancellationToken) {
         if !redis_ok && quotas.redis_is_up() {
             quotas.redis_down("health probe failed");
         }
-        let reconcile_now =
-            redis_ok && firestore_ok && (!quotas.redis_is_up() || rounds.is_multiple_of(5));
+        let reconcile_now = redis_ok && firestore_ok && (!quotas.redis_is_up() || rounds.is_multiple_of(5));
         if reconcile_now {
             match quotas.reconcile().await {
                 Ok(reloaded) => {
                     if reloaded > 0 {
-                        tracing::info!(
-                            reloaded,
-                            "reloaded records Firestore changed while Redis was away"
-                        );
+                        tracing::info!(reloaded, "reloaded records Firestore changed while Redis was away");
                     }
                     quotas.redis_recovered();
                 }
@@ -213,11 +214,7 @@ async fn scheduled_sync(app: Arc<App>, cancel: CancellationToken) {
             return;
         }
         match app.sync.run_once().await {
-            Ok(report) => tracing::info!(
-                written = report.written,
-                failed = report.failed,
-                "scheduled sync done"
-            ),
+            Ok(report) => tracing::info!(written = report.written, failed = report.failed, "scheduled sync done"),
             Err(err) => tracing::warn!(error = %err, "scheduled sync did not run"),
         }
     }

@@ -44,34 +44,22 @@ fn describe() {
         "quotad_http_requests_total",
         "HTTP requests by route, method and status"
     );
-    metrics::describe_histogram!(
-        "quotad_http_request_duration_seconds",
-        "HTTP request latency by route"
-    );
+    metrics::describe_histogram!("quotad_http_request_duration_seconds", "HTTP request latency by route");
     metrics::describe_counter!(
         "quotad_decisions_total",
         "Quota and rate-limit decisions by outcome and phase"
     );
-    metrics::describe_counter!(
-        "quotad_cache_total",
-        "Quota cache lookups by result (hit, miss)"
-    );
+    metrics::describe_counter!("quotad_cache_total", "Quota cache lookups by result (hit, miss)");
     metrics::describe_counter!(
         "quotad_fallbacks_total",
         "Quota decisions made by Firestore while Redis was unavailable"
     );
-    metrics::describe_counter!(
-        "quotad_store_writes_total",
-        "Firestore usage writes by result"
-    );
+    metrics::describe_counter!("quotad_store_writes_total", "Firestore usage writes by result");
     metrics::describe_counter!(
         "quotad_store_write_retries_total",
         "Firestore usage writes that failed and will be retried"
     );
-    metrics::describe_counter!(
-        "quotad_redis_transitions_total",
-        "Redis availability transitions"
-    );
+    metrics::describe_counter!("quotad_redis_transitions_total", "Redis availability transitions");
     metrics::describe_counter!(
         "quotad_phase_changes_total",
         "Migration phase changes seen by this replica"

@@ -17,13 +17,7 @@ impl ProviderId {
     pub fn parse(raw: &str) -> Result<Self, InvalidInput> {
         let allowed = |b: u8| b.is_ascii_alphanumeric() || b"_.:@-".contains(&b);
         let reserved = raw.len() >= 4 && raw.starts_with("__") && raw.ends_with("__");
-        if raw.is_empty()
-            || raw.len() > 128
-            || !raw.bytes().all(allowed)
-            || raw == "."
-            || raw == ".."
-            || reserved
-        {
+        if raw.is_empty() || raw.len() > 128 || !raw.bytes().all(allowed) || raw == "." || raw == ".." || reserved {
             return Err(InvalidInput("id"));
         }
         Ok(Self(raw.to_owned()))
@@ -57,10 +51,7 @@ impl Amount {
 
     /// From a JSON value: only an integer (not a float, string or bool) is an amount.
     pub fn from_json(value: &serde_json::Value) -> Result<Self, InvalidInput> {
-        value
-            .as_i64()
-            .ok_or(InvalidInput("amount"))
-            .and_then(Self::new)
+        value.as_i64().ok_or(InvalidInput("amount")).and_then(Self::new)
     }
 
     pub fn get(self) -> i64 {
@@ -115,9 +106,7 @@ mod tests {
             assert!(ProviderId::parse(ok).is_ok(), "{ok}");
         }
         assert!(ProviderId::parse(&"a".repeat(128)).is_ok());
-        for bad in [
-            "", ".", "..", "__x__", "____", "a/b", "été", "a b", "p*", "a%b",
-        ] {
+        for bad in ["", ".", "..", "__x__", "____", "a/b", "été", "a b", "p*", "a%b"] {
             assert_eq!(ProviderId::parse(bad), Err(InvalidInput("id")), "{bad}");
         }
         assert!(ProviderId::parse(&"a".repeat(129)).is_err());
@@ -127,10 +116,7 @@ mod tests {
     fn amounts_are_integers_in_range() {
         use serde_json::json;
         assert_eq!(Amount::from_json(&json!(1)).unwrap().get(), 1);
-        assert_eq!(
-            Amount::from_json(&json!(1_000_000)).unwrap().get(),
-            1_000_000
-        );
+        assert_eq!(Amount::from_json(&json!(1_000_000)).unwrap().get(), 1_000_000);
         for bad in [
             json!(0),
             json!(-1),

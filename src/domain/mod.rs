@@ -2,6 +2,7 @@
 //! Redis or Firestore type.
 
 pub mod ids;
+pub mod limiter;
 pub mod phase;
 pub mod quota;
 pub mod ratelimit;

@@ -14,8 +14,7 @@ use tokio::sync::watch;
 
 use super::{Phase, ProviderId, writer::Writer};
 use crate::storage::{
-    Applied, Change, Counters, Decision, Ledger, LedgerDecision, Op, Seed, StorageError,
-    WriteOutcome, new_epoch,
+    Applied, Change, Counters, Decision, Ledger, LedgerDecision, Op, Seed, StorageError, WriteOutcome, new_epoch,
 };
 
 /// Where a lookup was answered from.
@@ -119,8 +118,7 @@ impl QuotaService {
             }
             if current.0 != phase {
                 tracing::info!(from = %current.0, to = %phase, "phase changed");
-                metrics::counter!("quotad_phase_changes_total", "to" => phase.as_str())
-                    .increment(1);
+                metrics::counter!("quotad_phase_changes_total", "to" => phase.as_str()).increment(1);
             }
             *current = (phase, since);
             true
@@ -201,9 +199,7 @@ impl QuotaService {
                                 source: Source::Store,
                             });
                         }
-                        Err(QuotaError::Unavailable(err)) if err.is_redis() => {
-                            self.redis_failed(&err)
-                        }
+                        Err(QuotaError::Unavailable(err)) if err.is_redis() => self.redis_failed(&err),
                         Err(err) => return Err(err),
                     }
                 }
@@ -340,8 +336,7 @@ impl QuotaService {
             }
             match self.ledger.write_record(provider, &record).await {
                 Ok(WriteOutcome::Written { limit }) => {
-                    metrics::counter!("quotad_store_writes_total", "result" => "written")
-                        .increment(1);
+                    metrics::counter!("quotad_store_writes_total", "result" => "written").increment(1);
                     self.counters
                         .mark_synced(
                             provider,
@@ -351,23 +346,16 @@ impl QuotaService {
                             self.cache_ttl,
                         )
                         .await?;
-                    if self
-                        .counters
-                        .read(provider)
-                        .await?
-                        .is_none_or(|r| !r.is_dirty())
-                    {
+                    if self.counters.read(provider).await?.is_none_or(|r| !r.is_dirty()) {
                         return Ok(true);
                     }
                 }
                 Ok(WriteOutcome::Stale) => {
-                    metrics::counter!("quotad_store_writes_total", "result" => "stale")
-                        .increment(1);
+                    metrics::counter!("quotad_store_writes_total", "result" => "stale").increment(1);
                     tracing::warn!(%provider, epoch = %record.epoch, "cached record is stale: the document moved to another epoch");
                 }
                 Err(err) => {
-                    metrics::counter!("quotad_store_writes_total", "result" => "failed")
-                        .increment(1);
+                    metrics::counter!("quotad_store_writes_total", "result" => "failed").increment(1);
                     return Err(err);
                 }
             }
@@ -468,13 +456,7 @@ impl StorageError {
     pub fn is_redis(&self) -> bool {
         matches!(
             self,
-            StorageError::Unavailable {
-                backend: "redis",
-                ..
-            } | StorageError::Other {
-                backend: "redis",
-                ..
-            }
+            StorageError::Unavailable { backend: "redis", .. } | StorageError::Other { backend: "redis", .. }
         )
     }
 }

@@ -125,17 +125,14 @@ impl Policy {
 }
 
 /// Plans by name, validated at start.
-pub fn plans_from_config(
-    plans: &BTreeMap<String, PlanConfig>,
-) -> anyhow::Result<BTreeMap<String, Policy>> {
+pub fn plans_from_config(plans: &BTreeMap<String, PlanConfig>) -> anyhow::Result<BTreeMap<String, Policy>> {
     plans
         .iter()
         .map(|(name, plan)| {
             let window = Window::from_toml(&plan.window)
                 .map_err(|_| anyhow::anyhow!("plan {name}: invalid window {}", plan.window))?;
-            let algorithm = Algorithm::parse(&plan.algorithm).map_err(|_| {
-                anyhow::anyhow!("plan {name}: unknown algorithm {:?}", plan.algorithm)
-            })?;
+            let algorithm = Algorithm::parse(&plan.algorithm)
+                .map_err(|_| anyhow::anyhow!("plan {name}: unknown algorithm {:?}", plan.algorithm))?;
             if !(1..=1_000_000).contains(&plan.limit) {
                 anyhow::bail!("plan {name}: limit must be 1..=1000000");
             }
@@ -162,10 +159,12 @@ pub struct RateDecision {
     /// How long until this request would be admitted (0 when it was).
     pub retry_after_ms: u64,
     pub now_ms: u64,
+    /// Set when this check recorded an anomaly: the attempts counted so far.
+    pub anomaly: Option<u64>,
 }
 
 /// One recorded anomaly.
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct Anomaly {
     pub key: String,
     pub plan: String,
@@ -173,6 +172,31 @@ pub struct Anomaly {
     pub threshold: u64,
     pub at: chrono::DateTime<chrono::Utc>,
 }
+
+/// One check to make.
+#[derive(Debug, Clone)]
+pub struct RateCheck<'a> {
+    pub key: &'a str,
+    pub policy: &'a Policy,
+    pub cost: u64,
+    /// The time to decide at; `None` is the counter store's clock (Redis `TIME`).
+    pub now_ms: Option<u64>,
+}
+
+impl RateCheck<'_> {
+    /// The counter's identity next to the key: the plan, or algorithm and window.
+    pub fn counter_id(&self) -> String {
+        self.policy.counter_id()
+    }
+
+    /// Plan-based checks feed anomaly detection: more than this many attempts in 5 minutes.
+    pub fn anomaly_threshold(&self) -> Option<(&str, u64)> {
+        self.policy.plan.as_deref().map(|plan| (plan, 2 * self.policy.limit))
+    }
+}
+
+/// Anomalies kept (newest first).
+pub const ANOMALIES_KEPT: usize = ANOMALY_KEEP;
 
 #[derive(Debug, Clone)]
 enum State {
@@ -189,38 +213,58 @@ enum State {
 #[derive(Default)]
 struct Inner {
     counters: HashMap<(String, String), State>,
-    attempts: HashMap<String, (u64, u64, bool)>,
+    attempts: HashMap<(String, String), (u64, u64)>,
     anomalies: VecDeque<Anomaly>,
 }
 
-/// In-process rate limiter with anomaly detection.
+/// The in-process twin of the Redis script: identical decisions, counted in this process
+/// only (the embedded backend, and the fallback while Redis is away).
 #[derive(Default)]
-pub struct RateLimiter {
+pub struct Twin {
     inner: Mutex<Inner>,
 }
 
-fn now_ms() -> u64 {
+fn wall_ms() -> u64 {
     u64::try_from(chrono::Utc::now().timestamp_millis()).unwrap_or(0)
 }
 
-impl RateLimiter {
-    /// Checks (and, when admitted with `cost > 0`, counts) one request at the current time.
-    pub fn check(&self, key: &str, policy: &Policy, cost: u64) -> RateDecision {
-        self.check_at(key, policy, cost, now_ms())
-    }
+fn at_ms(ms: u64) -> chrono::DateTime<chrono::Utc> {
+    chrono::DateTime::from_timestamp_millis(i64::try_from(ms).unwrap_or(0)).unwrap_or_default()
+}
 
-    /// [`RateLimiter::check`] at a given time (tests step the clock).
-    pub fn check_at(&self, key: &str, policy: &Policy, cost: u64, now: u64) -> RateDecision {
+impl Twin {
+    pub fn check(&self, check: &RateCheck<'_>) -> RateDecision {
+        let now = check.now_ms.unwrap_or_else(wall_ms);
         let mut inner = self.inner.lock().unwrap();
-        if let Some(plan) = &policy.plan {
-            inner.count_attempt(key, plan, policy.limit, now);
-        }
-        let id = (key.to_owned(), policy.counter_id());
+        let id = (check.key.to_owned(), check.counter_id());
         let state = inner
             .counters
             .entry(id)
-            .or_insert_with(|| initial(policy.algorithm, now));
-        decide(state, policy, cost, now)
+            .or_insert_with(|| initial(check.policy.algorithm, now));
+        let mut decision = decide(state, check.policy, check.cost, now);
+        if let Some((plan, threshold)) = check.anomaly_threshold() {
+            let entry = inner
+                .attempts
+                .entry((plan.to_owned(), check.key.to_owned()))
+                .or_insert((0, now));
+            if now >= entry.1 + ANOMALY_SPAN_MS {
+                *entry = (0, now);
+            }
+            entry.0 += 1;
+            if entry.0 == threshold + 1 {
+                decision.anomaly = Some(entry.0);
+                let anomaly = Anomaly {
+                    key: check.key.to_owned(),
+                    plan: plan.to_owned(),
+                    count: entry.0,
+                    threshold,
+                    at: at_ms(now),
+                };
+                inner.anomalies.push_front(anomaly);
+                inner.anomalies.truncate(ANOMALY_KEEP);
+            }
+        }
+        decision
     }
 
     /// The newest anomalies first.
@@ -236,41 +280,21 @@ impl RateLimiter {
     }
 }
 
-impl Inner {
-    fn count_attempt(&mut self, key: &str, plan: &str, limit: u64, now: u64) {
-        let entry = self
-            .attempts
-            .entry(format!("{plan}:{key}"))
-            .or_insert((0, now, false));
-        if now >= entry.1 + ANOMALY_SPAN_MS {
-            *entry = (0, now, false);
-        }
-        entry.0 += 1;
-        let threshold = 2 * limit;
-        if entry.0 > threshold && !entry.2 {
-            entry.2 = true;
-            let anomaly = Anomaly {
-                key: key.to_owned(),
-                plan: plan.to_owned(),
-                count: entry.0,
-                threshold,
-                at: chrono::Utc::now(),
-            };
-            tracing::warn!(key, plan, count = entry.0, threshold, "rate-limit anomaly");
-            metrics::counter!("quotad_anomalies_total", "plan" => plan.to_owned()).increment(1);
-            self.anomalies.push_front(anomaly);
-            self.anomalies.truncate(ANOMALY_KEEP);
-        }
+/// Builds an anomaly from the Redis script's record (`atMs` in ms).
+pub fn anomaly_at(key: String, plan: String, count: u64, threshold: u64, at: u64) -> Anomaly {
+    Anomaly {
+        key,
+        plan,
+        count,
+        threshold,
+        at: at_ms(at),
     }
 }
 
 fn initial(algorithm: Algorithm, now: u64) -> State {
     match algorithm {
         Algorithm::SlidingWindow => State::Log(VecDeque::new()),
-        Algorithm::FixedWindow => State::Fixed {
-            start: now,
-            count: 0,
-        },
+        Algorithm::FixedWindow => State::Fixed { start: now, count: 0 },
         Algorithm::SlidingWindowApprox => State::Approx {
             start: now,
             prev: 0,
@@ -280,39 +304,28 @@ fn initial(algorithm: Algorithm, now: u64) -> State {
     }
 }
 
-#[allow(
-    clippy::cast_possible_truncation,
-    clippy::cast_sign_loss,
-    clippy::cast_precision_loss
-)]
+/// The decision rule of every algorithm (the Lua script `ratelimit.lua` is its twin).
 fn decide(state: &mut State, policy: &Policy, cost: u64, now: u64) -> RateDecision {
     let (limit, window) = (policy.limit, policy.window.ms());
     // A read (cost 0) answers whether a cost-1 request would be admitted.
     let need = cost.max(1);
-    let out = |allowed: bool, remaining: u64, reset_ms: u64, retry: u64| RateDecision {
-        allowed,
-        limit,
-        remaining,
-        reset_ms: reset_ms.max(now),
-        retry_after_ms: if allowed { 0 } else { retry.max(1) },
-        now_ms: now,
-    };
-    match state {
+    let (allowed, remaining, reset, retry) = match state {
         State::Log(log) => {
-            while log.front().is_some_and(|(t, _)| t + window <= now) {
+            let mut used: u64 = log.iter().map(|(_, c)| c).sum();
+            while let Some((t, c)) = log.front().copied().filter(|(t, _)| t + window <= now) {
+                let _ = t;
+                used -= c;
                 log.pop_front();
             }
-            let used: u64 = log.iter().map(|(_, c)| c).sum();
             let allowed = used + need <= limit;
             if allowed && cost > 0 {
                 log.push_back((now, cost));
+                used += cost;
             }
-            let used_after = if allowed { used + cost } else { used };
             let reset = log.back().map_or(now, |(t, _)| t + window);
             let mut retry = 0;
             if !allowed {
-                let mut freed = 0;
-                let excess = used + need - limit;
+                let (excess, mut freed) = (used + need - limit, 0);
                 for (t, c) in log.iter() {
                     freed += c;
                     if freed >= excess {
@@ -321,7 +334,7 @@ fn decide(state: &mut State, policy: &Policy, cost: u64, now: u64) -> RateDecisi
                     }
                 }
             }
-            out(allowed, limit.saturating_sub(used_after), reset, retry)
+            (allowed, limit - used, reset, retry)
         }
         State::Fixed { start, count } => {
             if now >= *start + window {
@@ -332,9 +345,9 @@ fn decide(state: &mut State, policy: &Policy, cost: u64, now: u64) -> RateDecisi
             if allowed {
                 *count += cost;
             }
-            let end = *start + window;
-            let reset = if *count == 0 { now } else { end };
-            out(allowed, limit.saturating_sub(*count), reset, end - now)
+            let finish = *start + window;
+            let reset = if *count > 0 { finish } else { now };
+            (allowed, limit - *count, reset, finish - now)
         }
         State::Approx { start, prev, curr } => {
             if now >= *start + window {
@@ -344,13 +357,13 @@ fn decide(state: &mut State, policy: &Policy, cost: u64, now: u64) -> RateDecisi
                 *start += windows * window;
             }
             let elapsed = now - *start;
-            let weight = (window - elapsed) as f64 / window as f64;
-            let estimate = (*prev as f64 * weight).floor() as u64 + *curr;
+            let fits = |p: u64, c: u64, e: u64| p * (window - e) / window + c + need <= limit;
+            let mut estimate = *prev * (window - elapsed) / window + *curr;
             let allowed = estimate + need <= limit;
             if allowed {
                 *curr += cost;
+                estimate += cost;
             }
-            let estimate_after = if allowed { estimate + cost } else { estimate };
             let reset = if *curr > 0 {
                 *start + 2 * window
             } else if *prev > 0 {
@@ -358,40 +371,47 @@ fn decide(state: &mut State, policy: &Policy, cost: u64, now: u64) -> RateDecisi
             } else {
                 now
             };
-            let retry = if allowed {
-                0
-            } else if *curr + need <= limit && *prev > 0 {
-                // prev * (window - e) / window + curr + need <= limit
-                let room = (limit - *curr - need) as f64;
-                let e = window as f64 - room * window as f64 / *prev as f64;
-                (*start + e.ceil() as u64).saturating_sub(now)
-            } else if need <= limit && *curr > 0 {
-                let room = (limit - need) as f64;
-                let e = (window as f64 - room * window as f64 / *curr as f64).max(0.0);
-                (*start + window + e.ceil() as u64).saturating_sub(now)
-            } else {
-                *start + window - now
-            };
-            out(allowed, limit.saturating_sub(estimate_after), reset, retry)
+            let mut retry = 0;
+            if !allowed {
+                // The earliest offset into a window at which a request of this cost fits.
+                let (p, c, base, mut lo) = if *curr + need > limit {
+                    (*curr, 0, *start + window, 0)
+                } else {
+                    (*prev, *curr, *start, elapsed)
+                };
+                let mut hi = window;
+                while lo < hi {
+                    let mid = (lo + hi) / 2;
+                    if fits(p, c, mid) {
+                        hi = mid;
+                    } else {
+                        lo = mid + 1;
+                    }
+                }
+                retry = base + lo - now;
+            }
+            (allowed, limit.saturating_sub(estimate), reset, retry)
         }
         State::Gcra { tat } => {
-            let interval = window as f64 / limit as f64;
             let base = (*tat).max(now);
-            let new_tat = base + (need as f64 * interval).ceil() as u64;
-            let allow_at = new_tat.saturating_sub(window);
+            let allow_at = (base + (need * window).div_ceil(limit)).saturating_sub(window);
             let allowed = now >= allow_at;
             if allowed && cost > 0 {
-                *tat = base + (cost as f64 * interval).ceil() as u64;
+                *tat = base + (cost * window).div_ceil(limit);
             }
             let level = (*tat).max(now);
-            let remaining = ((now + window - level) as f64 / interval).floor() as u64;
-            out(
-                allowed,
-                remaining.min(limit),
-                level,
-                allow_at.saturating_sub(now),
-            )
+            let remaining = ((now + window - level) * limit / window).min(limit);
+            (allowed, remaining, level, allow_at.saturating_sub(now))
         }
+    };
+    RateDecision {
+        allowed,
+        limit,
+        remaining,
+        reset_ms: reset.max(now),
+        retry_after_ms: if allowed { 0 } else { retry.max(1) },
+        now_ms: now,
+        anomaly: None,
     }
 }
 
@@ -400,6 +420,15 @@ mod tests {
     use proptest::prelude::*;
 
     use super::*;
+
+    fn check_at(twin: &Twin, key: &str, policy: &Policy, cost: u64, now: u64) -> RateDecision {
+        twin.check(&RateCheck {
+            key,
+            policy,
+            cost,
+            now_ms: Some(now),
+        })
+    }
 
     fn policy(algorithm: Algorithm, limit: u64, window_s: u64) -> Policy {
         Policy {
@@ -452,21 +481,18 @@ mod tests {
     #[test]
     fn each_algorithm_admits_the_limit_then_denies_then_recovers() {
         for algorithm in ALL {
-            let limiter = RateLimiter::default();
+            let limiter = Twin::default();
             let p = policy(algorithm, 3, 10);
             let t0 = 1_000_000;
             for i in 0..3 {
-                assert!(
-                    limiter.check_at("k", &p, 1, t0 + i).allowed,
-                    "{algorithm:?} #{i}"
-                );
+                assert!(check_at(&limiter, "k", &p, 1, t0 + i).allowed, "{algorithm:?} #{i}");
             }
-            let denied = limiter.check_at("k", &p, 1, t0 + 3);
+            let denied = check_at(&limiter, "k", &p, 1, t0 + 3);
             assert!(!denied.allowed, "{algorithm:?}");
             assert!(denied.retry_after_ms >= 1);
             let later = t0 + 3 + denied.retry_after_ms;
             assert!(
-                limiter.check_at("k", &p, 1, later).allowed,
+                check_at(&limiter, "k", &p, 1, later).allowed,
                 "{algorithm:?} after retry-after"
             );
         }
@@ -474,16 +500,16 @@ mod tests {
 
     #[test]
     fn anomalies_are_recorded_once_per_window() {
-        let limiter = RateLimiter::default();
+        let limiter = Twin::default();
         let mut p = policy(Algorithm::SlidingWindow, 2, 60);
         p.plan = Some("tiny".into());
         for i in 0..10 {
-            limiter.check_at("k", &p, 1, 1_000 + i);
+            check_at(&limiter, "k", &p, 1, 1_000 + i);
         }
         let found = limiter.anomalies(50);
         assert_eq!(found.len(), 1);
         assert_eq!((found[0].count, found[0].threshold), (5, 4));
-        limiter.check_at("k", &p, 1, 1_000 + ANOMALY_SPAN_MS);
+        check_at(&limiter, "k", &p, 1, 1_000 + ANOMALY_SPAN_MS);
         assert_eq!(limiter.anomalies(50).len(), 1);
     }
 
@@ -494,14 +520,14 @@ mod tests {
             steps in proptest::collection::vec((0u64..4000, 0u64..4), 1..200),
             limit in 1u64..10,
         ) {
-            let limiter = RateLimiter::default();
+            let limiter = Twin::default();
             let p = policy(Algorithm::SlidingWindow, limit, 5);
             let mut now = 1_000_000;
             let mut admitted: Vec<(u64, u64)> = Vec::new();
             for (step, cost) in steps {
                 now += step;
                 let cost = cost.min(limit);
-                let d = limiter.check_at("k", &p, cost, now);
+                let d = check_at(&limiter, "k", &p, cost, now);
                 if d.allowed && cost > 0 {
                     admitted.push((now, cost));
                 }
@@ -516,14 +542,14 @@ mod tests {
         fn token_bucket_admits_at_most_the_burst_plus_the_rate(
             steps in proptest::collection::vec(0u64..500, 1..300),
         ) {
-            let limiter = RateLimiter::default();
+            let limiter = Twin::default();
             let p = policy(Algorithm::TokenBucket, 5, 10);
             let start = 1_000_000;
             let mut now = start;
             let mut admitted = 0u64;
             for step in steps {
                 now += step;
-                if limiter.check_at("k", &p, 1, now).allowed {
+                if check_at(&limiter, "k", &p, 1, now).allowed {
                     admitted += 1;
                 }
                 prop_assert!(admitted <= 5 + (now - start) * 5 / 10_000 + 1);

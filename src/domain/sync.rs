@@ -67,11 +67,7 @@ impl SyncJob {
                 .counters()
                 .dirty(Duration::ZERO, BATCH + seen.len())
                 .await?;
-            let fresh: Vec<_> = batch
-                .into_iter()
-                .filter(|p| !seen.contains(p))
-                .take(BATCH)
-                .collect();
+            let fresh: Vec<_> = batch.into_iter().filter(|p| !seen.contains(p)).take(BATCH).collect();
             if fresh.is_empty() {
                 break;
             }
@@ -99,12 +95,7 @@ impl SyncJob {
         metrics::counter!("quotad_sync_written_total").increment(written);
         metrics::counter!("quotad_sync_failed_total").increment(failed);
         metrics::histogram!("quotad_sync_duration_seconds").record(started.elapsed().as_secs_f64());
-        tracing::info!(
-            providers = report.providers,
-            written,
-            failed,
-            "sync finished"
-        );
+        tracing::info!(providers = report.providers, written, failed, "sync finished");
         *self.last.lock().unwrap() = Some(report.clone());
         Ok(report)
     }

@@ -19,9 +19,7 @@ pub async fn invalidate(
     ProviderPath(provider): ProviderPath,
 ) -> Result<impl IntoResponse, ApiError> {
     app.quotas.invalidate(&provider).await?;
-    Ok(Json(
-        json!({"provider": provider.as_str(), "invalidated": true}),
-    ))
+    Ok(Json(json!({"provider": provider.as_str(), "invalidated": true})))
 }
 
 pub async fn set_quota(
@@ -61,30 +59,20 @@ pub async fn set_quota(
 }
 
 fn phase_body((phase, since): (Phase, chrono::DateTime<chrono::Utc>)) -> Json<Value> {
-    Json(
-        json!({"phase": phase.as_str(), "since": since.to_rfc3339_opts(chrono::SecondsFormat::Millis, true)}),
-    )
+    Json(json!({"phase": phase.as_str(), "since": since.to_rfc3339_opts(chrono::SecondsFormat::Millis, true)}))
 }
 
 pub async fn phase(State(app): State<AppState>) -> impl IntoResponse {
     phase_body(app.quotas.phase())
 }
 
-pub async fn set_phase(
-    State(app): State<AppState>,
-    body: JsonObject,
-) -> Result<impl IntoResponse, ApiError> {
+pub async fn set_phase(State(app): State<AppState>, body: JsonObject) -> Result<impl IntoResponse, ApiError> {
     let fields = Fields::new(body, &["phase"])?;
     let phase = fields
         .get("phase")
         .and_then(Value::as_str)
         .and_then(Phase::parse)
-        .ok_or_else(|| {
-            ApiError::invalid(
-                "phase",
-                "phase must be firestore-only, dual-write or redis-primary",
-            )
-        })?;
+        .ok_or_else(|| ApiError::invalid("phase", "phase must be firestore-only, dual-write or redis-primary"))?;
     let (current, _) = app.quotas.phase();
     if current == Phase::RedisPrimary && phase != Phase::RedisPrimary {
         // Leaving redis-primary: Firestore must hold every unit first.
@@ -139,17 +127,17 @@ pub async fn anomalies(
                     .parse::<usize>()
                     .ok()
                     .filter(|n| (1..=1000).contains(n))
-                    .ok_or_else(|| {
-                        ApiError::invalid("query", "limit must be an integer 1..=1000")
-                    })?;
+                    .ok_or_else(|| ApiError::invalid("query", "limit must be an integer 1..=1000"))?;
             }
             _ => {
-                return Err(ApiError::invalid(
-                    "query",
-                    format!("unknown query parameter {name:?}"),
-                ));
+                return Err(ApiError::invalid("query", format!("unknown query parameter {name:?}")));
             }
         }
     }
-    Ok(Json(json!({"anomalies": app.limiter.anomalies(limit)})))
+    let anomalies = app
+        .limiter
+        .anomalies(limit)
+        .await
+        .map_err(crate::domain::QuotaError::from)?;
+    Ok(Json(json!({"anomalies": anomalies})))
 }

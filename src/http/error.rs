@@ -84,9 +84,7 @@ impl ApiError {
             ApiError::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ApiError::IdempotencyKeyReused => StatusCode::UNPROCESSABLE_ENTITY,
-            ApiError::QuotaExceeded { .. } | ApiError::RateLimited { .. } => {
-                StatusCode::TOO_MANY_REQUESTS
-            }
+            ApiError::QuotaExceeded { .. } | ApiError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             ApiError::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -126,10 +124,7 @@ impl ApiError {
 
 impl From<InvalidInput> for ApiError {
     fn from(err: InvalidInput) -> Self {
-        ApiError::invalid(
-            err.0,
-            format!("the {} is not valid", err.0.replace('_', " ")),
-        )
+        ApiError::invalid(err.0, format!("the {} is not valid", err.0.replace('_', " ")))
     }
 }
 

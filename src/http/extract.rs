@@ -58,12 +58,8 @@ impl<S: Send + Sync> FromRequest<S> for JsonObject {
         }
         match serde_json::from_slice::<Value>(&bytes) {
             Ok(Value::Object(map)) => Ok(JsonObject(map)),
-            Ok(_) => Err(ApiError::InvalidJson(
-                "the body must be a JSON object".into(),
-            )),
-            Err(err) => Err(ApiError::InvalidJson(format!(
-                "the body is not valid JSON: {err}"
-            ))),
+            Ok(_) => Err(ApiError::InvalidJson("the body must be a JSON object".into())),
+            Err(err) => Err(ApiError::InvalidJson(format!("the body is not valid JSON: {err}"))),
         }
     }
 }

@@ -30,12 +30,7 @@ use subtle::ConstantTimeEq;
 use tower_http::catch_panic::CatchPanicLayer;
 
 use self::error::ApiError;
-use crate::domain::{
-    QuotaService,
-    ratelimit::{Policy, RateLimiter},
-    schedule::Schedule,
-    sync::SyncJob,
-};
+use crate::domain::{QuotaService, limiter::RateLimiter, ratelimit::Policy, schedule::Schedule, sync::SyncJob};
 
 /// Everything a request handler may need, shared by all requests.
 pub struct App {
@@ -93,10 +88,7 @@ pub fn router(app: AppState) -> Router {
         .route("/ratelimit/check", post(ratelimit::check))
         .route_layer(middleware::from_fn_with_state(app.clone(), require_caller));
     let admin = Router::new()
-        .route(
-            "/admin/quota/{provider}/invalidate",
-            post(admin::invalidate),
-        )
+        .route("/admin/quota/{provider}/invalidate", post(admin::invalidate))
         .route("/admin/quota/{provider}", put(admin::set_quota))
         .route("/admin/phase", get(admin::phase).put(admin::set_phase))
         .route("/admin/sync", get(admin::sync_status).post(admin::sync_now))

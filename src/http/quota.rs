@@ -61,21 +61,13 @@ async fn change(
     let amount = match fields.get("amount") {
         None if !fields.has("amount") => Amount::new(1)?,
         None => {
-            return Err(ApiError::invalid(
-                "amount",
-                "amount must be an integer 1..=1000000",
-            ));
+            return Err(ApiError::invalid("amount", "amount must be an integer 1..=1000000"));
         }
         Some(value) => Amount::from_json(value)?,
     };
     let outcome = app
         .quotas
-        .change(
-            &provider,
-            op,
-            amount.get(),
-            key.as_ref().map(|k| k.as_str()),
-        )
+        .change(&provider, op, amount.get(), key.as_ref().map(|k| k.as_str()))
         .await?;
     let (Outcome::Decided(decision) | Outcome::Replayed(decision)) = outcome;
     answer(&provider, decision)

@@ -21,20 +21,14 @@ use crate::domain::{
 const MAX_LIMIT: u64 = 1_000_000;
 
 pub async fn check(State(app): State<AppState>, body: JsonObject) -> Result<Response, ApiError> {
-    let fields = Fields::new(
-        body,
-        &["key", "plan", "limit", "window", "algorithm", "cost"],
-    )?;
+    let fields = Fields::new(body, &["key", "plan", "limit", "window", "algorithm", "cost"])?;
     let key = fields
         .get("key")
         .and_then(Value::as_str)
         .ok_or_else(|| ApiError::invalid("id", "key must be a string id"))?;
     let key = ProviderId::parse(key)?;
     let policy = if fields.has("plan") {
-        if ["limit", "window", "algorithm"]
-            .iter()
-            .any(|f| fields.has(f))
-        {
+        if ["limit", "window", "algorithm"].iter().any(|f| fields.has(f)) {
             return Err(ApiError::BadRequest {
                 code: "invalid_json",
                 detail: "a body with plan must not carry limit, window or algorithm".into(),
@@ -44,13 +38,10 @@ pub async fn check(State(app): State<AppState>, body: JsonObject) -> Result<Resp
             .get("plan")
             .and_then(Value::as_str)
             .ok_or_else(|| ApiError::invalid("plan", "plan must be a string"))?;
-        app.plans
-            .get(name)
-            .cloned()
-            .ok_or_else(|| ApiError::BadRequest {
-                code: "unknown_plan",
-                detail: format!("no plan named {name:?}"),
-            })?
+        app.plans.get(name).cloned().ok_or_else(|| ApiError::BadRequest {
+            code: "unknown_plan",
+            detail: format!("no plan named {name:?}"),
+        })?
     } else {
         let limit = fields
             .get("limit")
@@ -74,17 +65,14 @@ pub async fn check(State(app): State<AppState>, body: JsonObject) -> Result<Resp
     let cost = match fields.get("cost") {
         None if !fields.has("cost") => 1,
         None => {
-            return Err(ApiError::invalid(
-                "cost",
-                "cost must be an integer 0..=limit",
-            ));
+            return Err(ApiError::invalid("cost", "cost must be an integer 0..=limit"));
         }
         Some(raw) => raw
             .as_u64()
             .filter(|c| *c <= policy.limit)
             .ok_or_else(|| ApiError::invalid("cost", "cost must be an integer 0..=limit"))?,
     };
-    let decision = app.limiter.check(key.as_str(), &policy, cost);
+    let decision = app.limiter.check(key.as_str(), &policy, cost).await;
     metrics::counter!("quotad_decisions_total", "kind" => "ratelimit", "op" => "check",
         "outcome" => if decision.allowed { "allowed" } else { "denied" }, "phase" => app.quotas.phase().0.as_str())
     .increment(1);
@@ -98,12 +86,7 @@ fn respond(policy: &Policy, d: &RateDecision, cost: u64) -> Response {
     let mut headers = vec![
         (
             "ratelimit-policy",
-            format!(
-                "\"{}\";q={};w={}",
-                policy.name,
-                policy.limit,
-                policy.window.secs()
-            ),
+            format!("\"{}\";q={};w={}", policy.name, policy.limit, policy.window.secs()),
         ),
         (
             "ratelimit",
@@ -124,9 +107,7 @@ fn respond(policy: &Policy, d: &RateDecision, cost: u64) -> Response {
         .into_response();
         for (name, value) in headers {
             if let Ok(value) = value.parse() {
-                response
-                    .headers_mut()
-                    .insert(HeaderName::from_static(name), value);
+                response.headers_mut().insert(HeaderName::from_static(name), value);
             }
         }
         return response;

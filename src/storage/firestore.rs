@@ -10,14 +10,12 @@ use std::{collections::BTreeMap, sync::RwLock, time::Duration};
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
-use firestore::{
-    FirestoreDb, FirestoreDbOptions, FirestoreWritePrecondition, errors::FirestoreError,
-};
+use firestore::{FirestoreDb, FirestoreDbOptions, FirestoreWritePrecondition, errors::FirestoreError};
 use serde::{Deserialize, Serialize};
 
 use super::{
-    Change, Decision, DeltaPlan, Document, IDEMPOTENCY_TTL, Ledger, LedgerDecision, Op, Record,
-    StorageError, WriteOutcome, delta_for,
+    Change, Decision, DeltaPlan, Document, IDEMPOTENCY_TTL, Ledger, LedgerDecision, Op, Record, StorageError,
+    WriteOutcome, delta_for,
 };
 use crate::domain::{Phase, ProviderId};
 
@@ -123,8 +121,7 @@ impl IdempotencyEntry {
     fn parse(raw: &str) -> Option<Self> {
         let mut parts = raw.split(':').map(str::parse::<i64>);
         let mut next = || parts.next()?.ok();
-        let (amount, allowed, used, limit, expires_ms) =
-            (next()?, next()?, next()?, next()?, next()?);
+        let (amount, allowed, used, limit, expires_ms) = (next()?, next()?, next()?, next()?, next()?);
         Some(Self {
             amount,
             decision: Decision {
@@ -168,8 +165,7 @@ pub struct FirestoreLedger {
     db: RwLock<Option<FirestoreDb>>,
     connect_lock: tokio::sync::Mutex<()>,
     /// Update times of the change markers last listed (see `clear_changed_outside`).
-    listed_changes:
-        std::sync::Mutex<std::collections::HashMap<ProviderId, firestore::FirestoreInstant>>,
+    listed_changes: std::sync::Mutex<std::collections::HashMap<ProviderId, firestore::FirestoreInstant>>,
 }
 
 fn classify(err: &FirestoreError) -> StorageError {
@@ -216,8 +212,7 @@ fn lost_race(err: &FirestoreError) -> bool {
     match err {
         FirestoreError::DataConflictError(_) | FirestoreError::DataNotFoundError(_) => true,
         FirestoreError::DatabaseError(e) => {
-            ["FailedPrecondition", "Aborted", "AlreadyExists", "NotFound"]
-                .contains(&e.public.code.as_str())
+            ["FailedPrecondition", "Aborted", "AlreadyExists", "NotFound"].contains(&e.public.code.as_str())
         }
         _ => false,
     }
@@ -244,10 +239,7 @@ impl FirestoreLedger {
                     .one(provider.as_str())
                     .await?;
                 let (doc, precondition) = match &raw {
-                    None => (
-                        ProviderDoc::default(),
-                        FirestoreWritePrecondition::Exists(false),
-                    ),
+                    None => (ProviderDoc::default(), FirestoreWritePrecondition::Exists(false)),
                     Some(raw) => {
                         let doc: ProviderDoc = FirestoreDb::deserialize_doc_to(raw)?;
                         let Some(updated) = raw.update_time else {
@@ -366,19 +358,14 @@ impl Ledger for FirestoreLedger {
     }
 
     #[tracing::instrument(skip_all, fields(provider = %provider, version = record.version), err(level = "debug"))]
-    async fn write_record(
-        &self,
-        provider: &ProviderId,
-        record: &Record,
-    ) -> Result<WriteOutcome, StorageError> {
+    async fn write_record(&self, provider: &ProviderId, record: &Record) -> Result<WriteOutcome, StorageError> {
         self.modify(provider, |doc| {
             let limit = doc.aiCallsLimit.map(Num::get);
             let plan = delta_for(
                 record,
                 doc.quotadEpoch.as_deref(),
                 doc.quotadWatermark.map_or(0, Num::get),
-                doc.quotadVersion
-                    .map_or(0, |v| u64::try_from(v.get()).unwrap_or(0)),
+                doc.quotadVersion.map_or(0, |v| u64::try_from(v.get()).unwrap_or(0)),
             );
             match plan {
                 DeltaPlan::Stale => (WriteOutcome::Stale, None),
@@ -410,15 +397,11 @@ impl Ledger for FirestoreLedger {
             // Before the decision: a marker without a change only costs a reload.
             self.note_changed_outside(provider).await?;
         }
-        let key_field = change
-            .idempotency_key
-            .map(|k| idempotency_field(change.op, k));
+        let key_field = change.idempotency_key.map(|k| idempotency_field(change.op, k));
         let now = Utc::now().timestamp_millis();
         self.modify(provider, |doc| {
             let mut keys = doc.quotadKeys.clone().unwrap_or_default();
-            keys.retain(|_, entry| {
-                IdempotencyEntry::parse(entry).is_some_and(|e| e.expires_ms > now)
-            });
+            keys.retain(|_, entry| IdempotencyEntry::parse(entry).is_some_and(|e| e.expires_ms > now));
             if let Some(prior) = key_field
                 .as_ref()
                 .and_then(|f| keys.get(f))
@@ -557,12 +540,7 @@ impl Ledger for FirestoreLedger {
             Some(at) => delete.precondition(FirestoreWritePrecondition::UpdateTime(at)),
             None => delete,
         };
-        match tokio::time::timeout(
-            CALL_TIMEOUT,
-            delete.document_id(provider.as_str()).execute(),
-        )
-        .await
-        {
+        match tokio::time::timeout(CALL_TIMEOUT, delete.document_id(provider.as_str()).execute()).await {
             Err(_) => Err(timed_out()),
             Ok(Ok(())) => Ok(()),
             Ok(Err(err)) if lost_race(&err) => Ok(()),
@@ -573,10 +551,7 @@ impl Ledger for FirestoreLedger {
     async fn phase(&self) -> Result<Option<(Phase, DateTime<Utc>)>, StorageError> {
         let db = self.db().await?;
         let doc: Option<PhaseDoc> = self
-            .timed(
-                CALL_TIMEOUT,
-                db.fluent().select().by_id_in(META).obj().one("phase"),
-            )
+            .timed(CALL_TIMEOUT, db.fluent().select().by_id_in(META).obj().one("phase"))
             .await?;
         Ok(doc.and_then(|d| Phase::parse(&d.phase).map(|p| (p, d.since))))
     }

@@ -11,10 +11,13 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 
 use super::{
-    Applied, Change, Counters, Decision, DeltaPlan, Document, IDEMPOTENCY_TTL, Ledger,
-    LedgerDecision, Op, Record, Seed, StorageError, WriteOutcome, delta_for,
+    Applied, Change, Counters, Decision, DeltaPlan, Document, IDEMPOTENCY_TTL, Ledger, LedgerDecision, Op, Record,
+    Seed, StorageError, WriteOutcome, delta_for,
 };
-use crate::domain::{Phase, ProviderId};
+use crate::domain::{
+    Phase, ProviderId,
+    ratelimit::{Anomaly, RateCheck, RateDecision, Twin},
+};
 
 type IdemKey = (ProviderId, Op, String);
 
@@ -67,12 +70,12 @@ struct CountersState {
 #[derive(Default)]
 pub struct MemoryCounters {
     state: Mutex<CountersState>,
+    rate_limits: Twin,
 }
 
 impl CountersState {
     fn live(&mut self, provider: &ProviderId) -> Option<&mut Record> {
-        let expired =
-            matches!(self.records.get(provider), Some((_, Some(at))) if *at <= Instant::now());
+        let expired = matches!(self.records.get(provider), Some((_, Some(at))) if *at <= Instant::now());
         if expired {
             self.records.remove(provider);
         }
@@ -94,27 +97,17 @@ impl Counters for MemoryCounters {
         Ok(self.state.lock().unwrap().live(provider).cloned())
     }
 
-    async fn load(
-        &self,
-        provider: &ProviderId,
-        seed: &Seed,
-        ttl: Duration,
-    ) -> Result<(), StorageError> {
+    async fn load(&self, provider: &ProviderId, seed: &Seed, ttl: Duration) -> Result<(), StorageError> {
         let mut state = self.state.lock().unwrap();
         if state.live(provider).is_none() {
-            state.records.insert(
-                provider.clone(),
-                (record_of(seed), Some(Instant::now() + ttl)),
-            );
+            state
+                .records
+                .insert(provider.clone(), (record_of(seed), Some(Instant::now() + ttl)));
         }
         Ok(())
     }
 
-    async fn apply(
-        &self,
-        provider: &ProviderId,
-        change: &Change<'_>,
-    ) -> Result<Applied, StorageError> {
+    async fn apply(&self, provider: &ProviderId, change: &Change<'_>) -> Result<Applied, StorageError> {
         let mut state = self.state.lock().unwrap();
         let key = change
             .idempotency_key
@@ -139,16 +132,12 @@ impl Counters for MemoryCounters {
             if let Some(entry) = state.records.get_mut(provider) {
                 entry.1 = None; // dirty records never expire
             }
-            state
-                .dirty_since
-                .entry(provider.clone())
-                .or_insert_with(Instant::now);
+            state.dirty_since.entry(provider.clone()).or_insert_with(Instant::now);
         }
         if let Some(key) = key {
-            state.keys.insert(
-                key,
-                (change.amount, decision, Instant::now() + IDEMPOTENCY_TTL),
-            );
+            state
+                .keys
+                .insert(key, (change.amount, decision, Instant::now() + IDEMPOTENCY_TTL));
         }
         Ok(Applied::Decided(decision))
     }
@@ -187,17 +176,11 @@ impl Counters for MemoryCounters {
         Ok(true)
     }
 
-    async fn replace(
-        &self,
-        provider: &ProviderId,
-        seed: &Seed,
-        ttl: Duration,
-    ) -> Result<(), StorageError> {
+    async fn replace(&self, provider: &ProviderId, seed: &Seed, ttl: Duration) -> Result<(), StorageError> {
         let mut state = self.state.lock().unwrap();
-        state.records.insert(
-            provider.clone(),
-            (record_of(seed), Some(Instant::now() + ttl)),
-        );
+        state
+            .records
+            .insert(provider.clone(), (record_of(seed), Some(Instant::now() + ttl)));
         state.dirty_since.remove(provider);
         Ok(())
     }
@@ -220,6 +203,14 @@ impl Counters for MemoryCounters {
             .collect();
         found.sort();
         Ok(found.into_iter().take(max).map(|(_, p)| p).collect())
+    }
+
+    async fn rate_check(&self, check: &RateCheck<'_>) -> Result<RateDecision, StorageError> {
+        Ok(self.rate_limits.check(check))
+    }
+
+    async fn anomalies(&self, limit: usize) -> Result<Vec<Anomaly>, StorageError> {
+        Ok(self.rate_limits.anomalies(limit))
     }
 }
 
@@ -286,20 +277,10 @@ impl Ledger for MemoryLedger {
     }
 
     async fn read(&self, provider: &ProviderId) -> Result<Option<Document>, StorageError> {
-        Ok(self
-            .state
-            .lock()
-            .unwrap()
-            .docs
-            .get(provider)
-            .map(document_of))
+        Ok(self.state.lock().unwrap().docs.get(provider).map(document_of))
     }
 
-    async fn write_record(
-        &self,
-        provider: &ProviderId,
-        record: &Record,
-    ) -> Result<WriteOutcome, StorageError> {
+    async fn write_record(&self, provider: &ProviderId, record: &Record) -> Result<WriteOutcome, StorageError> {
         let mut state = self.state.lock().unwrap();
         let doc = state.docs.entry(provider.clone()).or_default();
         match delta_for(record, doc.epoch.as_deref(), doc.watermark, doc.version) {
@@ -343,10 +324,9 @@ impl Ledger for MemoryLedger {
             }
         }
         if let Some(key) = key {
-            state.keys.insert(
-                key,
-                (change.amount, decision, Instant::now() + IDEMPOTENCY_TTL),
-            );
+            state
+                .keys
+                .insert(key, (change.amount, decision, Instant::now() + IDEMPOTENCY_TTL));
         }
         Ok(LedgerDecision::Decided(decision))
     }
@@ -373,15 +353,7 @@ impl Ledger for MemoryLedger {
     }
 
     async fn changed_outside(&self, max: usize) -> Result<Vec<ProviderId>, StorageError> {
-        Ok(self
-            .state
-            .lock()
-            .unwrap()
-            .changed
-            .iter()
-            .take(max)
-            .cloned()
-            .collect())
+        Ok(self.state.lock().unwrap().changed.iter().take(max).cloned().collect())
     }
 
     async fn note_changed_outside(&self, provider: &ProviderId) -> Result<(), StorageError> {

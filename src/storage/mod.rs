@@ -17,7 +17,10 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 
-use crate::domain::{Phase, ProviderId};
+use crate::domain::{
+    Phase, ProviderId,
+    ratelimit::{Anomaly, RateCheck, RateDecision},
+};
 
 pub mod firestore;
 pub mod memory;
@@ -28,15 +31,9 @@ pub mod redis;
 #[derive(Debug, thiserror::Error)]
 pub enum StorageError {
     #[error("{backend} unavailable: {message}")]
-    Unavailable {
-        backend: &'static str,
-        message: String,
-    },
+    Unavailable { backend: &'static str, message: String },
     #[error("{backend}: {message}")]
-    Other {
-        backend: &'static str,
-        message: String,
-    },
+    Other { backend: &'static str, message: String },
 }
 
 impl StorageError {
@@ -133,19 +130,10 @@ pub trait Counters: Send + Sync {
     async fn read(&self, provider: &ProviderId) -> Result<Option<Record>, StorageError>;
     /// Creates the record from `seed` unless one exists (another replica may have won);
     /// a new record is clean and expires after `ttl`.
-    async fn load(
-        &self,
-        provider: &ProviderId,
-        seed: &Seed,
-        ttl: Duration,
-    ) -> Result<(), StorageError>;
+    async fn load(&self, provider: &ProviderId, seed: &Seed, ttl: Duration) -> Result<(), StorageError>;
     /// Applies a consume or refund atomically with its idempotency record; a change makes
     /// the record dirty (it no longer expires) and indexes it for the writer.
-    async fn apply(
-        &self,
-        provider: &ProviderId,
-        change: &Change<'_>,
-    ) -> Result<Applied, StorageError>;
+    async fn apply(&self, provider: &ProviderId, change: &Change<'_>) -> Result<Applied, StorageError>;
     /// Records that the ledger holds `version` of `epoch` (never lowers `synced`); takes
     /// `limit` from the ledger; a record that became clean gets the TTL again.
     async fn mark_synced(
@@ -159,16 +147,15 @@ pub trait Counters: Send + Sync {
     /// Drops a clean record. Returns `false` (and keeps it) when it is dirty.
     async fn evict_clean(&self, provider: &ProviderId) -> Result<bool, StorageError>;
     /// Replaces the record (an operator set the quota); it is clean.
-    async fn replace(
-        &self,
-        provider: &ProviderId,
-        seed: &Seed,
-        ttl: Duration,
-    ) -> Result<(), StorageError>;
+    async fn replace(&self, provider: &ProviderId, seed: &Seed, ttl: Duration) -> Result<(), StorageError>;
     /// Sets the limit of a cached record, if there is one.
     async fn set_limit(&self, provider: &ProviderId, limit: i64) -> Result<(), StorageError>;
     /// Up to `max` dirty providers that have been dirty for at least `min_age`.
     async fn dirty(&self, min_age: Duration, max: usize) -> Result<Vec<ProviderId>, StorageError>;
+    /// One rate-limit check, atomically with anomaly counting for plan-based keys.
+    async fn rate_check(&self, check: &RateCheck<'_>) -> Result<RateDecision, StorageError>;
+    /// The newest recorded anomalies first.
+    async fn anomalies(&self, limit: usize) -> Result<Vec<Anomaly>, StorageError>;
 }
 
 /// A provider document as quotad reads it.
@@ -205,11 +192,7 @@ pub trait Ledger: Send + Sync {
     /// Reads a provider document (`None`: it does not exist).
     async fn read(&self, provider: &ProviderId) -> Result<Option<Document>, StorageError>;
     /// Adds the record's unsynced delta to the document exactly once (see module docs).
-    async fn write_record(
-        &self,
-        provider: &ProviderId,
-        record: &Record,
-    ) -> Result<WriteOutcome, StorageError>;
+    async fn write_record(&self, provider: &ProviderId, record: &Record) -> Result<WriteOutcome, StorageError>;
     /// Decides a consume or refund in one transaction on the document, with its
     /// idempotency record, retrying on contention. Marks the provider as changed outside
     /// Redis when `mark_changed` (the fallback path), so Redis reloads it later.
@@ -237,11 +220,7 @@ pub trait Ledger: Send + Sync {
     async fn clear_changed_outside(&self, provider: &ProviderId) -> Result<(), StorageError>;
     /// The stored phase and when it was set.
     async fn phase(&self) -> Result<Option<(Phase, chrono::DateTime<chrono::Utc>)>, StorageError>;
-    async fn set_phase(
-        &self,
-        phase: Phase,
-        since: chrono::DateTime<chrono::Utc>,
-    ) -> Result<(), StorageError>;
+    async fn set_phase(&self, phase: Phase, since: chrono::DateTime<chrono::Utc>) -> Result<(), StorageError>;
 }
 
 /// A fresh random epoch id.
@@ -251,12 +230,7 @@ pub fn new_epoch() -> String {
 
 /// The delta a record adds to a document, or `None` when the document is in another epoch
 /// (the record is stale) or already holds this version. Shared by every ledger adapter.
-pub fn delta_for(
-    record: &Record,
-    doc_epoch: Option<&str>,
-    doc_watermark: i64,
-    doc_version: u64,
-) -> DeltaPlan {
+pub fn delta_for(record: &Record, doc_epoch: Option<&str>, doc_watermark: i64, doc_version: u64) -> DeltaPlan {
     let doc_epoch = doc_epoch.unwrap_or("");
     if doc_epoch == record.epoch {
         if doc_version >= record.version {
@@ -297,34 +271,19 @@ mod tests {
 
     #[test]
     fn a_new_epoch_adds_what_was_used_since_the_load() {
-        assert_eq!(
-            delta_for(&record(15, 5), Some("e1"), 99, 99),
-            DeltaPlan::Add(5)
-        );
+        assert_eq!(delta_for(&record(15, 5), Some("e1"), 99, 99), DeltaPlan::Add(5));
     }
 
     #[test]
     fn the_same_epoch_adds_above_the_watermark_once() {
-        assert_eq!(
-            delta_for(&record(15, 5), Some("e2"), 12, 3),
-            DeltaPlan::Add(3)
-        );
-        assert_eq!(
-            delta_for(&record(15, 5), Some("e2"), 15, 5),
-            DeltaPlan::AlreadyThere
-        );
-        assert_eq!(
-            delta_for(&record(14, 4), Some("e2"), 15, 5),
-            DeltaPlan::AlreadyThere
-        );
+        assert_eq!(delta_for(&record(15, 5), Some("e2"), 12, 3), DeltaPlan::Add(3));
+        assert_eq!(delta_for(&record(15, 5), Some("e2"), 15, 5), DeltaPlan::AlreadyThere);
+        assert_eq!(delta_for(&record(14, 4), Some("e2"), 15, 5), DeltaPlan::AlreadyThere);
     }
 
     #[test]
     fn another_epoch_makes_the_record_stale() {
-        assert_eq!(
-            delta_for(&record(15, 5), Some("e3"), 0, 0),
-            DeltaPlan::Stale
-        );
+        assert_eq!(delta_for(&record(15, 5), Some("e3"), 0, 0), DeltaPlan::Stale);
         assert_eq!(delta_for(&record(15, 5), None, 0, 0), DeltaPlan::Stale);
     }
 }

@@ -15,10 +15,7 @@ async fn invalidate_makes_the_next_read_come_from_the_store_and_keeps_usage() {
     store.put("p1", Some(7), Some(20)).await;
     ok(app.consume("p1", 1).await).await;
     store.add_used("p1", 10).await; // another writer, behind the cache
-    let body = ok(app
-        .admin(Method::POST, "/admin/quota/p1/invalidate", None)
-        .await)
-    .await;
+    let body = ok(app.admin(Method::POST, "/admin/quota/p1/invalidate", None).await).await;
     assert_eq!(body, json!({"provider": "p1", "invalidated": true}));
     let fresh = app.quota("p1").await;
     assert_eq!(
@@ -30,36 +27,22 @@ async fn invalidate_makes_the_next_read_come_from_the_store_and_keeps_usage() {
 #[tokio::test]
 async fn put_quota_writes_through_and_both_replicas_agree() {
     let shared = Shared::real();
-    let (a, b) = (
-        spawn_with(&shared, |_| {}).await,
-        spawn_with(&shared, |_| {}).await,
-    );
+    let (a, b) = (spawn_with(&shared, |_| {}).await, spawn_with(&shared, |_| {}).await);
     let store = shared.store();
     store.put("p1", Some(7), Some(20)).await;
     for _ in 0..3 {
         ok(a.consume("p1", 1).await).await;
     }
     let body = ok(a
-        .admin(
-            Method::PUT,
-            "/admin/quota/p1",
-            Some(json!({"limit": 50, "used": 5})),
-        )
+        .admin(Method::PUT, "/admin/quota/p1", Some(json!({"limit": 50, "used": 5})))
         .await)
     .await;
-    assert_eq!(
-        (body["used"].as_i64(), body["limit"].as_i64()),
-        (Some(5), Some(50))
-    );
+    assert_eq!((body["used"].as_i64(), body["limit"].as_i64()), (Some(5), Some(50)));
     assert_eq!(store.get("p1").await, Some((Some(5), Some(50))));
     assert_eq!(b.quota("p1").await["used"], 5);
     // One field keeps the other, and pending usage is written first.
     ok(a.consume("p1", 1).await).await;
-    ok(
-        a.admin(Method::PUT, "/admin/quota/p1", Some(json!({"limit": 6})))
-            .await,
-    )
-    .await;
+    ok(a.admin(Method::PUT, "/admin/quota/p1", Some(json!({"limit": 6}))).await).await;
     assert_eq!(store.get("p1").await, Some((Some(6), Some(6))));
     problem(b.consume("p1", 1).await, 429, "quota_exceeded").await;
     ok(a.admin(Method::POST, "/admin/sync", None).await).await;
@@ -81,8 +64,7 @@ async fn put_quota_refuses_bad_values() {
         problem(resp, 400, &format!("invalid_{field}")).await;
     }
     problem(
-        app.admin(Method::PUT, "/admin/quota/p1", Some(json!({})))
-            .await,
+        app.admin(Method::PUT, "/admin/quota/p1", Some(json!({}))).await,
         400,
         "invalid_body",
     )
@@ -93,10 +75,7 @@ async fn put_quota_refuses_bad_values() {
 #[tokio::test]
 async fn the_phase_is_stored_and_followed_by_another_replica_within_5_seconds() {
     let shared = Shared::real();
-    let (a, b) = (
-        spawn_with(&shared, |_| {}).await,
-        spawn_with(&shared, |_| {}).await,
-    );
+    let (a, b) = (spawn_with(&shared, |_| {}).await, spawn_with(&shared, |_| {}).await);
     let body = ok(a.admin(Method::GET, "/admin/phase", None).await).await;
     assert_eq!(body["phase"], "dual-write");
     let set = ok(a.set_phase(Phase::FirestoreOnly).await).await;
@@ -167,10 +146,7 @@ async fn admin_needs_the_admin_token_and_is_off_without_one() {
 
 #[tokio::test]
 async fn caller_endpoints_need_a_known_key_when_keys_are_set() {
-    let app = spawn_with(&Shared::real(), |c| {
-        c.api_keys = vec!["k1".into(), "k2".into()]
-    })
-    .await;
+    let app = spawn_with(&Shared::real(), |c| c.api_keys = vec!["k1".into(), "k2".into()]).await;
     problem(app.get("/quota/p1").await, 401, "unauthorized").await;
     let resp = app
         .http

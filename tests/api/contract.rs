@@ -7,8 +7,8 @@ use chrono::Utc;
 use quotad::{
     domain::{Phase, ProviderId},
     storage::{
-        Applied, Change, Counters, Decision, Ledger, LedgerDecision, Op, Record, Seed,
-        WriteOutcome, firestore::FirestoreLedger, memory, redis::RedisCounters,
+        Applied, Change, Counters, Decision, Ledger, LedgerDecision, Op, Record, Seed, WriteOutcome,
+        firestore::FirestoreLedger, memory, redis::RedisCounters,
     },
 };
 
@@ -39,10 +39,7 @@ fn seed(used: i64, limit: i64) -> Seed {
 
 async fn counters_contract(counters: Arc<dyn Counters>) {
     let id = p("c1");
-    assert_eq!(
-        counters.apply(&id, &consume(1)).await.unwrap(),
-        Applied::Miss
-    );
+    assert_eq!(counters.apply(&id, &consume(1)).await.unwrap(), Applied::Miss);
     assert_eq!(counters.read(&id).await.unwrap(), None);
     counters.load(&id, &seed(2, 5), TTL).await.unwrap();
     counters.load(&id, &seed(0, 99), TTL).await.unwrap(); // another replica lost the race
@@ -53,37 +50,19 @@ async fn counters_contract(counters: Arc<dyn Counters>) {
             limit: 5,
         })
     };
-    assert_eq!(
-        counters.apply(&id, &consume(2)).await.unwrap(),
-        decided(true, 4)
-    );
-    assert_eq!(
-        counters.apply(&id, &consume(2)).await.unwrap(),
-        decided(false, 4)
-    );
+    assert_eq!(counters.apply(&id, &consume(2)).await.unwrap(), decided(true, 4));
+    assert_eq!(counters.apply(&id, &consume(2)).await.unwrap(), decided(false, 4));
     let refund = Change {
         op: Op::Refund,
         amount: 10,
         idempotency_key: None,
     };
-    assert_eq!(
-        counters.apply(&id, &refund).await.unwrap(),
-        decided(true, 0)
-    );
+    assert_eq!(counters.apply(&id, &refund).await.unwrap(), decided(true, 0));
     let record = counters.read(&id).await.unwrap().unwrap();
-    assert_eq!(
-        (record.used, record.base, record.version, record.synced),
-        (0, 2, 2, 0)
-    );
+    assert_eq!((record.used, record.base, record.version, record.synced), (0, 2, 2, 0));
     assert!(record.is_dirty());
-    assert_eq!(
-        counters.dirty(Duration::ZERO, 10).await.unwrap(),
-        vec![id.clone()]
-    );
-    assert!(
-        !counters.evict_clean(&id).await.unwrap(),
-        "a dirty record is kept"
-    );
+    assert_eq!(counters.dirty(Duration::ZERO, 10).await.unwrap(), vec![id.clone()]);
+    assert!(!counters.evict_clean(&id).await.unwrap(), "a dirty record is kept");
 
     // Idempotency: replayed with the same amount, refused with another.
     let keyed = Change {
@@ -104,19 +83,13 @@ async fn counters_contract(counters: Arc<dyn Counters>) {
         amount: 2,
         ..keyed.clone()
     };
-    assert_eq!(
-        counters.apply(&id, &other).await.unwrap(),
-        Applied::KeyReused
-    );
+    assert_eq!(counters.apply(&id, &other).await.unwrap(), Applied::KeyReused);
     let refund_key = Change {
         op: Op::Refund,
         amount: 1,
         idempotency_key: Some("k"),
     };
-    assert_eq!(
-        counters.apply(&id, &refund_key).await.unwrap(),
-        decided(true, 0)
-    );
+    assert_eq!(counters.apply(&id, &refund_key).await.unwrap(), decided(true, 0));
 
     // Synced up to an older version: still dirty; up to the latest: clean.
     let record = counters.read(&id).await.unwrap().unwrap();
@@ -130,10 +103,7 @@ async fn counters_contract(counters: Arc<dyn Counters>) {
         .await
         .unwrap();
     assert!(counters.read(&id).await.unwrap().unwrap().is_dirty());
-    counters
-        .mark_synced(&id, "e1", record.version, 7, TTL)
-        .await
-        .unwrap();
+    counters.mark_synced(&id, "e1", record.version, 7, TTL).await.unwrap();
     let clean = counters.read(&id).await.unwrap().unwrap();
     assert!(!clean.is_dirty());
     assert_eq!(clean.limit, 7, "the ledger's limit is taken");
@@ -143,11 +113,7 @@ async fn counters_contract(counters: Arc<dyn Counters>) {
     assert!(counters.evict_clean(&id).await.unwrap());
     assert_eq!(counters.read(&id).await.unwrap(), None);
     counters.set_limit(&id, 9).await.unwrap();
-    assert_eq!(
-        counters.read(&id).await.unwrap(),
-        None,
-        "set_limit creates nothing"
-    );
+    assert_eq!(counters.read(&id).await.unwrap(), None, "set_limit creates nothing");
 
     // Replace overwrites a dirty record and clears its dirt.
     counters.load(&id, &seed(0, 5), TTL).await.unwrap();
@@ -206,14 +172,8 @@ async fn ledger_contract(ledger: Arc<dyn Ledger>) {
     );
     assert_eq!(ledger.read(&id).await.unwrap().unwrap().used, Some(3));
     // A later version adds only the difference; an older one adds nothing.
-    ledger
-        .write_record(&id, &record(5, 0, "e1", "", 5))
-        .await
-        .unwrap();
-    ledger
-        .write_record(&id, &record(4, 0, "e1", "", 4))
-        .await
-        .unwrap();
+    ledger.write_record(&id, &record(5, 0, "e1", "", 5)).await.unwrap();
+    ledger.write_record(&id, &record(4, 0, "e1", "", 4)).await.unwrap();
     assert_eq!(ledger.read(&id).await.unwrap().unwrap().used, Some(5));
     // Another writer's increment survives; a new epoch loaded at 5 adds what it used since.
     let decided = ledger.decide(&id, &consume(10), 100, true).await.unwrap();
@@ -225,16 +185,10 @@ async fn ledger_contract(ledger: Arc<dyn Ledger>) {
             limit: 100
         })
     );
-    ledger
-        .write_record(&id, &record(8, 5, "e2", "e1", 1))
-        .await
-        .unwrap();
+    ledger.write_record(&id, &record(8, 5, "e2", "e1", 1)).await.unwrap();
     assert_eq!(ledger.read(&id).await.unwrap().unwrap().used, Some(18));
     assert_eq!(
-        ledger
-            .write_record(&id, &record(9, 0, "e1", "", 6))
-            .await
-            .unwrap(),
+        ledger.write_record(&id, &record(9, 0, "e1", "", 6)).await.unwrap(),
         WriteOutcome::Stale
     );
     assert_eq!(ledger.read(&id).await.unwrap().unwrap().used, Some(18));
@@ -245,10 +199,7 @@ async fn ledger_contract(ledger: Arc<dyn Ledger>) {
     assert_eq!(ledger.changed_outside(10).await.unwrap(), vec![id.clone()]);
 
     // Decisions: the limit holds, denials change nothing, keys replay.
-    let doc = ledger
-        .set_quota(&id, None, Some(20), "unused")
-        .await
-        .unwrap();
+    let doc = ledger.set_quota(&id, None, Some(20), "unused").await.unwrap();
     assert_eq!((doc.used, doc.limit), (Some(18), Some(20)));
     let keyed = Change {
         op: Op::Consume,
@@ -295,34 +246,21 @@ async fn ledger_contract(ledger: Arc<dyn Ledger>) {
         (Some(4), Some(20), Some("e9"))
     );
     assert_eq!(
-        ledger
-            .write_record(&id, &record(30, 5, "e2", "e1", 9))
-            .await
-            .unwrap(),
+        ledger.write_record(&id, &record(30, 5, "e2", "e1", 9)).await.unwrap(),
         WriteOutcome::Stale
     );
-    ledger
-        .write_record(&id, &record(6, 4, "e9", "e9", 1))
-        .await
-        .unwrap();
+    ledger.write_record(&id, &record(6, 4, "e9", "e9", 1)).await.unwrap();
     assert_eq!(ledger.read(&id).await.unwrap().unwrap().used, Some(6));
     // An unknown document takes the default limit in a decision.
     assert_eq!(
-        ledger
-            .decide(&p("l2"), &consume(3), 2, false)
-            .await
-            .unwrap(),
+        ledger.decide(&p("l2"), &consume(3), 2, false).await.unwrap(),
         LedgerDecision::Decided(Decision {
             allowed: false,
             used: 0,
             limit: 2
         })
     );
-    assert_eq!(
-        ledger.read(&p("l2")).await.unwrap(),
-        None,
-        "a denial writes nothing"
-    );
+    assert_eq!(ledger.read(&p("l2")).await.unwrap(), None, "a denial writes nothing");
 
     assert_eq!(ledger.phase().await.unwrap(), None);
     let since = Utc::now();
@@ -352,9 +290,5 @@ async fn memory_ledger_keeps_the_contract() {
 #[tokio::test]
 async fn firestore_ledger_keeps_the_contract() {
     let _ = emulator_host();
-    ledger_contract(Arc::new(FirestoreLedger::new(
-        &unique("contract-"),
-        "providers",
-    )))
-    .await;
+    ledger_contract(Arc::new(FirestoreLedger::new(&unique("contract-"), "providers"))).await;
 }

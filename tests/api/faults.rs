@@ -6,8 +6,8 @@ use quotad::domain::Phase;
 use serde_json::{Value, json};
 
 use crate::helpers::{
-    QuotadProcess, RedisServer, Shared, Store, TcpProxy, client, emulator_host, eventually, ok,
-    problem, spawn_with, unique,
+    QuotadProcess, RedisServer, Shared, Store, TcpProxy, client, emulator_host, eventually, ok, problem, spawn_with,
+    unique,
 };
 
 const DEADLINE: Duration = Duration::from_secs(30);
@@ -29,10 +29,7 @@ async fn redis_killed_and_restarted_mid_test_keeps_decisions_exact() {
     for _ in 0..3 {
         ok(app.consume("p1", 1).await).await;
     }
-    assert_eq!(
-        eventually(DEADLINE, Some(3), || store.used("p1")).await,
-        Some(3)
-    );
+    assert_eq!(eventually(DEADLINE, Some(3), || store.used("p1")).await, Some(3));
 
     redis.kill();
     for _ in 0..2 {
@@ -53,10 +50,7 @@ async fn redis_killed_and_restarted_mid_test_keeps_decisions_exact() {
     );
     assert_eq!(ok(app.consume("p1", 1).await).await["used"], 6);
     problem(app.consume("p1", 1).await, 429, "quota_exceeded").await;
-    assert_eq!(
-        eventually(DEADLINE, Some(6), || store.used("p1")).await,
-        Some(6)
-    );
+    assert_eq!(eventually(DEADLINE, Some(6), || store.used("p1")).await, Some(6));
 }
 
 #[tokio::test]
@@ -72,10 +66,7 @@ async fn a_hung_redis_sends_decisions_to_firestore_and_its_stale_data_is_reloade
     for _ in 0..2 {
         ok(app.consume("p1", 1).await).await;
     }
-    assert_eq!(
-        eventually(DEADLINE, Some(2), || store.used("p1")).await,
-        Some(2)
-    );
+    assert_eq!(eventually(DEADLINE, Some(2), || store.used("p1")).await, Some(2));
 
     redis.pause(true);
     for _ in 0..2 {
@@ -91,10 +82,7 @@ async fn a_hung_redis_sends_decisions_to_firestore_and_its_stale_data_is_reloade
     );
     assert_eq!(ok(app.consume("p1", 1).await).await["used"], 5);
     problem(app.consume("p1", 1).await, 429, "quota_exceeded").await;
-    assert_eq!(
-        eventually(DEADLINE, Some(5), || store.used("p1")).await,
-        Some(5)
-    );
+    assert_eq!(eventually(DEADLINE, Some(5), || store.used("p1")).await, Some(5));
 }
 
 #[tokio::test]
@@ -121,10 +109,7 @@ async fn a_failed_firestore_write_is_retried_until_it_lands_once() {
             .as_u16()
     };
     assert_eq!(consume().await, 200);
-    assert_eq!(
-        eventually(DEADLINE, Some(1), || store.used("p1")).await,
-        Some(1)
-    );
+    assert_eq!(eventually(DEADLINE, Some(1), || store.used("p1")).await, Some(1));
 
     proxy.set_up(false).await;
     for _ in 0..3 {
@@ -134,16 +119,9 @@ async fn a_failed_firestore_write_is_retried_until_it_lands_once() {
     assert_eq!(store.used("p1").await, Some(1));
 
     proxy.set_up(true).await;
-    assert_eq!(
-        eventually(DEADLINE, Some(4), || store.used("p1")).await,
-        Some(4)
-    );
+    assert_eq!(eventually(DEADLINE, Some(4), || store.used("p1")).await, Some(4));
     tokio::time::sleep(Duration::from_secs(2)).await;
-    assert_eq!(
-        store.used("p1").await,
-        Some(4),
-        "a retried write was doubled"
-    );
+    assert_eq!(store.used("p1").await, Some(4), "a retried write was doubled");
     assert!(quotad.terminate().success());
 }
 
@@ -193,10 +171,7 @@ async fn writes_a_killed_replica_left_behind_are_taken_over_by_another() {
         .await
         .unwrap();
     assert_eq!(resp.status().as_u16(), 200); // loads the record while Firestore answers
-    assert_eq!(
-        eventually(DEADLINE, Some(1), || store.used("p1")).await,
-        Some(1)
-    );
+    assert_eq!(eventually(DEADLINE, Some(1), || store.used("p1")).await, Some(1));
     proxy.set_up(false).await; // from now on its writes cannot land
     for _ in 0..6 {
         let resp = http
@@ -208,10 +183,7 @@ async fn writes_a_killed_replica_left_behind_are_taken_over_by_another() {
     }
     drop(victim); // SIGKILL: its queue is gone, the dirty records stay in Redis
     let survivor = QuotadProcess::start(&env(emulator_host())).await;
-    assert_eq!(
-        eventually(DEADLINE, Some(7), || store.used("p1")).await,
-        Some(7)
-    );
+    assert_eq!(eventually(DEADLINE, Some(7), || store.used("p1")).await, Some(7));
     drop(survivor);
 }
 
@@ -224,8 +196,5 @@ async fn embedded_backends_run_without_redis_or_firestore() {
     };
     let app = spawn_with(&shared, |c| c.initial_phase = Phase::DualWrite).await;
     assert_eq!(ok(app.consume("p1", 1).await).await["used"], 1);
-    assert_eq!(
-        readiness(&app).await,
-        json!({"redis": "ok", "firestore": "ok"})
-    );
+    assert_eq!(readiness(&app).await, json!({"redis": "ok", "firestore": "ok"}));
 }

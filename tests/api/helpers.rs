@@ -22,9 +22,8 @@ pub const ADMIN: &str = "admin-secret";
 
 /// Where the real servers are. A missing variable fails the test: nothing is skipped.
 pub fn redis_url() -> String {
-    std::env::var("QUOTAD_TEST_REDIS_URL").expect(
-        "QUOTAD_TEST_REDIS_URL is unset: run the tests with scripts/test.sh, which starts Redis",
-    )
+    std::env::var("QUOTAD_TEST_REDIS_URL")
+        .expect("QUOTAD_TEST_REDIS_URL is unset: run the tests with scripts/test.sh, which starts Redis")
 }
 
 pub fn emulator_host() -> String {
@@ -33,10 +32,7 @@ pub fn emulator_host() -> String {
 }
 
 pub fn unique(prefix: &str) -> String {
-    format!(
-        "{prefix}{}",
-        &uuid::Uuid::new_v4().simple().to_string()[..10]
-    )
+    format!("{prefix}{}", &uuid::Uuid::new_v4().simple().to_string()[..10])
 }
 
 /// What several apps of one test share: a Redis key prefix and a Firestore project.
@@ -124,20 +120,10 @@ impl TestApp {
     }
 
     pub async fn post(&self, path: &str, body: Value) -> Response {
-        self.http
-            .post(self.url(path))
-            .json(&body)
-            .send()
-            .await
-            .unwrap()
+        self.http.post(self.url(path)).json(&body).send().await.unwrap()
     }
 
-    pub async fn admin(
-        &self,
-        method: reqwest::Method,
-        path: &str,
-        body: Option<Value>,
-    ) -> Response {
+    pub async fn admin(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> Response {
         let mut req = self.http.request(method, self.url(path)).bearer_auth(ADMIN);
         if let Some(body) = body {
             req = req.json(&body);
@@ -150,11 +136,8 @@ impl TestApp {
     }
 
     pub async fn consume(&self, provider: &str, amount: i64) -> Response {
-        self.post(
-            &format!("/quota/{provider}/consume"),
-            json!({"amount": amount}),
-        )
-        .await
+        self.post(&format!("/quota/{provider}/consume"), json!({"amount": amount}))
+            .await
     }
 
     pub async fn consume_with_key(&self, provider: &str, amount: i64, key: &str) -> Response {
@@ -168,11 +151,8 @@ impl TestApp {
     }
 
     pub async fn refund(&self, provider: &str, amount: i64) -> Response {
-        self.post(
-            &format!("/quota/{provider}/refund"),
-            json!({"amount": amount}),
-        )
-        .await
+        self.post(&format!("/quota/{provider}/refund"), json!({"amount": amount}))
+            .await
     }
 
     pub async fn set_phase(&self, phase: Phase) -> Response {
@@ -272,17 +252,11 @@ impl Store {
         let mut fields = serde_json::Map::new();
         let mut mask = Vec::new();
         if let Some(used) = used {
-            fields.insert(
-                "aiCallsUsed".into(),
-                json!({"integerValue": used.to_string()}),
-            );
+            fields.insert("aiCallsUsed".into(), json!({"integerValue": used.to_string()}));
             mask.push(("updateMask.fieldPaths", "aiCallsUsed"));
         }
         if let Some(limit) = limit {
-            fields.insert(
-                "aiCallsLimit".into(),
-                json!({"integerValue": limit.to_string()}),
-            );
+            fields.insert("aiCallsLimit".into(), json!({"integerValue": limit.to_string()}));
             mask.push(("updateMask.fieldPaths", "aiCallsLimit"));
         }
         let resp = self
@@ -310,11 +284,7 @@ impl Store {
             return None;
         }
         let doc: Value = resp.json().await.unwrap();
-        let int = |name: &str| {
-            doc["fields"][name]["integerValue"]
-                .as_str()
-                .map(|s| s.parse().unwrap())
-        };
+        let int = |name: &str| doc["fields"][name]["integerValue"].as_str().map(|s| s.parse().unwrap());
         Some((int("aiCallsUsed"), int("aiCallsLimit")))
     }
 
@@ -389,11 +359,7 @@ impl RedisServer {
         let port = free_port().await;
         let dir = std::env::temp_dir().join(unique("quotad-redis-"));
         std::fs::create_dir_all(&dir).unwrap();
-        let mut server = Self {
-            port,
-            child: None,
-            dir,
-        };
+        let mut server = Self { port, child: None, dir };
         server.launch().await;
         server
     }
@@ -403,8 +369,7 @@ impl RedisServer {
     }
 
     pub async fn launch(&mut self) {
-        let binary =
-            std::env::var("QUOTAD_TEST_REDIS_SERVER").unwrap_or_else(|_| "redis-server".into());
+        let binary = std::env::var("QUOTAD_TEST_REDIS_SERVER").unwrap_or_else(|_| "redis-server".into());
         let child = Command::new(binary)
             .args([
                 "--port",
@@ -538,10 +503,7 @@ impl QuotadProcess {
         let mut command = Command::new(env!("CARGO_BIN_EXE_quotad"));
         command.env_clear();
         for (name, value) in std::env::vars() {
-            if !(name.starts_with("QUOTAD_")
-                || name.starts_with("REDIS_")
-                || name.starts_with("FIRESTORE_"))
-            {
+            if !(name.starts_with("QUOTAD_") || name.starts_with("REDIS_") || name.starts_with("FIRESTORE_")) {
                 command.env(name, value);
             }
         }

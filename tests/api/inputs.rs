@@ -96,10 +96,7 @@ async fn bodies_must_be_json_objects_without_unknown_fields() {
         .await
         .unwrap();
     assert_eq!(ok(resp).await["used"], 2);
-    assert_eq!(
-        ok(app.post("/quota/p1/consume", json!({})).await).await["used"],
-        3
-    );
+    assert_eq!(ok(app.post("/quota/p1/consume", json!({})).await).await["used"], 3);
 }
 
 #[tokio::test]
@@ -119,18 +116,8 @@ async fn bodies_over_64_kib_are_413_and_consume_nothing() {
             .send()
     };
     assert_eq!(ok(send(pad(64 * 1024)).await.unwrap()).await["used"], 1);
-    problem(
-        send(pad(64 * 1024 + 1)).await.unwrap(),
-        413,
-        "payload_too_large",
-    )
-    .await;
-    problem(
-        send(pad(10 * 1024 * 1024)).await.unwrap(),
-        413,
-        "payload_too_large",
-    )
-    .await;
+    problem(send(pad(64 * 1024 + 1)).await.unwrap(), 413, "payload_too_large").await;
+    problem(send(pad(10 * 1024 * 1024)).await.unwrap(), 413, "payload_too_large").await;
     assert_eq!(app.quota("p1").await["used"], 1);
 }
 
@@ -169,12 +156,7 @@ async fn unknown_routes_are_404_and_wrong_methods_405() {
         (Method::POST, "/healthz"),
         (Method::GET, "/ratelimit/check"),
     ] {
-        problem(
-            app.admin(method, path, None).await,
-            405,
-            "method_not_allowed",
-        )
-        .await;
+        problem(app.admin(method, path, None).await, 405, "method_not_allowed").await;
     }
 }
 
@@ -190,18 +172,14 @@ async fn rate_limit_checks_validate_and_answer_with_headers() {
     let denied = problem(denied, 429, "rate_limited").await;
     assert_eq!(denied["violated-policies"], json!(["custom"]));
     problem(
-        app.post("/ratelimit/check", json!({"key": "k", "plan": "gold"}))
-            .await,
+        app.post("/ratelimit/check", json!({"key": "k", "plan": "gold"})).await,
         400,
         "unknown_plan",
     )
     .await;
     problem(
-        app.post(
-            "/ratelimit/check",
-            json!({"key": "k", "limit": 5, "window": "soon"}),
-        )
-        .await,
+        app.post("/ratelimit/check", json!({"key": "k", "limit": 5, "window": "soon"}))
+            .await,
         400,
         "invalid_window",
     )
@@ -224,10 +202,7 @@ async fn rate_limit_checks_validate_and_answer_with_headers() {
     )
     .await;
     let plan = ok(app
-        .post(
-            "/ratelimit/check",
-            json!({"key": "creator:1", "plan": "starter"}),
-        )
+        .post("/ratelimit/check", json!({"key": "creator:1", "plan": "starter"}))
         .await)
     .await;
     assert_eq!(

@@ -7,3 +7,4 @@ mod faults;
 mod helpers;
 mod inputs;
 mod quota;
+mod ratelimit;

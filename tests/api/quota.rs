@@ -80,10 +80,7 @@ async fn consume_answers_the_values_after_consuming_and_denies_without_consuming
     );
     ok(app.consume("p1", 1).await).await;
     problem(app.consume("p1", 1).await, 429, "quota_exceeded").await;
-    assert_eq!(
-        eventually(STORE_DEADLINE, Some(3), || store.used("p1")).await,
-        Some(3)
-    );
+    assert_eq!(eventually(STORE_DEADLINE, Some(3), || store.used("p1")).await, Some(3));
 }
 
 #[tokio::test]
@@ -94,19 +91,13 @@ async fn refund_gives_usage_back_and_never_goes_below_zero() {
     assert_eq!(ok(app.refund("p1", 2).await).await["used"], 3);
     assert_eq!(ok(app.refund("p1", 100).await).await["used"], 0);
     assert_eq!(ok(app.consume("p1", 1).await).await["used"], 1);
-    assert_eq!(
-        eventually(STORE_DEADLINE, Some(1), || store.used("p1")).await,
-        Some(1)
-    );
+    assert_eq!(eventually(STORE_DEADLINE, Some(1), || store.used("p1")).await, Some(1));
 }
 
 #[tokio::test]
 async fn concurrent_consumes_on_two_replicas_admit_exactly_the_limit() {
     let shared = Shared::real();
-    let (a, b) = (
-        spawn_with(&shared, |_| {}).await,
-        spawn_with(&shared, |_| {}).await,
-    );
+    let (a, b) = (spawn_with(&shared, |_| {}).await, spawn_with(&shared, |_| {}).await);
     shared.store().put("hot", Some(0), Some(100)).await;
     let calls = (0..300).map(|i| {
         let app = if i % 2 == 0 { &a } else { &b };
@@ -143,10 +134,7 @@ async fn other_writers_increments_survive_dual_write() {
 #[tokio::test]
 async fn a_retried_consume_is_answered_again_and_charged_once_across_replicas() {
     let shared = Shared::real();
-    let (a, b) = (
-        spawn_with(&shared, |_| {}).await,
-        spawn_with(&shared, |_| {}).await,
-    );
+    let (a, b) = (spawn_with(&shared, |_| {}).await, spawn_with(&shared, |_| {}).await);
     shared.store().put("p1", Some(0), Some(2)).await;
     let first = ok(a.consume_with_key("p1", 2, "call-1").await).await;
     let again = ok(b.consume_with_key("p1", 2, "call-1").await).await;
@@ -158,20 +146,10 @@ async fn a_retried_consume_is_answered_again_and_charged_once_across_replicas() 
     )
     .await;
     // A denied answer is recorded too, and replayed.
-    let denied = problem(
-        a.consume_with_key("p1", 1, "call-2").await,
-        429,
-        "quota_exceeded",
-    )
-    .await;
+    let denied = problem(a.consume_with_key("p1", 1, "call-2").await, 429, "quota_exceeded").await;
     ok(a.refund("p1", 2).await).await;
     assert_eq!(
-        problem(
-            b.consume_with_key("p1", 1, "call-2").await,
-            429,
-            "quota_exceeded"
-        )
-        .await,
+        problem(b.consume_with_key("p1", 1, "call-2").await, 429, "quota_exceeded").await,
         denied
     );
     // Refund keys are independent of consume keys.
@@ -210,11 +188,7 @@ async fn firestore_only_decides_with_exact_transactions() {
         async move { app.consume("p1", 1).await.status().as_u16() }
     });
     let statuses = join_all(calls).await;
-    assert_eq!(
-        statuses.iter().filter(|s| **s == 200).count(),
-        10,
-        "{statuses:?}"
-    );
+    assert_eq!(statuses.iter().filter(|s| **s == 200).count(), 10, "{statuses:?}");
     assert_eq!(store.used("p1").await, Some(10)); // written by the transaction itself
     assert_eq!(a.quota("p1").await["source"], "store");
     // Idempotency holds in this phase too.
@@ -236,10 +210,7 @@ async fn switching_from_dual_write_to_firestore_only_and_back_loses_nothing() {
     assert_eq!(store.used("p1").await, Some(4));
     ok(app.set_phase(Phase::DualWrite).await).await;
     assert_eq!(ok(app.consume("p1", 1).await).await["used"], 5);
-    assert_eq!(
-        eventually(STORE_DEADLINE, Some(5), || store.used("p1")).await,
-        Some(5)
-    );
+    assert_eq!(eventually(STORE_DEADLINE, Some(5), || store.used("p1")).await, Some(5));
 }
 
 #[tokio::test]

@@ -32,6 +32,26 @@ impl Keys {
     pub fn dirty(&self) -> String {
         format!("{}dirty", self.prefix)
     }
+
+    /// A rate-limit counter of a key under one policy (`counter` names the policy).
+    pub fn rate_counter(&self, key: &str, counter: &str) -> String {
+        format!("{}rl:{{{key}}}:{counter}", self.prefix)
+    }
+
+    /// The sliding window's running sum beside its log.
+    pub fn rate_sum(&self, key: &str, counter: &str) -> String {
+        format!("{}rl:{{{key}}}:{counter}:sum", self.prefix)
+    }
+
+    /// A key's anomaly attempt counter for its plan (lives 5 minutes from the first attempt).
+    pub fn attempts(&self, key: &str, plan: &str) -> String {
+        format!("{}rl:{{{key}}}:attempts:{plan}", self.prefix)
+    }
+
+    /// The bounded list of recorded anomalies, newest first.
+    pub fn anomalies(&self) -> String {
+        format!("{}anomalies", self.prefix)
+    }
 }
 
 #[cfg(test)]

@@ -15,7 +15,10 @@ use async_trait::async_trait;
 
 pub use self::keys::Keys;
 use super::{Applied, Change, Counters, Decision, IDEMPOTENCY_TTL, Op, Record, Seed, StorageError};
-use crate::domain::ProviderId;
+use crate::domain::{
+    ProviderId,
+    ratelimit::{ANOMALIES_KEPT, Algorithm, Anomaly, RateCheck, RateDecision, anomaly_at},
+};
 
 /// The longest a single Redis call may take before it counts as unavailable. API.md: no
 /// request waits more than 2 s on an unresponsive Redis before deciding from Firestore.
@@ -29,12 +32,10 @@ pub const APPLY_DEADLINE: Duration = Duration::from_millis(250);
 
 static APPLY: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("scripts/apply.lua")));
 static LOAD: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("scripts/load.lua")));
-static MARK_SYNCED: LazyLock<Script> =
-    LazyLock::new(|| Script::new(include_str!("scripts/mark_synced.lua")));
-static EVICT_CLEAN: LazyLock<Script> =
-    LazyLock::new(|| Script::new(include_str!("scripts/evict_clean.lua")));
-static SET_LIMIT: LazyLock<Script> =
-    LazyLock::new(|| Script::new(include_str!("scripts/set_limit.lua")));
+static MARK_SYNCED: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("scripts/mark_synced.lua")));
+static EVICT_CLEAN: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("scripts/evict_clean.lua")));
+static SET_LIMIT: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("scripts/set_limit.lua")));
+static RATE_LIMIT: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("scripts/ratelimit.lua")));
 static DIRTY: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("scripts/dirty.lua")));
 
 /// Redis-backed counters.
@@ -57,11 +58,7 @@ fn unavailable(message: impl ToString) -> StorageError {
 }
 
 fn classify(err: &::redis::RedisError) -> StorageError {
-    if err.is_timeout()
-        || err.is_io_error()
-        || err.is_connection_dropped()
-        || err.is_connection_refusal()
-    {
+    if err.is_timeout() || err.is_io_error() || err.is_connection_dropped() || err.is_connection_refusal() {
         unavailable(err)
     } else {
         StorageError::Other {
@@ -148,10 +145,7 @@ impl RedisCounters {
     }
 
     /// Runs an arbitrary command (tests and tools look inside Redis with it).
-    pub async fn query<T: ::redis::FromRedisValue + Send>(
-        &self,
-        cmd: ::redis::Cmd,
-    ) -> Result<T, StorageError> {
+    pub async fn query<T: ::redis::FromRedisValue + Send>(&self, cmd: ::redis::Cmd) -> Result<T, StorageError> {
         self.call(|mut conn| async move { cmd.query_async(&mut conn).await })
             .await
     }
@@ -221,21 +215,12 @@ impl Counters for RedisCounters {
     }
 
     #[tracing::instrument(skip_all, fields(provider = %provider), err(level = "debug"))]
-    async fn load(
-        &self,
-        provider: &ProviderId,
-        seed: &Seed,
-        ttl: Duration,
-    ) -> Result<(), StorageError> {
+    async fn load(&self, provider: &ProviderId, seed: &Seed, ttl: Duration) -> Result<(), StorageError> {
         self.write_seed(provider, seed, ttl, false).await
     }
 
     #[tracing::instrument(skip_all, fields(provider = %provider), err(level = "debug"))]
-    async fn apply(
-        &self,
-        provider: &ProviderId,
-        change: &Change<'_>,
-    ) -> Result<Applied, StorageError> {
+    async fn apply(&self, provider: &ProviderId, change: &Change<'_>) -> Result<Applied, StorageError> {
         let idem_key = change.idempotency_key.unwrap_or("");
         let mut invocation = APPLY.prepare_invoke();
         invocation
@@ -244,11 +229,7 @@ impl Counters for RedisCounters {
             .key(self.keys.dirty())
             .arg(if change.op == Op::Consume { "c" } else { "r" })
             .arg(change.amount)
-            .arg(if change.idempotency_key.is_some() {
-                "1"
-            } else {
-                "0"
-            })
+            .arg(if change.idempotency_key.is_some() { "1" } else { "0" })
             .arg(IDEMPOTENCY_TTL.as_secs())
             .arg(provider.as_str())
             .arg(self.apply_deadline_ms());
@@ -305,12 +286,7 @@ impl Counters for RedisCounters {
         Ok(gone == 1)
     }
 
-    async fn replace(
-        &self,
-        provider: &ProviderId,
-        seed: &Seed,
-        ttl: Duration,
-    ) -> Result<(), StorageError> {
+    async fn replace(&self, provider: &ProviderId, seed: &Seed, ttl: Duration) -> Result<(), StorageError> {
         self.write_seed(provider, seed, ttl, true).await
     }
 
@@ -331,11 +307,75 @@ impl Counters for RedisCounters {
         let ids: Vec<String> = self
             .call(|mut conn| async move { invocation.invoke_async(&mut conn).await })
             .await?;
-        Ok(ids
-            .iter()
-            .filter_map(|id| ProviderId::parse(id).ok())
-            .collect())
+        Ok(ids.iter().filter_map(|id| ProviderId::parse(id).ok()).collect())
     }
+
+    #[tracing::instrument(skip_all, fields(key = check.key), err(level = "debug"))]
+    async fn rate_check(&self, check: &RateCheck<'_>) -> Result<RateDecision, StorageError> {
+        let counter = check.counter_id();
+        let algorithm = match check.policy.algorithm {
+            Algorithm::SlidingWindow => "sw",
+            Algorithm::SlidingWindowApprox => "swa",
+            Algorithm::FixedWindow => "fw",
+            Algorithm::TokenBucket => "tb",
+        };
+        let (plan, threshold) = check.anomaly_threshold().unwrap_or(("", 0));
+        let mut invocation = RATE_LIMIT.prepare_invoke();
+        invocation
+            .key(self.keys.rate_counter(check.key, &counter))
+            .key(self.keys.rate_sum(check.key, &counter))
+            .key(self.keys.attempts(check.key, plan))
+            .key(self.keys.anomalies())
+            .arg(algorithm)
+            .arg(check.policy.limit)
+            .arg(check.policy.window.ms())
+            .arg(check.cost)
+            .arg(check.now_ms.map(|n| n.to_string()).unwrap_or_default())
+            .arg(plan)
+            .arg(threshold)
+            .arg(check.key)
+            .arg(ANOMALIES_KEPT);
+        let reply: Vec<i64> = self
+            .call(|mut conn| async move { invocation.invoke_async(&mut conn).await })
+            .await?;
+        let [allowed, remaining, reset, retry, now, anomaly] = reply[..] else {
+            return Err(StorageError::Other {
+                backend: "redis",
+                message: format!("unexpected rate-limit reply {reply:?}"),
+            });
+        };
+        let unsigned = |n: i64| u64::try_from(n).unwrap_or(0);
+        Ok(RateDecision {
+            allowed: allowed == 1,
+            limit: check.policy.limit,
+            remaining: unsigned(remaining),
+            reset_ms: unsigned(reset),
+            retry_after_ms: unsigned(retry),
+            now_ms: unsigned(now),
+            anomaly: (anomaly > 0).then_some(unsigned(anomaly)),
+        })
+    }
+
+    async fn anomalies(&self, limit: usize) -> Result<Vec<Anomaly>, StorageError> {
+        let mut cmd = ::redis::cmd("LRANGE");
+        cmd.arg(self.keys.anomalies()).arg(0).arg(limit.saturating_sub(1));
+        let entries: Vec<String> = self.query(cmd).await?;
+        Ok(entries.iter().filter_map(|raw| parse_anomaly(raw)).collect())
+    }
+}
+
+/// An anomaly as the rate-limit script records it (numbers as strings: Lua's cjson would
+/// print large ones in exponent form).
+fn parse_anomaly(raw: &str) -> Option<Anomaly> {
+    let v: serde_json::Value = serde_json::from_str(raw).ok()?;
+    let number = |name: &str| v.get(name)?.as_str()?.parse::<u64>().ok();
+    Some(anomaly_at(
+        v.get("key")?.as_str()?.to_owned(),
+        v.get("plan")?.as_str()?.to_owned(),
+        number("count")?,
+        number("threshold")?,
+        number("atMs")?,
+    ))
 }
 
 fn now_ms() -> i64 {

@@ -1,0 +1,321 @@
+#!/usr/bin/env bash
+# quotad benchmark harness (not a test): `bash bench/run.sh`. See bench/README.md.
+#
+# Builds the release binaries, starts a private redis-server, quotad (embedded in-memory
+# ledger, no Firestore) and the bare axum echo server on free loopback ports, runs wrk and
+# redis-benchmark against them, prints a table and writes it to bench/results-latest.txt.
+# Everything it started is stopped on exit, including on Ctrl-C.
+#
+# Environment:
+#   BENCH_DURATION  wrk (and oha) duration per run        (default 20s)
+#   BENCH_REDIS_N   redis-benchmark request count          (default 2000000)
+#   BENCH_OHA_RATE  oha fixed offered rate, req/s          (default 10000)
+#   BENCH_KEEP      1: keep the work dir (logs, raw outputs) even on success
+set -euo pipefail
+
+BENCH_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+ROOT=$(cd "$BENCH_DIR/.." && pwd)
+cd "$ROOT"
+
+DURATION=${BENCH_DURATION:-20s}
+THREADS=2
+CONNS=64
+REDIS_N=${BENCH_REDIS_N:-2000000}
+OHA_RATE=${BENCH_OHA_RATE:-10000}
+ADMIN_TOKEN=bench
+HUGE=1000000000000 # 10^12, the largest limit API.md allows
+RESULTS="$BENCH_DIR/results-latest.txt"
+
+WORK=$(mktemp -d /tmp/quotad-bench.XXXXXX)
+PIDS=()
+STATUS=1
+
+log() { printf '\n== %s\n' "$*" >&2; }
+die() { printf 'bench: %s\n' "$*" >&2; exit 1; }
+
+stop_pid() {
+  local pid=$1 i
+  kill "$pid" 2>/dev/null || return 0
+  for i in $(seq 1 50); do
+    kill -0 "$pid" 2>/dev/null || break
+    sleep 0.1
+  done
+  kill -9 "$pid" 2>/dev/null || true
+  wait "$pid" 2>/dev/null || true
+  local kept=() p
+  for p in "${PIDS[@]}"; do [[ $p == "$pid" ]] || kept+=("$p"); done
+  PIDS=("${kept[@]+"${kept[@]}"}")
+}
+
+cleanup() {
+  local rc=$?
+  trap - EXIT INT TERM
+  local p
+  for p in "${PIDS[@]+"${PIDS[@]}"}"; do stop_pid "$p"; done
+  if [[ $STATUS -eq 0 && ${BENCH_KEEP:-0} != 1 ]]; then
+    rm -rf "$WORK"
+  else
+    echo "bench: logs and raw outputs kept in $WORK" >&2
+  fi
+  exit "$rc"
+}
+trap cleanup EXIT
+trap 'echo "bench: interrupted" >&2; exit 130' INT TERM
+
+# A loopback port nothing listens on (checked by connecting; the race is harmless here).
+free_port() {
+  local p _
+  for _ in $(seq 1 200); do
+    p=$((20000 + RANDOM % 40000))
+    if ! (exec 3<>"/dev/tcp/127.0.0.1/$p") 2>/dev/null; then
+      echo "$p"
+      return 0
+    fi
+  done
+  die "no free port found"
+}
+
+wait_http() {
+  local url=$1 pid=$2 _
+  for _ in $(seq 1 150); do
+    curl -fsS -o /dev/null "$url" 2>/dev/null && return 0
+    kill -0 "$pid" 2>/dev/null || return 1
+    sleep 0.1
+  done
+  return 1
+}
+
+# ---------------------------------------------------------------- 1. tools
+need=()
+for tool in wrk redis-server redis-benchmark redis-cli curl; do
+  command -v "$tool" >/dev/null 2>&1 || need+=("$tool")
+done
+if ((${#need[@]})); then
+  log "installing wrk redis-server curl (missing: ${need[*]})"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get install -y wrk redis-server curl >/dev/null 2>&1 ||
+    { apt-get update >/dev/null && apt-get install -y wrk redis-server curl >/dev/null; }
+  for tool in "${need[@]}"; do command -v "$tool" >/dev/null || die "$tool still missing"; done
+fi
+
+# ---------------------------------------------------------------- 2. build
+log "cargo build --release --bin quotad --example echo"
+cargo build --release --bin quotad --example echo
+QUOTAD_BIN="$ROOT/target/release/quotad"
+ECHO_BIN="$ROOT/target/release/examples/echo"
+
+COMMIT=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)
+if [[ -n $(git status --porcelain -- src Cargo.toml Cargo.lock 2>/dev/null) ]]; then
+  COMMIT="$COMMIT (+ uncommitted changes in src/Cargo)"
+fi
+LOAD_START=$(uptime)
+TOP_START=$(ps -eo pcpu=,comm= --sort=-pcpu | head -5 | awk '{printf "%s %s%%; ", $2, $1}')
+NPROC=$(nproc)
+
+# ---------------------------------------------------------------- results
+NAMES=() RPS=() P50=() P99=() NON2XX=() SOCKERR=() NOTES=()
+ECHO_RPS=""
+
+# "250.00us" | "1.20ms" | "1.05s" | "2.00m" -> milliseconds
+to_ms() {
+  awk -v v="$1" 'BEGIN {
+    n = v + 0; u = v; sub(/^[0-9.]+/, "", u)
+    if (u == "us") n /= 1000; else if (u == "s") n *= 1000; else if (u == "m") n *= 60000
+    printf "%.3f", n }'
+}
+
+# run_wrk NAME URL [LUA] [NOTE]
+run_wrk() {
+  local name=$1 url=$2 script=${3:-} note=${4:-}
+  local out="$WORK/wrk-${#NAMES[@]}.txt"
+  local args=(-t"$THREADS" -c"$CONNS" -d"$DURATION" --latency)
+  [[ -n $script ]] && args+=(-s "$script")
+  log "$name: wrk ${args[*]} $url"
+  wrk "${args[@]}" "$url" | tee "$out" >&2
+  local rps p50 p99 non2xx sockerr
+  rps=$(awk '/^Requests\/sec:/ {print $2}' "$out")
+  p50=$(awk '/Latency Distribution/ {d=1} d && $1=="50%" {print $2; exit}' "$out")
+  p99=$(awk '/Latency Distribution/ {d=1} d && $1=="99%" {print $2; exit}' "$out")
+  non2xx=$(awk '/Non-2xx or 3xx responses:/ {print $NF}' "$out")
+  sockerr=$(awk '/Socket errors:/ {gsub(/,/, ""); print $4+$6+$8+$10}' "$out")
+  [[ -n $rps && -n $p50 && -n $p99 ]] || die "could not parse wrk output of $name ($out)"
+  NAMES+=("$name") RPS+=("$rps") P50+=("$(to_ms "$p50")") P99+=("$(to_ms "$p99")")
+  NON2XX+=("${non2xx:-0}") SOCKERR+=("${sockerr:-0}") NOTES+=("$note")
+  sleep 1
+}
+
+# run_oha NAME URL: fixed offered rate, coordinated omission corrected
+OHA_LINES=()
+run_oha() {
+  local name=$1 url=$2 out="$WORK/oha-${#OHA_LINES[@]}.json"
+  log "$name: oha -z $DURATION -q $OHA_RATE -c $CONNS --latency-correction (POST {\"amount\":1})"
+  oha -z "$DURATION" -q "$OHA_RATE" -c "$CONNS" --latency-correction --no-tui --output-format json \
+    -m POST -H 'Content-Type: application/json' -d '{"amount":1}' "$url" >"$out"
+  local line
+  line=$(jq -r '[.summary.requestsPerSec, .latencyPercentiles.p50 * 1000, .latencyPercentiles.p99 * 1000,
+      ([.statusCodeDistribution | to_entries[] | select(.key | test("^2") | not) | .value] | add // 0)]
+      | @tsv' "$out") || die "could not parse oha output of $name ($out)"
+  OHA_LINES+=("$name	$line")
+  sleep 1
+}
+
+admin() { # admin METHOD PATH [BODY]
+  curl -fsS -X "$1" -H "Authorization: Bearer $ADMIN_TOKEN" -H 'Content-Type: application/json' \
+    ${3:+-d "$3"} "http://127.0.0.1:$QUOTAD_PORT$2"
+}
+
+QUOTAD_PID="" QUOTAD_PORT=""
+start_quotad() { # start_quotad PHASE
+  local phase=$1
+  QUOTAD_PORT=$(free_port)
+  # env -i: no FIRESTORE_* (nor any other QUOTAD_*) leaks in from the caller's environment.
+  env -i PATH="$PATH" HOME="${HOME:-/root}" \
+    REDIS_URL="redis://127.0.0.1:$REDIS_PORT/0" \
+    QUOTAD_ADDR="127.0.0.1:$QUOTAD_PORT" \
+    QUOTAD_PHASE="$phase" \
+    QUOTAD_ADMIN_TOKEN="$ADMIN_TOKEN" \
+    QUOTAD_DEFAULT_LIMIT="$HUGE" \
+    RUST_LOG=warn \
+    "$QUOTAD_BIN" >"$WORK/quotad-$phase.log" 2>&1 &
+  QUOTAD_PID=$!
+  PIDS+=("$QUOTAD_PID")
+  wait_http "http://127.0.0.1:$QUOTAD_PORT/healthz" "$QUOTAD_PID" ||
+    { cat "$WORK/quotad-$phase.log" >&2; die "quotad ($phase) did not start"; }
+  echo "quotad pid $QUOTAD_PID on 127.0.0.1:$QUOTAD_PORT: readyz $(curl -sS "http://127.0.0.1:$QUOTAD_PORT/readyz")," \
+    "phase $(admin GET /admin/phase)" >&2
+}
+
+# ---------------------------------------------------------------- 3. redis
+REDIS_PORT=$(free_port)
+redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --save '' --appendonly no \
+  --daemonize no --logfile "$WORK/redis.log" --dir "$WORK" &
+REDIS_PID=$!
+PIDS+=("$REDIS_PID")
+for _ in $(seq 1 100); do
+  [[ $(redis-cli -p "$REDIS_PORT" PING 2>/dev/null) == PONG ]] && break
+  kill -0 "$REDIS_PID" 2>/dev/null || die "redis-server did not start (see $WORK/redis.log)"
+  sleep 0.1
+done
+rcli() { redis-cli -p "$REDIS_PORT" "$@"; }
+echo "redis-server $(redis-server --version | awk '{print $3}') pid $REDIS_PID on 127.0.0.1:$REDIS_PORT (no persistence)" >&2
+
+# ---------------------------------------------------------------- 4. echo ceiling
+ECHO_PORT=$(free_port)
+"$ECHO_BIN" "127.0.0.1:$ECHO_PORT" >"$WORK/echo.log" 2>&1 &
+ECHO_PID=$!
+PIDS+=("$ECHO_PID")
+wait_http "http://127.0.0.1:$ECHO_PORT/echo" "$ECHO_PID" || die "echo did not start"
+[[ $(curl -fsS -H 'Content-Type: application/json' -d '{"amount":1}' "http://127.0.0.1:$ECHO_PORT/echo") == '{"amount":1}' ]] ||
+  die "echo does not echo"
+
+run_wrk "echo POST /echo (ceiling)" "http://127.0.0.1:$ECHO_PORT/echo" "$BENCH_DIR/post_json.lua"
+ECHO_RPS=${RPS[0]}
+HAVE_OHA=0
+if command -v oha >/dev/null 2>&1 && command -v jq >/dev/null 2>&1; then
+  HAVE_OHA=1
+  run_oha "echo POST /echo" "http://127.0.0.1:$ECHO_PORT/echo"
+fi
+stop_pid "$ECHO_PID"
+
+# ---------------------------------------------------------------- 5. quotad, redis-primary
+start_quotad redis-primary
+Q="http://127.0.0.1:$QUOTAD_PORT"
+echo "PUT /admin/quota/hot -> $(admin PUT /admin/quota/hot "{\"limit\": $HUGE, \"used\": 0}")" >&2
+echo "warm GET /quota/hot -> $(curl -fsS "$Q/quota/hot")" >&2
+echo "check POST /quota/hot/consume -> $(curl -fsS -H 'Content-Type: application/json' -d '{"amount":1}' "$Q/quota/hot/consume")" >&2
+
+run_wrk "GET /quota/hot (cached)" "$Q/quota/hot" "" "redis-primary"
+run_wrk "POST /quota/hot/consume" "$Q/quota/hot/consume" "$BENCH_DIR/post_json.lua" "redis-primary"
+HOT_AFTER=$(curl -fsS "$Q/quota/hot")
+run_wrk "POST /quota/p<0..9999>/consume" "$Q/quota/p0/consume" "$BENCH_DIR/consume_many.lua" "redis-primary, 10k providers"
+if ((HAVE_OHA)); then
+  run_oha "POST /quota/hot/consume (redis-primary)" "$Q/quota/hot/consume"
+fi
+MANY_KEYS=$(rcli --scan --pattern 'quotad:q:{p*}' | wc -l)
+DECISIONS=$(curl -fsS "$Q/metrics" | grep -i 'decision' | grep -v '^#' | head -8 || true)
+stop_pid "$QUOTAD_PID"
+echo "after the hot consume run: $HOT_AFTER; cached records of p<N> providers: $MANY_KEYS" >&2
+echo "decision metrics (redis-primary):" >&2
+echo "$DECISIONS" >&2
+
+# ---------------------------------------------------------------- 6. quotad, dual-write
+rcli FLUSHALL >/dev/null
+start_quotad dual-write
+Q="http://127.0.0.1:$QUOTAD_PORT"
+echo "PUT /admin/quota/hot -> $(admin PUT /admin/quota/hot "{\"limit\": $HUGE, \"used\": 0}")" >&2
+curl -fsS -o /dev/null "$Q/quota/hot"
+run_wrk "POST /quota/hot/consume" "$Q/quota/hot/consume" "$BENCH_DIR/post_json.lua" "dual-write (in-memory ledger)"
+sleep 1
+admin POST /admin/quota/hot/invalidate >/dev/null
+DUAL_AFTER=$(curl -fsS "$Q/quota/hot")
+echo "dual-write: after invalidate, GET /quota/hot (from the ledger) -> $DUAL_AFTER" >&2
+stop_pid "$QUOTAD_PID"
+
+# ---------------------------------------------------------------- 7. redis ceiling
+log "redis-benchmark EVALSHA of src/storage/redis/scripts/apply.lua"
+rcli FLUSHALL >/dev/null
+SHA=$(rcli SCRIPT LOAD "$(cat src/storage/redis/scripts/apply.lua)")
+RK='bench:q:{hot}' IK='bench:idem:{hot}:consume:unused' DK='bench:dirty'
+# The record as load.lua writes it.
+rcli HSET "$RK" used 0 limit "$HUGE" epoch 0 base 0 from 0 ver 0 synced 0 >/dev/null
+CHECK=$(rcli EVALSHA "$SHA" 3 "$RK" "$IK" "$DK" c 1 0 86400 hot 0 | tr '\n' ' ')
+echo "one EVALSHA by redis-cli -> $CHECK" >&2
+[[ $CHECK == "ok 1 1 $HUGE " ]] || die "EVALSHA did not answer ok: $CHECK"
+rcli HSET "$RK" used 0 ver 0 >/dev/null
+redis-benchmark -p "$REDIS_PORT" -c 50 -n "$REDIS_N" -q \
+  EVALSHA "$SHA" 3 "$RK" "$IK" "$DK" c 1 0 86400 hot 0 | tr '\r' '\n' | tee "$WORK/redis-benchmark.txt" >&2
+REDIS_OPS=$(grep 'requests per second' "$WORK/redis-benchmark.txt" | tail -1 | sed -E 's/.*: ([0-9.]+) requests per second.*/\1/')
+REDIS_P50=$(grep 'requests per second' "$WORK/redis-benchmark.txt" | tail -1 | sed -nE 's/.*p50=([0-9.]+) msec.*/\1/p')
+REDIS_USED=$(rcli HGET "$RK" used)
+echo "record used after the run: $REDIS_USED (expected $REDIS_N)" >&2
+[[ -n $REDIS_OPS ]] || die "could not parse redis-benchmark output"
+
+LOAD_END=$(uptime)
+
+# ---------------------------------------------------------------- 8. report
+report() {
+  echo "quotad benchmark  $(date -u +%Y-%m-%dT%H:%M:%SZ)  commit $COMMIT"
+  echo "machine: nproc $NPROC; load at start: ${LOAD_START#*load average: }; at end: ${LOAD_END#*load average: }"
+  echo "busiest processes at start: $TOP_START"
+  echo "wrk -t$THREADS -c$CONNS -d$DURATION --latency, all on 127.0.0.1 (load generator on the same $NPROC cores)"
+  echo "quotad: target/release/quotad, REDIS_URL=private redis-server $REDIS_PORT (no persistence), no Firestore"
+  echo "  (FIRESTORE_PROJECT_ID unset: embedded in-memory ledger), QUOTAD_DEFAULT_LIMIT=$HUGE, RUST_LOG=warn,"
+  echo "  QUOTAD_PHASE as in the 'phase' column (redis-primary: no ledger write per request)"
+  echo
+  printf '%-34s %-31s %10s %8s %8s %7s %6s %6s\n' "run" "phase / notes" "req/s" "p50 ms" "p99 ms" "x echo" "non2xx" "sockerr"
+  local i ratio
+  for i in "${!NAMES[@]}"; do
+    ratio=$(awk -v a="${RPS[$i]}" -v b="$ECHO_RPS" 'BEGIN { printf "%.2f", a / b }')
+    printf '%-34s %-31s %10.0f %8.3f %8.3f %7s %6s %6s\n' "${NAMES[$i]}" "${NOTES[$i]:--}" "${RPS[$i]}" \
+      "${P50[$i]}" "${P99[$i]}" "$ratio" "${NON2XX[$i]}" "${SOCKERR[$i]}"
+  done
+  printf '%-34s %-31s %10.0f %8s %8s %7s\n' "redis EVALSHA apply.lua (ops/s)" "redis-benchmark -c 50 -n $REDIS_N" \
+    "$REDIS_OPS" "${REDIS_P50:--}" "-" "-"
+  echo
+  # Targets (issue): consume >= 0.6 x echo req/s with p99 <= 2 ms.
+  for i in "${!NAMES[@]}"; do
+    [[ ${NAMES[$i]} == *consume* ]] || continue
+    awk -v n="${NAMES[$i]} [${NOTES[$i]}]" -v a="${RPS[$i]}" -v b="$ECHO_RPS" -v p="${P99[$i]}" 'BEGIN {
+      r = a / b; ok = (r >= 0.6 && p <= 2.0)
+      printf "target %-62s %.2f x echo (>= 0.60), p99 %.3f ms (<= 2 ms): %s\n", n, r, p, ok ? "MET" : "NOT MET" }'
+  done
+  if ((HAVE_OHA)); then
+    echo
+    echo "fixed rate: oha -z $DURATION -q $OHA_RATE -c $CONNS --latency-correction"
+    printf '%-44s %10s %8s %8s %9s %6s\n' "run" "req/s" "p50 ms" "p99 ms" "p99/echo" "non2xx"
+    local echo_p99 name rps p50 p99 bad
+    echo_p99=$(cut -f4 <<<"${OHA_LINES[0]}")
+    for i in "${!OHA_LINES[@]}"; do
+      IFS=$'\t' read -r name rps p50 p99 bad <<<"${OHA_LINES[$i]}"
+      printf '%-44s %10.0f %8.3f %8.3f %9s %6s\n' "$name" "$rps" "$p50" "$p99" \
+        "$(awk -v a="$p99" -v b="$echo_p99" 'BEGIN { printf "%.2f", a / b }')" "$bad"
+    done
+    echo "target: quotad's p99 <= 2 x echo's at the same rate"
+  else
+    echo "oha not on PATH: fixed-rate latency skipped (cargo install oha, ~7 min, then rerun)"
+  fi
+}
+
+report | tee "$RESULTS"
+echo "written to ${RESULTS#"$ROOT"/}" >&2
+STATUS=0

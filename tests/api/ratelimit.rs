@@ -1,0 +1,179 @@
+//! Rate limits: the Lua scripts against their in-process twin (property test on a real
+//! Redis), and the service's admit/deny/recover cycles, headers, exactness and anomalies.
+
+use std::{sync::Arc, time::Duration};
+
+use axum::{Router, routing::post};
+use futures::future::join_all;
+use proptest::prelude::*;
+use quotad::{
+    domain::ratelimit::{Algorithm, Policy, RateCheck, Twin, Window},
+    storage::{Counters, redis::RedisCounters},
+};
+use serde_json::{Value, json};
+use tokio::sync::Mutex;
+
+use crate::helpers::{Shared, eventually, ok, problem, redis_url, spawn_with, unique};
+
+const ALGORITHMS: [&str; 4] = ["sliding-window", "sliding-window-approx", "fixed-window", "token-bucket"];
+
+fn algorithm_strategy() -> impl Strategy<Value = Algorithm> {
+    prop_oneof![
+        Just(Algorithm::SlidingWindow),
+        Just(Algorithm::SlidingWindowApprox),
+        Just(Algorithm::FixedWindow),
+        Just(Algorithm::TokenBucket),
+    ]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
+
+    /// Random sequences of (time step, key, cost) under a random policy decide the same in
+    /// the Lua script on a real Redis and in the in-process twin.
+    #[test]
+    fn the_lua_scripts_and_the_twin_decide_alike(
+        algorithm in algorithm_strategy(),
+        limit in 1u64..8,
+        window_s in 1u64..5,
+        plan in proptest::bool::ANY,
+        steps in proptest::collection::vec((0u64..1500, 0usize..2, 0u64..4), 1..60),
+    ) {
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let redis = RedisCounters::new(&redis_url(), &(unique("pt") + ":")).unwrap();
+        let twin = Twin::default();
+        let policy = Policy {
+            name: if plan { "tiny".into() } else { "custom".into() },
+            limit,
+            window: Window::from_json(&json!(window_s)).unwrap(),
+            algorithm,
+            plan: plan.then(|| "tiny".to_owned()),
+        };
+        let mut now = 1_700_000_000_000u64;
+        for (step, key, cost) in steps {
+            now += step;
+            let key = ["a", "b"][key];
+            let check = RateCheck { key, policy: &policy, cost: cost.min(limit), now_ms: Some(now) };
+            let from_redis = runtime.block_on(redis.rate_check(&check)).unwrap();
+            let from_twin = twin.check(&check);
+            prop_assert_eq!(from_redis, from_twin, "at {} for {}", now, key);
+        }
+    }
+}
+
+async fn check(app: &crate::helpers::TestApp, body: Value) -> reqwest::Response {
+    app.post("/ratelimit/check", body).await
+}
+
+#[tokio::test]
+async fn each_algorithm_admits_denies_and_recovers_after_retry_after() {
+    let app = spawn_with(&Shared::real(), |_| {}).await;
+    for algorithm in ALGORITHMS {
+        let body = json!({"key": unique("k"), "limit": 3, "window": "2s", "algorithm": algorithm});
+        for i in 0..3 {
+            let resp = check(&app, body.clone()).await;
+            assert_eq!(resp.status(), 200, "{algorithm} #{i}");
+        }
+        let denied = check(&app, body.clone()).await;
+        let retry_after: u64 = denied.headers()["retry-after"].to_str().unwrap().parse().unwrap();
+        let problem = problem(denied, 429, "rate_limited").await;
+        assert_eq!(problem["retryAfter"], retry_after, "{algorithm}");
+        assert!((1..=2).contains(&retry_after), "{algorithm}: {retry_after}");
+        // A denied request consumed nothing: a read still says denied, not worse.
+        let mut read_only = body.clone();
+        read_only["cost"] = json!(0);
+        let read = ok(check(&app, read_only).await).await;
+        assert_eq!(read["allowed"], false, "{algorithm}");
+        tokio::time::sleep(Duration::from_secs(retry_after)).await; // Retry-After is honest
+        assert_eq!(check(&app, body.clone()).await.status(), 200, "{algorithm} after Retry-After");
+    }
+}
+
+#[tokio::test]
+async fn headers_agree_with_the_body() {
+    let app = spawn_with(&Shared::real(), |_| {}).await;
+    let resp = check(&app, json!({"key": "h", "limit": 2, "window": "1m", "algorithm": "fixed-window"})).await;
+    let headers = resp.headers().clone();
+    let body = ok(resp).await;
+    assert_eq!(headers["ratelimit-policy"], "\"custom\";q=2;w=60");
+    assert_eq!(headers["x-ratelimit-limit"], "2");
+    assert_eq!(headers["x-ratelimit-remaining"], body["remaining"].to_string().as_str());
+    assert_eq!(headers["x-ratelimit-reset"], body["reset"].to_string().as_str());
+    assert_eq!(headers["ratelimit"], format!("\"custom\";r={};t=60", body["remaining"]).as_str());
+    let plan = check(&app, json!({"key": "h", "plan": "starter"})).await;
+    assert_eq!(plan.headers()["ratelimit-policy"], "\"starter\";q=50;w=3600");
+}
+
+#[tokio::test]
+async fn concurrent_checks_on_two_replicas_admit_exactly_the_limit() {
+    let shared = Shared::real();
+    let (a, b) = (spawn_with(&shared, |_| {}).await, spawn_with(&shared, |_| {}).await);
+    for algorithm in ALGORITHMS {
+        let body = json!({"key": unique("c"), "limit": 50, "window": "1h", "algorithm": algorithm});
+        let calls = (0..200).map(|i| {
+            let (app, body) = (if i % 2 == 0 { &a } else { &b }, body.clone());
+            async move { check(app, body).await.status().as_u16() }
+        });
+        let statuses = join_all(calls).await;
+        assert_eq!(statuses.iter().filter(|s| **s == 200).count(), 50, "{algorithm}");
+    }
+}
+
+#[tokio::test]
+async fn an_anomaly_is_recorded_once_per_key_and_window_and_sent_to_the_webhook() {
+    let received = Arc::new(Mutex::new(Vec::<Value>::new()));
+    let sink = received.clone();
+    let hook = Router::new().route(
+        "/hook",
+        post(move |axum::Json(body): axum::Json<Value>| {
+            let sink = sink.clone();
+            async move { sink.lock().await.push(body) }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/hook", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, hook).await.unwrap() });
+
+    let shared = Shared::real();
+    let app = spawn_with(&shared, |c| {
+        c.anomaly_webhook = Some(url);
+        c.plans.insert(
+            "tiny".into(),
+            quotad::config::PlanConfig { limit: 2, window: toml::Value::String("1h".into()), algorithm: "sliding-window".into() },
+        );
+    })
+    .await;
+    for _ in 0..12 {
+        check(&app, json!({"key": "creator:1", "plan": "tiny"})).await;
+    }
+    let body = ok(app.admin(reqwest::Method::GET, "/admin/anomalies?limit=50", None).await).await;
+    let anomalies = body["anomalies"].as_array().unwrap();
+    assert_eq!(anomalies.len(), 1, "{body}");
+    assert_eq!((anomalies[0]["key"].as_str(), anomalies[0]["plan"].as_str()), (Some("creator:1"), Some("tiny")));
+    assert_eq!((anomalies[0]["count"].as_u64(), anomalies[0]["threshold"].as_u64()), (Some(5), Some(4)));
+    let delivered = eventually(Duration::from_secs(10), 1, || async { received.lock().await.len() }).await;
+    assert_eq!(delivered, 1);
+    assert_eq!(received.lock().await[0]["key"], "creator:1");
+    problem(app.admin(reqwest::Method::GET, "/admin/anomalies?limit=many", None).await, 400, "invalid_query").await;
+}
+
+#[tokio::test]
+async fn a_failing_webhook_harms_nothing() {
+    let shared = Shared::real();
+    let app = spawn_with(&shared, |c| {
+        c.anomaly_webhook = Some("http://127.0.0.1:9/unreachable".into());
+        c.plans.insert(
+            "tiny".into(),
+            quotad::config::PlanConfig { limit: 1, window: toml::Value::String("1h".into()), algorithm: "token-bucket".into() },
+        );
+    })
+    .await;
+    let statuses: Vec<u16> = join_all((0..6).map(|_| async {
+        check(&app, json!({"key": "k", "plan": "tiny"})).await.status().as_u16()
+    }))
+    .await;
+    assert_eq!(statuses.iter().filter(|s| **s == 200).count(), 1);
+    assert_eq!(statuses.iter().filter(|s| **s == 429).count(), 5);
+    let body = ok(app.admin(reqwest::Method::GET, "/admin/anomalies", None).await).await;
+    assert_eq!(body["anomalies"].as_array().unwrap().len(), 1);
+}
