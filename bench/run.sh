@@ -75,6 +75,22 @@ free_port() {
   die "no free port found"
 }
 
+# run_bg OUTFILE CMD...: runs CMD in the background and waits for it, so that Ctrl-C runs the
+# trap at once (bash defers traps until a foreground child ends, and wrk catches SIGINT
+# and exits 0, which would let the script go on). CMD ignores SIGINT; cleanup stops it.
+run_bg() {
+  local out=$1 pid rc=0
+  shift
+  "$@" >"$out" &
+  pid=$!
+  PIDS+=("$pid")
+  wait "$pid" || rc=$?
+  local kept=() p
+  for p in "${PIDS[@]}"; do [[ $p == "$pid" ]] || kept+=("$p"); done
+  PIDS=("${kept[@]+"${kept[@]}"}")
+  return "$rc"
+}
+
 wait_http() {
   local url=$1 pid=$2 _
   for _ in $(seq 1 150); do
@@ -108,7 +124,18 @@ COMMIT=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)
 if [[ -n $(git status --porcelain -- src Cargo.toml Cargo.lock 2>/dev/null) ]]; then
   COMMIT="$COMMIT (+ uncommitted changes in src/Cargo)"
 fi
+# Share of CPU time the machine spent busy over one second, all cores (100 % = both cores).
+cpu_busy() {
+  local a b
+  a=$(head -1 /proc/stat); sleep 1; b=$(head -1 /proc/stat)
+  awk -v a="$a" -v b="$b" 'BEGIN {
+    n = split(a, x, " "); split(b, y, " "); t = 0
+    for (i = 2; i <= n; i++) t += y[i] - x[i]
+    idle = (y[5] - x[5]) + (y[6] - x[6])
+    printf "%.0f%%", t ? 100 * (t - idle) / t : 0 }'
+}
 LOAD_START=$(uptime)
+BUSY_START=$(cpu_busy)
 TOP_START=$(ps -eo pcpu=,comm= --sort=-pcpu | head -5 | awk '{printf "%s %s%%; ", $2, $1}')
 NPROC=$(nproc)
 
@@ -131,7 +158,8 @@ run_wrk() {
   local args=(-t"$THREADS" -c"$CONNS" -d"$DURATION" --latency)
   [[ -n $script ]] && args+=(-s "$script")
   log "$name: wrk ${args[*]} $url"
-  wrk "${args[@]}" "$url" | tee "$out" >&2
+  run_bg "$out" wrk "${args[@]}" "$url"
+  cat "$out" >&2
   local rps p50 p99 non2xx sockerr
   rps=$(awk '/^Requests\/sec:/ {print $2}' "$out")
   p50=$(awk '/Latency Distribution/ {d=1} d && $1=="50%" {print $2; exit}' "$out")
@@ -149,8 +177,8 @@ OHA_LINES=()
 run_oha() {
   local name=$1 url=$2 out="$WORK/oha-${#OHA_LINES[@]}.json"
   log "$name: oha -z $DURATION -q $OHA_RATE -c $CONNS --latency-correction (POST {\"amount\":1})"
-  oha -z "$DURATION" -q "$OHA_RATE" -c "$CONNS" --latency-correction --no-tui --output-format json \
-    -m POST -H 'Content-Type: application/json' -d '{"amount":1}' "$url" >"$out"
+  run_bg "$out" oha -z "$DURATION" -q "$OHA_RATE" -c "$CONNS" --latency-correction --no-tui --output-format json \
+    -m POST -H 'Content-Type: application/json' -d '{"amount":1}' "$url"
   local line
   line=$(jq -r '[.summary.requestsPerSec, .latencyPercentiles.p50 * 1000, .latencyPercentiles.p99 * 1000,
       ([.statusCodeDistribution | to_entries[] | select(.key | test("^2") | not) | .value] | add // 0)]
@@ -262,8 +290,11 @@ CHECK=$(rcli EVALSHA "$SHA" 3 "$RK" "$IK" "$DK" c 1 0 86400 hot 0 | tr '\n' ' ')
 echo "one EVALSHA by redis-cli -> $CHECK" >&2
 [[ $CHECK == "ok 1 1 $HUGE " ]] || die "EVALSHA did not answer ok: $CHECK"
 rcli HSET "$RK" used 0 ver 0 >/dev/null
-redis-benchmark -p "$REDIS_PORT" -c 50 -n "$REDIS_N" -q \
-  EVALSHA "$SHA" 3 "$RK" "$IK" "$DK" c 1 0 86400 hot 0 | tr '\r' '\n' | tee "$WORK/redis-benchmark.txt" >&2
+echo "redis-benchmark -p $REDIS_PORT -c 50 -n $REDIS_N -q EVALSHA $SHA 3 $RK $IK $DK c 1 0 86400 hot 0" >&2
+run_bg "$WORK/redis-benchmark.raw" redis-benchmark -p "$REDIS_PORT" -c 50 -n "$REDIS_N" -q \
+  EVALSHA "$SHA" 3 "$RK" "$IK" "$DK" c 1 0 86400 hot 0
+tr '\r' '\n' <"$WORK/redis-benchmark.raw" >"$WORK/redis-benchmark.txt"
+grep 'requests per second' "$WORK/redis-benchmark.txt" | tail -1 | sed 's/^.*: /  /' >&2
 REDIS_OPS=$(grep 'requests per second' "$WORK/redis-benchmark.txt" | tail -1 | sed -E 's/.*: ([0-9.]+) requests per second.*/\1/')
 REDIS_P50=$(grep 'requests per second' "$WORK/redis-benchmark.txt" | tail -1 | sed -nE 's/.*p50=([0-9.]+) msec.*/\1/p')
 REDIS_USED=$(rcli HGET "$RK" used)
@@ -271,12 +302,14 @@ echo "record used after the run: $REDIS_USED (expected $REDIS_N)" >&2
 [[ -n $REDIS_OPS ]] || die "could not parse redis-benchmark output"
 
 LOAD_END=$(uptime)
+BUSY_END=$(cpu_busy)
 
 # ---------------------------------------------------------------- 8. report
 report() {
   echo "quotad benchmark  $(date -u +%Y-%m-%dT%H:%M:%SZ)  commit $COMMIT"
-  echo "machine: nproc $NPROC; load at start: ${LOAD_START#*load average: }; at end: ${LOAD_END#*load average: }"
-  echo "busiest processes at start: $TOP_START"
+  echo "machine: nproc $NPROC; load average at start: ${LOAD_START#*load average: }; at end: ${LOAD_END#*load average: }"
+  echo "CPU busy (1 s sample, before starting anything / after stopping quotad): $BUSY_START / $BUSY_END"
+  echo "busiest processes at start (ps %CPU, lifetime average): $TOP_START"
   echo "wrk -t$THREADS -c$CONNS -d$DURATION --latency, all on 127.0.0.1 (load generator on the same $NPROC cores)"
   echo "quotad: target/release/quotad, REDIS_URL=private redis-server $REDIS_PORT (no persistence), no Firestore"
   echo "  (FIRESTORE_PROJECT_ID unset: embedded in-memory ledger), QUOTAD_DEFAULT_LIMIT=$HUGE, RUST_LOG=warn,"

@@ -1,7 +1,14 @@
 //! The batch sync: writes every dirty record's unsynced usage to the ledger, exactly once
 //! per version (the ledger's watermark check makes a replay add nothing).
 
-use std::{collections::HashSet, sync::Arc, time::Duration};
+use std::{
+    collections::HashSet,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::Duration,
+};
 
 use chrono::{DateTime, Utc};
 use tokio::sync::Mutex;
@@ -9,7 +16,7 @@ use tokio::sync::Mutex;
 use super::QuotaService;
 
 /// What a sync run did (API.md `POST /admin/sync`).
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct SyncReport {
     pub run_id: String,
@@ -40,6 +47,10 @@ pub struct SyncJob {
 }
 
 const BATCH: usize = 500;
+/// The lock expires this long after its holder stopped renewing it (API.md: a dead
+/// holder's lock is released within 60 s).
+const LOCK_TTL: Duration = Duration::from_secs(30);
+const RENEW_EVERY: Duration = Duration::from_secs(10);
 
 impl SyncJob {
     pub fn new(service: Arc<QuotaService>) -> Self {
@@ -50,13 +61,53 @@ impl SyncJob {
         }
     }
 
-    pub fn last(&self) -> Option<SyncReport> {
-        self.last.lock().unwrap().clone()
+    /// The last report of any replica (this replica's own while Redis is away).
+    pub async fn last(&self) -> Option<SyncReport> {
+        match self.service.counters().last_sync_report().await {
+            Ok(Some(json)) => serde_json::from_str(&json).ok(),
+            _ => self.last.lock().unwrap().clone(),
+        }
     }
 
-    /// One full run: every record dirty when it starts (and those made dirty meanwhile, once).
+    /// One full run under the cross-replica lock.
     pub async fn run_once(&self) -> Result<SyncReport, SyncError> {
         let _guard = self.running.try_lock().map_err(|_| SyncError::Running)?;
+        let counters = self.service.counters();
+        let token = uuid::Uuid::new_v4().to_string();
+        if !counters.acquire_sync_lock(&token, LOCK_TTL).await? {
+            return Err(SyncError::Running);
+        }
+        let lost = Arc::new(AtomicBool::new(false));
+        let renewal = {
+            let (counters, token, lost) = (counters.clone(), token.clone(), lost.clone());
+            tokio::spawn(async move {
+                loop {
+                    tokio::time::sleep(RENEW_EVERY).await;
+                    if !matches!(counters.renew_sync_lock(&token, LOCK_TTL).await, Ok(true)) {
+                        tracing::warn!("sync lock lost: stopping after the current write");
+                        lost.store(true, Ordering::Relaxed);
+                        return;
+                    }
+                }
+            })
+        };
+        let report = self.walk(&lost).await;
+        renewal.abort();
+        if let Err(err) = counters.release_sync_lock(&token).await {
+            tracing::warn!(error = %err, "could not release the sync lock; it expires by itself");
+        }
+        let report = report?;
+        if let Ok(json) = serde_json::to_string(&report)
+            && let Err(err) = counters.store_sync_report(&json).await
+        {
+            tracing::warn!(error = %err, "could not store the sync report");
+        }
+        Ok(report)
+    }
+
+    /// Writes every record dirty when it starts (and those made dirty meanwhile, once).
+    /// Safe to stop anywhere: each write lands once, and what is left stays dirty.
+    async fn walk(&self, lost: &AtomicBool) -> Result<SyncReport, SyncError> {
         let started_at = Utc::now();
         let started = std::time::Instant::now();
         let mut seen = HashSet::new();
@@ -68,7 +119,7 @@ impl SyncJob {
                 .dirty(Duration::ZERO, BATCH + seen.len())
                 .await?;
             let fresh: Vec<_> = batch.into_iter().filter(|p| !seen.contains(p)).take(BATCH).collect();
-            if fresh.is_empty() {
+            if fresh.is_empty() || lost.load(Ordering::Relaxed) {
                 break;
             }
             for provider in fresh {

@@ -112,7 +112,7 @@ pub async fn sync_status(State(app): State<AppState>) -> impl IntoResponse {
         .schedule
         .next_after(chrono::Utc::now())
         .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true));
-    Json(json!({"last": app.sync.last(), "nextRunAt": next}))
+    Json(json!({"last": app.sync.last().await, "nextRunAt": next}))
 }
 
 pub async fn anomalies(

@@ -61,6 +61,8 @@ fn replay(
 
 #[derive(Default)]
 struct CountersState {
+    sync_lock: Option<(String, Instant)>,
+    sync_report: Option<String>,
     records: HashMap<ProviderId, (Record, Option<Instant>)>,
     keys: HashMap<IdemKey, (i64, Decision, Instant)>,
     dirty_since: HashMap<ProviderId, Instant>,
@@ -203,6 +205,47 @@ impl Counters for MemoryCounters {
             .collect();
         found.sort();
         Ok(found.into_iter().take(max).map(|(_, p)| p).collect())
+    }
+
+    async fn acquire_sync_lock(&self, token: &str, ttl: Duration) -> Result<bool, StorageError> {
+        let mut state = self.state.lock().unwrap();
+        if state
+            .sync_lock
+            .as_ref()
+            .is_some_and(|(_, until)| *until > Instant::now())
+        {
+            return Ok(false);
+        }
+        state.sync_lock = Some((token.to_owned(), Instant::now() + ttl));
+        Ok(true)
+    }
+
+    async fn renew_sync_lock(&self, token: &str, ttl: Duration) -> Result<bool, StorageError> {
+        let mut state = self.state.lock().unwrap();
+        match &mut state.sync_lock {
+            Some((holder, until)) if holder == token && *until > Instant::now() => {
+                *until = Instant::now() + ttl;
+                Ok(true)
+            }
+            _ => Ok(false),
+        }
+    }
+
+    async fn release_sync_lock(&self, token: &str) -> Result<(), StorageError> {
+        let mut state = self.state.lock().unwrap();
+        if state.sync_lock.as_ref().is_some_and(|(holder, _)| holder == token) {
+            state.sync_lock = None;
+        }
+        Ok(())
+    }
+
+    async fn store_sync_report(&self, report: &str) -> Result<(), StorageError> {
+        self.state.lock().unwrap().sync_report = Some(report.to_owned());
+        Ok(())
+    }
+
+    async fn last_sync_report(&self) -> Result<Option<String>, StorageError> {
+        Ok(self.state.lock().unwrap().sync_report.clone())
     }
 
     async fn rate_check(&self, check: &RateCheck<'_>) -> Result<RateDecision, StorageError> {

@@ -152,6 +152,15 @@ pub trait Counters: Send + Sync {
     async fn set_limit(&self, provider: &ProviderId, limit: i64) -> Result<(), StorageError>;
     /// Up to `max` dirty providers that have been dirty for at least `min_age`.
     async fn dirty(&self, min_age: Duration, max: usize) -> Result<Vec<ProviderId>, StorageError>;
+    /// Takes the sync lock for `ttl` unless another holder has it; `false` when taken.
+    async fn acquire_sync_lock(&self, token: &str, ttl: Duration) -> Result<bool, StorageError>;
+    /// Extends the lock while `token` still holds it; `false` when it was lost.
+    async fn renew_sync_lock(&self, token: &str, ttl: Duration) -> Result<bool, StorageError>;
+    /// Releases the lock if `token` holds it.
+    async fn release_sync_lock(&self, token: &str) -> Result<(), StorageError>;
+    /// Keeps the last sync report (JSON) for every replica's `GET /admin/sync`.
+    async fn store_sync_report(&self, report: &str) -> Result<(), StorageError>;
+    async fn last_sync_report(&self) -> Result<Option<String>, StorageError>;
     /// One rate-limit check, atomically with anomaly counting for plan-based keys.
     async fn rate_check(&self, check: &RateCheck<'_>) -> Result<RateDecision, StorageError>;
     /// The newest recorded anomalies first.

@@ -184,3 +184,43 @@ async fn operations_endpoints_answer() {
     assert!(spec.starts_with("openapi: 3"));
     app.stop().await;
 }
+
+#[tokio::test]
+async fn a_sync_held_by_another_replica_is_409_until_its_lock_expires() {
+    use quotad::storage::{Counters, redis::RedisCounters};
+    let shared = Shared::real();
+    let app = spawn_with(&shared, |_| {}).await;
+    let other = RedisCounters::new(shared.redis_url.as_deref().unwrap(), &shared.prefix).unwrap();
+    assert!(
+        other
+            .acquire_sync_lock("another-replica", Duration::from_millis(1500))
+            .await
+            .unwrap()
+    );
+    problem(app.admin(Method::POST, "/admin/sync", None).await, 409, "sync_running").await;
+    // The holder dies without releasing: the lock expires by itself.
+    let report = eventually(Duration::from_secs(5), 200, || async {
+        app.admin(Method::POST, "/admin/sync", None).await.status().as_u16()
+    })
+    .await;
+    assert_eq!(report, 200);
+    // A replica's own lock is released when its run ends: another can take it at once.
+    assert!(
+        other
+            .acquire_sync_lock("another-replica", Duration::from_secs(5))
+            .await
+            .unwrap()
+    );
+    assert!(
+        !other
+            .renew_sync_lock("someone-else", Duration::from_secs(5))
+            .await
+            .unwrap()
+    );
+    other.release_sync_lock("another-replica").await.unwrap();
+    ok(app.admin(Method::POST, "/admin/sync", None).await).await;
+    // Every replica sees the last report.
+    let second = spawn_with(&shared, |_| {}).await;
+    let status = ok(second.admin(Method::GET, "/admin/sync", None).await).await;
+    assert!(status["last"]["runId"].is_string(), "{status}");
+}

@@ -15,7 +15,12 @@ use tokio::sync::Mutex;
 
 use crate::helpers::{Shared, eventually, ok, problem, redis_url, spawn_with, unique};
 
-const ALGORITHMS: [&str; 4] = ["sliding-window", "sliding-window-approx", "fixed-window", "token-bucket"];
+const ALGORITHMS: [&str; 4] = [
+    "sliding-window",
+    "sliding-window-approx",
+    "fixed-window",
+    "token-bucket",
+];
 
 fn algorithm_strategy() -> impl Strategy<Value = Algorithm> {
     prop_oneof![
@@ -85,21 +90,32 @@ async fn each_algorithm_admits_denies_and_recovers_after_retry_after() {
         let read = ok(check(&app, read_only).await).await;
         assert_eq!(read["allowed"], false, "{algorithm}");
         tokio::time::sleep(Duration::from_secs(retry_after)).await; // Retry-After is honest
-        assert_eq!(check(&app, body.clone()).await.status(), 200, "{algorithm} after Retry-After");
+        assert_eq!(
+            check(&app, body.clone()).await.status(),
+            200,
+            "{algorithm} after Retry-After"
+        );
     }
 }
 
 #[tokio::test]
 async fn headers_agree_with_the_body() {
     let app = spawn_with(&Shared::real(), |_| {}).await;
-    let resp = check(&app, json!({"key": "h", "limit": 2, "window": "1m", "algorithm": "fixed-window"})).await;
+    let resp = check(
+        &app,
+        json!({"key": "h", "limit": 2, "window": "1m", "algorithm": "fixed-window"}),
+    )
+    .await;
     let headers = resp.headers().clone();
     let body = ok(resp).await;
     assert_eq!(headers["ratelimit-policy"], "\"custom\";q=2;w=60");
     assert_eq!(headers["x-ratelimit-limit"], "2");
     assert_eq!(headers["x-ratelimit-remaining"], body["remaining"].to_string().as_str());
     assert_eq!(headers["x-ratelimit-reset"], body["reset"].to_string().as_str());
-    assert_eq!(headers["ratelimit"], format!("\"custom\";r={};t=60", body["remaining"]).as_str());
+    assert_eq!(
+        headers["ratelimit"],
+        format!("\"custom\";r={};t=60", body["remaining"]).as_str()
+    );
     let plan = check(&app, json!({"key": "h", "plan": "starter"})).await;
     assert_eq!(plan.headers()["ratelimit-policy"], "\"starter\";q=50;w=3600");
 }
@@ -139,7 +155,11 @@ async fn an_anomaly_is_recorded_once_per_key_and_window_and_sent_to_the_webhook(
         c.anomaly_webhook = Some(url);
         c.plans.insert(
             "tiny".into(),
-            quotad::config::PlanConfig { limit: 2, window: toml::Value::String("1h".into()), algorithm: "sliding-window".into() },
+            quotad::config::PlanConfig {
+                limit: 2,
+                window: toml::Value::String("1h".into()),
+                algorithm: "sliding-window".into(),
+            },
         );
     })
     .await;
@@ -149,12 +169,24 @@ async fn an_anomaly_is_recorded_once_per_key_and_window_and_sent_to_the_webhook(
     let body = ok(app.admin(reqwest::Method::GET, "/admin/anomalies?limit=50", None).await).await;
     let anomalies = body["anomalies"].as_array().unwrap();
     assert_eq!(anomalies.len(), 1, "{body}");
-    assert_eq!((anomalies[0]["key"].as_str(), anomalies[0]["plan"].as_str()), (Some("creator:1"), Some("tiny")));
-    assert_eq!((anomalies[0]["count"].as_u64(), anomalies[0]["threshold"].as_u64()), (Some(5), Some(4)));
+    assert_eq!(
+        (anomalies[0]["key"].as_str(), anomalies[0]["plan"].as_str()),
+        (Some("creator:1"), Some("tiny"))
+    );
+    assert_eq!(
+        (anomalies[0]["count"].as_u64(), anomalies[0]["threshold"].as_u64()),
+        (Some(5), Some(4))
+    );
     let delivered = eventually(Duration::from_secs(10), 1, || async { received.lock().await.len() }).await;
     assert_eq!(delivered, 1);
     assert_eq!(received.lock().await[0]["key"], "creator:1");
-    problem(app.admin(reqwest::Method::GET, "/admin/anomalies?limit=many", None).await, 400, "invalid_query").await;
+    problem(
+        app.admin(reqwest::Method::GET, "/admin/anomalies?limit=many", None)
+            .await,
+        400,
+        "invalid_query",
+    )
+    .await;
 }
 
 #[tokio::test]
@@ -164,14 +196,17 @@ async fn a_failing_webhook_harms_nothing() {
         c.anomaly_webhook = Some("http://127.0.0.1:9/unreachable".into());
         c.plans.insert(
             "tiny".into(),
-            quotad::config::PlanConfig { limit: 1, window: toml::Value::String("1h".into()), algorithm: "token-bucket".into() },
+            quotad::config::PlanConfig {
+                limit: 1,
+                window: toml::Value::String("1h".into()),
+                algorithm: "token-bucket".into(),
+            },
         );
     })
     .await;
-    let statuses: Vec<u16> = join_all((0..6).map(|_| async {
-        check(&app, json!({"key": "k", "plan": "tiny"})).await.status().as_u16()
-    }))
-    .await;
+    let statuses: Vec<u16> =
+        join_all((0..6).map(|_| async { check(&app, json!({"key": "k", "plan": "tiny"})).await.status().as_u16() }))
+            .await;
     assert_eq!(statuses.iter().filter(|s| **s == 200).count(), 1);
     assert_eq!(statuses.iter().filter(|s| **s == 429).count(), 5);
     let body = ok(app.admin(reqwest::Method::GET, "/admin/anomalies", None).await).await;

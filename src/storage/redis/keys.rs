@@ -33,6 +33,16 @@ impl Keys {
         format!("{}dirty", self.prefix)
     }
 
+    /// The batch sync's lock (value: the holder's token; expires if the holder dies).
+    pub fn sync_lock(&self) -> String {
+        format!("{}sync:lock", self.prefix)
+    }
+
+    /// The last sync report (JSON).
+    pub fn sync_report(&self) -> String {
+        format!("{}sync:last", self.prefix)
+    }
+
     /// A rate-limit counter of a key under one policy (`counter` names the policy).
     pub fn rate_counter(&self, key: &str, counter: &str) -> String {
         format!("{}rl:{{{key}}}:{counter}", self.prefix)

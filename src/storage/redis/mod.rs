@@ -36,6 +36,7 @@ static MARK_SYNCED: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!
 static EVICT_CLEAN: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("scripts/evict_clean.lua")));
 static SET_LIMIT: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("scripts/set_limit.lua")));
 static RATE_LIMIT: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("scripts/ratelimit.lua")));
+static LOCK: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("scripts/lock.lua")));
 static DIRTY: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("scripts/dirty.lua")));
 
 /// Redis-backed counters.
@@ -310,6 +311,30 @@ impl Counters for RedisCounters {
         Ok(ids.iter().filter_map(|id| ProviderId::parse(id).ok()).collect())
     }
 
+    async fn acquire_sync_lock(&self, token: &str, ttl: Duration) -> Result<bool, StorageError> {
+        self.lock_op("acquire", token, ttl).await
+    }
+
+    async fn renew_sync_lock(&self, token: &str, ttl: Duration) -> Result<bool, StorageError> {
+        self.lock_op("renew", token, ttl).await
+    }
+
+    async fn release_sync_lock(&self, token: &str) -> Result<(), StorageError> {
+        self.lock_op("release", token, Duration::ZERO).await.map(|_| ())
+    }
+
+    async fn store_sync_report(&self, report: &str) -> Result<(), StorageError> {
+        let mut cmd = ::redis::cmd("SET");
+        cmd.arg(self.keys.sync_report()).arg(report);
+        self.query::<()>(cmd).await
+    }
+
+    async fn last_sync_report(&self) -> Result<Option<String>, StorageError> {
+        let mut cmd = ::redis::cmd("GET");
+        cmd.arg(self.keys.sync_report());
+        self.query(cmd).await
+    }
+
     #[tracing::instrument(skip_all, fields(key = check.key), err(level = "debug"))]
     async fn rate_check(&self, check: &RateCheck<'_>) -> Result<RateDecision, StorageError> {
         let counter = check.counter_id();
@@ -383,6 +408,19 @@ fn now_ms() -> i64 {
 }
 
 impl RedisCounters {
+    async fn lock_op(&self, op: &'static str, token: &str, ttl: Duration) -> Result<bool, StorageError> {
+        let mut invocation = LOCK.prepare_invoke();
+        invocation
+            .key(self.keys.sync_lock())
+            .arg(op)
+            .arg(token)
+            .arg(u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1));
+        let held: i64 = self
+            .call(|mut conn| async move { invocation.invoke_async(&mut conn).await })
+            .await?;
+        Ok(held == 1)
+    }
+
     /// The Redis time after which an apply sent now must not change anything (0: none,
     /// while the offset is unmeasured).
     fn apply_deadline_ms(&self) -> i64 {
