@@ -14,7 +14,9 @@
 //! - [`storage`]: the two ports, [`storage::Counters`] (fast, atomic: Redis or memory) and
 //!   [`storage::Ledger`] (durable: Firestore or memory), and their adapters.
 //! - [`startup`]: `Application::build(config)` wires it all and serves until shutdown.
+//! - [`cli`]: the operator commands (`sync --once`, `backfill`, `verify`, `phase`).
 
+pub mod cli;
 pub mod config;
 pub mod domain;
 pub mod http;

@@ -1,11 +1,37 @@
-//! The `quotad` binary: configuration → telemetry → application → serve until a signal.
+//! The `quotad` binary: arguments → configuration → telemetry → the command (the HTTP
+//! service by default).
 
-use quotad::{config::Config, startup::Application, telemetry};
+use std::process::ExitCode;
+
+use quotad::{cli, config::Config, telemetry};
 
 #[tokio::main]
-async fn main() -> anyhow::Result<()> {
-    let config = Config::from_env()?;
-    telemetry::init_tracing();
-    let app = Application::build(config).await?;
-    app.run_until(quotad::startup::shutdown_signal()).await
+async fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let command = match cli::parse(&args) {
+        Ok(command) => command,
+        Err(err) => {
+            eprintln!("quotad: {err:#}");
+            return ExitCode::from(64);
+        }
+    };
+    let config = match Config::from_env() {
+        Ok(config) => config,
+        Err(err) => {
+            eprintln!("quotad: configuration: {err:#}");
+            return ExitCode::from(78);
+        }
+    };
+    if command == cli::Command::Serve {
+        telemetry::init_tracing();
+    } else {
+        telemetry::init_tracing_quiet();
+    }
+    match cli::run(command, config).await {
+        Ok(code) => code,
+        Err(err) => {
+            eprintln!("quotad: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
 }

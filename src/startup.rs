@@ -24,14 +24,7 @@ pub struct Application {
 
 impl Application {
     pub async fn build(config: Config) -> anyhow::Result<Self> {
-        let counters: Arc<dyn Counters> = match &config.redis_url {
-            Some(url) => Arc::new(RedisCounters::new(url, &config.redis_prefix).context("REDIS_URL")?),
-            None => Arc::new(memory::MemoryCounters::default()),
-        };
-        let ledger: Arc<dyn Ledger> = match &config.firestore_project_id {
-            Some(project) => Arc::new(FirestoreLedger::new(project, &config.collection)),
-            None => Arc::new(memory::MemoryLedger::default()),
-        };
+        let (counters, ledger) = backends(&config)?;
         Self::with_backends(config, counters, ledger).await
     }
 
@@ -123,6 +116,36 @@ impl Application {
         tracing::info!("stopped");
         result.map_err(Into::into)
     }
+}
+
+/// The adapters the configuration names (the embedded ones when it names none).
+pub fn backends(config: &Config) -> anyhow::Result<(Arc<dyn Counters>, Arc<dyn Ledger>)> {
+    let counters: Arc<dyn Counters> = match &config.redis_url {
+        Some(url) => Arc::new(RedisCounters::new(url, &config.redis_prefix).context("REDIS_URL")?),
+        None => Arc::new(memory::MemoryCounters::default()),
+    };
+    let ledger: Arc<dyn Ledger> = match &config.firestore_project_id {
+        Some(project) => Arc::new(FirestoreLedger::new(project, &config.collection)),
+        None => Arc::new(memory::MemoryLedger::default()),
+    };
+    Ok((counters, ledger))
+}
+
+/// The quota service and sync job without a listener, for the command-line tools; the
+/// phase is the stored one.
+pub async fn tools(config: &Config) -> anyhow::Result<(Arc<QuotaService>, SyncJob)> {
+    let (counters, ledger) = backends(config)?;
+    let quotas = QuotaService::new(
+        counters,
+        ledger,
+        config.default_limit,
+        config.cache_ttl,
+        config.initial_phase,
+    );
+    if let Some((phase, since)) = quotas.ledger().phase().await.context("reading the stored phase")? {
+        quotas.follow_phase(phase, since);
+    }
+    Ok((quotas.clone(), SyncJob::new(quotas)))
 }
 
 /// Completes on SIGINT or SIGTERM.

@@ -16,6 +16,20 @@ pub fn init_tracing() {
         .try_init();
 }
 
+/// Logs for the command-line tools: warnings and errors only, on stderr (stdout is the
+/// command's answer).
+pub fn init_tracing_quiet() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_target(false)
+        .with_ansi(ansi)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
 /// The process-wide Prometheus recorder (installed on first use; every app in a test
 /// process shares it).
 pub fn metrics_handle() -> PrometheusHandle {

@@ -8,6 +8,7 @@ pub mod quota;
 pub mod ratelimit;
 pub mod schedule;
 pub mod sync;
+pub mod tools;
 pub mod writer;
 
 pub use ids::{Amount, IdempotencyKey, InvalidInput, ProviderId, QuotaValue};

@@ -102,6 +102,10 @@ impl QuotaService {
         &self.ledger
     }
 
+    pub fn cache_ttl(&self) -> Duration {
+        self.cache_ttl
+    }
+
     pub fn writer(&self) -> &Writer {
         &self.writer
     }

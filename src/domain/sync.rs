@@ -13,7 +13,7 @@ use std::{
 use chrono::{DateTime, Utc};
 use tokio::sync::Mutex;
 
-use super::QuotaService;
+use super::{Phase, QuotaService};
 
 /// What a sync run did (API.md `POST /admin/sync`).
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
@@ -37,6 +37,15 @@ pub enum SyncError {
     Running,
     #[error("the dirty index could not be read: {0}")]
     Storage(#[from] crate::storage::StorageError),
+}
+
+/// Why a phase switch did not happen.
+#[derive(Debug, thiserror::Error)]
+pub enum SwitchError {
+    #[error("usage is left unsynced; the phase is unchanged")]
+    Incomplete,
+    #[error(transparent)]
+    Quota(#[from] super::QuotaError),
 }
 
 /// Runs syncs one at a time and remembers the last report.
@@ -67,6 +76,28 @@ impl SyncJob {
             Ok(Some(json)) => serde_json::from_str(&json).ok(),
             _ => self.last.lock().unwrap().clone(),
         }
+    }
+
+    /// Switches every replica to `target`. Leaving `redis-primary` first writes all usage
+    /// to Firestore (waiting up to 60 s for a running sync) and refuses while any is left.
+    pub async fn switch_phase(&self, target: Phase) -> Result<(Phase, DateTime<Utc>), SwitchError> {
+        let (current, _) = self.service.phase();
+        if current == Phase::RedisPrimary && target != Phase::RedisPrimary {
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+            let report = loop {
+                match self.run_once().await {
+                    Err(SyncError::Running) if tokio::time::Instant::now() < deadline => {
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                    }
+                    other => break other,
+                }
+            };
+            if !matches!(&report, Ok(r) if r.failed == 0) {
+                tracing::warn!(?report, "not leaving redis-primary: the sync did not write everything");
+                return Err(SwitchError::Incomplete);
+            }
+        }
+        Ok(self.service.set_phase(target).await?)
     }
 
     /// One full run under the cross-replica lock.

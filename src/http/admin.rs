@@ -12,7 +12,10 @@ use super::{
     error::ApiError,
     extract::{Fields, JsonObject, ProviderPath},
 };
-use crate::domain::{Phase, QuotaValue, sync::SyncError};
+use crate::domain::{
+    Phase, QuotaValue,
+    sync::{SwitchError, SyncError},
+};
 
 pub async fn invalidate(
     State(app): State<AppState>,
@@ -73,27 +76,14 @@ pub async fn set_phase(State(app): State<AppState>, body: JsonObject) -> Result<
         .and_then(Value::as_str)
         .and_then(Phase::parse)
         .ok_or_else(|| ApiError::invalid("phase", "phase must be firestore-only, dual-write or redis-primary"))?;
-    let (current, _) = app.quotas.phase();
-    if current == Phase::RedisPrimary && phase != Phase::RedisPrimary {
-        // Leaving redis-primary: Firestore must hold every unit first.
-        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(60);
-        let report = loop {
-            match app.sync.run_once().await {
-                Err(SyncError::Running) if tokio::time::Instant::now() < deadline => {
-                    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
-                }
-                other => break other,
-            }
-        };
-        let complete = matches!(&report, Ok(r) if r.failed == 0);
-        if !complete {
-            return Err(ApiError::Conflict {
-                code: "sync_incomplete",
-                detail: "usage is left unsynced; the phase is unchanged".into(),
-            });
-        }
+    match app.sync.switch_phase(phase).await {
+        Ok(answer) => Ok(phase_body(answer)),
+        Err(SwitchError::Incomplete) => Err(ApiError::Conflict {
+            code: "sync_incomplete",
+            detail: "usage is left unsynced; the phase is unchanged".into(),
+        }),
+        Err(SwitchError::Quota(err)) => Err(err.into()),
     }
-    Ok(phase_body(app.quotas.set_phase(phase).await?))
 }
 
 pub async fn sync_now(State(app): State<AppState>) -> Result<impl IntoResponse, ApiError> {

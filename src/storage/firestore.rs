@@ -67,6 +67,7 @@ impl ProviderDoc {
             used: self.aiCallsUsed.map(Num::get),
             limit: self.aiCallsLimit.map(Num::get),
             epoch: self.quotadEpoch.clone(),
+            watermark: self.quotadWatermark.map(Num::get),
         }
     }
 }
@@ -477,6 +478,32 @@ impl Ledger for FirestoreLedger {
             (after, Some(write))
         })
         .await
+    }
+
+    async fn list_documents(
+        &self,
+        page: Option<String>,
+        size: usize,
+    ) -> Result<(Vec<(ProviderId, Document)>, Option<String>), StorageError> {
+        let db = self.db().await?;
+        let listing = db.fluent().list().from(&self.collection).page_size(size);
+        let listing = match page {
+            Some(token) => listing.page_token(token),
+            None => listing,
+        };
+        let result = self.timed(CALL_TIMEOUT, listing.get_page()).await?;
+        let mut docs = Vec::new();
+        for raw in &result.documents {
+            let id = raw.name.rsplit('/').next().unwrap_or_default();
+            let (Ok(provider), Ok(doc)) = (
+                ProviderId::parse(id),
+                FirestoreDb::deserialize_doc_to::<ProviderDoc>(raw),
+            ) else {
+                continue;
+            };
+            docs.push((provider, doc.document()));
+        }
+        Ok((docs, result.page_token.filter(|t| !t.is_empty())))
     }
 
     async fn changed_outside(&self, max: usize) -> Result<Vec<ProviderId>, StorageError> {

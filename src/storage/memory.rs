@@ -207,6 +207,24 @@ impl Counters for MemoryCounters {
         Ok(found.into_iter().take(max).map(|(_, p)| p).collect())
     }
 
+    async fn scan_records(&self, cursor: u64, count: usize) -> Result<(u64, Vec<(ProviderId, Record)>), StorageError> {
+        let mut state = self.state.lock().unwrap();
+        let mut ids: Vec<ProviderId> = state.records.keys().cloned().collect();
+        ids.sort();
+        let start = usize::try_from(cursor).unwrap_or(usize::MAX);
+        let page: Vec<_> = ids.iter().skip(start).take(count).cloned().collect();
+        let records = page
+            .iter()
+            .filter_map(|id| state.live(id).map(|r| (id.clone(), r.clone())))
+            .collect();
+        let next = if start + count >= ids.len() {
+            0
+        } else {
+            (start + count) as u64
+        };
+        Ok((next, records))
+    }
+
     async fn acquire_sync_lock(&self, token: &str, ttl: Duration) -> Result<bool, StorageError> {
         let mut state = self.state.lock().unwrap();
         if state
@@ -306,6 +324,7 @@ fn document_of(doc: &Doc) -> Document {
         used: doc.used,
         limit: doc.limit,
         epoch: doc.epoch.clone(),
+        watermark: Some(doc.watermark),
     }
 }
 
@@ -393,6 +412,23 @@ impl Ledger for MemoryLedger {
             doc.limit = Some(limit);
         }
         Ok(document_of(doc))
+    }
+
+    async fn list_documents(
+        &self,
+        page: Option<String>,
+        size: usize,
+    ) -> Result<(Vec<(ProviderId, Document)>, Option<String>), StorageError> {
+        let state = self.state.lock().unwrap();
+        let mut docs: Vec<_> = state
+            .docs
+            .iter()
+            .map(|(id, doc)| (id.clone(), document_of(doc)))
+            .collect();
+        docs.sort_by(|a, b| a.0.cmp(&b.0));
+        let start: usize = page.and_then(|p| p.parse().ok()).unwrap_or(0);
+        let next = (start + size < docs.len()).then(|| (start + size).to_string());
+        Ok((docs.into_iter().skip(start).take(size).collect(), next))
     }
 
     async fn changed_outside(&self, max: usize) -> Result<Vec<ProviderId>, StorageError> {

@@ -152,6 +152,8 @@ pub trait Counters: Send + Sync {
     async fn set_limit(&self, provider: &ProviderId, limit: i64) -> Result<(), StorageError>;
     /// Up to `max` dirty providers that have been dirty for at least `min_age`.
     async fn dirty(&self, min_age: Duration, max: usize) -> Result<Vec<ProviderId>, StorageError>;
+    /// One page of cached records (`cursor` 0 starts; a returned 0 means done). Tools only.
+    async fn scan_records(&self, cursor: u64, count: usize) -> Result<(u64, Vec<(ProviderId, Record)>), StorageError>;
     /// Takes the sync lock for `ttl` unless another holder has it; `false` when taken.
     async fn acquire_sync_lock(&self, token: &str, ttl: Duration) -> Result<bool, StorageError>;
     /// Extends the lock while `token` still holds it; `false` when it was lost.
@@ -173,6 +175,8 @@ pub struct Document {
     pub used: Option<i64>,
     pub limit: Option<i64>,
     pub epoch: Option<String>,
+    /// The usage of `epoch` already added to `used`.
+    pub watermark: Option<i64>,
 }
 
 /// What a [`Ledger::write_record`] did.
@@ -221,6 +225,12 @@ pub trait Ledger: Send + Sync {
         limit: Option<i64>,
         new_epoch: &str,
     ) -> Result<Document, StorageError>;
+    /// One page of provider documents (`None` starts; a returned `None` means done).
+    async fn list_documents(
+        &self,
+        page: Option<String>,
+        size: usize,
+    ) -> Result<(Vec<(ProviderId, Document)>, Option<String>), StorageError>;
     /// Providers whose documents changed outside Redis (fallback decisions), up to `max`.
     async fn changed_outside(&self, max: usize) -> Result<Vec<ProviderId>, StorageError>;
     /// Records that a provider's document changed outside Redis.

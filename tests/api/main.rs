@@ -6,5 +6,6 @@ mod contract;
 mod faults;
 mod helpers;
 mod inputs;
+mod migration;
 mod quota;
 mod ratelimit;

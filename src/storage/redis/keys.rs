@@ -23,6 +23,17 @@ impl Keys {
         format!("{}q:{{{provider}}}", self.prefix)
     }
 
+    /// The SCAN pattern of every record.
+    pub fn record_pattern(&self) -> String {
+        format!("{}q:{{*", self.prefix)
+    }
+
+    /// The provider of a record key.
+    pub fn provider_of(key: &str) -> Option<ProviderId> {
+        let tagged = key.split_once('{')?.1;
+        ProviderId::parse(tagged.strip_suffix('}')?).ok()
+    }
+
     /// An idempotency record: `amount:allowed:used:limit` of the first answer.
     pub fn idempotency(&self, provider: &ProviderId, op: Op, key: &str) -> String {
         format!("{}idem:{{{provider}}}:{}:{key}", self.prefix, op.as_str())

@@ -311,6 +311,26 @@ impl Counters for RedisCounters {
         Ok(ids.iter().filter_map(|id| ProviderId::parse(id).ok()).collect())
     }
 
+    async fn scan_records(&self, cursor: u64, count: usize) -> Result<(u64, Vec<(ProviderId, Record)>), StorageError> {
+        let mut cmd = ::redis::cmd("SCAN");
+        cmd.arg(cursor)
+            .arg("MATCH")
+            .arg(self.keys.record_pattern())
+            .arg("COUNT")
+            .arg(count);
+        let (next, keys): (u64, Vec<String>) = self.query(cmd).await?;
+        let mut records = Vec::new();
+        for key in keys {
+            let Some(provider) = Keys::provider_of(&key) else {
+                continue;
+            };
+            if let Some(record) = self.read(&provider).await? {
+                records.push((provider, record));
+            }
+        }
+        Ok((next, records))
+    }
+
     async fn acquire_sync_lock(&self, token: &str, ttl: Duration) -> Result<bool, StorageError> {
         self.lock_op("acquire", token, ttl).await
     }

@@ -1,0 +1,204 @@
+//! The migration tools and the batch sync as processes: `quotad sync --once` killed with
+//! SIGKILL mid-run and run again, consumes running meanwhile, `verify`, `backfill`, `phase`.
+
+use std::{
+    collections::HashMap,
+    process::{Command, Output, Stdio},
+    time::Duration,
+};
+
+use futures::{StreamExt, stream};
+
+use crate::helpers::{QuotadProcess, RedisServer, Store, client, emulator_host, unique};
+
+fn tool_env(redis: &RedisServer, project: &str) -> Vec<(&'static str, String)> {
+    vec![
+        ("REDIS_URL", redis.url()),
+        ("FIRESTORE_PROJECT_ID", project.to_owned()),
+        ("FIRESTORE_EMULATOR_HOST", emulator_host()),
+    ]
+}
+
+fn tool(envs: &[(&'static str, String)], args: &[&str]) -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_quotad"));
+    command
+        .args(args)
+        .env_remove("QUOTAD_PHASE")
+        .env_remove("REDIS_URL")
+        .env_remove("FIRESTORE_PROJECT_ID");
+    for (name, value) in envs {
+        command.env(name, value);
+    }
+    command
+}
+
+fn run(envs: &[(&'static str, String)], args: &[&str]) -> Output {
+    tool(envs, args).output().expect("quotad runs")
+}
+
+/// Consumes `amounts[provider]` units of each provider, 32 at a time; returns what was admitted.
+async fn consume_all(base: &str, amounts: &HashMap<String, i64>) -> HashMap<String, i64> {
+    let http = client();
+    let calls = amounts.iter().flat_map(|(p, n)| (0..*n).map(move |_| p.clone()));
+    let admitted: Vec<(String, bool)> = stream::iter(calls)
+        .map(|provider| {
+            let http = http.clone();
+            async move {
+                let resp = http
+                    .post(format!("{base}/quota/{provider}/consume"))
+                    .send()
+                    .await
+                    .unwrap();
+                (provider, resp.status().as_u16() == 200)
+            }
+        })
+        .buffer_unordered(32)
+        .collect()
+        .await;
+    let mut total = HashMap::new();
+    for (provider, ok) in admitted {
+        *total.entry(provider).or_insert(0) += i64::from(ok);
+    }
+    total
+}
+
+#[tokio::test]
+async fn a_sync_killed_at_any_point_and_run_again_leaves_every_document_exact() {
+    let redis = RedisServer::start().await;
+    let project = unique("crash-");
+    let envs = tool_env(&redis, &project);
+    let mut server_env = envs.clone();
+    server_env.push(("QUOTAD_PHASE", "redis-primary".into()));
+    let server = QuotadProcess::start(&server_env).await;
+    let amounts: HashMap<String, i64> = (0..1500).map(|i| (format!("p{i}"), 1 + i % 3)).collect();
+    let mut admitted = consume_all(&server.base, &amounts).await;
+
+    // Kill the sync at several points of its run, with consumes going on meanwhile.
+    for delay_ms in [150u64, 700, 1500, 2500] {
+        let mut sync = tool(&envs, &["sync", "--once"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let more: HashMap<String, i64> = (0..60).map(|i| (format!("p{}", i * 7), 1)).collect();
+        let (extra, ()) = tokio::join!(
+            consume_all(&server.base, &more),
+            tokio::time::sleep(Duration::from_millis(delay_ms))
+        );
+        let _ = sync.kill();
+        let _ = sync.wait();
+        // Its lock would expire within 30 s; drop it now so the next run starts at once.
+        let counters = quotad::storage::redis::RedisCounters::new(&redis.url(), "quotad:").unwrap();
+        let mut del = redis::cmd("DEL");
+        del.arg("quotad:sync:lock");
+        counters.query::<i64>(del).await.unwrap();
+        for (provider, n) in extra {
+            *admitted.get_mut(&provider).unwrap() += n;
+        }
+    }
+    // The dead syncs' lock expires; then a clean run writes the rest.
+    let mut report = run(&envs, &["sync", "--once"]);
+    for _ in 0..60 {
+        if report.status.code() != Some(2) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        report = run(&envs, &["sync", "--once"]);
+    }
+    assert!(report.status.success(), "{}", String::from_utf8_lossy(&report.stderr));
+    let store = Store::new(project.clone());
+    let mut wrong = Vec::new();
+    for (provider, n) in &admitted {
+        let used = store.used(provider).await;
+        if used != Some(*n) {
+            wrong.push((provider.clone(), *n, used));
+        }
+    }
+    assert!(
+        wrong.is_empty(),
+        "documents that differ from what was admitted: {:?}",
+        &wrong[..wrong.len().min(10)]
+    );
+    // Two syncs in a row: the second writes nothing.
+    let again = run(&envs, &["sync", "--once"]);
+    let report: serde_json::Value = serde_json::from_slice(&again.stdout).unwrap();
+    assert_eq!(report["written"], 0, "{report}");
+    let verify = run(&envs, &["verify"]);
+    assert!(verify.status.success(), "{}", String::from_utf8_lossy(&verify.stdout));
+    drop(server);
+}
+
+#[tokio::test]
+async fn verify_reports_drift_and_backfill_warms_the_cache() {
+    let redis = RedisServer::start().await;
+    let project = unique("tools-");
+    let envs = tool_env(&redis, &project);
+    let store = Store::new(project.clone());
+    for i in 0..30 {
+        store.put(&format!("w{i}"), Some(i), Some(100)).await;
+    }
+    let backfill = run(&envs, &["backfill"]);
+    assert!(
+        backfill.status.success(),
+        "{}",
+        String::from_utf8_lossy(&backfill.stderr)
+    );
+    assert!(String::from_utf8_lossy(&backfill.stdout).contains("30 provider documents"));
+    let server = QuotadProcess::start(&envs).await;
+    let body: serde_json::Value = client()
+        .get(format!("{}/quota/w7", server.base))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        (body["used"].as_i64(), body["source"].as_str()),
+        (Some(7), Some("cache"))
+    );
+    assert!(run(&envs, &["verify"]).status.success());
+    store.add_used("w7", 5).await; // another writer: the cache does not know
+    let verify = run(&envs, &["verify"]);
+    assert_eq!(verify.status.code(), Some(1));
+    let out = String::from_utf8_lossy(&verify.stdout);
+    assert!(out.contains("w7\tcached=7\tstored=12\tunsynced=0\tdrift=5"), "{out}");
+    drop(server);
+}
+
+#[tokio::test]
+async fn the_phase_command_switches_every_replica() {
+    let redis = RedisServer::start().await;
+    let project = unique("phase-");
+    let envs = tool_env(&redis, &project);
+    let server = QuotadProcess::start(&envs).await;
+    let shown = run(&envs, &["phase"]);
+    assert!(String::from_utf8_lossy(&shown.stdout).starts_with("dual-write"));
+    assert!(run(&envs, &["phase", "set", "redis-primary"]).status.success());
+    let http = client();
+    let phase = crate::helpers::eventually(Duration::from_secs(5), Some("redis-primary".to_owned()), || async {
+        let resp = http
+            .get(format!("{}/admin/phase", server.base))
+            .bearer_auth(crate::helpers::ADMIN)
+            .send()
+            .await
+            .unwrap();
+        resp.json::<serde_json::Value>().await.unwrap()["phase"]
+            .as_str()
+            .map(str::to_owned)
+    })
+    .await;
+    assert_eq!(phase.as_deref(), Some("redis-primary"));
+    let resp = http
+        .post(format!("{}/quota/p1/consume", server.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 200);
+    assert!(run(&envs, &["phase", "set", "dual-write"]).status.success()); // syncs first
+    assert_eq!(Store::new(project).used("p1").await, Some(1));
+    let help = run(&envs, &["sync", "--help"]);
+    assert!(String::from_utf8_lossy(&help.stdout).contains("quotad sync --once"));
+    assert_eq!(run(&envs, &["frobnicate"]).status.code(), Some(64));
+    drop(server);
+}
