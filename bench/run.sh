@@ -151,14 +151,30 @@ to_ms() {
     printf "%.3f", n }'
 }
 
-# run_wrk NAME URL [LUA] [NOTE]
+# CPU time (user + system) of a process so far, in clock ticks.
+cpu_ticks() {
+  local stat
+  stat=$(cat "/proc/$1/stat" 2>/dev/null) || { echo 0; return; }
+  stat=${stat##*) }
+  awk '{print $12 + $13}' <<<"$stat"
+}
+CLK_TCK=$(getconf CLK_TCK)
+
+# run_wrk NAME URL [LUA] [NOTE]; SERVER_PID: the HTTP server under test (its CPU % is reported,
+# and Redis's, 100 % = one core)
+SERVER_PID="" SRVCPU=() RCPU=()
 run_wrk() {
   local name=$1 url=$2 script=${3:-} note=${4:-}
   local out="$WORK/wrk-${#NAMES[@]}.txt"
   local args=(-t"$THREADS" -c"$CONNS" -d"$DURATION" --latency)
   [[ -n $script ]] && args+=(-s "$script")
   log "$name: wrk ${args[*]} $url"
+  local s0 r0 t0 s1 r1 t1
+  s0=$(cpu_ticks "$SERVER_PID") r0=$(cpu_ticks "$REDIS_PID") t0=$(date +%s.%N)
   run_bg "$out" wrk "${args[@]}" "$url"
+  s1=$(cpu_ticks "$SERVER_PID") r1=$(cpu_ticks "$REDIS_PID") t1=$(date +%s.%N)
+  SRVCPU+=("$(awk -v a="$s0" -v b="$s1" -v t="$t1" -v u="$t0" -v h="$CLK_TCK" 'BEGIN { printf "%.0f", 100 * (b - a) / h / (t - u) }')")
+  RCPU+=("$(awk -v a="$r0" -v b="$r1" -v t="$t1" -v u="$t0" -v h="$CLK_TCK" 'BEGIN { printf "%.0f", 100 * (b - a) / h / (t - u) }')")
   cat "$out" >&2
   local rps p50 p99 non2xx sockerr
   rps=$(awk '/^Requests\/sec:/ {print $2}' "$out")
@@ -206,6 +222,7 @@ start_quotad() { # start_quotad PHASE
     RUST_LOG=warn \
     "$QUOTAD_BIN" >"$WORK/quotad-$phase.log" 2>&1 &
   QUOTAD_PID=$!
+  SERVER_PID=$QUOTAD_PID
   PIDS+=("$QUOTAD_PID")
   wait_http "http://127.0.0.1:$QUOTAD_PORT/healthz" "$QUOTAD_PID" ||
     { cat "$WORK/quotad-$phase.log" >&2; die "quotad ($phase) did not start"; }
@@ -233,6 +250,7 @@ ECHO_PORT=$(free_port)
 ECHO_PID=$!
 PIDS+=("$ECHO_PID")
 wait_http "http://127.0.0.1:$ECHO_PORT/echo" "$ECHO_PID" || die "echo did not start"
+SERVER_PID=$ECHO_PID
 [[ $(curl -fsS -H 'Content-Type: application/json' -d '{"amount":1}' "http://127.0.0.1:$ECHO_PORT/echo") == '{"amount":1}' ]] ||
   die "echo does not echo"
 
@@ -314,13 +332,15 @@ report() {
   echo "quotad: target/release/quotad, REDIS_URL=private redis-server $REDIS_PORT (no persistence), no Firestore"
   echo "  (FIRESTORE_PROJECT_ID unset: embedded in-memory ledger), QUOTAD_DEFAULT_LIMIT=$HUGE, RUST_LOG=warn,"
   echo "  QUOTAD_PHASE as in the 'phase' column (redis-primary: no ledger write per request)"
+  echo "srv cpu / redis: CPU of the server under test and of redis-server during the run (100 % = one core)"
   echo
-  printf '%-34s %-31s %10s %8s %8s %7s %6s %6s\n' "run" "phase / notes" "req/s" "p50 ms" "p99 ms" "x echo" "non2xx" "sockerr"
+  printf '%-34s %-31s %10s %8s %8s %7s %6s %7s %7s %7s\n' "run" "phase / notes" "req/s" "p50 ms" "p99 ms" "x echo" \
+    "non2xx" "sockerr" "srv cpu" "redis"
   local i ratio
   for i in "${!NAMES[@]}"; do
     ratio=$(awk -v a="${RPS[$i]}" -v b="$ECHO_RPS" 'BEGIN { printf "%.2f", a / b }')
-    printf '%-34s %-31s %10.0f %8.3f %8.3f %7s %6s %6s\n' "${NAMES[$i]}" "${NOTES[$i]:--}" "${RPS[$i]}" \
-      "${P50[$i]}" "${P99[$i]}" "$ratio" "${NON2XX[$i]}" "${SOCKERR[$i]}"
+    printf '%-34s %-31s %10.0f %8.3f %8.3f %7s %6s %7s %6s%% %6s%%\n' "${NAMES[$i]}" "${NOTES[$i]:--}" "${RPS[$i]}" \
+      "${P50[$i]}" "${P99[$i]}" "$ratio" "${NON2XX[$i]}" "${SOCKERR[$i]}" "${SRVCPU[$i]}" "${RCPU[$i]}"
   done
   printf '%-34s %-31s %10.0f %8s %8s %7s\n' "redis EVALSHA apply.lua (ops/s)" "redis-benchmark -c 50 -n $REDIS_N" \
     "$REDIS_OPS" "${REDIS_P50:--}" "-" "-"

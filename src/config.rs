@@ -20,8 +20,8 @@ pub struct Config {
     pub firestore_project_id: Option<String>,
     /// Phase used when none is stored yet.
     pub initial_phase: Phase,
-    /// Caller API keys; empty means the caller endpoints are open.
-    pub api_keys: Vec<String>,
+    /// Caller API keys; `None` (the variable unset) leaves the caller endpoints open.
+    pub api_keys: Option<Vec<String>>,
     /// Admin bearer token; `None` disables the admin endpoints.
     pub admin_token: Option<String>,
     /// Limit of a provider whose document stores none.
@@ -82,7 +82,7 @@ impl Default for Config {
             redis_url: None,
             firestore_project_id: None,
             initial_phase: Phase::DualWrite,
-            api_keys: Vec::new(),
+            api_keys: None,
             admin_token: None,
             default_limit: 100,
             cache_ttl: Duration::from_secs(300),
@@ -136,10 +136,21 @@ impl Config {
         let host_port = |host: Option<String>, port: Option<String>| {
             host.map(|h| format!("redis://{h}:{}/", port.as_deref().unwrap_or("6379")))
         };
+        // REDIS_URL wins; then the legacy REDIS_HOST/REDIS_PORT (each from the environment
+        // if set there, else from the file); then the file's redis_url and host/port.
+        let env_host_port = var("REDIS_HOST").is_some() || var("REDIS_PORT").is_some();
+        let file_port = file.redis_port.map(|p| p.to_string());
         config.redis_url = var("REDIS_URL")
-            .or_else(|| host_port(var("REDIS_HOST"), var("REDIS_PORT")))
+            .or_else(|| {
+                env_host_port.then(|| {
+                    let host = var("REDIS_HOST")
+                        .or(file.redis_host.clone())
+                        .unwrap_or_else(|| "127.0.0.1".into());
+                    host_port(Some(host), var("REDIS_PORT").or(file_port.clone()))
+                })?
+            })
             .or(file.redis_url)
-            .or_else(|| host_port(file.redis_host, file.redis_port.map(|p| p.to_string())));
+            .or_else(|| host_port(file.redis_host, file_port));
         config.firestore_project_id = var("FIRESTORE_PROJECT_ID").or(file.firestore_project_id);
         if let Some(phase) = var("QUOTAD_PHASE").or(file.phase) {
             config.initial_phase =
@@ -160,13 +171,14 @@ impl Config {
                 None => None,
             },
         };
-        config.api_keys = keys
-            .unwrap_or_default()
-            .split(',')
-            .map(str::trim)
-            .filter(|k| !k.is_empty())
-            .map(str::to_owned)
-            .collect();
+        // Set but holding no key (",") means no caller is let in, not an open service.
+        config.api_keys = keys.map(|list| {
+            list.split(',')
+                .map(str::trim)
+                .filter(|k| !k.is_empty())
+                .map(str::to_owned)
+                .collect()
+        });
         config.admin_token = var("QUOTAD_ADMIN_TOKEN").or(file.admin_token);
         if let Some(limit) = var("QUOTAD_DEFAULT_LIMIT") {
             config.default_limit = limit
@@ -236,6 +248,8 @@ mod tests {
         assert_eq!(config.redis_url.as_deref(), Some("redis://10.0.0.5:6380/"));
         let config = from(&[("REDIS_URL", "redis://a:1/2"), ("REDIS_HOST", "b")]).unwrap();
         assert_eq!(config.redis_url.as_deref(), Some("redis://a:1/2"));
+        let config = from(&[("REDIS_PORT", "7000")]).unwrap();
+        assert_eq!(config.redis_url.as_deref(), Some("redis://127.0.0.1:7000/"));
     }
 
     #[test]
@@ -269,6 +283,8 @@ mod tests {
     #[test]
     fn api_keys_are_a_comma_separated_list() {
         let config = from(&[("QUOTAD_API_KEYS", "k1, k2,,")]).unwrap();
-        assert_eq!(config.api_keys, vec!["k1", "k2"]);
+        assert_eq!(config.api_keys, Some(vec!["k1".to_owned(), "k2".to_owned()]));
+        assert_eq!(from(&[("QUOTAD_API_KEYS", ",")]).unwrap().api_keys, Some(vec![]));
+        assert_eq!(from(&[]).unwrap().api_keys, None);
     }
 }

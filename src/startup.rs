@@ -46,7 +46,7 @@ impl Application {
                 ""
             }
         );
-        if config.api_keys.is_empty() {
+        if config.api_keys.is_none() {
             tracing::warn!("QUOTAD_API_KEYS is unset: the caller endpoints are open to anyone");
         }
         if config.admin_token.is_none() {
@@ -98,7 +98,9 @@ impl Application {
         let cancel = CancellationToken::new();
         let tasks = TaskTracker::new();
         tasks.spawn(writer::run(self.app.quotas.clone(), cancel.clone()));
+        probe(&self.app).await; // readiness is known before the first request
         tasks.spawn(watch_health(self.app.clone(), cancel.clone()));
+        tasks.spawn(reconcile(self.app.clone(), cancel.clone()));
         tasks.spawn(follow_phase(self.app.clone(), cancel.clone()));
         tasks.spawn(scheduled_sync(self.app.clone(), cancel.clone()));
         if let Some((url, queue)) = self.webhook {
@@ -178,35 +180,50 @@ async fn tick(cancel: &CancellationToken, period: Duration) -> bool {
     }
 }
 
-/// Probes both dependencies every second for `/readyz`, and brings decisions back to
-/// Redis once it answers again and what Firestore decided meanwhile is reloaded.
+/// Probes both dependencies once, each bounded so a hung one cannot hold the caller.
+async fn probe(app: &App) -> (bool, bool) {
+    let quotas = &app.quotas;
+    let bound = Duration::from_millis(1500);
+    let (redis, firestore) = tokio::join!(
+        tokio::time::timeout(bound, quotas.counters().ping()),
+        tokio::time::timeout(bound, quotas.ledger().ping())
+    );
+    let (redis_ok, firestore_ok) = (matches!(redis, Ok(Ok(()))), matches!(firestore, Ok(Ok(()))));
+    app.health.set(redis_ok, firestore_ok);
+    if !redis_ok && quotas.redis_is_up() {
+        quotas.redis_down("health probe failed");
+    }
+    (redis_ok, firestore_ok)
+}
+
+/// Probes both dependencies every second for `/readyz` (a change shows within 10 s).
 async fn watch_health(app: Arc<App>, cancel: CancellationToken) {
+    while tick(&cancel, Duration::from_secs(1)).await {
+        probe(&app).await;
+    }
+}
+
+/// Brings decisions back to Redis once it answers again and what Firestore decided
+/// meanwhile is reloaded; also reloads, every few seconds, what another replica's fallback
+/// marked.
+async fn reconcile(app: Arc<App>, cancel: CancellationToken) {
     let quotas = &app.quotas;
     let mut rounds = 0u64;
-    loop {
-        let redis_ok = quotas.counters().ping().await.is_ok();
-        let firestore_ok = quotas.ledger().ping().await.is_ok();
-        app.health.set(redis_ok, firestore_ok);
-        if !redis_ok && quotas.redis_is_up() {
-            quotas.redis_down("health probe failed");
-        }
-        let reconcile_now = redis_ok && firestore_ok && (!quotas.redis_is_up() || rounds.is_multiple_of(5));
-        if reconcile_now {
-            match quotas.reconcile().await {
-                Ok(reloaded) => {
-                    if reloaded > 0 {
-                        tracing::info!(reloaded, "reloaded records Firestore changed while Redis was away");
-                    }
-                    quotas.redis_recovered();
-                }
-                Err(err) => {
-                    tracing::warn!(error = %err, "reconciling with Firestore failed; will retry")
-                }
-            }
-        }
+    while tick(&cancel, Duration::from_millis(500)).await {
         rounds += 1;
-        if !tick(&cancel, Duration::from_secs(1)).await {
-            return;
+        let healthy = app.health.redis.load(std::sync::atomic::Ordering::Relaxed)
+            && app.health.firestore.load(std::sync::atomic::Ordering::Relaxed);
+        if !healthy || (quotas.redis_is_up() && !rounds.is_multiple_of(10)) {
+            continue;
+        }
+        match quotas.reconcile().await {
+            Ok(reloaded) => {
+                if reloaded > 0 {
+                    tracing::info!(reloaded, "reloaded records Firestore changed while Redis was away");
+                }
+                quotas.redis_recovered();
+            }
+            Err(err) => tracing::warn!(error = %err, "reconciling with Firestore failed; will retry"),
         }
     }
 }

@@ -257,16 +257,19 @@ impl QuotaService {
                 Err(err) => Err(err),
             }
         } else {
+            // Whether Redis may still hold a record this decision makes stale: then it is
+            // marked, and reloaded before Redis decides for it again.
+            let mut cache_stale = true;
             if phase.redis_decides() {
                 metrics::counter!("quotad_fallbacks_total").increment(1);
             } else if self.redis_is_up() {
-                // firestore-only: a record Redis still holds is stale from now on.
-                if let Err(err) = self.invalidate(provider).await {
-                    tracing::debug!(error = %err, "could not drop the cached record");
+                // firestore-only: drop the cached record (writing anything pending first).
+                match self.invalidate(provider).await {
+                    Ok(()) => cache_stale = false,
+                    Err(err) => tracing::warn!(%provider, error = %err, "could not drop the cached record"),
                 }
             }
-            self.change_in_ledger(provider, &change, phase, phase.redis_decides())
-                .await
+            self.change_in_ledger(provider, &change, phase, cache_stale).await
         };
         if let Ok(Outcome::Decided(decision) | Outcome::Replayed(decision)) = &outcome {
             let result = match &outcome {
@@ -303,7 +306,8 @@ impl QuotaService {
                 }
             }
         }
-        Err(QuotaError::Internal(StorageError::Other {
+        // Evicted between load and apply three times over: Redis is under memory pressure.
+        Err(QuotaError::Unavailable(StorageError::Unavailable {
             backend: "redis",
             message: "record vanished three times while deciding".into(),
         }))
@@ -355,8 +359,13 @@ impl QuotaService {
                     }
                 }
                 Ok(WriteOutcome::Stale) => {
+                    // The document was set to another epoch (an operator's PUT while Redis was
+                    // away): its absolute value replaced what this record had not written.
                     metrics::counter!("quotad_store_writes_total", "result" => "stale").increment(1);
-                    tracing::warn!(%provider, epoch = %record.epoch, "cached record is stale: the document moved to another epoch");
+                    tracing::warn!(%provider, epoch = %record.epoch, unsynced = record.used - record.base,
+                        "cached record is stale (its document was reset meanwhile): dropping it");
+                    self.counters.forget(provider, &record.epoch).await?;
+                    return Ok(true);
                 }
                 Err(err) => {
                     metrics::counter!("quotad_store_writes_total", "result" => "failed").increment(1);

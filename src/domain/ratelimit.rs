@@ -87,7 +87,7 @@ impl Window {
 fn parse_duration_ms(raw: &str) -> Option<u64> {
     let digits_end = raw.find(|c: char| !c.is_ascii_digit())?;
     let (number, rest) = raw.split_at(digits_end);
-    if number.is_empty() || number.len() > 12 {
+    if number.is_empty() {
         return None;
     }
     let unit = rest.strip_prefix(' ').unwrap_or(rest);
@@ -212,10 +212,15 @@ enum State {
 
 #[derive(Default)]
 struct Inner {
-    counters: HashMap<(String, String), State>,
+    /// Each counter with the time after which it no longer matters (its decision's reset).
+    counters: HashMap<(String, String), (State, u64)>,
     attempts: HashMap<(String, String), (u64, u64)>,
     anomalies: VecDeque<Anomaly>,
+    checks: u64,
 }
+
+/// Idle counters are dropped every this many checks (Redis expires its keys instead).
+const PURGE_EVERY: u64 = 4096;
 
 /// The in-process twin of the Redis script: identical decisions, counted in this process
 /// only (the embedded backend, and the fallback while Redis is away).
@@ -235,13 +240,22 @@ fn at_ms(ms: u64) -> chrono::DateTime<chrono::Utc> {
 impl Twin {
     pub fn check(&self, check: &RateCheck<'_>) -> RateDecision {
         let now = check.now_ms.unwrap_or_else(wall_ms);
-        let mut inner = self.inner.lock().unwrap();
+        let mut inner = self.inner.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        inner.checks += 1;
+        if inner.checks.is_multiple_of(PURGE_EVERY) {
+            inner.counters.retain(|_, (_, until)| *until > now);
+            inner
+                .attempts
+                .retain(|_, (_, since)| since.saturating_add(ANOMALY_SPAN_MS) > now);
+        }
         let id = (check.key.to_owned(), check.counter_id());
-        let state = inner
+        let (state, until) = inner
             .counters
             .entry(id)
-            .or_insert_with(|| initial(check.policy.algorithm, now));
+            .or_insert_with(|| (initial(check.policy.algorithm, now), now));
         let mut decision = decide(state, check.policy, check.cost, now);
+        // A window past the reset: the approximate window still weighs the previous one then.
+        *until = decision.reset_ms.max(now) + check.policy.window.ms();
         if let Some((plan, threshold)) = check.anomaly_threshold() {
             let entry = inner
                 .attempts
@@ -334,11 +348,13 @@ fn decide(state: &mut State, policy: &Policy, cost: u64, now: u64) -> RateDecisi
                     }
                 }
             }
-            (allowed, limit - used, reset, retry)
+            (allowed, limit.saturating_sub(used), reset, retry)
         }
         State::Fixed { start, count } => {
+            // A window starts with the first request after the last one ended (as the
+            // Redis key expiring at the window's end does).
             if now >= *start + window {
-                *start = now - (now - *start) % window;
+                *start = now;
                 *count = 0;
             }
             let allowed = *count + need <= limit;
@@ -347,16 +363,16 @@ fn decide(state: &mut State, policy: &Policy, cost: u64, now: u64) -> RateDecisi
             }
             let finish = *start + window;
             let reset = if *count > 0 { finish } else { now };
-            (allowed, limit - *count, reset, finish - now)
+            (allowed, limit.saturating_sub(*count), reset, finish.saturating_sub(now))
         }
         State::Approx { start, prev, curr } => {
-            if now >= *start + window {
-                let windows = (now - *start) / window;
-                *prev = if windows == 1 { *curr } else { 0 };
-                *curr = 0;
-                *start += windows * window;
+            if now >= *start + 2 * window {
+                // Both windows are over (the Redis key has expired): start afresh.
+                (*start, *prev, *curr) = (now, 0, 0);
+            } else if now >= *start + window {
+                (*start, *prev, *curr) = (*start + window, *curr, 0);
             }
-            let elapsed = now - *start;
+            let elapsed = now.saturating_sub(*start).min(window);
             let fits = |p: u64, c: u64, e: u64| p * (window - e) / window + c + need <= limit;
             let mut estimate = *prev * (window - elapsed) / window + *curr;
             let allowed = estimate + need <= limit;
@@ -400,7 +416,7 @@ fn decide(state: &mut State, policy: &Policy, cost: u64, now: u64) -> RateDecisi
                 *tat = base + (cost * window).div_ceil(limit);
             }
             let level = (*tat).max(now);
-            let remaining = ((now + window - level) * limit / window).min(limit);
+            let remaining = ((now + window).saturating_sub(level) * limit / window).min(limit);
             (allowed, remaining, level, allow_at.saturating_sub(now))
         }
     };
@@ -495,6 +511,18 @@ mod tests {
                 check_at(&limiter, "k", &p, 1, later).allowed,
                 "{algorithm:?} after retry-after"
             );
+        }
+    }
+
+    #[test]
+    fn a_lowered_limit_denies_without_underflow() {
+        for algorithm in ALL {
+            let limiter = Twin::default();
+            check_at(&limiter, "k", &policy(algorithm, 10, 10), 10, 1_000_000);
+            let lowered = check_at(&limiter, "k", &policy(algorithm, 5, 10), 1, 1_000_001);
+            assert!(!lowered.allowed, "{algorithm:?}");
+            assert_eq!(lowered.remaining, 0, "{algorithm:?}");
+            assert!(lowered.retry_after_ms >= 1);
         }
     }
 

@@ -119,19 +119,27 @@ pub async fn run(service: Arc<QuotaService>, cancel: CancellationToken) {
     drain(&service, Duration::from_secs(10)).await;
 }
 
-/// Queues the records that stayed dirty too long (dual-write only: in redis-primary the
-/// batch sync writes them).
+/// Takes over the records that stayed dirty too long: queued for writing in dual-write,
+/// written and dropped in firestore-only; in redis-primary the batch sync writes them.
 pub async fn sweep(service: &QuotaService) {
-    if service.phase().0 != Phase::DualWrite || !service.redis_is_up() {
+    let phase = service.phase().0;
+    if phase == Phase::RedisPrimary || !service.redis_is_up() {
         return;
     }
-    match service.counters().dirty(SWEEP_AGE, 500).await {
-        Ok(providers) => {
-            for provider in providers {
-                service.writer().enqueue(provider);
-            }
+    let providers = match service.counters().dirty(SWEEP_AGE, 500).await {
+        Ok(providers) => providers,
+        Err(err) => {
+            tracing::debug!(error = %err, "dirty sweep failed");
+            return;
         }
-        Err(err) => tracing::debug!(error = %err, "dirty sweep failed"),
+    };
+    for provider in providers {
+        if phase == Phase::DualWrite {
+            service.writer().enqueue(provider);
+        } else if let Err(err) = service.invalidate(&provider).await {
+            // firestore-only: Firestore decides now, so write the record and drop it.
+            tracing::warn!(%provider, error = %err, "could not write a record left dirty by an earlier phase");
+        }
     }
 }
 

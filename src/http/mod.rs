@@ -42,8 +42,8 @@ pub struct App {
     pub sync: Arc<SyncJob>,
     /// Plans by name.
     pub plans: BTreeMap<String, Policy>,
-    /// Caller keys; empty means the caller endpoints are open.
-    pub api_keys: Vec<String>,
+    /// Caller keys; `None` means the caller endpoints are open.
+    pub api_keys: Option<Vec<String>>,
     /// Admin token; `None` disables the admin endpoints.
     pub admin_token: Option<String>,
     /// The sync's schedule, for `nextRunAt`.
@@ -61,11 +61,12 @@ pub struct Health {
     pub firestore: AtomicBool,
 }
 
+/// Not ready until the first probe has answered.
 impl Default for Health {
     fn default() -> Self {
         Self {
-            redis: AtomicBool::new(true),
-            firestore: AtomicBool::new(true),
+            redis: AtomicBool::new(false),
+            firestore: AtomicBool::new(false),
         }
     }
 }
@@ -126,12 +127,10 @@ fn secret_matches(given: &[u8], expected: &str) -> bool {
 }
 
 async fn require_caller(State(app): State<AppState>, request: Request, next: Next) -> Response {
-    if !app.api_keys.is_empty() {
-        let known = bearer(request.headers()).is_some_and(|token| {
-            app.api_keys
-                .iter()
-                .fold(false, |found, key| found | secret_matches(token, key))
-        });
+    if let Some(keys) = &app.api_keys {
+        // Every key is compared (no early exit), each in constant time.
+        let known = bearer(request.headers())
+            .is_some_and(|token| keys.iter().fold(false, |found, key| found | secret_matches(token, key)));
         if !known {
             return ApiError::Unauthorized.into_response();
         }

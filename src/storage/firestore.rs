@@ -26,20 +26,34 @@ const CALL_TIMEOUT: Duration = Duration::from_secs(10);
 /// A read-modify-write, retries on contention included.
 const TRANSACTION_TIMEOUT: Duration = Duration::from_secs(50);
 
-/// An integer field that a legacy writer may have stored as a double.
-#[derive(Debug, Clone, Copy, Deserialize)]
+/// An integer field that a legacy writer may have stored as a double, or even as text;
+/// anything else reads as 0 rather than failing every request for that provider.
+#[derive(Debug, Clone, Deserialize)]
 #[serde(untagged)]
 enum Num {
     Int(i64),
     Float(f64),
+    Text(String),
+    Other(serde::de::IgnoredAny),
+}
+
+fn num(n: &Num) -> i64 {
+    n.get()
 }
 
 impl Num {
     #[allow(clippy::cast_possible_truncation)]
-    fn get(self) -> i64 {
+    fn get(&self) -> i64 {
         match self {
-            Num::Int(n) => n,
+            Num::Int(n) => *n,
             Num::Float(f) => f.round() as i64,
+            Num::Text(t) => t
+                .trim()
+                .parse::<i64>()
+                .ok()
+                .or_else(|| t.trim().parse::<f64>().ok().map(|f| f.round() as i64))
+                .unwrap_or(0),
+            Num::Other(_) => 0,
         }
     }
 }
@@ -64,10 +78,10 @@ struct ProviderDoc {
 impl ProviderDoc {
     fn document(&self) -> Document {
         Document {
-            used: self.aiCallsUsed.map(Num::get),
-            limit: self.aiCallsLimit.map(Num::get),
+            used: self.aiCallsUsed.as_ref().map(num),
+            limit: self.aiCallsLimit.as_ref().map(num),
             epoch: self.quotadEpoch.clone(),
-            watermark: self.quotadWatermark.map(Num::get),
+            watermark: self.quotadWatermark.as_ref().map(num),
         }
     }
 }
@@ -202,11 +216,25 @@ fn timed_out() -> StorageError {
     }
 }
 
-/// The `quotadKeys` entry of an idempotency key (hex: keys may hold any printable byte).
+/// The `quotadKeys` entry of an idempotency key: a 128-bit FNV-1a digest in hex, so any
+/// printable key makes a short, safe map key.
 fn idempotency_field(op: Op, key: &str) -> String {
-    let hex: String = key.bytes().map(|b| format!("{b:02x}")).collect();
-    format!("{}:{hex}", &op.as_str()[..1])
+    let fnv = |offset: u64| {
+        key.bytes().fold(offset, |hash, byte| {
+            (hash ^ u64::from(byte)).wrapping_mul(0x0100_0000_01b3)
+        })
+    };
+    format!(
+        "{}:{:016x}{:016x}",
+        &op.as_str()[..1],
+        fnv(0xcbf2_9ce4_8422_2325),
+        fnv(0x6c62_272e_07bb_0142)
+    )
 }
+
+/// At most this many idempotency records per document (the oldest go first): a document
+/// must stay well below Firestore's 1 MiB and index-entry limits.
+const KEYS_PER_DOCUMENT: usize = 1000;
 
 /// Whether a write failed only because another writer changed the document first.
 fn lost_race(err: &FirestoreError) -> bool {
@@ -361,19 +389,21 @@ impl Ledger for FirestoreLedger {
     #[tracing::instrument(skip_all, fields(provider = %provider, version = record.version), err(level = "debug"))]
     async fn write_record(&self, provider: &ProviderId, record: &Record) -> Result<WriteOutcome, StorageError> {
         self.modify(provider, |doc| {
-            let limit = doc.aiCallsLimit.map(Num::get);
+            let limit = doc.aiCallsLimit.as_ref().map(num);
             let plan = delta_for(
                 record,
                 doc.quotadEpoch.as_deref(),
-                doc.quotadWatermark.map_or(0, Num::get),
-                doc.quotadVersion.map_or(0, |v| u64::try_from(v.get()).unwrap_or(0)),
+                doc.quotadWatermark.as_ref().map_or(0, num),
+                doc.quotadVersion
+                    .as_ref()
+                    .map_or(0, |v| u64::try_from(v.get()).unwrap_or(0)),
             );
             match plan {
                 DeltaPlan::Stale => (WriteOutcome::Stale, None),
                 DeltaPlan::AlreadyThere => (WriteOutcome::Written { limit }, None),
                 DeltaPlan::Add(delta) => {
                     let write = ProviderWrite {
-                        aiCallsUsed: Some(doc.aiCallsUsed.map_or(0, Num::get) + delta),
+                        aiCallsUsed: Some(doc.aiCallsUsed.as_ref().map_or(0, num) + delta),
                         quotadEpoch: Some(record.epoch.clone()),
                         quotadWatermark: Some(record.used),
                         quotadVersion: Some(i64::try_from(record.version).unwrap_or(i64::MAX)),
@@ -413,8 +443,8 @@ impl Ledger for FirestoreLedger {
                 }
                 return (LedgerDecision::Replayed(prior.decision), None);
             }
-            let used = doc.aiCallsUsed.map_or(0, Num::get);
-            let limit = doc.aiCallsLimit.map_or(default_limit, Num::get);
+            let used = doc.aiCallsUsed.as_ref().map_or(0, num);
+            let limit = doc.aiCallsLimit.as_ref().map_or(default_limit, num);
             let decision = match change.op {
                 Op::Consume if used + change.amount > limit => Decision {
                     allowed: false,
@@ -444,6 +474,16 @@ impl Ledger for FirestoreLedger {
                     expires_ms: now + ttl,
                 };
                 keys.insert(field, entry.render());
+                if keys.len() > KEYS_PER_DOCUMENT {
+                    let mut by_expiry: Vec<(i64, String)> = keys
+                        .iter()
+                        .map(|(k, v)| (IdempotencyEntry::parse(v).map_or(0, |e| e.expires_ms), k.clone()))
+                        .collect();
+                    by_expiry.sort();
+                    for (_, oldest) in by_expiry.into_iter().take(keys.len() - KEYS_PER_DOCUMENT) {
+                        keys.remove(&oldest);
+                    }
+                }
                 write.quotadKeys = Some(keys);
             }
             let changes = write.aiCallsUsed.is_some() || write.quotadKeys.is_some();

@@ -178,6 +178,15 @@ impl Counters for MemoryCounters {
         Ok(true)
     }
 
+    async fn forget(&self, provider: &ProviderId, epoch: &str) -> Result<(), StorageError> {
+        let mut state = self.state.lock().unwrap();
+        if state.records.get(provider).is_some_and(|(r, _)| r.epoch == epoch) {
+            state.records.remove(provider);
+            state.dirty_since.remove(provider);
+        }
+        Ok(())
+    }
+
     async fn replace(&self, provider: &ProviderId, seed: &Seed, ttl: Duration) -> Result<(), StorageError> {
         let mut state = self.state.lock().unwrap();
         state

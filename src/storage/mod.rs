@@ -146,6 +146,8 @@ pub trait Counters: Send + Sync {
     ) -> Result<(), StorageError>;
     /// Drops a clean record. Returns `false` (and keeps it) when it is dirty.
     async fn evict_clean(&self, provider: &ProviderId) -> Result<bool, StorageError>;
+    /// Drops the record if it is still of `epoch`, dirty or not (its document was reset).
+    async fn forget(&self, provider: &ProviderId, epoch: &str) -> Result<(), StorageError>;
     /// Replaces the record (an operator set the quota); it is clean.
     async fn replace(&self, provider: &ProviderId, seed: &Seed, ttl: Duration) -> Result<(), StorageError>;
     /// Sets the limit of a cached record, if there is one.

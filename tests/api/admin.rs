@@ -118,7 +118,7 @@ async fn sync_reports_and_status() {
 #[tokio::test]
 async fn admin_needs_the_admin_token_and_is_off_without_one() {
     let shared = Shared::real();
-    let app = spawn_with(&shared, |c| c.api_keys = vec!["k1".into()]).await;
+    let app = spawn_with(&shared, |c| c.api_keys = Some(vec!["k1".into()])).await;
     for auth in [
         None,
         Some("Bearer wrong"),
@@ -146,7 +146,7 @@ async fn admin_needs_the_admin_token_and_is_off_without_one() {
 
 #[tokio::test]
 async fn caller_endpoints_need_a_known_key_when_keys_are_set() {
-    let app = spawn_with(&Shared::real(), |c| c.api_keys = vec!["k1".into(), "k2".into()]).await;
+    let app = spawn_with(&Shared::real(), |c| c.api_keys = Some(vec!["k1".into(), "k2".into()])).await;
     problem(app.get("/quota/p1").await, 401, "unauthorized").await;
     let resp = app
         .http

@@ -36,6 +36,7 @@ static MARK_SYNCED: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!
 static EVICT_CLEAN: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("scripts/evict_clean.lua")));
 static SET_LIMIT: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("scripts/set_limit.lua")));
 static RATE_LIMIT: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("scripts/ratelimit.lua")));
+static FORGET: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("scripts/forget.lua")));
 static LOCK: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("scripts/lock.lua")));
 static DIRTY: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("scripts/dirty.lua")));
 
@@ -58,8 +59,29 @@ fn unavailable(message: impl ToString) -> StorageError {
     }
 }
 
+/// Server states in which Redis cannot take a write now but may later (loading a
+/// snapshot, a replica after failover, out of memory, a busy script, cluster moves).
+const TRANSIENT_CODES: [&str; 10] = [
+    "LOADING",
+    "READONLY",
+    "MASTERDOWN",
+    "BUSY",
+    "TRYAGAIN",
+    "CLUSTERDOWN",
+    "OOM",
+    "NOREPLICAS",
+    "MOVED",
+    "ASK",
+];
+
 fn classify(err: &::redis::RedisError) -> StorageError {
-    if err.is_timeout() || err.is_io_error() || err.is_connection_dropped() || err.is_connection_refusal() {
+    let transient_state = err.code().is_some_and(|code| TRANSIENT_CODES.contains(&code)) || err.is_cluster_error();
+    if transient_state
+        || err.is_timeout()
+        || err.is_io_error()
+        || err.is_connection_dropped()
+        || err.is_connection_refusal()
+    {
         unavailable(err)
     } else {
         StorageError::Other {
@@ -285,6 +307,18 @@ impl Counters for RedisCounters {
             .call(|mut conn| async move { invocation.invoke_async(&mut conn).await })
             .await?;
         Ok(gone == 1)
+    }
+
+    async fn forget(&self, provider: &ProviderId, epoch: &str) -> Result<(), StorageError> {
+        let mut invocation = FORGET.prepare_invoke();
+        invocation
+            .key(self.keys.record(provider))
+            .key(self.keys.dirty())
+            .arg(epoch)
+            .arg(provider.as_str());
+        self.call(|mut conn| async move { invocation.invoke_async::<i64>(&mut conn).await })
+            .await
+            .map(|_| ())
     }
 
     async fn replace(&self, provider: &ProviderId, seed: &Seed, ttl: Duration) -> Result<(), StorageError> {

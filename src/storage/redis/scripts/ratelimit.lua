@@ -35,12 +35,13 @@ if algo == 'sw' then
       sum = sum + cost
     end
   end
-  remaining = limit - sum
+  remaining = math.max(0, limit - sum)
   local newest = redis.call('ZRANGE', KEYS[1], -1, -1, 'WITHSCORES')
   if newest[2] then reset = tonumber(newest[2]) + window end
   if allowed == 0 then
     local excess, freed = sum + need - limit, 0
-    local all = redis.call('ZRANGE', KEYS[1], 0, -1, 'WITHSCORES')
+    -- every entry frees at least 1, so `excess` entries are enough
+    local all = redis.call('ZRANGE', KEYS[1], 0, excess - 1, 'WITHSCORES')
     for i = 1, #all, 2 do
       freed = freed + tonumber(string.match(all[i], ':(%d+)$'))
       if freed >= excess then
@@ -60,8 +61,8 @@ elseif algo == 'fw' then
   local h = redis.call('HMGET', KEYS[1], 'start', 'count')
   local start, count = now, 0
   if h[1] then start, count = tonumber(h[1]), tonumber(h[2]) end
-  if now >= start + window then
-    start = now - ((now - start) % window)
+  if now >= start + window then -- a window starts with the first request after the last ended
+    start = now
     count = 0
   end
   if count + need <= limit then
@@ -70,21 +71,20 @@ elseif algo == 'fw' then
   end
   local finish = start + window
   if count > 0 then reset = finish end
-  retry = finish - now
-  remaining = limit - count
+  retry = math.max(0, finish - now)
+  remaining = math.max(0, limit - count)
   redis.call('HSET', KEYS[1], 'start', f(start), 'count', f(count))
   redis.call('PEXPIRE', KEYS[1], f(finish - now))
 elseif algo == 'swa' then
   local h = redis.call('HMGET', KEYS[1], 'start', 'prev', 'curr')
   local start, prev, curr = now, 0, 0
   if h[1] then start, prev, curr = tonumber(h[1]), tonumber(h[2]), tonumber(h[3]) end
-  if now >= start + window then
-    local windows = math.floor((now - start) / window)
-    if windows == 1 then prev = curr else prev = 0 end
-    curr = 0
-    start = start + windows * window
+  if now >= start + 2 * window then -- both windows over (as the key expiring): afresh
+    start, prev, curr = now, 0, 0
+  elseif now >= start + window then
+    start, prev, curr = start + window, curr, 0
   end
-  local elapsed = now - start
+  local elapsed = math.min(math.max(0, now - start), window)
   local function fits(p, c, e) return math.floor(p * (window - e) / window) + c + need <= limit end
   local estimate = math.floor(prev * (window - elapsed) / window) + curr
   if estimate + need <= limit then
@@ -116,7 +116,7 @@ else -- tb: GCRA, one theoretical arrival time per key, burst = limit
     if cost > 0 then tat = base + math.floor((cost * window + limit - 1) / limit) end
   end
   local level = math.max(tat, now)
-  remaining = math.min(limit, math.floor((now + window - level) * limit / window))
+  remaining = math.min(limit, math.floor(math.max(0, now + window - level) * limit / window))
   reset = level
   retry = allow_at - now
   if level > now then
