@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
-# quotad benchmark harness (not a test): `bash bench/run.sh`. See bench/README.md.
+# quotad benchmark harness (not a test): `bash bench/run.sh [all|quota|ratelimit]`.
+# See bench/README.md. No argument (or `all`) runs everything; `quota` only the quota lines,
+# `ratelimit` only the rate-limit lines (plus the echo ceiling, which every ratio divides by).
 #
 # Builds the release binaries, starts a private redis-server, quotad (embedded in-memory
 # ledger, no Firestore) and the bare axum echo server on free loopback ports, runs wrk and
@@ -12,6 +14,14 @@
 #   BENCH_OHA_RATE  oha fixed offered rate, req/s          (default 10000)
 #   BENCH_KEEP      1: keep the work dir (logs, raw outputs) even on success
 set -euo pipefail
+
+MODE=${1:-all}
+case $MODE in
+  all | quota | ratelimit) ;;
+  -h | --help) sed -n '2,/^set -euo/p' "$0" | sed '$d'; exit 0 ;;
+  *) echo "usage: bash bench/run.sh [all|quota|ratelimit]" >&2; exit 2 ;;
+esac
+want() { [[ $MODE == all || $MODE == "$1" ]]; }
 
 BENCH_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 ROOT=$(cd "$BENCH_DIR/.." && pwd)
@@ -160,18 +170,24 @@ cpu_ticks() {
 }
 CLK_TCK=$(getconf CLK_TCK)
 
-# run_wrk NAME URL [LUA] [NOTE]; SERVER_PID: the HTTP server under test (its CPU % is reported,
+# run_wrk NAME URL [LUA] [NOTE] [LUA ARGS...]; SERVER_PID: the HTTP server under test (its CPU % is reported,
 # and Redis's, 100 % = one core)
 SERVER_PID="" SRVCPU=() RCPU=()
 run_wrk() {
   local name=$1 url=$2 script=${3:-} note=${4:-}
+  shift $(($# < 4 ? $# : 4))
+  local script_args=("$@")
   local out="$WORK/wrk-${#NAMES[@]}.txt"
   local args=(-t"$THREADS" -c"$CONNS" -d"$DURATION" --latency)
   [[ -n $script ]] && args+=(-s "$script")
-  log "$name: wrk ${args[*]} $url"
+  ((${#script_args[@]})) && log "$name: wrk ${args[*]} $url -- ${script_args[*]}" || log "$name: wrk ${args[*]} $url"
   local s0 r0 t0 s1 r1 t1
   s0=$(cpu_ticks "$SERVER_PID") r0=$(cpu_ticks "$REDIS_PID") t0=$(date +%s.%N)
-  run_bg "$out" wrk "${args[@]}" "$url"
+  if ((${#script_args[@]})); then
+    run_bg "$out" wrk "${args[@]}" "$url" -- "${script_args[@]}"
+  else
+    run_bg "$out" wrk "${args[@]}" "$url"
+  fi
   s1=$(cpu_ticks "$SERVER_PID") r1=$(cpu_ticks "$REDIS_PID") t1=$(date +%s.%N)
   SRVCPU+=("$(awk -v a="$s0" -v b="$s1" -v t="$t1" -v u="$t0" -v h="$CLK_TCK" 'BEGIN { printf "%.0f", 100 * (b - a) / h / (t - u) }')")
   RCPU+=("$(awk -v a="$r0" -v b="$r1" -v t="$t1" -v u="$t0" -v h="$CLK_TCK" 'BEGIN { printf "%.0f", 100 * (b - a) / h / (t - u) }')")
@@ -257,12 +273,32 @@ SERVER_PID=$ECHO_PID
 run_wrk "echo POST /echo (ceiling)" "http://127.0.0.1:$ECHO_PORT/echo" "$BENCH_DIR/post_json.lua"
 ECHO_RPS=${RPS[0]}
 HAVE_OHA=0
-if command -v oha >/dev/null 2>&1 && command -v jq >/dev/null 2>&1; then
+if want quota && command -v oha >/dev/null 2>&1 && command -v jq >/dev/null 2>&1; then
   HAVE_OHA=1
   run_oha "echo POST /echo" "http://127.0.0.1:$ECHO_PORT/echo"
 fi
 stop_pid "$ECHO_PID"
 
+# redis_bench NAME NOTE OUTBASE ARGS...: redis-benchmark -c 50 -n REDIS_N -q ARGS..., one line
+# of the "redis ceiling" part of the table (ops/s and p50).
+REDIS_LINES=()
+redis_bench() {
+  local name=$1 note=$2 base=$3
+  shift 3
+  echo "redis-benchmark -p $REDIS_PORT -c 50 -n $REDIS_N -q $*" >&2
+  run_bg "$WORK/$base.raw" redis-benchmark -p "$REDIS_PORT" -c 50 -n "$REDIS_N" -q "$@"
+  tr '\r' '\n' <"$WORK/$base.raw" >"$WORK/$base.txt"
+  local last ops p50
+  last=$(grep 'requests per second' "$WORK/$base.txt" | tail -1)
+  echo "  ${last##*: }" >&2
+  ops=$(sed -E 's/.*: ([0-9.]+) requests per second.*/\1/' <<<"$last")
+  p50=$(sed -nE 's/.*p50=([0-9.]+) msec.*/\1/p' <<<"$last")
+  [[ -n $ops ]] || die "could not parse redis-benchmark output ($WORK/$base.txt)"
+  REDIS_LINES+=("$name	$note	$ops	${p50:--}")
+}
+
+PROBLEMS=()
+if want quota; then
 # ---------------------------------------------------------------- 5. quotad, redis-primary
 start_quotad redis-primary
 Q="http://127.0.0.1:$QUOTAD_PORT"
@@ -308,23 +344,112 @@ CHECK=$(rcli EVALSHA "$SHA" 3 "$RK" "$IK" "$DK" c 1 0 86400 hot 0 | tr '\n' ' ')
 echo "one EVALSHA by redis-cli -> $CHECK" >&2
 [[ $CHECK == "ok 1 1 $HUGE " ]] || die "EVALSHA did not answer ok: $CHECK"
 rcli HSET "$RK" used 0 ver 0 >/dev/null
-echo "redis-benchmark -p $REDIS_PORT -c 50 -n $REDIS_N -q EVALSHA $SHA 3 $RK $IK $DK c 1 0 86400 hot 0" >&2
-run_bg "$WORK/redis-benchmark.raw" redis-benchmark -p "$REDIS_PORT" -c 50 -n "$REDIS_N" -q \
+redis_bench "redis EVALSHA apply.lua (ops/s)" "redis-benchmark -c 50 -n $REDIS_N" apply \
   EVALSHA "$SHA" 3 "$RK" "$IK" "$DK" c 1 0 86400 hot 0
-tr '\r' '\n' <"$WORK/redis-benchmark.raw" >"$WORK/redis-benchmark.txt"
-grep 'requests per second' "$WORK/redis-benchmark.txt" | tail -1 | sed 's/^.*: /  /' >&2
-REDIS_OPS=$(grep 'requests per second' "$WORK/redis-benchmark.txt" | tail -1 | sed -E 's/.*: ([0-9.]+) requests per second.*/\1/')
-REDIS_P50=$(grep 'requests per second' "$WORK/redis-benchmark.txt" | tail -1 | sed -nE 's/.*p50=([0-9.]+) msec.*/\1/p')
 REDIS_USED=$(rcli HGET "$RK" used)
 echo "record used after the run: $REDIS_USED (expected $REDIS_N)" >&2
-[[ -n $REDIS_OPS ]] || die "could not parse redis-benchmark output"
+[[ $REDIS_USED == "$REDIS_N" ]] || PROBLEMS+=("apply.lua record used $REDIS_USED after redis-benchmark, expected $REDIS_N")
+fi # want quota
+
+ALGORITHMS=(sliding-window sliding-window-approx fixed-window token-bucket)
+WINDOW_MS=3600000 # "1h"
+MEM_LINES=()
+if want ratelimit; then
+# ---------------------------------------------------------------- 8. quotad, rate limits
+rcli FLUSHALL >/dev/null
+start_quotad redis-primary
+Q="http://127.0.0.1:$QUOTAD_PORT"
+rl_check() { # rl_check BODY -> "<http code> <body>"
+  curl -sS -o "$WORK/rl-answer.json" -w '%{http_code}' -H 'Content-Type: application/json' -d "$1" "$Q/ratelimit/check"
+  echo " $(cat "$WORK/rl-answer.json")"
+}
+# API.md: an explicit limit is 1..=1000000, so the "huge" hot limit is 10^6 per hour: a hot
+# run admits everything as long as it sends fewer than 10^6 requests per algorithm
+# (~30 s at 35k req/s). Each algorithm is its own counter (the algorithm is in its name).
+RL_LIMIT=1000000
+for alg in "${ALGORITHMS[@]}"; do
+  body="{\"key\":\"hot\",\"limit\":$RL_LIMIT,\"window\":\"1h\",\"algorithm\":\"$alg\"}"
+  answer=$(rl_check "$body")
+  echo "check $body -> $answer" >&2
+  [[ $answer == 200* ]] || die "POST /ratelimit/check ($alg) did not answer 200: $answer"
+  run_wrk "POST /ratelimit/check $alg" "$Q/ratelimit/check" "$BENCH_DIR/ratelimit_check.lua" \
+    "hot key, limit 1e6/1h" "$alg" hot "$RL_LIMIT" 1h
+  after=$(rl_check "${body%\}},\"cost\":0}")
+  echo "after the run, cost-0 check ($alg) -> $after" >&2
+  if [[ $alg == sliding-window ]]; then
+    members=$(rcli ZCARD "quotad:rl:{hot}:sliding-window:$WINDOW_MS")
+    bytes=$(rcli MEMORY USAGE "quotad:rl:{hot}:sliding-window:$WINDOW_MS" SAMPLES 0)
+    NOTES[-1]="hot key, 1e6/1h; zset ${members} members"
+    echo "sliding-window hot key after the run: sorted set of $members members (one per admitted request), MEMORY USAGE $bytes bytes" >&2
+    SW_HOT="sorted set of the hot sliding-window key after its run: $members members (one per admitted request), $bytes bytes"
+  fi
+done
+ANSWER=$(rl_check '{"key":"ip:1","limit":1000000,"window":"1h","algorithm":"sliding-window"}')
+echo "check ip:1 -> $ANSWER" >&2
+[[ $ANSWER == 200* ]] || die "POST /ratelimit/check (ip:1) did not answer 200: $ANSWER"
+run_wrk "POST /ratelimit/check ip:<0..99999>" "$Q/ratelimit/check" "$BENCH_DIR/ratelimit_many.lua" \
+  "100k keys, sliding-window 1e6/1h" sliding-window
+MANY_RL_KEYS=$(rcli --scan --pattern 'quotad:rl:{ip:*}:sliding-window:*' --count 1000 | grep -vc ':sum$' || true)
+echo "distinct ip:<N> counters in Redis after the run: $MANY_RL_KEYS" >&2
+RL_DECISIONS=$(curl -fsS "$Q/metrics" | grep 'decisions' | grep 'ratelimit' | grep -v '^#' || true)
+echo "decision metrics (ratelimit):" >&2
+echo "$RL_DECISIONS" >&2
+
+# ---------------------------------------------------------------- 9. memory per key
+# The starter plan's policy (limit 50, window 1h), written explicitly for each algorithm:
+# 50 checks of a fresh key fill it, then MEMORY USAGE (SAMPLES 0: every element counted) of
+# each Redis key of that counter, found with SCAN.
+log "memory per key: 50 checks of mem-<algorithm>, limit 50, window 1h"
+for alg in "${ALGORITHMS[@]}"; do
+  body="{\"key\":\"mem-$alg\",\"limit\":50,\"window\":\"1h\",\"algorithm\":\"$alg\"}"
+  bad=0
+  for _ in $(seq 1 50); do
+    answer=$(rl_check "$body")
+    [[ $answer == 200* ]] || bad=$((bad + 1))
+  done
+  echo "mem-$alg: 50 checks, non-200: $bad; last answer: $answer" >&2
+  ((bad == 0)) || PROBLEMS+=("memory run $alg: $bad of 50 checks not 200 (last: $answer)")
+  counter="quotad:rl:{mem-$alg}:$alg:$WINDOW_MS"
+  total=0 names=()
+  while read -r key; do
+    [[ $key == "$counter" || $key == "$counter:sum" ]] || continue
+    bytes=$(rcli MEMORY USAGE "$key" SAMPLES 0)
+    echo "  $key: $(rcli TYPE "$key") $bytes bytes" >&2
+    total=$((total + bytes))
+    names+=("${key#"quotad:rl:{mem-$alg}:$alg:$WINDOW_MS"}")
+  done < <(rcli --scan --pattern "quotad:rl:{mem-$alg}:*" --count 1000)
+  ((${#names[@]})) || PROBLEMS+=("memory run $alg: no Redis key named $counter[:sum] found")
+  keys=$(printf '%s,' "${names[@]/#/<c>}"); keys=${keys%,}
+  MEM_LINES+=("$alg	${#names[@]}	$keys	$total	${answer%% *}")
+done
+stop_pid "$QUOTAD_PID"
+
+# ---------------------------------------------------------------- 10. redis ceiling, ratelimit.lua
+log "redis-benchmark EVALSHA of src/storage/redis/scripts/ratelimit.lua (fixed-window)"
+rcli FLUSHALL >/dev/null
+RL_SHA=$(rcli SCRIPT LOAD "$(cat src/storage/redis/scripts/ratelimit.lua)")
+RL_KEYS=('bench:rl:{k}:fw' 'bench:rl:{k}:fw:sum' 'bench:rl:{k}:attempts' 'bench:rl:{k}:anomalies')
+# ARGV: algorithm limit window-ms cost now('' = Redis TIME) plan('' = no anomaly counting)
+# threshold key anomaly-list-length. The two '' must arrive as empty strings: the answer
+# starting with 1 (allowed) and the count below show that they did.
+RL_ARGV=(fw 1000000000 3600000 1 '' '' 0 k 1000)
+CHECK=$(rcli EVALSHA "$RL_SHA" 4 "${RL_KEYS[@]}" "${RL_ARGV[@]}" | tr '\n' ' ')
+echo "one EVALSHA by redis-cli -> $CHECK" >&2
+[[ $CHECK == "1 999999999 "* ]] || die "ratelimit.lua EVALSHA did not answer {1, 999999999, ...}: $CHECK"
+rcli DEL "${RL_KEYS[@]}" >/dev/null
+redis_bench "redis EVALSHA ratelimit.lua fw" "redis-benchmark -c 50 -n $REDIS_N" ratelimit \
+  EVALSHA "$RL_SHA" 4 "${RL_KEYS[@]}" "${RL_ARGV[@]}"
+RL_COUNT=$(rcli HGET 'bench:rl:{k}:fw' count)
+echo "fixed-window count after the run: $RL_COUNT (expected $REDIS_N)" >&2
+[[ $RL_COUNT == "$REDIS_N" ]] || PROBLEMS+=("ratelimit.lua fw count $RL_COUNT after redis-benchmark, expected $REDIS_N")
+fi # want ratelimit
 
 LOAD_END=$(uptime)
 BUSY_END=$(cpu_busy)
 
-# ---------------------------------------------------------------- 8. report
+# ---------------------------------------------------------------- 11. report
 report() {
-  echo "quotad benchmark  $(date -u +%Y-%m-%dT%H:%M:%SZ)  commit $COMMIT"
+  echo "quotad benchmark ($MODE)  $(date -u +%Y-%m-%dT%H:%M:%SZ)  commit $COMMIT"
   echo "machine: nproc $NPROC; load average at start: ${LOAD_START#*load average: }; at end: ${LOAD_END#*load average: }"
   echo "CPU busy (1 s sample, before starting anything / after stopping quotad): $BUSY_START / $BUSY_END"
   echo "busiest processes at start (ps %CPU, lifetime average): $TOP_START"
@@ -334,17 +459,42 @@ report() {
   echo "  QUOTAD_PHASE as in the 'phase' column (redis-primary: no ledger write per request)"
   echo "srv cpu / redis: CPU of the server under test and of redis-server during the run (100 % = one core)"
   echo
-  printf '%-34s %-31s %10s %8s %8s %7s %6s %7s %7s %7s\n' "run" "phase / notes" "req/s" "p50 ms" "p99 ms" "x echo" \
+  printf '%-44s %-36s %10s %8s %8s %7s %6s %7s %7s %7s\n' "run" "phase / notes" "req/s" "p50 ms" "p99 ms" "x echo" \
     "non2xx" "sockerr" "srv cpu" "redis"
   local i ratio
   for i in "${!NAMES[@]}"; do
     ratio=$(awk -v a="${RPS[$i]}" -v b="$ECHO_RPS" 'BEGIN { printf "%.2f", a / b }')
-    printf '%-34s %-31s %10.0f %8.3f %8.3f %7s %6s %7s %6s%% %6s%%\n' "${NAMES[$i]}" "${NOTES[$i]:--}" "${RPS[$i]}" \
+    printf '%-44s %-36s %10.0f %8.3f %8.3f %7s %6s %7s %6s%% %6s%%\n' "${NAMES[$i]}" "${NOTES[$i]:--}" "${RPS[$i]}" \
       "${P50[$i]}" "${P99[$i]}" "$ratio" "${NON2XX[$i]}" "${SOCKERR[$i]}" "${SRVCPU[$i]}" "${RCPU[$i]}"
   done
-  printf '%-34s %-31s %10.0f %8s %8s %7s\n' "redis EVALSHA apply.lua (ops/s)" "redis-benchmark -c 50 -n $REDIS_N" \
-    "$REDIS_OPS" "${REDIS_P50:--}" "-" "-"
+  local line name note ops p50
+  for line in "${REDIS_LINES[@]+"${REDIS_LINES[@]}"}"; do
+    IFS=$'\t' read -r name note ops p50 <<<"$line"
+    printf '%-44s %-36s %10.0f %8s %8s %7s\n' "$name (ops/s)" "$note" "$ops" "$p50" "-" "-"
+  done
   echo
+  if want ratelimit; then
+    echo "rate-limit lines: body {\"key\":\"hot\",\"limit\":$RL_LIMIT,\"window\":\"1h\",\"algorithm\":\"<alg>\"} (API.md caps an"
+    echo "  explicit limit at 10^6, so not 10^9); 429s are expected for none of them (non2xx must be 0)."
+    echo "  The exact sliding window stores one sorted-set member per admitted request: ${SW_HOT:-?}."
+    echo "  ip:<0..99999>: distinct counters in Redis after the run: $MANY_RL_KEYS"
+    echo
+    echo "memory per key, policy of plan starter (limit 50, window 1h) after 50 checks of a fresh key;"
+    echo "MEMORY USAGE <key> SAMPLES 0 summed over the counter's keys (<c> = quotad:rl:{mem-<alg>}:<alg>:$WINDOW_MS)"
+    printf '%-24s %5s %-12s %8s %-10s %s\n' "algorithm" "keys" "names" "bytes" "target" "last status"
+    local alg n names bytes code target
+    for line in "${MEM_LINES[@]}"; do
+      IFS=$'\t' read -r alg n names bytes code <<<"$line"
+      case $alg in
+        token-bucket | sliding-window-approx)
+          target="<= 100: $( ((bytes <= 100)) && echo MET || echo NOT MET)" ;;
+        *) target="-" ;;
+      esac
+      printf '%-24s %5s %-12s %8s %-10s %s\n' "$alg" "$n" "$names" "$bytes" "$target" "$code"
+    done
+    echo "target (issue): GCRA (token-bucket) and the approximate window within 100 bytes per key"
+    echo
+  fi
   # Targets (issue): consume >= 0.6 x echo req/s with p99 <= 2 ms.
   for i in "${!NAMES[@]}"; do
     [[ ${NAMES[$i]} == *consume* ]] || continue
@@ -364,8 +514,17 @@ report() {
         "$(awk -v a="$p99" -v b="$echo_p99" 'BEGIN { printf "%.2f", a / b }')" "$bad"
     done
     echo "target: quotad's p99 <= 2 x echo's at the same rate"
-  else
+  elif want quota; then
     echo "oha not on PATH: fixed-rate latency skipped (cargo install oha, ~7 min, then rerun)"
+  fi
+  for i in "${!NAMES[@]}"; do
+    ((NON2XX[i] == 0 && SOCKERR[i] == 0)) ||
+      PROBLEMS+=("${NAMES[$i]}: ${NON2XX[$i]} non-2xx, ${SOCKERR[$i]} socket errors")
+  done
+  if ((${#PROBLEMS[@]})); then
+    echo
+    echo "PROBLEMS:"
+    printf '  %s\n' "${PROBLEMS[@]}"
   fi
 }
 

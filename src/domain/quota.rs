@@ -227,6 +227,7 @@ impl QuotaService {
             limit: self.limit_of(doc.limit),
             epoch: new_epoch(),
             loaded_from: doc.epoch.unwrap_or_default(),
+            keys: doc.keys,
         };
         self.counters.load(provider, &seed, self.cache_ttl).await?;
         Ok(seed)
@@ -342,9 +343,13 @@ impl QuotaService {
             if !record.is_dirty() {
                 return Ok(true);
             }
-            match self.ledger.write_record(provider, &record).await {
+            // Idempotency records decided in Redis travel with the usage, so a retry that
+            // Firestore decides (Redis away, or a phase change) is answered, not charged.
+            let keys = self.counters.pending_keys(provider).await?;
+            match self.ledger.write_record(provider, &record, &keys).await {
                 Ok(WriteOutcome::Written { limit }) => {
                     metrics::counter!("quotad_store_writes_total", "result" => "written").increment(1);
+                    let transferred: Vec<String> = keys.into_iter().map(|(id, _)| id).collect();
                     self.counters
                         .mark_synced(
                             provider,
@@ -352,6 +357,7 @@ impl QuotaService {
                             record.version,
                             self.limit_of(limit),
                             self.cache_ttl,
+                            &transferred,
                         )
                         .await?;
                     if self.counters.read(provider).await?.is_none_or(|r| !r.is_dirty()) {
@@ -419,6 +425,7 @@ impl QuotaService {
                 limit: view.limit,
                 epoch: epoch.clone(),
                 loaded_from: epoch,
+                keys: doc.keys,
             };
             self.counters.replace(provider, &seed, self.cache_ttl).await
         } else {

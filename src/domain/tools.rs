@@ -82,6 +82,7 @@ pub async fn backfill(
                 limit: doc.limit.unwrap_or(default_limit),
                 epoch: new_epoch(),
                 loaded_from: doc.epoch.unwrap_or_default(),
+                keys: doc.keys,
             };
             quotas.counters().load(&provider, &seed, quotas.cache_ttl()).await?;
             loaded += 1;
@@ -116,6 +117,7 @@ mod tests {
             limit: None,
             epoch: Some(epoch.into()),
             watermark: Some(watermark),
+            keys: vec![],
         }
     }
 

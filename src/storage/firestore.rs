@@ -14,8 +14,8 @@ use firestore::{FirestoreDb, FirestoreDbOptions, FirestoreWritePrecondition, err
 use serde::{Deserialize, Serialize};
 
 use super::{
-    Change, Decision, DeltaPlan, Document, IDEMPOTENCY_TTL, Ledger, LedgerDecision, Op, Record, StorageError,
-    WriteOutcome, delta_for,
+    Change, Decision, DeltaPlan, Document, IDEMPOTENCY_TTL, IdempotencyEntry, KeyRecord, Ledger, LedgerDecision, Op,
+    Record, StorageError, WriteOutcome, delta_for, idempotency_id, merge_keys,
 };
 use crate::domain::{Phase, ProviderId};
 
@@ -82,8 +82,19 @@ impl ProviderDoc {
             limit: self.aiCallsLimit.as_ref().map(num),
             epoch: self.quotadEpoch.clone(),
             watermark: self.quotadWatermark.as_ref().map(num),
+            keys: live_keys(self.quotadKeys.as_ref()),
         }
     }
+}
+
+/// The unexpired idempotency records of a document.
+fn live_keys(keys: Option<&BTreeMap<String, String>>) -> Vec<KeyRecord> {
+    let now = Utc::now().timestamp_millis();
+    keys.into_iter()
+        .flatten()
+        .filter(|(_, entry)| IdempotencyEntry::parse(entry).is_some_and(|e| e.expires_ms > now))
+        .map(|(id, entry)| (id.clone(), entry.clone()))
+        .collect()
 }
 
 /// The fields one write sets: exactly those that are `Some` (they form the update mask, so
@@ -120,44 +131,6 @@ impl ProviderWrite {
             .filter(|(_, set)| *set)
             .map(|(name, _)| name)
             .collect()
-    }
-}
-
-/// An idempotency record kept in the provider document itself (map `quotadKeys`), so the
-/// decision and its record are one single-document write:
-/// `amount:allowed:used:limit:expiresMs`.
-struct IdempotencyEntry {
-    amount: i64,
-    decision: Decision,
-    expires_ms: i64,
-}
-
-impl IdempotencyEntry {
-    fn parse(raw: &str) -> Option<Self> {
-        let mut parts = raw.split(':').map(str::parse::<i64>);
-        let mut next = || parts.next()?.ok();
-        let (amount, allowed, used, limit, expires_ms) = (next()?, next()?, next()?, next()?, next()?);
-        Some(Self {
-            amount,
-            decision: Decision {
-                allowed: allowed == 1,
-                used,
-                limit,
-            },
-            expires_ms,
-        })
-    }
-
-    fn render(&self) -> String {
-        let d = self.decision;
-        format!(
-            "{}:{}:{}:{}:{}",
-            self.amount,
-            u8::from(d.allowed),
-            d.used,
-            d.limit,
-            self.expires_ms
-        )
     }
 }
 
@@ -215,26 +188,6 @@ fn timed_out() -> StorageError {
         message: "call timed out".into(),
     }
 }
-
-/// The `quotadKeys` entry of an idempotency key: a 128-bit FNV-1a digest in hex, so any
-/// printable key makes a short, safe map key.
-fn idempotency_field(op: Op, key: &str) -> String {
-    let fnv = |offset: u64| {
-        key.bytes().fold(offset, |hash, byte| {
-            (hash ^ u64::from(byte)).wrapping_mul(0x0100_0000_01b3)
-        })
-    };
-    format!(
-        "{}:{:016x}{:016x}",
-        &op.as_str()[..1],
-        fnv(0xcbf2_9ce4_8422_2325),
-        fnv(0x6c62_272e_07bb_0142)
-    )
-}
-
-/// At most this many idempotency records per document (the oldest go first): a document
-/// must stay well below Firestore's 1 MiB and index-entry limits.
-const KEYS_PER_DOCUMENT: usize = 1000;
 
 /// Whether a write failed only because another writer changed the document first.
 fn lost_race(err: &FirestoreError) -> bool {
@@ -387,7 +340,13 @@ impl Ledger for FirestoreLedger {
     }
 
     #[tracing::instrument(skip_all, fields(provider = %provider, version = record.version), err(level = "debug"))]
-    async fn write_record(&self, provider: &ProviderId, record: &Record) -> Result<WriteOutcome, StorageError> {
+    async fn write_record(
+        &self,
+        provider: &ProviderId,
+        record: &Record,
+        keys: &[KeyRecord],
+    ) -> Result<WriteOutcome, StorageError> {
+        let now = Utc::now().timestamp_millis();
         self.modify(provider, |doc| {
             let limit = doc.aiCallsLimit.as_ref().map(num);
             let plan = delta_for(
@@ -398,20 +357,25 @@ impl Ledger for FirestoreLedger {
                     .as_ref()
                     .map_or(0, |v| u64::try_from(v.get()).unwrap_or(0)),
             );
+            let mut write = ProviderWrite::default();
             match plan {
-                DeltaPlan::Stale => (WriteOutcome::Stale, None),
-                DeltaPlan::AlreadyThere => (WriteOutcome::Written { limit }, None),
+                DeltaPlan::Stale => return (WriteOutcome::Stale, None),
+                DeltaPlan::AlreadyThere => {}
                 DeltaPlan::Add(delta) => {
-                    let write = ProviderWrite {
-                        aiCallsUsed: Some(doc.aiCallsUsed.as_ref().map_or(0, num) + delta),
-                        quotadEpoch: Some(record.epoch.clone()),
-                        quotadWatermark: Some(record.used),
-                        quotadVersion: Some(i64::try_from(record.version).unwrap_or(i64::MAX)),
-                        ..ProviderWrite::default()
-                    };
-                    (WriteOutcome::Written { limit }, Some(write))
+                    write.aiCallsUsed = Some(doc.aiCallsUsed.as_ref().map_or(0, num) + delta);
+                    write.quotadEpoch = Some(record.epoch.clone());
+                    write.quotadWatermark = Some(record.used);
+                    write.quotadVersion = Some(i64::try_from(record.version).unwrap_or(i64::MAX));
                 }
             }
+            let known = doc.quotadKeys.clone().unwrap_or_default();
+            if keys.iter().any(|(id, _)| !known.contains_key(id)) {
+                let mut merged = known;
+                merge_keys(&mut merged, keys, now);
+                write.quotadKeys = Some(merged);
+            }
+            let changes = !write.mask().is_empty();
+            (WriteOutcome::Written { limit }, changes.then_some(write))
         })
         .await
     }
@@ -428,7 +392,7 @@ impl Ledger for FirestoreLedger {
             // Before the decision: a marker without a change only costs a reload.
             self.note_changed_outside(provider).await?;
         }
-        let key_field = change.idempotency_key.map(|k| idempotency_field(change.op, k));
+        let key_field = change.idempotency_key.map(|k| idempotency_id(change.op, k));
         let now = Utc::now().timestamp_millis();
         self.modify(provider, |doc| {
             let mut keys = doc.quotadKeys.clone().unwrap_or_default();
@@ -473,17 +437,7 @@ impl Ledger for FirestoreLedger {
                     decision,
                     expires_ms: now + ttl,
                 };
-                keys.insert(field, entry.render());
-                if keys.len() > KEYS_PER_DOCUMENT {
-                    let mut by_expiry: Vec<(i64, String)> = keys
-                        .iter()
-                        .map(|(k, v)| (IdempotencyEntry::parse(v).map_or(0, |e| e.expires_ms), k.clone()))
-                        .collect();
-                    by_expiry.sort();
-                    for (_, oldest) in by_expiry.into_iter().take(keys.len() - KEYS_PER_DOCUMENT) {
-                        keys.remove(&oldest);
-                    }
-                }
+                merge_keys(&mut keys, &[(field, entry.render())], now);
                 write.quotadKeys = Some(keys);
             }
             let changes = write.aiCallsUsed.is_some() || write.quotadKeys.is_some();

@@ -2,7 +2,7 @@
 //! domain tests run fast. They keep the same semantics as Redis and Firestore.
 
 use std::{
-    collections::HashMap,
+    collections::{BTreeMap, HashMap},
     sync::Mutex,
     time::{Duration, Instant},
 };
@@ -11,15 +11,13 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 
 use super::{
-    Applied, Change, Counters, Decision, DeltaPlan, Document, IDEMPOTENCY_TTL, Ledger, LedgerDecision, Op, Record,
-    Seed, StorageError, WriteOutcome, delta_for,
+    Applied, Change, Counters, Decision, DeltaPlan, Document, IDEMPOTENCY_TTL, IdempotencyEntry, KeyRecord, Ledger,
+    LedgerDecision, Op, Record, Seed, StorageError, WriteOutcome, delta_for, idempotency_id, merge_keys,
 };
 use crate::domain::{
     Phase, ProviderId,
     ratelimit::{Anomaly, RateCheck, RateDecision, Twin},
 };
-
-type IdemKey = (ProviderId, Op, String);
 
 /// Applies a change to `used`/`limit`: the decision rule shared by both memory adapters.
 fn decide(used: i64, limit: i64, change: &Change<'_>) -> Decision {
@@ -42,21 +40,32 @@ fn decide(used: i64, limit: i64, change: &Change<'_>) -> Decision {
     }
 }
 
+fn now_ms() -> i64 {
+    Utc::now().timestamp_millis()
+}
+
 /// Looks up an idempotency record: `Some(answer)` when the key was used before.
-fn replay(
-    keys: &HashMap<IdemKey, (i64, Decision, Instant)>,
-    key: &IdemKey,
-    amount: i64,
-) -> Option<Result<Decision, ()>> {
-    let (first_amount, decision, expires) = keys.get(key)?;
-    if *expires <= Instant::now() {
+fn replay(entry: Option<&String>, amount: i64) -> Option<Result<Decision, ()>> {
+    let entry = IdempotencyEntry::parse(entry?)?;
+    if entry.expires_ms <= now_ms() {
         return None;
     }
-    Some(if *first_amount == amount {
-        Ok(*decision)
+    Some(if entry.amount == amount {
+        Ok(entry.decision)
     } else {
         Err(())
     })
+}
+
+/// A new idempotency record for `decision`, expiring after the TTL.
+fn record_key(change: &Change<'_>, decision: Decision) -> String {
+    let ttl = i64::try_from(IDEMPOTENCY_TTL.as_millis()).unwrap_or(i64::MAX);
+    IdempotencyEntry {
+        amount: change.amount,
+        decision,
+        expires_ms: now_ms() + ttl,
+    }
+    .render()
 }
 
 #[derive(Default)]
@@ -64,7 +73,10 @@ struct CountersState {
     sync_lock: Option<(String, Instant)>,
     sync_report: Option<String>,
     records: HashMap<ProviderId, (Record, Option<Instant>)>,
-    keys: HashMap<IdemKey, (i64, Decision, Instant)>,
+    /// Idempotency records by provider and key id.
+    keys: HashMap<(ProviderId, String), String>,
+    /// Those not yet handed to the ledger.
+    pending: HashMap<ProviderId, BTreeMap<String, String>>,
     dirty_since: HashMap<ProviderId, Instant>,
 }
 
@@ -76,6 +88,15 @@ pub struct MemoryCounters {
 }
 
 impl CountersState {
+    /// Brings a ledger document's idempotency records along with a loaded record.
+    fn import_keys(&mut self, provider: &ProviderId, keys: &[KeyRecord]) {
+        for (id, entry) in keys {
+            self.keys
+                .entry((provider.clone(), id.clone()))
+                .or_insert_with(|| entry.clone());
+        }
+    }
+
     fn live(&mut self, provider: &ProviderId) -> Option<&mut Record> {
         let expired = matches!(self.records.get(provider), Some((_, Some(at))) if *at <= Instant::now());
         if expired {
@@ -105,17 +126,16 @@ impl Counters for MemoryCounters {
             state
                 .records
                 .insert(provider.clone(), (record_of(seed), Some(Instant::now() + ttl)));
+            state.import_keys(provider, &seed.keys);
         }
         Ok(())
     }
 
     async fn apply(&self, provider: &ProviderId, change: &Change<'_>) -> Result<Applied, StorageError> {
         let mut state = self.state.lock().unwrap();
-        let key = change
-            .idempotency_key
-            .map(|k| (provider.clone(), change.op, k.to_owned()));
-        if let Some(key) = &key {
-            match replay(&state.keys, key, change.amount) {
+        let id = change.idempotency_key.map(|k| idempotency_id(change.op, k));
+        if let Some(id) = &id {
+            match replay(state.keys.get(&(provider.clone(), id.clone())), change.amount) {
                 Some(Ok(decision)) => return Ok(Applied::Replayed(decision)),
                 Some(Err(())) => return Ok(Applied::KeyReused),
                 None => {}
@@ -125,21 +145,24 @@ impl Counters for MemoryCounters {
             return Ok(Applied::Miss);
         };
         let decision = decide(record.used, record.limit, change);
-        let changed = decision.used != record.used;
-        if changed {
-            record.used = decision.used;
+        // A keyed decision makes the record dirty too: its key travels to the ledger.
+        let dirty = decision.used != record.used || id.is_some();
+        record.used = decision.used;
+        if dirty {
             record.version += 1;
-        }
-        if changed {
             if let Some(entry) = state.records.get_mut(provider) {
                 entry.1 = None; // dirty records never expire
             }
             state.dirty_since.entry(provider.clone()).or_insert_with(Instant::now);
         }
-        if let Some(key) = key {
+        if let Some(id) = id {
+            let entry = record_key(change, decision);
             state
-                .keys
-                .insert(key, (change.amount, decision, Instant::now() + IDEMPOTENCY_TTL));
+                .pending
+                .entry(provider.clone())
+                .or_default()
+                .insert(id.clone(), entry.clone());
+            state.keys.insert((provider.clone(), id), entry);
         }
         Ok(Applied::Decided(decision))
     }
@@ -151,8 +174,14 @@ impl Counters for MemoryCounters {
         version: u64,
         limit: i64,
         ttl: Duration,
+        transferred: &[String],
     ) -> Result<(), StorageError> {
         let mut state = self.state.lock().unwrap();
+        if let Some(pending) = state.pending.get_mut(provider) {
+            for id in transferred {
+                pending.remove(id);
+            }
+        }
         let Some((record, expiry)) = state.records.get_mut(provider) else {
             return Ok(());
         };
@@ -166,6 +195,15 @@ impl Counters for MemoryCounters {
             state.dirty_since.remove(provider);
         }
         Ok(())
+    }
+
+    async fn pending_keys(&self, provider: &ProviderId) -> Result<Vec<KeyRecord>, StorageError> {
+        let state = self.state.lock().unwrap();
+        Ok(state
+            .pending
+            .get(provider)
+            .map(|p| p.clone().into_iter().collect())
+            .unwrap_or_default())
     }
 
     async fn evict_clean(&self, provider: &ProviderId) -> Result<bool, StorageError> {
@@ -193,6 +231,7 @@ impl Counters for MemoryCounters {
             .records
             .insert(provider.clone(), (record_of(seed), Some(Instant::now() + ttl)));
         state.dirty_since.remove(provider);
+        state.import_keys(provider, &seed.keys);
         Ok(())
     }
 
@@ -303,12 +342,13 @@ struct Doc {
     epoch: Option<String>,
     watermark: i64,
     version: u64,
+    /// Idempotency records kept in the document (as `quotadKeys` in Firestore).
+    keys: BTreeMap<String, String>,
 }
 
 #[derive(Default)]
 struct LedgerState {
     docs: HashMap<ProviderId, Doc>,
-    keys: HashMap<IdemKey, (i64, Decision, Instant)>,
     changed: Vec<ProviderId>,
     phase: Option<(Phase, DateTime<Utc>)>,
 }
@@ -334,6 +374,12 @@ fn document_of(doc: &Doc) -> Document {
         limit: doc.limit,
         epoch: doc.epoch.clone(),
         watermark: Some(doc.watermark),
+        keys: doc
+            .keys
+            .iter()
+            .filter(|(_, entry)| IdempotencyEntry::parse(entry).is_some_and(|e| e.expires_ms > now_ms()))
+            .map(|(id, entry)| (id.clone(), entry.clone()))
+            .collect(),
     }
 }
 
@@ -351,9 +397,21 @@ impl Ledger for MemoryLedger {
         Ok(self.state.lock().unwrap().docs.get(provider).map(document_of))
     }
 
-    async fn write_record(&self, provider: &ProviderId, record: &Record) -> Result<WriteOutcome, StorageError> {
+    async fn write_record(
+        &self,
+        provider: &ProviderId,
+        record: &Record,
+        keys: &[KeyRecord],
+    ) -> Result<WriteOutcome, StorageError> {
         let mut state = self.state.lock().unwrap();
         let doc = state.docs.entry(provider.clone()).or_default();
+        if matches!(
+            delta_for(record, doc.epoch.as_deref(), doc.watermark, doc.version),
+            DeltaPlan::Stale
+        ) {
+            return Ok(WriteOutcome::Stale);
+        }
+        merge_keys(&mut doc.keys, keys, now_ms());
         match delta_for(record, doc.epoch.as_deref(), doc.watermark, doc.version) {
             DeltaPlan::Stale => return Ok(WriteOutcome::Stale),
             DeltaPlan::AlreadyThere => {}
@@ -375,17 +433,15 @@ impl Ledger for MemoryLedger {
         mark_changed: bool,
     ) -> Result<LedgerDecision, StorageError> {
         let mut state = self.state.lock().unwrap();
-        let key = change
-            .idempotency_key
-            .map(|k| (provider.clone(), change.op, k.to_owned()));
-        if let Some(key) = &key {
-            match replay(&state.keys, key, change.amount) {
+        let id = change.idempotency_key.map(|k| idempotency_id(change.op, k));
+        let doc = state.docs.get(provider).cloned().unwrap_or_default();
+        if let Some(id) = &id {
+            match replay(doc.keys.get(id), change.amount) {
                 Some(Ok(decision)) => return Ok(LedgerDecision::Replayed(decision)),
                 Some(Err(())) => return Ok(LedgerDecision::KeyReused),
                 None => {}
             }
         }
-        let doc = state.docs.get(provider).cloned().unwrap_or_default();
         let used = doc.used.unwrap_or(0);
         let decision = decide(used, doc.limit.unwrap_or(default_limit), change);
         if decision.used != used {
@@ -394,10 +450,13 @@ impl Ledger for MemoryLedger {
                 state.changed.push(provider.clone());
             }
         }
-        if let Some(key) = key {
-            state
-                .keys
-                .insert(key, (change.amount, decision, Instant::now() + IDEMPOTENCY_TTL));
+        if let Some(id) = id {
+            let entry = record_key(change, decision);
+            merge_keys(
+                &mut state.docs.entry(provider.clone()).or_default().keys,
+                &[(id, entry)],
+                now_ms(),
+            );
         }
         Ok(LedgerDecision::Decided(decision))
     }

@@ -69,6 +69,8 @@ pub struct Seed {
     pub epoch: String,
     /// The document's epoch at the time of the read ("" when it has none).
     pub loaded_from: String,
+    /// The document's idempotency records, for Redis to answer their retries.
+    pub keys: Vec<KeyRecord>,
 }
 
 /// Consume or refund.
@@ -119,6 +121,91 @@ pub enum Applied {
 /// How long idempotency keys are remembered.
 pub const IDEMPOTENCY_TTL: Duration = Duration::from_secs(24 * 60 * 60);
 
+/// An idempotency record as both stores keep it: the key's id (see [`idempotency_id`])
+/// and its [`IdempotencyEntry`] rendered. Records travel with the usage: Redis hands the
+/// ones it decided to the ledger with the next write, and a record loaded from the ledger
+/// brings the ledger's, so a retry is answered once whichever store decides it.
+pub type KeyRecord = (String, String);
+
+/// The id of an idempotency key for one endpoint: `c:` or `r:` and a 128-bit FNV-1a
+/// digest in hex, so any printable key makes a short id safe in both stores.
+pub fn idempotency_id(op: Op, key: &str) -> String {
+    let fnv = |offset: u64| {
+        key.bytes().fold(offset, |hash, byte| {
+            (hash ^ u64::from(byte)).wrapping_mul(0x0100_0000_01b3)
+        })
+    };
+    format!(
+        "{}:{:016x}{:016x}",
+        &op.as_str()[..1],
+        fnv(0xcbf2_9ce4_8422_2325),
+        fnv(0x6c62_272e_07bb_0142)
+    )
+}
+
+/// At most this many idempotency records per document (the oldest go first): a document
+/// must stay well below Firestore's 1 MiB and index-entry limits.
+pub const KEYS_PER_DOCUMENT: usize = 1000;
+
+/// Adds idempotency records to a document's map, dropping expired ones and, past
+/// [`KEYS_PER_DOCUMENT`], the oldest. A record already there is kept (the first answer).
+pub fn merge_keys(map: &mut std::collections::BTreeMap<String, String>, new: &[KeyRecord], now_ms: i64) {
+    map.retain(|_, entry| IdempotencyEntry::parse(entry).is_some_and(|e| e.expires_ms > now_ms));
+    for (id, entry) in new {
+        if IdempotencyEntry::parse(entry).is_some_and(|e| e.expires_ms > now_ms) {
+            map.entry(id.clone()).or_insert_with(|| entry.clone());
+        }
+    }
+    if map.len() > KEYS_PER_DOCUMENT {
+        let mut by_expiry: Vec<(i64, String)> = map
+            .iter()
+            .map(|(id, entry)| (IdempotencyEntry::parse(entry).map_or(0, |e| e.expires_ms), id.clone()))
+            .collect();
+        by_expiry.sort();
+        for (_, oldest) in by_expiry.into_iter().take(map.len() - KEYS_PER_DOCUMENT) {
+            map.remove(&oldest);
+        }
+    }
+}
+
+/// A recorded first answer: `amount:allowed:used:limit:expiresMs`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IdempotencyEntry {
+    pub amount: i64,
+    pub decision: Decision,
+    /// Unix ms after which the key is forgotten.
+    pub expires_ms: i64,
+}
+
+impl IdempotencyEntry {
+    pub fn parse(raw: &str) -> Option<Self> {
+        let mut parts = raw.split(':').map(str::parse::<i64>);
+        let mut next = || parts.next()?.ok();
+        let (amount, allowed, used, limit, expires_ms) = (next()?, next()?, next()?, next()?, next()?);
+        Some(Self {
+            amount,
+            decision: Decision {
+                allowed: allowed == 1,
+                used,
+                limit,
+            },
+            expires_ms,
+        })
+    }
+
+    pub fn render(&self) -> String {
+        let d = self.decision;
+        format!(
+            "{}:{}:{}:{}:{}",
+            self.amount,
+            u8::from(d.allowed),
+            d.used,
+            d.limit,
+            self.expires_ms
+        )
+    }
+}
+
 /// The fast, atomic store: decides consumes and refunds, caches records.
 #[async_trait]
 pub trait Counters: Send + Sync {
@@ -134,8 +221,9 @@ pub trait Counters: Send + Sync {
     /// Applies a consume or refund atomically with its idempotency record; a change makes
     /// the record dirty (it no longer expires) and indexes it for the writer.
     async fn apply(&self, provider: &ProviderId, change: &Change<'_>) -> Result<Applied, StorageError>;
-    /// Records that the ledger holds `version` of `epoch` (never lowers `synced`); takes
-    /// `limit` from the ledger; a record that became clean gets the TTL again.
+    /// Records that the ledger holds `version` of `epoch` (never lowers `synced`) and the
+    /// idempotency records `transferred`; takes `limit` from the ledger; a record that
+    /// became clean gets the TTL again.
     async fn mark_synced(
         &self,
         provider: &ProviderId,
@@ -143,7 +231,10 @@ pub trait Counters: Send + Sync {
         version: u64,
         limit: i64,
         ttl: Duration,
+        transferred: &[String],
     ) -> Result<(), StorageError>;
+    /// Idempotency records decided here and not yet in the ledger.
+    async fn pending_keys(&self, provider: &ProviderId) -> Result<Vec<KeyRecord>, StorageError>;
     /// Drops a clean record. Returns `false` (and keeps it) when it is dirty.
     async fn evict_clean(&self, provider: &ProviderId) -> Result<bool, StorageError>;
     /// Drops the record if it is still of `epoch`, dirty or not (its document was reset).
@@ -179,6 +270,8 @@ pub struct Document {
     pub epoch: Option<String>,
     /// The usage of `epoch` already added to `used`.
     pub watermark: Option<i64>,
+    /// Idempotency records decided by (or carried into) this document, unexpired.
+    pub keys: Vec<KeyRecord>,
 }
 
 /// What a [`Ledger::write_record`] did.
@@ -206,8 +299,14 @@ pub trait Ledger: Send + Sync {
     async fn ping(&self) -> Result<(), StorageError>;
     /// Reads a provider document (`None`: it does not exist).
     async fn read(&self, provider: &ProviderId) -> Result<Option<Document>, StorageError>;
-    /// Adds the record's unsynced delta to the document exactly once (see module docs).
-    async fn write_record(&self, provider: &ProviderId, record: &Record) -> Result<WriteOutcome, StorageError>;
+    /// Adds the record's unsynced delta to the document exactly once (see module docs),
+    /// with the idempotency records `keys` in the same write.
+    async fn write_record(
+        &self,
+        provider: &ProviderId,
+        record: &Record,
+        keys: &[KeyRecord],
+    ) -> Result<WriteOutcome, StorageError>;
     /// Decides a consume or refund in one transaction on the document, with its
     /// idempotency record, retrying on contention. Marks the provider as changed outside
     /// Redis when `mark_changed` (the fallback path), so Redis reloads it later.

@@ -34,6 +34,7 @@ fn seed(used: i64, limit: i64) -> Seed {
         limit,
         epoch: "e1".into(),
         loaded_from: String::new(),
+        keys: vec![],
     }
 }
 
@@ -94,16 +95,19 @@ async fn counters_contract(counters: Arc<dyn Counters>) {
     // Synced up to an older version: still dirty; up to the latest: clean.
     let record = counters.read(&id).await.unwrap().unwrap();
     counters
-        .mark_synced(&id, "e1", record.version - 1, 7, TTL)
+        .mark_synced(&id, "e1", record.version - 1, 7, TTL, &[])
         .await
         .unwrap();
     assert!(counters.read(&id).await.unwrap().unwrap().is_dirty());
     counters
-        .mark_synced(&id, "other-epoch", record.version, 7, TTL)
+        .mark_synced(&id, "other-epoch", record.version, 7, TTL, &[])
         .await
         .unwrap();
     assert!(counters.read(&id).await.unwrap().unwrap().is_dirty());
-    counters.mark_synced(&id, "e1", record.version, 7, TTL).await.unwrap();
+    counters
+        .mark_synced(&id, "e1", record.version, 7, TTL, &[])
+        .await
+        .unwrap();
     let clean = counters.read(&id).await.unwrap().unwrap();
     assert!(!clean.is_dirty());
     assert_eq!(clean.limit, 7, "the ledger's limit is taken");
@@ -126,6 +130,7 @@ async fn counters_contract(counters: Arc<dyn Counters>) {
                 limit: 4,
                 epoch: "e2".into(),
                 loaded_from: "e2".into(),
+                keys: vec![],
             },
             TTL,
         )
@@ -163,17 +168,17 @@ async fn ledger_contract(ledger: Arc<dyn Ledger>) {
     // A record loaded from a missing document (base 0) writes its usage once.
     let r1 = record(3, 0, "e1", "", 3);
     assert_eq!(
-        ledger.write_record(&id, &r1).await.unwrap(),
+        ledger.write_record(&id, &r1, &[]).await.unwrap(),
         WriteOutcome::Written { limit: None }
     );
     assert_eq!(
-        ledger.write_record(&id, &r1).await.unwrap(),
+        ledger.write_record(&id, &r1, &[]).await.unwrap(),
         WriteOutcome::Written { limit: None }
     );
     assert_eq!(ledger.read(&id).await.unwrap().unwrap().used, Some(3));
     // A later version adds only the difference; an older one adds nothing.
-    ledger.write_record(&id, &record(5, 0, "e1", "", 5)).await.unwrap();
-    ledger.write_record(&id, &record(4, 0, "e1", "", 4)).await.unwrap();
+    ledger.write_record(&id, &record(5, 0, "e1", "", 5), &[]).await.unwrap();
+    ledger.write_record(&id, &record(4, 0, "e1", "", 4), &[]).await.unwrap();
     assert_eq!(ledger.read(&id).await.unwrap().unwrap().used, Some(5));
     // Another writer's increment survives; a new epoch loaded at 5 adds what it used since.
     let decided = ledger.decide(&id, &consume(10), 100, true).await.unwrap();
@@ -185,10 +190,13 @@ async fn ledger_contract(ledger: Arc<dyn Ledger>) {
             limit: 100
         })
     );
-    ledger.write_record(&id, &record(8, 5, "e2", "e1", 1)).await.unwrap();
+    ledger
+        .write_record(&id, &record(8, 5, "e2", "e1", 1), &[])
+        .await
+        .unwrap();
     assert_eq!(ledger.read(&id).await.unwrap().unwrap().used, Some(18));
     assert_eq!(
-        ledger.write_record(&id, &record(9, 0, "e1", "", 6)).await.unwrap(),
+        ledger.write_record(&id, &record(9, 0, "e1", "", 6), &[]).await.unwrap(),
         WriteOutcome::Stale
     );
     assert_eq!(ledger.read(&id).await.unwrap().unwrap().used, Some(18));
@@ -246,10 +254,16 @@ async fn ledger_contract(ledger: Arc<dyn Ledger>) {
         (Some(4), Some(20), Some("e9"))
     );
     assert_eq!(
-        ledger.write_record(&id, &record(30, 5, "e2", "e1", 9)).await.unwrap(),
+        ledger
+            .write_record(&id, &record(30, 5, "e2", "e1", 9), &[])
+            .await
+            .unwrap(),
         WriteOutcome::Stale
     );
-    ledger.write_record(&id, &record(6, 4, "e9", "e9", 1)).await.unwrap();
+    ledger
+        .write_record(&id, &record(6, 4, "e9", "e9", 1), &[])
+        .await
+        .unwrap();
     assert_eq!(ledger.read(&id).await.unwrap().unwrap().used, Some(6));
     // An unknown document takes the default limit in a decision.
     assert_eq!(
@@ -291,4 +305,81 @@ async fn memory_ledger_keeps_the_contract() {
 async fn firestore_ledger_keeps_the_contract() {
     let _ = emulator_host();
     ledger_contract(Arc::new(FirestoreLedger::new(&unique("contract-"), "providers"))).await;
+}
+
+/// Idempotency records travel: Redis hands its keyed decisions to the ledger with the
+/// next write; a record loaded from the ledger brings the ledger's. Either store then
+/// answers a retry decided by the other.
+async fn keys_travel(counters: Arc<dyn Counters>, ledger: Arc<dyn Ledger>) {
+    let id = p("k1");
+    let keyed = |key: &'static str, amount| Change {
+        op: Op::Consume,
+        amount,
+        idempotency_key: Some(key),
+    };
+    counters.load(&id, &seed(0, 10), TTL).await.unwrap();
+    let first = counters.apply(&id, &keyed("from-redis", 2)).await.unwrap();
+    let pending = counters.pending_keys(&id).await.unwrap();
+    assert_eq!(pending.len(), 1);
+    let record = counters.read(&id).await.unwrap().unwrap();
+    ledger.write_record(&id, &record, &pending).await.unwrap();
+    let ids: Vec<String> = pending.iter().map(|(id, _)| id.clone()).collect();
+    counters
+        .mark_synced(&id, &record.epoch, record.version, 10, TTL, &ids)
+        .await
+        .unwrap();
+    assert!(counters.pending_keys(&id).await.unwrap().is_empty());
+    let Applied::Decided(decision) = first else {
+        panic!("{first:?}")
+    };
+    // The ledger answers the retry without charging it.
+    assert_eq!(
+        ledger.decide(&id, &keyed("from-redis", 2), 10, false).await.unwrap(),
+        LedgerDecision::Replayed(decision)
+    );
+    assert_eq!(
+        ledger.decide(&id, &keyed("from-redis", 3), 10, false).await.unwrap(),
+        LedgerDecision::KeyReused
+    );
+    // A key the ledger decided reaches Redis with the next load.
+    let by_ledger = ledger.decide(&id, &keyed("from-ledger", 1), 10, false).await.unwrap();
+    let LedgerDecision::Decided(decision) = by_ledger else {
+        panic!("{by_ledger:?}")
+    };
+    let doc = ledger.read(&id).await.unwrap().unwrap();
+    assert_eq!(doc.used, Some(3));
+    assert!(counters.evict_clean(&id).await.unwrap());
+    let reloaded = Seed {
+        used: 3,
+        limit: 10,
+        epoch: "e5".into(),
+        loaded_from: doc.epoch.clone().unwrap_or_default(),
+        keys: doc.keys,
+    };
+    counters.load(&id, &reloaded, TTL).await.unwrap();
+    assert_eq!(
+        counters.apply(&id, &keyed("from-ledger", 1)).await.unwrap(),
+        Applied::Replayed(decision)
+    );
+    assert_eq!(counters.read(&id).await.unwrap().unwrap().used, 3);
+}
+
+#[tokio::test]
+async fn idempotency_keys_travel_between_memory_adapters() {
+    keys_travel(
+        Arc::new(memory::MemoryCounters::default()),
+        Arc::new(memory::MemoryLedger::default()),
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn idempotency_keys_travel_between_redis_and_firestore() {
+    let _ = emulator_host();
+    let counters = RedisCounters::new(&redis_url(), &(unique("k") + ":")).unwrap();
+    keys_travel(
+        Arc::new(counters),
+        Arc::new(FirestoreLedger::new(&unique("keys-"), "providers")),
+    )
+    .await;
 }

@@ -198,3 +198,27 @@ async fn embedded_backends_run_without_redis_or_firestore() {
     assert_eq!(ok(app.consume("p1", 1).await).await["used"], 1);
     assert_eq!(readiness(&app).await, json!({"redis": "ok", "firestore": "ok"}));
 }
+
+#[tokio::test]
+async fn a_retry_after_redis_died_is_answered_from_firestore_not_charged_again() {
+    let mut redis = RedisServer::start().await;
+    let shared = Shared {
+        redis_url: Some(redis.url()),
+        ..Shared::real()
+    };
+    let app = spawn_with(&shared, |_| {}).await;
+    let store = shared.store();
+    store.put("p1", Some(0), Some(10)).await;
+    let first = ok(app.consume_with_key("p1", 3, "cf-retry-1").await).await;
+    assert_eq!(eventually(DEADLINE, Some(3), || store.used("p1")).await, Some(3));
+    redis.kill();
+    let retried = ok(app.consume_with_key("p1", 3, "cf-retry-1").await).await;
+    assert_eq!(retried, first);
+    assert_eq!(store.used("p1").await, Some(3));
+    problem(
+        app.consume_with_key("p1", 4, "cf-retry-1").await,
+        422,
+        "idempotency_key_reused",
+    )
+    .await;
+}

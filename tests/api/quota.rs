@@ -244,3 +244,19 @@ async fn redis_primary_keeps_usage_in_redis_until_the_sync() {
     ok(app.set_phase(Phase::DualWrite).await).await;
     assert_eq!(store.used("p1").await, Some(7));
 }
+
+#[tokio::test]
+async fn a_retry_across_a_phase_change_is_charged_once() {
+    let shared = Shared::real();
+    let app = spawn_with(&shared, |c| c.initial_phase = Phase::FirestoreOnly).await;
+    let store = shared.store();
+    store.put("p1", Some(0), Some(10)).await;
+    let first = ok(app.consume_with_key("p1", 5, "across").await).await;
+    ok(app.set_phase(Phase::DualWrite).await).await;
+    assert_eq!(ok(app.consume_with_key("p1", 5, "across").await).await, first);
+    assert_eq!(app.quota("p1").await["used"], 5);
+    let second = ok(app.consume_with_key("p1", 1, "back").await).await;
+    ok(app.set_phase(Phase::FirestoreOnly).await).await;
+    assert_eq!(ok(app.consume_with_key("p1", 1, "back").await).await, second);
+    assert_eq!(eventually(STORE_DEADLINE, Some(6), || store.used("p1")).await, Some(6));
+}

@@ -3,7 +3,7 @@
 //! cannot contain braces). The dirty index is the one key outside that rule: see
 //! `scripts/apply.lua`.
 
-use crate::{domain::ProviderId, storage::Op};
+use crate::domain::ProviderId;
 
 /// Builds keys under one prefix (each test app has its own).
 #[derive(Debug, Clone)]
@@ -34,9 +34,15 @@ impl Keys {
         ProviderId::parse(tagged.strip_suffix('}')?).ok()
     }
 
-    /// An idempotency record: `amount:allowed:used:limit` of the first answer.
-    pub fn idempotency(&self, provider: &ProviderId, op: Op, key: &str) -> String {
-        format!("{}idem:{{{provider}}}:{}:{key}", self.prefix, op.as_str())
+    /// An idempotency record (`id` from [`crate::storage::idempotency_id`]):
+    /// `amount:allowed:used:limit` of the first answer.
+    pub fn idempotency(&self, provider: &ProviderId, id: &str) -> String {
+        format!("{}idem:{{{provider}}}:{id}", self.prefix)
+    }
+
+    /// Hash of the provider's idempotency records not yet handed to the ledger.
+    pub fn pending_keys(&self, provider: &ProviderId) -> String {
+        format!("{}idemq:{{{provider}}}", self.prefix)
     }
 
     /// Sorted set of dirty providers, scored by when they first became dirty (ms).
@@ -84,9 +90,7 @@ mod tests {
         let keys = Keys::new("t:");
         let p = ProviderId::parse("creator:1@x").unwrap();
         assert_eq!(keys.record(&p), "t:q:{creator:1@x}");
-        assert_eq!(
-            keys.idempotency(&p, Op::Refund, "k 1"),
-            "t:idem:{creator:1@x}:refund:k 1"
-        );
+        assert_eq!(keys.idempotency(&p, "r:00ff"), "t:idem:{creator:1@x}:r:00ff");
+        assert_eq!(keys.pending_keys(&p), "t:idemq:{creator:1@x}");
     }
 }

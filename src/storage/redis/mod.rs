@@ -14,7 +14,10 @@ use ::redis::{Script, Value, aio::ConnectionManager};
 use async_trait::async_trait;
 
 pub use self::keys::Keys;
-use super::{Applied, Change, Counters, Decision, IDEMPOTENCY_TTL, Op, Record, Seed, StorageError};
+use super::{
+    Applied, Change, Counters, Decision, IDEMPOTENCY_TTL, IdempotencyEntry, KeyRecord, Op, Record, Seed, StorageError,
+    idempotency_id,
+};
 use crate::domain::{
     ProviderId,
     ratelimit::{ANOMALIES_KEPT, Algorithm, Anomaly, RateCheck, RateDecision, anomaly_at},
@@ -244,18 +247,23 @@ impl Counters for RedisCounters {
 
     #[tracing::instrument(skip_all, fields(provider = %provider), err(level = "debug"))]
     async fn apply(&self, provider: &ProviderId, change: &Change<'_>) -> Result<Applied, StorageError> {
-        let idem_key = change.idempotency_key.unwrap_or("");
+        let id = change
+            .idempotency_key
+            .map(|k| idempotency_id(change.op, k))
+            .unwrap_or_default();
         let mut invocation = APPLY.prepare_invoke();
         invocation
             .key(self.keys.record(provider))
-            .key(self.keys.idempotency(provider, change.op, idem_key))
+            .key(self.keys.idempotency(provider, &id))
             .key(self.keys.dirty())
+            .key(self.keys.pending_keys(provider))
             .arg(if change.op == Op::Consume { "c" } else { "r" })
             .arg(change.amount)
             .arg(if change.idempotency_key.is_some() { "1" } else { "0" })
             .arg(IDEMPOTENCY_TTL.as_secs())
             .arg(provider.as_str())
-            .arg(self.apply_deadline_ms());
+            .arg(self.apply_deadline_ms())
+            .arg(&id);
         let reply: Vec<Value> = self
             .call(|mut conn| async move { invocation.invoke_async(&mut conn).await })
             .await?;
@@ -285,19 +293,30 @@ impl Counters for RedisCounters {
         version: u64,
         limit: i64,
         ttl: Duration,
+        transferred: &[String],
     ) -> Result<(), StorageError> {
         let mut invocation = MARK_SYNCED.prepare_invoke();
         invocation
             .key(self.keys.record(provider))
             .key(self.keys.dirty())
+            .key(self.keys.pending_keys(provider))
             .arg(epoch)
             .arg(version)
             .arg(limit)
             .arg(ttl.as_secs())
             .arg(provider.as_str());
+        for id in transferred {
+            invocation.arg(id);
+        }
         self.call(|mut conn| async move { invocation.invoke_async::<i64>(&mut conn).await })
             .await
             .map(|_| ())
+    }
+
+    async fn pending_keys(&self, provider: &ProviderId) -> Result<Vec<KeyRecord>, StorageError> {
+        let mut cmd = ::redis::cmd("HGETALL");
+        cmd.arg(self.keys.pending_keys(provider));
+        self.query(cmd).await
     }
 
     async fn evict_clean(&self, provider: &ProviderId) -> Result<bool, StorageError> {
@@ -503,6 +522,23 @@ impl RedisCounters {
             .arg(ttl.as_secs())
             .arg(if replace { "1" } else { "0" })
             .arg(provider.as_str());
+        // The ledger's idempotency records come along, so Redis answers their retries.
+        for (id, entry) in &seed.keys {
+            let Some(entry) = IdempotencyEntry::parse(entry) else {
+                continue;
+            };
+            let d = entry.decision;
+            invocation
+                .key(self.keys.idempotency(provider, id))
+                .arg(format!(
+                    "{}:{}:{}:{}",
+                    entry.amount,
+                    u8::from(d.allowed),
+                    d.used,
+                    d.limit
+                ))
+                .arg(entry.expires_ms);
+        }
         self.call(|mut conn| async move { invocation.invoke_async::<i64>(&mut conn).await })
             .await
             .map(|_| ())

@@ -1,8 +1,10 @@
 -- The ledger holds a version of a record: raise `synced` (never lower it), take the ledger's
 -- limit, and once the record is clean give it the cache TTL and drop it from the dirty index.
--- KEYS[1] record hash, KEYS[2] dirty index
--- ARGV[1] epoch, ARGV[2] version, ARGV[3] limit, ARGV[4] TTL seconds, ARGV[5] provider id
+-- KEYS[1] record hash, KEYS[2] dirty index, KEYS[3] idempotency records not yet in the ledger
+-- ARGV[1] epoch, ARGV[2] version, ARGV[3] limit, ARGV[4] TTL seconds, ARGV[5] provider id,
+-- ARGV[6..] ids of the idempotency records the ledger now holds
 -- Returns 1 when the record is clean now, 0 otherwise.
+for i = 6, #ARGV do redis.call('HDEL', KEYS[3], ARGV[i]) end
 local v = redis.call('HMGET', KEYS[1], 'epoch', 'ver', 'synced')
 if not v[1] then
   redis.call('ZREM', KEYS[2], ARGV[5])
