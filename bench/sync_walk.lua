@@ -1,8 +1,11 @@
 -- wrk script for bench/sync.sh: POST {"amount":1} to /quota/s<i>/consume for every i in
 -- 0..N-1 exactly once. Arguments after `--`: N THREADS (THREADS = wrk's -t).
 -- Thread t (0-based) takes i = t, t + THREADS, t + 2*THREADS, ...; once its share is sent it
--- asks GET /healthz (consumes nothing) until sync.sh, which watches Redis's dirty set, stops
--- wrk with SIGINT. done() prints how many consumes were sent, answered and not 200.
+-- asks GET /healthz every 100 ms per connection (consumes nothing) until sync.sh, which
+-- watches Redis's dirty set, stops wrk with SIGINT. done() prints how many consumes were
+-- sent, answered and not 200.
+-- wrk 4.1 calls thread 1's request() once before the run to check that it parses, and sends
+-- nothing for that call: so thread 1's first call returns GET /healthz and takes no i.
 local threads = {}
 local count = 0
 function setup(thread)
@@ -15,13 +18,25 @@ n, step, nexti, sent, answered, bad = 0, 1, 0, 0, 0, 0
 local headers = { ["Content-Type"] = "application/json" }
 local body = '{"amount":1}'
 
+local first = true
+
 function init(args)
   n = tonumber(args[1])
   step = tonumber(args[2])
   nexti = tid
+  first = (tid == 0)
+end
+
+function delay()
+  if nexti < n then return 0 end
+  return 100
 end
 
 function request()
+  if first then
+    first = false
+    return wrk.format("GET", "/healthz")
+  end
   if nexti < n then
     local path = "/quota/s" .. nexti .. "/consume"
     nexti = nexti + step

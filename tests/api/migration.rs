@@ -202,3 +202,46 @@ async fn the_phase_command_switches_every_replica() {
     assert_eq!(run(&envs, &["frobnicate"]).status.code(), Some(64));
     drop(server);
 }
+
+#[tokio::test]
+async fn a_sync_that_lost_its_lock_while_paused_makes_no_document_wrong() {
+    let redis = RedisServer::start().await;
+    let project = unique("fence-");
+    let envs = tool_env(&redis, &project);
+    let mut server_env = envs.clone();
+    server_env.push(("QUOTAD_PHASE", "redis-primary".into()));
+    let server = QuotadProcess::start(&server_env).await;
+    let amounts: HashMap<String, i64> = (0..1200).map(|i| (format!("f{i}"), 2)).collect();
+    let mut admitted = consume_all(&server.base, &amounts).await;
+
+    // A sync pauses mid-run (SIGSTOP) and its lock expires (dropped here) ...
+    let mut paused = tool(&envs, &["sync", "--once"]).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    Command::new("kill").args(["-STOP", &paused.id().to_string()]).status().unwrap();
+    let counters = quotad::storage::redis::RedisCounters::new(&redis.url(), "quotad:").unwrap();
+    let mut del = redis::cmd("DEL");
+    del.arg("quotad:sync:lock");
+    counters.query::<i64>(del).await.unwrap();
+    // ... another sync runs to completion, and usage goes on ...
+    let other = run(&envs, &["sync", "--once"]);
+    assert!(other.status.success(), "{}", String::from_utf8_lossy(&other.stderr));
+    let more: HashMap<String, i64> = (0..1200).step_by(3).map(|i| (format!("f{i}"), 1)).collect();
+    for (provider, n) in consume_all(&server.base, &more).await {
+        *admitted.get_mut(&provider).unwrap() += n;
+    }
+    // ... then the paused one wakes up and goes on writing with its stale view.
+    Command::new("kill").args(["-CONT", &paused.id().to_string()]).status().unwrap();
+    let _ = paused.wait();
+    let last = run(&envs, &["sync", "--once"]);
+    assert!(last.status.success(), "{}", String::from_utf8_lossy(&last.stderr));
+    let store = Store::new(project);
+    let mut wrong = Vec::new();
+    for (provider, n) in &admitted {
+        let used = store.used(provider).await;
+        if used != Some(*n) {
+            wrong.push((provider.clone(), *n, used));
+        }
+    }
+    assert!(wrong.is_empty(), "documents that differ from what was admitted: {:?}", &wrong[..wrong.len().min(10)]);
+    drop(server);
+}
