@@ -285,7 +285,9 @@ REDIS_LINES=()
 redis_bench() {
   local name=$1 note=$2 base=$3
   shift 3
-  echo "redis-benchmark -p $REDIS_PORT -c 50 -n $REDIS_N -q $*" >&2
+  local shown=() a
+  for a in "$@"; do [[ -n $a ]] && shown+=("$a") || shown+=("''"); done
+  echo "redis-benchmark -p $REDIS_PORT -c 50 -n $REDIS_N -q ${shown[*]}" >&2
   run_bg "$WORK/$base.raw" redis-benchmark -p "$REDIS_PORT" -c 50 -n "$REDIS_N" -q "$@"
   tr '\r' '\n' <"$WORK/$base.raw" >"$WORK/$base.txt"
   local last ops p50
@@ -389,7 +391,7 @@ echo "check ip:1 -> $ANSWER" >&2
 [[ $ANSWER == 200* ]] || die "POST /ratelimit/check (ip:1) did not answer 200: $ANSWER"
 run_wrk "POST /ratelimit/check ip:<0..99999>" "$Q/ratelimit/check" "$BENCH_DIR/ratelimit_many.lua" \
   "100k keys, sliding-window 1e6/1h" sliding-window
-MANY_RL_KEYS=$(rcli --scan --pattern 'quotad:rl:{ip:*}:sliding-window:*' --count 1000 | grep -vc ':sum$' || true)
+MANY_RL_KEYS=$(rcli --scan --pattern 'quotad:rl:{ip:*}:sliding-window:*' | grep -vc ':sum$' || true)
 echo "distinct ip:<N> counters in Redis after the run: $MANY_RL_KEYS" >&2
 RL_DECISIONS=$(curl -fsS "$Q/metrics" | grep 'decisions' | grep 'ratelimit' | grep -v '^#' || true)
 echo "decision metrics (ratelimit):" >&2
@@ -417,10 +419,10 @@ for alg in "${ALGORITHMS[@]}"; do
     echo "  $key: $(rcli TYPE "$key") $bytes bytes" >&2
     total=$((total + bytes))
     names+=("${key#"quotad:rl:{mem-$alg}:$alg:$WINDOW_MS"}")
-  done < <(rcli --scan --pattern "quotad:rl:{mem-$alg}:*" --count 1000)
+  done < <(rcli --scan --pattern "quotad:rl:{mem-$alg}:*")
   ((${#names[@]})) || PROBLEMS+=("memory run $alg: no Redis key named $counter[:sum] found")
   keys=$(printf '%s,' "${names[@]/#/<c>}"); keys=${keys%,}
-  MEM_LINES+=("$alg	${#names[@]}	$keys	$total	${answer%% *}")
+  MEM_LINES+=("$alg|${#names[@]}|$keys|$total|${answer%% *}")
 done
 stop_pid "$QUOTAD_PID"
 
@@ -481,16 +483,16 @@ report() {
     echo
     echo "memory per key, policy of plan starter (limit 50, window 1h) after 50 checks of a fresh key;"
     echo "MEMORY USAGE <key> SAMPLES 0 summed over the counter's keys (<c> = quotad:rl:{mem-<alg>}:<alg>:$WINDOW_MS)"
-    printf '%-24s %5s %-12s %8s %-10s %s\n' "algorithm" "keys" "names" "bytes" "target" "last status"
+    printf '%-24s %5s %-12s %8s %-18s %s\n' "algorithm" "keys" "names" "bytes" "target" "50th check"
     local alg n names bytes code target
     for line in "${MEM_LINES[@]}"; do
-      IFS=$'\t' read -r alg n names bytes code <<<"$line"
+      IFS='|' read -r alg n names bytes code <<<"$line"
       case $alg in
         token-bucket | sliding-window-approx)
           target="<= 100: $( ((bytes <= 100)) && echo MET || echo NOT MET)" ;;
         *) target="-" ;;
       esac
-      printf '%-24s %5s %-12s %8s %-10s %s\n' "$alg" "$n" "$names" "$bytes" "$target" "$code"
+      printf '%-24s %5s %-12s %8s %-18s %s\n' "$alg" "$n" "$names" "$bytes" "$target" "$code"
     done
     echo "target (issue): GCRA (token-bucket) and the approximate window within 100 bytes per key"
     echo

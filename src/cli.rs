@@ -143,6 +143,10 @@ pub async fn run(command: Command, config: Config) -> anyhow::Result<ExitCode> {
                 );
             }
             println!("verify: {seen} cached records checked, {} drifting", drifted.len());
+            if let Some(loss) = quotas.ledger().meta("redis-loss").await? {
+                println!("verify: Redis came back empty at least once; the last time: {loss}");
+                println!("verify: usage admitted but not yet written to Firestore then is lost");
+            }
             Ok(if drifted.is_empty() {
                 ExitCode::SUCCESS
             } else {

@@ -190,6 +190,12 @@ async fn probe(app: &App) -> (bool, bool) {
     );
     let (redis_ok, firestore_ok) = (matches!(redis, Ok(Ok(()))), matches!(firestore, Ok(Ok(()))));
     app.health.set(redis_ok, firestore_ok);
+    if redis_ok
+        && firestore_ok
+        && let Err(err) = quotas.check_redis_data().await
+    {
+        tracing::debug!(error = %err, "could not check Redis's data set");
+    }
     if !redis_ok && quotas.redis_is_up() {
         quotas.redis_down("health probe failed");
     }

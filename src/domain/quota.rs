@@ -72,6 +72,8 @@ pub struct QuotaService {
     phase: watch::Sender<(Phase, DateTime<Utc>)>,
     redis_up: AtomicBool,
     writer: Writer,
+    /// The id of the Redis data set this replica last saw (see `check_redis_data`).
+    known_sentinel: std::sync::Mutex<Option<String>>,
 }
 
 impl QuotaService {
@@ -91,6 +93,7 @@ impl QuotaService {
             phase,
             redis_up: AtomicBool::new(true),
             writer: Writer::default(),
+            known_sentinel: std::sync::Mutex::new(None),
         })
     }
 
@@ -440,6 +443,44 @@ impl QuotaService {
             }
         }
         Ok(view)
+    }
+
+    /// Detects that Redis came back without its data (a restart without persistence): the
+    /// data set's id (the sentinel) is gone. Records then reload from Firestore under new
+    /// epochs, but usage never written to Firestore is lost: this reports it (an `ERROR`
+    /// log, `quotad_redis_data_loss_total`, and the `redis-loss` record `quotad verify`
+    /// prints) instead of absorbing it silently. Returns whether a loss was found.
+    pub async fn check_redis_data(&self) -> Result<bool, StorageError> {
+        const SENTINEL: &str = "redis-sentinel";
+        let candidate = new_epoch();
+        let present = self.counters.ensure_sentinel(&candidate).await?;
+        let known = self.known_sentinel.lock().unwrap().clone();
+        if let Some(present) = present {
+            if known.as_deref() != Some(present.as_str()) {
+                if self.ledger.meta(SENTINEL).await?.as_deref() != Some(present.as_str()) {
+                    self.ledger.set_meta(SENTINEL, &present).await?;
+                }
+                *self.known_sentinel.lock().unwrap() = Some(present);
+            }
+            return Ok(false);
+        }
+        // Redis had no sentinel: it is new, or it lost its data.
+        let previous = match known {
+            Some(known) => Some(known),
+            None => self.ledger.meta(SENTINEL).await?,
+        };
+        let lost = previous.is_some();
+        if lost {
+            let (phase, _) = self.phase();
+            tracing::error!(%phase, "Redis came back empty: usage it held that was not yet written to Firestore \
+                is lost; records reload from Firestore (keep Redis persistent, sync often)");
+            metrics::counter!("quotad_redis_data_loss_total", "phase" => phase.as_str()).increment(1);
+            let record = serde_json::json!({"at": Utc::now().to_rfc3339(), "phase": phase.as_str()});
+            self.ledger.set_meta("redis-loss", &record.to_string()).await?;
+        }
+        self.ledger.set_meta(SENTINEL, &candidate).await?;
+        *self.known_sentinel.lock().unwrap() = Some(candidate);
+        Ok(lost)
     }
 
     /// Reloads the providers Firestore decided while Redis was away: writes what Redis

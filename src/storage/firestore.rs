@@ -135,6 +135,11 @@ impl ProviderWrite {
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
+struct MetaDoc {
+    value: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
 struct PhaseDoc {
     phase: String,
     since: DateTime<Utc>,
@@ -567,6 +572,32 @@ impl Ledger for FirestoreLedger {
             Ok(Err(err)) if lost_race(&err) => Ok(()),
             Ok(Err(err)) => Err(classify(&err)),
         }
+    }
+
+    async fn meta(&self, name: &str) -> Result<Option<String>, StorageError> {
+        let db = self.db().await?;
+        let doc: Option<MetaDoc> = self
+            .timed(CALL_TIMEOUT, db.fluent().select().by_id_in(META).obj().one(name))
+            .await?;
+        Ok(doc.map(|d| d.value))
+    }
+
+    async fn set_meta(&self, name: &str, value: &str) -> Result<(), StorageError> {
+        let db = self.db().await?;
+        let doc = MetaDoc {
+            value: value.to_owned(),
+        };
+        self.timed(
+            CALL_TIMEOUT,
+            db.fluent()
+                .update()
+                .in_col(META)
+                .document_id(name)
+                .object(&doc)
+                .execute::<MetaDoc>(),
+        )
+        .await
+        .map(|_| ())
     }
 
     async fn phase(&self) -> Result<Option<(Phase, DateTime<Utc>)>, StorageError> {

@@ -70,6 +70,7 @@ fn record_key(change: &Change<'_>, decision: Decision) -> String {
 
 #[derive(Default)]
 struct CountersState {
+    sentinel: Option<String>,
     sync_lock: Option<(String, Instant)>,
     sync_report: Option<String>,
     records: HashMap<ProviderId, (Record, Option<Instant>)>,
@@ -273,6 +274,13 @@ impl Counters for MemoryCounters {
         Ok((next, records))
     }
 
+    async fn ensure_sentinel(&self, candidate: &str) -> Result<Option<String>, StorageError> {
+        let mut state = self.state.lock().unwrap();
+        let present = state.sentinel.clone();
+        state.sentinel.get_or_insert_with(|| candidate.to_owned());
+        Ok(present)
+    }
+
     async fn acquire_sync_lock(&self, token: &str, ttl: Duration) -> Result<bool, StorageError> {
         let mut state = self.state.lock().unwrap();
         if state
@@ -348,6 +356,7 @@ struct Doc {
 
 #[derive(Default)]
 struct LedgerState {
+    meta: HashMap<String, String>,
     docs: HashMap<ProviderId, Doc>,
     changed: Vec<ProviderId>,
     phase: Option<(Phase, DateTime<Utc>)>,
@@ -513,6 +522,19 @@ impl Ledger for MemoryLedger {
 
     async fn clear_changed_outside(&self, provider: &ProviderId) -> Result<(), StorageError> {
         self.state.lock().unwrap().changed.retain(|p| p != provider);
+        Ok(())
+    }
+
+    async fn meta(&self, name: &str) -> Result<Option<String>, StorageError> {
+        Ok(self.state.lock().unwrap().meta.get(name).cloned())
+    }
+
+    async fn set_meta(&self, name: &str, value: &str) -> Result<(), StorageError> {
+        self.state
+            .lock()
+            .unwrap()
+            .meta
+            .insert(name.to_owned(), value.to_owned());
         Ok(())
     }
 

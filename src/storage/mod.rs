@@ -247,6 +247,9 @@ pub trait Counters: Send + Sync {
     async fn dirty(&self, min_age: Duration, max: usize) -> Result<Vec<ProviderId>, StorageError>;
     /// One page of cached records (`cursor` 0 starts; a returned 0 means done). Tools only.
     async fn scan_records(&self, cursor: u64, count: usize) -> Result<(u64, Vec<(ProviderId, Record)>), StorageError>;
+    /// The id that marks this Redis data set: returns the one present, or stores
+    /// `candidate` when there is none (an empty Redis) and returns `None` then.
+    async fn ensure_sentinel(&self, candidate: &str) -> Result<Option<String>, StorageError>;
     /// Takes the sync lock for `ttl` unless another holder has it; `false` when taken.
     async fn acquire_sync_lock(&self, token: &str, ttl: Duration) -> Result<bool, StorageError>;
     /// Extends the lock while `token` still holds it; `false` when it was lost.
@@ -338,6 +341,9 @@ pub trait Ledger: Send + Sync {
     async fn note_changed_outside(&self, provider: &ProviderId) -> Result<(), StorageError>;
     /// Forgets a provider of [`Ledger::changed_outside`].
     async fn clear_changed_outside(&self, provider: &ProviderId) -> Result<(), StorageError>;
+    /// A small value of quotad's own (outside the provider collection), by name.
+    async fn meta(&self, name: &str) -> Result<Option<String>, StorageError>;
+    async fn set_meta(&self, name: &str, value: &str) -> Result<(), StorageError>;
     /// The stored phase and when it was set.
     async fn phase(&self) -> Result<Option<(Phase, chrono::DateTime<chrono::Utc>)>, StorageError>;
     async fn set_phase(&self, phase: Phase, since: chrono::DateTime<chrono::Utc>) -> Result<(), StorageError>;

@@ -215,9 +215,16 @@ async fn a_sync_that_lost_its_lock_while_paused_makes_no_document_wrong() {
     let mut admitted = consume_all(&server.base, &amounts).await;
 
     // A sync pauses mid-run (SIGSTOP) and its lock expires (dropped here) ...
-    let mut paused = tool(&envs, &["sync", "--once"]).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
+    let mut paused = tool(&envs, &["sync", "--once"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
     tokio::time::sleep(Duration::from_millis(400)).await;
-    Command::new("kill").args(["-STOP", &paused.id().to_string()]).status().unwrap();
+    Command::new("kill")
+        .args(["-STOP", &paused.id().to_string()])
+        .status()
+        .unwrap();
     let counters = quotad::storage::redis::RedisCounters::new(&redis.url(), "quotad:").unwrap();
     let mut del = redis::cmd("DEL");
     del.arg("quotad:sync:lock");
@@ -230,7 +237,10 @@ async fn a_sync_that_lost_its_lock_while_paused_makes_no_document_wrong() {
         *admitted.get_mut(&provider).unwrap() += n;
     }
     // ... then the paused one wakes up and goes on writing with its stale view.
-    Command::new("kill").args(["-CONT", &paused.id().to_string()]).status().unwrap();
+    Command::new("kill")
+        .args(["-CONT", &paused.id().to_string()])
+        .status()
+        .unwrap();
     let _ = paused.wait();
     let last = run(&envs, &["sync", "--once"]);
     assert!(last.status.success(), "{}", String::from_utf8_lossy(&last.stderr));
@@ -242,6 +252,61 @@ async fn a_sync_that_lost_its_lock_while_paused_makes_no_document_wrong() {
             wrong.push((provider.clone(), *n, used));
         }
     }
-    assert!(wrong.is_empty(), "documents that differ from what was admitted: {:?}", &wrong[..wrong.len().min(10)]);
+    assert!(
+        wrong.is_empty(),
+        "documents that differ from what was admitted: {:?}",
+        &wrong[..wrong.len().min(10)]
+    );
+    drop(server);
+}
+
+#[tokio::test]
+async fn redis_coming_back_empty_in_redis_primary_is_detected_and_reported() {
+    let mut redis = RedisServer::start().await;
+    let project = unique("loss-");
+    let envs = tool_env(&redis, &project);
+    let mut server_env = envs.clone();
+    server_env.push(("QUOTAD_PHASE", "redis-primary".into()));
+    let server = QuotadProcess::start(&server_env).await;
+    let http = client();
+    for _ in 0..5 {
+        let resp = http
+            .post(format!("{}/quota/lost/consume", server.base))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status().as_u16(), 200);
+    }
+    // Let the replica note this Redis's data set, then restart Redis without persistence.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    redis.kill();
+    redis.launch().await;
+    let metric = crate::helpers::eventually(Duration::from_secs(15), true, || async {
+        let text = http
+            .get(format!("{}/metrics", server.base))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        text.lines()
+            .any(|l| l.starts_with("quotad_redis_data_loss_total{phase=\"redis-primary\"} "))
+    })
+    .await;
+    assert!(metric, "no quotad_redis_data_loss_total after Redis came back empty");
+    let verify = run(&envs, &["verify"]);
+    let out = String::from_utf8_lossy(&verify.stdout);
+    assert!(out.contains("Redis came back empty"), "{out}");
+    // The records reload from Firestore, which never saw the unsynced usage.
+    let body: serde_json::Value = http
+        .get(format!("{}/quota/lost", server.base))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(body["used"], 0);
     drop(server);
 }

@@ -50,6 +50,11 @@ impl Keys {
         format!("{}dirty", self.prefix)
     }
 
+    /// The id of this Redis data set (gone when Redis comes back empty).
+    pub fn sentinel(&self) -> String {
+        format!("{}sentinel", self.prefix)
+    }
+
     /// The batch sync's lock (value: the holder's token; expires if the holder dies).
     pub fn sync_lock(&self) -> String {
         format!("{}sync:lock", self.prefix)

@@ -384,6 +384,12 @@ impl Counters for RedisCounters {
         Ok((next, records))
     }
 
+    async fn ensure_sentinel(&self, candidate: &str) -> Result<Option<String>, StorageError> {
+        let mut set = ::redis::cmd("SET");
+        set.arg(self.keys.sentinel()).arg(candidate).arg("NX").arg("GET");
+        self.query(set).await
+    }
+
     async fn acquire_sync_lock(&self, token: &str, ttl: Duration) -> Result<bool, StorageError> {
         self.lock_op("acquire", token, ttl).await
     }
