@@ -13,6 +13,8 @@
 #   BENCH_REDIS_N   redis-benchmark request count          (default 2000000)
 #   BENCH_OHA_RATE  oha fixed offered rate, req/s          (default 10000)
 #   BENCH_KEEP      1: keep the work dir (logs, raw outputs) even on success
+# The rate-limit part (bash bench/run.sh ratelimit) also prints memory per key at the starter
+# plan's policy; the batch sync has its own script, bench/sync.sh.
 set -euo pipefail
 
 MODE=${1:-all}
@@ -383,7 +385,7 @@ for alg in "${ALGORITHMS[@]}"; do
     bytes=$(rcli MEMORY USAGE "quotad:rl:{hot}:sliding-window:$WINDOW_MS" SAMPLES 0)
     NOTES[-1]="hot key, 1e6/1h; zset ${members} members"
     echo "sliding-window hot key after the run: sorted set of $members members (one per admitted request), MEMORY USAGE $bytes bytes" >&2
-    SW_HOT="sorted set of the hot sliding-window key after its run: $members members (one per admitted request), $bytes bytes"
+    SW_HOT="$members members, MEMORY USAGE $bytes bytes ($(awk -v b="$bytes" -v m="$members" 'BEGIN { printf "%.0f", m ? b / m : 0 }') bytes per member)"
   fi
 done
 ANSWER=$(rl_check '{"key":"ip:1","limit":1000000,"window":"1h","algorithm":"sliding-window"}')
@@ -412,17 +414,18 @@ for alg in "${ALGORITHMS[@]}"; do
   echo "mem-$alg: 50 checks, non-200: $bad; last answer: $answer" >&2
   ((bad == 0)) || PROBLEMS+=("memory run $alg: $bad of 50 checks not 200 (last: $answer)")
   counter="quotad:rl:{mem-$alg}:$alg:$WINDOW_MS"
-  total=0 names=()
+  total=0 names=() namelen=0
   while read -r key; do
     [[ $key == "$counter" || $key == "$counter:sum" ]] || continue
     bytes=$(rcli MEMORY USAGE "$key" SAMPLES 0)
     echo "  $key: $(rcli TYPE "$key") $bytes bytes" >&2
     total=$((total + bytes))
+    namelen=$((namelen + ${#key}))
     names+=("${key#"quotad:rl:{mem-$alg}:$alg:$WINDOW_MS"}")
   done < <(rcli --scan --pattern "quotad:rl:{mem-$alg}:*")
   ((${#names[@]})) || PROBLEMS+=("memory run $alg: no Redis key named $counter[:sum] found")
   keys=$(printf '%s,' "${names[@]/#/<c>}"); keys=${keys%,}
-  MEM_LINES+=("$alg|${#names[@]}|$keys|$total|${answer%% *}")
+  MEM_LINES+=("$alg|${#names[@]}|$keys|$total|$namelen|${answer%% *}")
 done
 stop_pid "$QUOTAD_PID"
 
@@ -478,22 +481,24 @@ report() {
   if want ratelimit; then
     echo "rate-limit lines: body {\"key\":\"hot\",\"limit\":$RL_LIMIT,\"window\":\"1h\",\"algorithm\":\"<alg>\"} (API.md caps an"
     echo "  explicit limit at 10^6, so not 10^9); 429s are expected for none of them (non2xx must be 0)."
-    echo "  The exact sliding window stores one sorted-set member per admitted request: ${SW_HOT:-?}."
+    echo "  The exact sliding window keeps one sorted-set member per admitted request for the window (1h):"
+    echo "  hot key after its run: ${SW_HOT:-?}. A hot run of over 10^6 requests would see 429s."
     echo "  ip:<0..99999>: distinct counters in Redis after the run: $MANY_RL_KEYS"
     echo
     echo "memory per key, policy of plan starter (limit 50, window 1h) after 50 checks of a fresh key;"
     echo "MEMORY USAGE <key> SAMPLES 0 summed over the counter's keys (<c> = quotad:rl:{mem-<alg>}:<alg>:$WINDOW_MS)"
-    printf '%-24s %5s %-12s %8s %-18s %s\n' "algorithm" "keys" "names" "bytes" "target" "50th check"
-    local alg n names bytes code target
+    printf '%-24s %5s %-12s %8s %10s %-18s %s\n' "algorithm" "keys" "names" "bytes" "of names" "target" "50th check"
+    local alg n names bytes namelen code target
     for line in "${MEM_LINES[@]}"; do
-      IFS='|' read -r alg n names bytes code <<<"$line"
+      IFS='|' read -r alg n names bytes namelen code <<<"$line"
       case $alg in
         token-bucket | sliding-window-approx)
           target="<= 100: $( ((bytes <= 100)) && echo MET || echo NOT MET)" ;;
         *) target="-" ;;
       esac
-      printf '%-24s %5s %-12s %8s %-18s %s\n' "$alg" "$n" "$names" "$bytes" "$target" "$code"
+      printf '%-24s %5s %-12s %8s %10s %-18s %s\n' "$alg" "$n" "$names" "$bytes" "$namelen" "$target" "$code"
     done
+    echo "bytes: MEMORY USAGE total (value, key name and Redis's per-key overhead); of names: the key names' length"
     echo "target (issue): GCRA (token-bucket) and the approximate window within 100 bytes per key"
     echo
   fi

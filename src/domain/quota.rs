@@ -385,6 +385,57 @@ impl QuotaService {
         Ok(false)
     }
 
+    /// Writes many dirty records in one batch (the batch sync): `(written, failed)`. A
+    /// record changed meanwhile stays dirty for the next run; nothing is written twice.
+    pub async fn flush_batch(&self, providers: &[ProviderId]) -> Result<(u64, u64), StorageError> {
+        let mut items = Vec::with_capacity(providers.len());
+        for provider in providers {
+            if let Some(record) = self.counters.read(provider).await?
+                && record.is_dirty()
+            {
+                let keys = self.counters.pending_keys(provider).await?;
+                items.push((provider.clone(), record, keys));
+            }
+        }
+        let results = match self.ledger.write_records(&items).await {
+            Ok(results) => results,
+            Err(err) => {
+                tracing::warn!(error = %err, records = items.len(), "sync: a batch write failed");
+                metrics::counter!("quotad_store_writes_total", "result" => "failed").increment(items.len() as u64);
+                return Ok((0, items.len() as u64));
+            }
+        };
+        let (mut written, mut failed) = (0, 0);
+        for ((provider, record, keys), result) in items.iter().zip(results) {
+            match result {
+                Ok(WriteOutcome::Written { limit }) => {
+                    let transferred: Vec<String> = keys.iter().map(|(id, _)| id.clone()).collect();
+                    self.counters
+                        .mark_synced(
+                            provider,
+                            &record.epoch,
+                            record.version,
+                            self.limit_of(limit),
+                            self.cache_ttl,
+                            &transferred,
+                        )
+                        .await?;
+                    written += 1;
+                }
+                Ok(WriteOutcome::Stale) => {
+                    tracing::warn!(%provider, "cached record is stale (its document was reset meanwhile): dropping it");
+                    self.counters.forget(provider, &record.epoch).await?;
+                }
+                Err(err) => {
+                    tracing::warn!(%provider, error = %err, "sync: write failed");
+                    failed += 1;
+                }
+            }
+        }
+        metrics::counter!("quotad_store_writes_total", "result" => "written").increment(written);
+        Ok((written, failed))
+    }
+
     /// Drops the cached record, writing its unsynced usage first: invalidation never loses
     /// usage.
     pub async fn invalidate(&self, provider: &ProviderId) -> Result<(), QuotaError> {

@@ -155,17 +155,10 @@ impl SyncJob {
             if fresh.is_empty() || lost.load(Ordering::Relaxed) {
                 break;
             }
-            for provider in fresh {
-                match self.service.flush(&provider).await {
-                    Ok(true) => written += 1,
-                    Ok(false) => failed += 1,
-                    Err(err) => {
-                        tracing::warn!(%provider, error = %err, "sync: write failed");
-                        failed += 1;
-                    }
-                }
-                seen.insert(provider);
-            }
+            let (batch_written, batch_failed) = self.service.flush_batch(&fresh).await?;
+            written += batch_written;
+            failed += batch_failed;
+            seen.extend(fresh);
         }
         let report = SyncReport {
             run_id: uuid::Uuid::new_v4().to_string(),

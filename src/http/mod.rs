@@ -148,17 +148,70 @@ async fn require_admin(State(app): State<AppState>, request: Request, next: Next
     next.run(request).await
 }
 
-/// Counts requests by route and status and times them.
+/// The route patterns, so metric labels are static strings (no allocation per request).
+const ROUTES: [&str; 13] = [
+    "/quota/{provider}",
+    "/quota/{provider}/consume",
+    "/quota/{provider}/refund",
+    "/ratelimit/check",
+    "/admin/quota/{provider}/invalidate",
+    "/admin/quota/{provider}",
+    "/admin/phase",
+    "/admin/sync",
+    "/admin/anomalies",
+    "/healthz",
+    "/readyz",
+    "/metrics",
+    "/openapi.yaml",
+];
+
+fn route_label(request: &Request) -> &'static str {
+    let matched = request.extensions().get::<MatchedPath>().map(MatchedPath::as_str);
+    matched
+        .and_then(|m| ROUTES.iter().find(|r| **r == m).copied())
+        .unwrap_or("unmatched")
+}
+
+fn method_label(method: &axum::http::Method) -> &'static str {
+    use axum::http::Method;
+    match *method {
+        Method::GET => "GET",
+        Method::POST => "POST",
+        Method::PUT => "PUT",
+        Method::DELETE => "DELETE",
+        Method::HEAD => "HEAD",
+        Method::PATCH => "PATCH",
+        Method::OPTIONS => "OPTIONS",
+        _ => "other",
+    }
+}
+
+fn status_label(status: u16) -> &'static str {
+    match status {
+        200 => "200",
+        400 => "400",
+        401 => "401",
+        403 => "403",
+        404 => "404",
+        405 => "405",
+        409 => "409",
+        413 => "413",
+        415 => "415",
+        422 => "422",
+        429 => "429",
+        500 => "500",
+        503 => "503",
+        _ => "other",
+    }
+}
+
+/// Counts requests by route, method and status and times them.
 async fn record_request(request: Request, next: Next) -> Response {
-    let route = request
-        .extensions()
-        .get::<MatchedPath>()
-        .map_or_else(|| "unmatched".to_owned(), |p| p.as_str().to_owned());
-    let method = request.method().as_str().to_owned();
+    let (route, method) = (route_label(&request), method_label(request.method()));
     let started = Instant::now();
     let response = next.run(request).await;
-    let status = response.status().as_u16().to_string();
-    metrics::counter!("quotad_http_requests_total", "route" => route.clone(), "method" => method, "status" => status)
+    let status = status_label(response.status().as_u16());
+    metrics::counter!("quotad_http_requests_total", "route" => route, "method" => method, "status" => status)
         .increment(1);
     metrics::histogram!("quotad_http_request_duration_seconds", "route" => route)
         .record(started.elapsed().as_secs_f64());

@@ -1,7 +1,6 @@
 //! `GET /quota/{provider}`, `POST /quota/{provider}/consume` and `.../refund`.
 
 use axum::{Json, extract::State, response::IntoResponse};
-use serde_json::json;
 
 use super::{
     AppState,
@@ -16,20 +15,43 @@ use crate::{
 pub async fn lookup(
     State(app): State<AppState>,
     ProviderPath(provider): ProviderPath,
-) -> Result<impl IntoResponse, ApiError> {
+) -> Result<axum::response::Response, ApiError> {
     let view = app.quotas.get(&provider).await?;
     let source = match view.source {
         Source::Cache => "cache",
         Source::Store => "store",
     };
-    Ok(Json(json!({
-        "provider": provider.as_str(),
-        "used": view.used,
-        "limit": view.limit,
-        "remaining": (view.limit - view.used).max(0),
-        "hasQuota": view.used < view.limit,
-        "source": source,
-    })))
+    Ok(Json(QuotaBody {
+        provider: provider.as_str(),
+        used: view.used,
+        limit: view.limit,
+        remaining: (view.limit - view.used).max(0),
+        has_quota: view.used < view.limit,
+        source,
+    })
+    .into_response())
+}
+
+/// The answer of a lookup (typed: the hot path serialises it without building a map).
+#[derive(serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct QuotaBody<'a> {
+    pub provider: &'a str,
+    pub used: i64,
+    pub limit: i64,
+    pub remaining: i64,
+    pub has_quota: bool,
+    pub source: &'static str,
+}
+
+/// The answer of an admitted consume or refund.
+#[derive(serde::Serialize)]
+struct ChangeBody<'a> {
+    provider: &'a str,
+    allowed: bool,
+    used: i64,
+    limit: i64,
+    remaining: i64,
 }
 
 pub async fn consume(
@@ -73,18 +95,19 @@ async fn change(
     answer(&provider, decision)
 }
 
-fn answer(provider: &ProviderId, d: Decision) -> Result<Json<serde_json::Value>, ApiError> {
+fn answer(provider: &ProviderId, d: Decision) -> Result<axum::response::Response, ApiError> {
     if !d.allowed {
         return Err(ApiError::QuotaExceeded {
             used: d.used,
             limit: d.limit,
         });
     }
-    Ok(Json(json!({
-        "provider": provider.as_str(),
-        "allowed": true,
-        "used": d.used,
-        "limit": d.limit,
-        "remaining": (d.limit - d.used).max(0),
-    })))
+    let body = ChangeBody {
+        provider: provider.as_str(),
+        allowed: true,
+        used: d.used,
+        limit: d.limit,
+        remaining: (d.limit - d.used).max(0),
+    };
+    Ok(Json(body).into_response())
 }

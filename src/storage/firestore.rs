@@ -11,11 +11,12 @@ use std::{collections::BTreeMap, sync::RwLock, time::Duration};
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use firestore::{FirestoreDb, FirestoreDbOptions, FirestoreWritePrecondition, errors::FirestoreError};
+use futures::StreamExt;
 use serde::{Deserialize, Serialize};
 
 use super::{
     Change, Decision, DeltaPlan, Document, IDEMPOTENCY_TTL, IdempotencyEntry, KeyRecord, Ledger, LedgerDecision, Op,
-    Record, StorageError, WriteOutcome, delta_for, idempotency_id, merge_keys,
+    Record, RecordWrite, StorageError, WriteOutcome, delta_for, idempotency_id, merge_keys,
 };
 use crate::domain::{Phase, ProviderId};
 
@@ -194,6 +195,64 @@ fn timed_out() -> StorageError {
     }
 }
 
+/// A document as read, with the precondition that a write based on it must carry: the
+/// document unchanged since (its update time), or still absent.
+fn versioned(
+    raw: Option<&firestore::gcloud_sdk::google::firestore::v1::Document>,
+) -> Result<(ProviderDoc, FirestoreWritePrecondition), FirestoreError> {
+    let Some(raw) = raw else {
+        return Ok((ProviderDoc::default(), FirestoreWritePrecondition::Exists(false)));
+    };
+    let doc: ProviderDoc = FirestoreDb::deserialize_doc_to(raw)?;
+    let Some(updated) = raw.update_time else {
+        return Err(FirestoreError::DeserializeError(
+            firestore::errors::FirestoreSerializationError::from_message("a document without an update time"),
+        ));
+    };
+    Ok((
+        doc,
+        FirestoreWritePrecondition::UpdateTime(firestore::timestamp_utils::from_timestamp(updated)?),
+    ))
+}
+
+/// What writing `record` (and the idempotency records `keys`) to `doc` takes: the
+/// outcome, and the fields to write unless the document already holds it all.
+fn plan_record_write(
+    doc: &ProviderDoc,
+    record: &Record,
+    keys: &[KeyRecord],
+    now: i64,
+) -> (WriteOutcome, Option<ProviderWrite>) {
+    let limit = doc.aiCallsLimit.as_ref().map(num);
+    let plan = delta_for(
+        record,
+        doc.quotadEpoch.as_deref(),
+        doc.quotadWatermark.as_ref().map_or(0, num),
+        doc.quotadVersion
+            .as_ref()
+            .map_or(0, |v| u64::try_from(v.get()).unwrap_or(0)),
+    );
+    let mut write = ProviderWrite::default();
+    match plan {
+        DeltaPlan::Stale => return (WriteOutcome::Stale, None),
+        DeltaPlan::AlreadyThere => {}
+        DeltaPlan::Add(delta) => {
+            write.aiCallsUsed = Some(doc.aiCallsUsed.as_ref().map_or(0, num) + delta);
+            write.quotadEpoch = Some(record.epoch.clone());
+            write.quotadWatermark = Some(record.used);
+            write.quotadVersion = Some(i64::try_from(record.version).unwrap_or(i64::MAX));
+        }
+    }
+    let known = doc.quotadKeys.clone().unwrap_or_default();
+    if keys.iter().any(|(id, _)| !known.contains_key(id)) {
+        let mut merged = known;
+        merge_keys(&mut merged, keys, now);
+        write.quotadKeys = Some(merged);
+    }
+    let changes = !write.mask().is_empty();
+    (WriteOutcome::Written { limit }, changes.then_some(write))
+}
+
 /// Whether a write failed only because another writer changed the document first.
 fn lost_race(err: &FirestoreError) -> bool {
     match err {
@@ -225,21 +284,7 @@ impl FirestoreLedger {
                     .by_id_in(&self.collection)
                     .one(provider.as_str())
                     .await?;
-                let (doc, precondition) = match &raw {
-                    None => (ProviderDoc::default(), FirestoreWritePrecondition::Exists(false)),
-                    Some(raw) => {
-                        let doc: ProviderDoc = FirestoreDb::deserialize_doc_to(raw)?;
-                        let Some(updated) = raw.update_time else {
-                            return Err(FirestoreError::DeserializeError(
-                                firestore::errors::FirestoreSerializationError::from_message(
-                                    "a document without an update time",
-                                ),
-                            ));
-                        };
-                        let at = firestore::timestamp_utils::from_timestamp(updated)?;
-                        (doc, FirestoreWritePrecondition::UpdateTime(at))
-                    }
-                };
+                let (doc, precondition) = versioned(raw.as_ref())?;
                 let (answer, write) = plan(&doc);
                 let Some(write) = write else {
                     return Ok(answer);
@@ -352,37 +397,70 @@ impl Ledger for FirestoreLedger {
         keys: &[KeyRecord],
     ) -> Result<WriteOutcome, StorageError> {
         let now = Utc::now().timestamp_millis();
-        self.modify(provider, |doc| {
-            let limit = doc.aiCallsLimit.as_ref().map(num);
-            let plan = delta_for(
-                record,
-                doc.quotadEpoch.as_deref(),
-                doc.quotadWatermark.as_ref().map_or(0, num),
-                doc.quotadVersion
-                    .as_ref()
-                    .map_or(0, |v| u64::try_from(v.get()).unwrap_or(0)),
-            );
-            let mut write = ProviderWrite::default();
-            match plan {
-                DeltaPlan::Stale => return (WriteOutcome::Stale, None),
-                DeltaPlan::AlreadyThere => {}
-                DeltaPlan::Add(delta) => {
-                    write.aiCallsUsed = Some(doc.aiCallsUsed.as_ref().map_or(0, num) + delta);
-                    write.quotadEpoch = Some(record.epoch.clone());
-                    write.quotadWatermark = Some(record.used);
-                    write.quotadVersion = Some(i64::try_from(record.version).unwrap_or(i64::MAX));
-                }
+        self.modify(provider, |doc| plan_record_write(doc, record, keys, now))
+            .await
+    }
+
+    /// Up to 500 records in one batch read and one batch write, each write on the
+    /// precondition that its document is unchanged since the read; a write that lost a
+    /// race is redone on its own.
+    async fn write_records(
+        &self,
+        items: &[RecordWrite],
+    ) -> Result<Vec<Result<WriteOutcome, StorageError>>, StorageError> {
+        if items.is_empty() {
+            return Ok(Vec::new());
+        }
+        let db = self.db().await?;
+        let ids: Vec<String> = items.iter().map(|(p, _, _)| p.as_str().to_owned()).collect();
+        let fetched: std::collections::HashMap<String, Option<_>> = self
+            .timed(CALL_TIMEOUT, async {
+                let stream = db.fluent().select().by_id_in(&self.collection).batch(ids).await?;
+                Ok(stream.collect::<Vec<_>>().await)
+            })
+            .await?
+            .into_iter()
+            .collect();
+        let now = Utc::now().timestamp_millis();
+        let mut results: Vec<Option<Result<WriteOutcome, StorageError>>> = (0..items.len()).map(|_| None).collect();
+        let mut planned = Vec::new();
+        for (i, (provider, record, keys)) in items.iter().enumerate() {
+            let raw = fetched.get(provider.as_str()).and_then(Option::as_ref);
+            let (doc, precondition) = versioned(raw).map_err(|e| classify(&e))?;
+            match plan_record_write(&doc, record, keys, now) {
+                (outcome, None) => results[i] = Some(Ok(outcome)),
+                (outcome, Some(write)) => planned.push((i, outcome, precondition, write)),
             }
-            let known = doc.quotadKeys.clone().unwrap_or_default();
-            if keys.iter().any(|(id, _)| !known.contains_key(id)) {
-                let mut merged = known;
-                merge_keys(&mut merged, keys, now);
-                write.quotadKeys = Some(merged);
+        }
+        if !planned.is_empty() {
+            let writer = self.timed(CALL_TIMEOUT, db.create_simple_batch_writer()).await?;
+            let mut batch = writer.new_batch();
+            for (i, _, precondition, write) in &planned {
+                db.fluent()
+                    .update()
+                    .fields(write.mask())
+                    .in_col(&self.collection)
+                    .precondition(precondition.clone())
+                    .document_id(items[*i].0.as_str())
+                    .object(write)
+                    .add_to_batch(&mut batch)
+                    .map_err(|e| classify(&e))?;
             }
-            let changes = !write.mask().is_empty();
-            (WriteOutcome::Written { limit }, changes.then_some(write))
-        })
-        .await
+            let response = self.timed(CALL_TIMEOUT, batch.write()).await?;
+            for (k, (i, outcome, _, _)) in planned.iter().enumerate() {
+                let landed = response.statuses.get(k).is_none_or(|status| status.code == 0);
+                results[*i] = Some(if landed {
+                    Ok(*outcome)
+                } else {
+                    let (provider, record, keys) = &items[*i];
+                    self.write_record(provider, record, keys).await
+                });
+            }
+        }
+        Ok(results
+            .into_iter()
+            .map(|r| r.unwrap_or(Ok(WriteOutcome::Stale)))
+            .collect())
     }
 
     #[tracing::instrument(skip_all, fields(provider = %provider, op = change.op.as_str()), err(level = "debug"))]

@@ -127,6 +127,10 @@ pub const IDEMPOTENCY_TTL: Duration = Duration::from_secs(24 * 60 * 60);
 /// brings the ledger's, so a retry is answered once whichever store decides it.
 pub type KeyRecord = (String, String);
 
+/// One record to write in a batch: the provider, its record and its pending idempotency
+/// records.
+pub type RecordWrite = (ProviderId, Record, Vec<KeyRecord>);
+
 /// The id of an idempotency key for one endpoint: `c:` or `r:` and a 128-bit FNV-1a
 /// digest in hex, so any printable key makes a short id safe in both stores.
 pub fn idempotency_id(op: Op, key: &str) -> String {
@@ -310,6 +314,18 @@ pub trait Ledger: Send + Sync {
         record: &Record,
         keys: &[KeyRecord],
     ) -> Result<WriteOutcome, StorageError>;
+    /// Writes many records at once (the batch sync, at most 500); one answer per record.
+    /// Adapters without batches write them one by one.
+    async fn write_records(
+        &self,
+        items: &[RecordWrite],
+    ) -> Result<Vec<Result<WriteOutcome, StorageError>>, StorageError> {
+        let mut answers = Vec::with_capacity(items.len());
+        for (provider, record, keys) in items {
+            answers.push(self.write_record(provider, record, keys).await);
+        }
+        Ok(answers)
+    }
     /// Decides a consume or refund in one transaction on the document, with its
     /// idempotency record, retrying on contention. Marks the provider as changed outside
     /// Redis when `mark_changed` (the fallback path), so Redis reloads it later.

@@ -276,6 +276,21 @@ async fn ledger_contract(ledger: Arc<dyn Ledger>) {
     );
     assert_eq!(ledger.read(&p("l2")).await.unwrap(), None, "a denial writes nothing");
 
+    // A batch writes each record once; a replayed batch adds nothing.
+    let batch = vec![
+        (p("b1"), record(4, 0, "eb1", "", 2), vec![]),
+        (p("b2"), record(7, 0, "eb2", "", 3), vec![]),
+    ];
+    for _ in 0..2 {
+        let answers = ledger.write_records(&batch).await.unwrap();
+        assert!(
+            answers.iter().all(|a| matches!(a, Ok(WriteOutcome::Written { .. }))),
+            "{answers:?}"
+        );
+    }
+    assert_eq!(ledger.read(&p("b1")).await.unwrap().unwrap().used, Some(4));
+    assert_eq!(ledger.read(&p("b2")).await.unwrap().unwrap().used, Some(7));
+
     assert_eq!(ledger.phase().await.unwrap(), None);
     let since = Utc::now();
     ledger.set_phase(Phase::RedisPrimary, since).await.unwrap();
