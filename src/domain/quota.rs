@@ -397,12 +397,24 @@ impl QuotaService {
                 items.push((provider.clone(), record, keys));
             }
         }
-        let results = match self.ledger.write_records(&items).await {
-            Ok(results) => results,
-            Err(err) => {
-                tracing::warn!(error = %err, records = items.len(), "sync: a batch write failed");
-                metrics::counter!("quotad_store_writes_total", "result" => "failed").increment(items.len() as u64);
-                return Ok((0, items.len() as u64));
+        // Transient Firestore errors are retried with backoff; replays add nothing.
+        let mut delay = Duration::from_millis(200);
+        let mut attempt = 1;
+        let results = loop {
+            match self.ledger.write_records(&items).await {
+                Ok(results) => break results,
+                Err(err) if err.is_unavailable() && attempt < 4 => {
+                    tracing::warn!(error = %err, attempt, "sync: a batch write failed; retrying");
+                    metrics::counter!("quotad_store_write_retries_total").increment(1);
+                    tokio::time::sleep(delay).await;
+                    delay *= 3;
+                    attempt += 1;
+                }
+                Err(err) => {
+                    tracing::warn!(error = %err, records = items.len(), "sync: a batch write failed");
+                    metrics::counter!("quotad_store_writes_total", "result" => "failed").increment(items.len() as u64);
+                    return Ok((0, items.len() as u64));
+                }
             }
         };
         let (mut written, mut failed) = (0, 0);

@@ -55,13 +55,14 @@ pub struct Window(u64);
 impl Window {
     /// `"10s"`, `"10 s"`, `"1500ms"`, `"1m"`, `"1h"`, `"1d"`, or a JSON integer of seconds.
     pub fn from_json(value: &serde_json::Value) -> Result<Self, InvalidInput> {
+        // A JSON integer counts seconds (at least 1); a string may name milliseconds.
         let ms = match value {
-            serde_json::Value::Number(n) => n.as_u64().and_then(|s| s.checked_mul(1000)),
+            serde_json::Value::Number(n) => n.as_u64().filter(|s| *s >= 1).and_then(|s| s.checked_mul(1000)),
             serde_json::Value::String(s) => parse_duration_ms(s),
             _ => None,
         };
         match ms {
-            Some(ms) if (1000..=MAX_WINDOW_MS).contains(&ms) => Ok(Self(ms)),
+            Some(ms) if (1..=MAX_WINDOW_MS).contains(&ms) => Ok(Self(ms)),
             _ => Err(InvalidInput("window")),
         }
     }
@@ -473,13 +474,14 @@ mod tests {
             (json!("1h"), 3_600_000),
             (json!("1d"), 86_400_000),
             (json!("1500ms"), 1500),
+            (json!("500ms"), 500),
             (json!(5), 5000),
         ] {
             assert_eq!(Window::from_json(&raw).unwrap().ms(), ms, "{raw}");
         }
         for raw in [
             json!("soon"),
-            json!("500ms"),
+            json!("0ms"),
             json!("0s"),
             json!("31d"),
             json!("1.5s"),
@@ -562,6 +564,35 @@ mod tests {
                 let in_window: u64 = admitted.iter().filter(|(t, _)| t + 5000 > now).map(|(_, c)| c).sum();
                 prop_assert!(in_window <= limit);
                 prop_assert_eq!(d.remaining, limit - in_window);
+            }
+        }
+
+        /// Reference model for the window counters: never more than `limit` in one window,
+        /// so never more than twice `limit` in any window-long span; and a request is only
+        /// denied when at least `limit - cost + 1` were admitted within the last two windows.
+        #[test]
+        fn window_counters_stay_within_their_bounds(
+            steps in proptest::collection::vec((0u64..3000, 1u64..3), 1..200),
+            limit in 1u64..10,
+            approx in proptest::bool::ANY,
+        ) {
+            let algorithm = if approx { Algorithm::SlidingWindowApprox } else { Algorithm::FixedWindow };
+            let limiter = Twin::default();
+            let p = policy(algorithm, limit, 5);
+            let mut now = 1_000_000;
+            let mut admitted: Vec<(u64, u64)> = Vec::new();
+            for (step, cost) in steps {
+                now += step;
+                let cost = cost.min(limit);
+                let d = check_at(&limiter, "k", &p, cost, now);
+                let recent: u64 = admitted.iter().filter(|(t, _)| t + 10_000 > now).map(|(_, c)| c).sum();
+                if d.allowed {
+                    admitted.push((now, cost));
+                } else {
+                    prop_assert!(recent + cost > limit, "denied with only {} admitted in two windows", recent);
+                }
+                let span: u64 = admitted.iter().filter(|(t, _)| t + 5000 > now).map(|(_, c)| c).sum();
+                prop_assert!(span <= 2 * limit);
             }
         }
 

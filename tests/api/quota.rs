@@ -260,3 +260,25 @@ async fn a_retry_across_a_phase_change_is_charged_once() {
     assert_eq!(ok(app.consume_with_key("p1", 1, "back").await).await, second);
     assert_eq!(eventually(STORE_DEADLINE, Some(6), || store.used("p1")).await, Some(6));
 }
+
+#[tokio::test]
+async fn invalidation_in_redis_primary_writes_the_usage_first() {
+    let shared = Shared::real();
+    let app = spawn_with(&shared, |c| c.initial_phase = Phase::RedisPrimary).await;
+    let store = shared.store();
+    store.put("p1", Some(2), Some(50)).await;
+    for _ in 0..3 {
+        ok(app.consume("p1", 1).await).await;
+    }
+    assert_eq!(store.used("p1").await, Some(2)); // nothing written yet in this phase
+    ok(app
+        .admin(reqwest::Method::POST, "/admin/quota/p1/invalidate", None)
+        .await)
+    .await;
+    assert_eq!(store.used("p1").await, Some(5));
+    let fresh = app.quota("p1").await;
+    assert_eq!(
+        (fresh["source"].as_str(), fresh["used"].as_i64()),
+        (Some("store"), Some(5))
+    );
+}

@@ -145,6 +145,27 @@ impl RedisCounters {
         .map_err(|_| unavailable("connect timed out"))
         .and_then(|made| made.map_err(|e| classify(&e)))
         .inspect_err(|_| *self.failed_connect.write().unwrap() = Some(std::time::Instant::now()))?;
+        // Preload every script, so the first request of each kind is one EVALSHA too
+        // (invoke_async still reloads on NOSCRIPT, e.g. after a Redis restart).
+        for script in [
+            &*APPLY,
+            &*LOAD,
+            &*MARK_SYNCED,
+            &*EVICT_CLEAN,
+            &*SET_LIMIT,
+            &*DIRTY,
+            &*RATE_LIMIT,
+            &*FORGET,
+            &*LOCK,
+        ] {
+            let mut preload = conn.clone();
+            if let Err(err) = tokio::time::timeout(CALL_TIMEOUT, script.load_async(&mut preload))
+                .await
+                .unwrap_or(Ok(String::new()))
+            {
+                tracing::debug!(error = %err, "could not preload a script; it loads on first use");
+            }
+        }
         *self.connection.write().unwrap() = Some(conn.clone());
         Ok(conn)
     }
