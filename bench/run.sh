@@ -174,7 +174,18 @@ CLK_TCK=$(getconf CLK_TCK)
 
 # run_wrk NAME URL [LUA] [NOTE] [LUA ARGS...]; SERVER_PID: the HTTP server under test (its CPU % is reported,
 # and Redis's, 100 % = one core)
-SERVER_PID="" SRVCPU=() RCPU=()
+# Busy ticks of the whole machine (all cores) and CPU ticks of this shell's reaped children
+# (wrk, once run_bg has waited for it): "other" CPU during a run = machine - server - redis -
+# wrk, i.e. anything else on the machine (a build, a test suite) that distorts the figures.
+machine_ticks() { awk '/^cpu / { print $2 + $3 + $4 + $7 + $8 + $9; exit }' /proc/stat; }
+children_ticks() { # must not run in a subshell (a subshell's children are not ours): sets CHILD_TICKS
+  times >"$WORK/times.txt" # a builtin with a redirection runs in this shell
+  CHILD_TICKS=$(awk -v h="$CLK_TCK" 'NR == 2 {
+    n = 0
+    for (i = 1; i <= 2; i++) { v = $i; split(v, p, "m"); sub(/s$/, "", p[2]); n += (p[1] * 60 + p[2]) * h }
+    printf "%.0f", n }' "$WORK/times.txt")
+}
+SERVER_PID="" SRVCPU=() RCPU=() OCPU=()
 run_wrk() {
   local name=$1 url=$2 script=${3:-} note=${4:-}
   shift $(($# < 4 ? $# : 4))
@@ -184,6 +195,9 @@ run_wrk() {
   [[ -n $script ]] && args+=(-s "$script")
   ((${#script_args[@]})) && log "$name: wrk ${args[*]} $url -- ${script_args[*]}" || log "$name: wrk ${args[*]} $url"
   local s0 r0 t0 s1 r1 t1
+  local m0 c0 m1 c1
+  children_ticks
+  m0=$(machine_ticks) c0=$CHILD_TICKS
   s0=$(cpu_ticks "$SERVER_PID") r0=$(cpu_ticks "$REDIS_PID") t0=$(date +%s.%N)
   if ((${#script_args[@]})); then
     run_bg "$out" wrk "${args[@]}" "$url" -- "${script_args[@]}"
@@ -191,6 +205,10 @@ run_wrk() {
     run_bg "$out" wrk "${args[@]}" "$url"
   fi
   s1=$(cpu_ticks "$SERVER_PID") r1=$(cpu_ticks "$REDIS_PID") t1=$(date +%s.%N)
+  children_ticks
+  m1=$(machine_ticks) c1=$CHILD_TICKS
+  OCPU+=("$(awk -v m="$((m1 - m0))" -v s="$((s1 - s0))" -v r="$((r1 - r0))" -v c="$((c1 - c0))" -v t="$t1" -v u="$t0" -v h="$CLK_TCK" \
+    'BEGIN { o = m - s - r - c; if (o < 0) o = 0; printf "%.0f", 100 * o / h / (t - u) }')")
   SRVCPU+=("$(awk -v a="$s0" -v b="$s1" -v t="$t1" -v u="$t0" -v h="$CLK_TCK" 'BEGIN { printf "%.0f", 100 * (b - a) / h / (t - u) }')")
   RCPU+=("$(awk -v a="$r0" -v b="$r1" -v t="$t1" -v u="$t0" -v h="$CLK_TCK" 'BEGIN { printf "%.0f", 100 * (b - a) / h / (t - u) }')")
   cat "$out" >&2
@@ -290,7 +308,13 @@ redis_bench() {
   local shown=() a
   for a in "$@"; do [[ -n $a ]] && shown+=("$a") || shown+=("''"); done
   echo "redis-benchmark -p $REDIS_PORT -c 50 -n $REDIS_N -q ${shown[*]}" >&2
+  local m0 c0 r0 t0 other
+  children_ticks
+  m0=$(machine_ticks) c0=$CHILD_TICKS r0=$(cpu_ticks "$REDIS_PID") t0=$(date +%s.%N)
   run_bg "$WORK/$base.raw" redis-benchmark -p "$REDIS_PORT" -c 50 -n "$REDIS_N" -q "$@"
+  children_ticks
+  other=$(awk -v m="$(($(machine_ticks) - m0))" -v r="$(($(cpu_ticks "$REDIS_PID") - r0))" -v c="$((CHILD_TICKS - c0))" \
+    -v t="$(date +%s.%N)" -v u="$t0" -v h="$CLK_TCK" 'BEGIN { o = m - r - c; if (o < 0) o = 0; printf "%.0f", 100 * o / h / (t - u) }')
   tr '\r' '\n' <"$WORK/$base.raw" >"$WORK/$base.txt"
   local last ops p50
   last=$(grep 'requests per second' "$WORK/$base.txt" | tail -1)
@@ -298,7 +322,7 @@ redis_bench() {
   ops=$(sed -E 's/.*: ([0-9.]+) requests per second.*/\1/' <<<"$last")
   p50=$(sed -nE 's/.*p50=([0-9.]+) msec.*/\1/p' <<<"$last")
   [[ -n $ops ]] || die "could not parse redis-benchmark output ($WORK/$base.txt)"
-  REDIS_LINES+=("$name	$note	$ops	${p50:--}")
+  REDIS_LINES+=("$name	$note	$ops	${p50:--}	$other")
 }
 
 PROBLEMS=()
@@ -442,7 +466,7 @@ CHECK=$(rcli EVALSHA "$RL_SHA" 4 "${RL_KEYS[@]}" "${RL_ARGV[@]}" | tr '\n' ' ')
 echo "one EVALSHA by redis-cli -> $CHECK" >&2
 [[ $CHECK == "1 999999999 "* ]] || die "ratelimit.lua EVALSHA did not answer {1, 999999999, ...}: $CHECK"
 rcli DEL "${RL_KEYS[@]}" >/dev/null
-redis_bench "redis EVALSHA ratelimit.lua fw" "redis-benchmark -c 50 -n $REDIS_N" ratelimit \
+redis_bench "redis EVALSHA ratelimit.lua fw (ops/s)" "redis-benchmark -c 50 -n $REDIS_N" ratelimit \
   EVALSHA "$RL_SHA" 4 "${RL_KEYS[@]}" "${RL_ARGV[@]}"
 RL_COUNT=$(rcli HGET 'bench:rl:{k}:fw' count)
 echo "fixed-window count after the run: $RL_COUNT (expected $REDIS_N)" >&2
@@ -462,20 +486,22 @@ report() {
   echo "quotad: target/release/quotad, REDIS_URL=private redis-server $REDIS_PORT (no persistence), no Firestore"
   echo "  (FIRESTORE_PROJECT_ID unset: embedded in-memory ledger), QUOTAD_DEFAULT_LIMIT=$HUGE, RUST_LOG=warn,"
   echo "  QUOTAD_PHASE as in the 'phase' column (redis-primary: no ledger write per request)"
-  echo "srv cpu / redis: CPU of the server under test and of redis-server during the run (100 % = one core)"
+  echo "srv cpu / redis / other: CPU of the server under test, of redis-server and of everything but them and wrk"
+  echo "  during the run (100 % = one core); 'other' above a few % means something else ran (a build, tests)"
   echo
-  printf '%-44s %-36s %10s %8s %8s %7s %6s %7s %7s %7s\n' "run" "phase / notes" "req/s" "p50 ms" "p99 ms" "x echo" \
-    "non2xx" "sockerr" "srv cpu" "redis"
+  printf '%-44s %-36s %10s %8s %8s %7s %6s %7s %7s %7s %7s\n' "run" "phase / notes" "req/s" "p50 ms" "p99 ms" "x echo" \
+    "non2xx" "sockerr" "srv cpu" "redis" "other"
   local i ratio
   for i in "${!NAMES[@]}"; do
     ratio=$(awk -v a="${RPS[$i]}" -v b="$ECHO_RPS" 'BEGIN { printf "%.2f", a / b }')
-    printf '%-44s %-36s %10.0f %8.3f %8.3f %7s %6s %7s %6s%% %6s%%\n' "${NAMES[$i]}" "${NOTES[$i]:--}" "${RPS[$i]}" \
-      "${P50[$i]}" "${P99[$i]}" "$ratio" "${NON2XX[$i]}" "${SOCKERR[$i]}" "${SRVCPU[$i]}" "${RCPU[$i]}"
+    printf '%-44s %-36s %10.0f %8.3f %8.3f %7s %6s %7s %6s%% %6s%% %6s%%\n' "${NAMES[$i]}" "${NOTES[$i]:--}" "${RPS[$i]}" \
+      "${P50[$i]}" "${P99[$i]}" "$ratio" "${NON2XX[$i]}" "${SOCKERR[$i]}" "${SRVCPU[$i]}" "${RCPU[$i]}" "${OCPU[$i]}"
   done
-  local line name note ops p50
+  local line name note ops p50 other
   for line in "${REDIS_LINES[@]+"${REDIS_LINES[@]}"}"; do
-    IFS=$'\t' read -r name note ops p50 <<<"$line"
-    printf '%-44s %-36s %10.0f %8s %8s %7s\n' "$name (ops/s)" "$note" "$ops" "$p50" "-" "-"
+    IFS=$'\t' read -r name note ops p50 other <<<"$line"
+    printf '%-44s %-36s %10.0f %8s %8s %7s %6s %7s %7s %7s %6s%%\n' "$name" "$note" "$ops" "$p50" "-" "-" "-" "-" "-" "-" "$other"
+    ((other <= 10)) || PROBLEMS+=("$name: $other % CPU used by other processes during the run")
   done
   echo
   if want ratelimit; then
@@ -525,6 +551,7 @@ report() {
     echo "oha not on PATH: fixed-rate latency skipped (cargo install oha, ~7 min, then rerun)"
   fi
   for i in "${!NAMES[@]}"; do
+    ((OCPU[i] <= 10)) || PROBLEMS+=("${NAMES[$i]} [${NOTES[$i]}]: ${OCPU[$i]} % CPU used by other processes during the run")
     ((NON2XX[i] == 0 && SOCKERR[i] == 0)) ||
       PROBLEMS+=("${NAMES[$i]}: ${NON2XX[$i]} non-2xx, ${SOCKERR[$i]} socket errors")
   done
