@@ -427,17 +427,24 @@ echo "$RL_DECISIONS" >&2
 # The starter plan's policy (limit 50, window 1h), written explicitly for each algorithm:
 # 50 checks of a fresh key fill it, then MEMORY USAGE (SAMPLES 0: every element counted) of
 # each Redis key of that counter, found with SCAN.
-log "memory per key: 50 checks of mem-<algorithm>, limit 50, window 1h"
+log "memory per key: 50 checks of creator:123 per algorithm, limit 50, window 1h"
+code_of() {
+  case $1 in
+    sliding-window) echo sw ;; sliding-window-approx) echo swa ;;
+    fixed-window) echo fw ;; token-bucket) echo tb ;;
+  esac
+}
 for alg in "${ALGORITHMS[@]}"; do
-  body="{\"key\":\"mem-$alg\",\"limit\":50,\"window\":\"1h\",\"algorithm\":\"$alg\"}"
+  # A realistic key (a creator id); each algorithm has its own counter for it.
+  body="{\"key\":\"creator:123\",\"limit\":50,\"window\":\"1h\",\"algorithm\":\"$alg\"}"
   bad=0
   for _ in $(seq 1 50); do
     answer=$(rl_check "$body")
     [[ $answer == 200* ]] || bad=$((bad + 1))
   done
-  echo "mem-$alg: 50 checks, non-200: $bad; last answer: $answer" >&2
+  echo "$alg: 50 checks, non-200: $bad; last answer: $answer" >&2
   ((bad == 0)) || PROBLEMS+=("memory run $alg: $bad of 50 checks not 200 (last: $answer)")
-  counter="quotad:rl:{mem-$alg}:$alg:$WINDOW_MS"
+  counter="quotad:rl:{creator:123}:$(code_of "$alg")$WINDOW_MS"
   total=0 names=() namelen=0
   while read -r key; do
     [[ $key == "$counter" || $key == "$counter:sum" ]] || continue
@@ -445,8 +452,8 @@ for alg in "${ALGORITHMS[@]}"; do
     echo "  $key: $(rcli TYPE "$key") $bytes bytes" >&2
     total=$((total + bytes))
     namelen=$((namelen + ${#key}))
-    names+=("${key#"quotad:rl:{mem-$alg}:$alg:$WINDOW_MS"}")
-  done < <(rcli --scan --pattern "quotad:rl:{mem-$alg}:*")
+    names+=("${key#"$counter"}")
+  done < <(rcli --scan --pattern "quotad:rl:{creator:123}:*")
   ((${#names[@]})) || PROBLEMS+=("memory run $alg: no Redis key named $counter[:sum] found")
   keys=$(printf '%s,' "${names[@]/#/<c>}"); keys=${keys%,}
   MEM_LINES+=("$alg|${#names[@]}|$keys|$total|$namelen|${answer%% *}")
@@ -512,7 +519,7 @@ report() {
     echo "  ip:<0..99999>: distinct counters in Redis after the run: $MANY_RL_KEYS"
     echo
     echo "memory per key, policy of plan starter (limit 50, window 1h) after 50 checks of a fresh key;"
-    echo "MEMORY USAGE <key> SAMPLES 0 summed over the counter's keys (<c> = quotad:rl:{mem-<alg>}:<alg>:$WINDOW_MS)"
+    echo "MEMORY USAGE <key> SAMPLES 0 summed over the counter's keys (<c> = quotad:rl:{creator:123}:<code>$WINDOW_MS)"
     printf '%-24s %5s %-12s %8s %10s %-18s %s\n' "algorithm" "keys" "names" "bytes" "of names" "target" "50th check"
     local alg n names bytes namelen code target
     for line in "${MEM_LINES[@]}"; do

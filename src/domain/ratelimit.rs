@@ -38,6 +38,16 @@ impl Algorithm {
         }
     }
 
+    /// The short code used in Redis keys and by the script.
+    pub fn code(self) -> &'static str {
+        match self {
+            Self::SlidingWindow => "sw",
+            Self::SlidingWindowApprox => "swa",
+            Self::FixedWindow => "fw",
+            Self::TokenBucket => "tb",
+        }
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             Self::SlidingWindow => "sliding-window",
@@ -117,10 +127,11 @@ pub struct Policy {
 
 impl Policy {
     /// Identifies the counter together with the key: the plan, or algorithm and window.
+    /// Short, because it is part of every counter key in Redis.
     fn counter_id(&self) -> String {
         match &self.plan {
-            Some(plan) => format!("plan:{plan}"),
-            None => format!("{}:{}", self.algorithm.as_str(), self.window.ms()),
+            Some(plan) => format!("p:{plan}"),
+            None => format!("{}{}", self.algorithm.code(), self.window.ms()),
         }
     }
 }

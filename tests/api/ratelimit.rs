@@ -54,7 +54,9 @@ proptest! {
             algorithm,
             plan: plan.then(|| "tiny".to_owned()),
         };
-        let mut now = 1_700_000_000_000u64;
+        // Real time as the start: counters keep their window start in the key's expiry time,
+        // which must lie in the future; simulated time only runs ahead of it.
+        let mut now = u64::try_from(chrono::Utc::now().timestamp_millis()).unwrap();
         for (step, key, cost) in steps {
             now += step;
             let key = ["a", "b"][key];

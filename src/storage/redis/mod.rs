@@ -20,7 +20,7 @@ use super::{
 };
 use crate::domain::{
     ProviderId,
-    ratelimit::{ANOMALIES_KEPT, Algorithm, Anomaly, RateCheck, RateDecision, anomaly_at},
+    ratelimit::{ANOMALIES_KEPT, Anomaly, RateCheck, RateDecision, anomaly_at},
 };
 
 /// The longest a single Redis call may take before it counts as unavailable. API.md: no
@@ -438,12 +438,7 @@ impl Counters for RedisCounters {
     #[tracing::instrument(skip_all, fields(key = check.key), err(level = "debug"))]
     async fn rate_check(&self, check: &RateCheck<'_>) -> Result<RateDecision, StorageError> {
         let counter = check.counter_id();
-        let algorithm = match check.policy.algorithm {
-            Algorithm::SlidingWindow => "sw",
-            Algorithm::SlidingWindowApprox => "swa",
-            Algorithm::FixedWindow => "fw",
-            Algorithm::TokenBucket => "tb",
-        };
+        let algorithm = check.policy.algorithm.code();
         let (plan, threshold) = check.anomaly_threshold().unwrap_or(("", 0));
         let mut invocation = RATE_LIMIT.prepare_invoke();
         invocation

@@ -1,7 +1,9 @@
 -- One rate-limit check, and anomaly counting for plan-based keys, in one round trip.
 -- Mirrors domain::ratelimit::decide exactly (integer arithmetic; the differential property
 -- test compares the two).
--- KEYS[1] counter: sorted set of admitted requests (sw) or hash (swa, fw, tb)
+-- KEYS[1] counter: sorted set of admitted requests (sw), or one integer, as small as a key
+--         can be: the count (fw) or prev * 2^21 + curr (swa), whose window start is implied
+--         by the key's expiry time (start + window, start + 2 windows), or the arrival time (tb)
 -- KEYS[2] sliding-window's running sum and sequence (hash)
 -- KEYS[3] the key's anomaly attempt counter for its plan
 -- KEYS[4] anomaly list (outside the key's slot: on Redis Cluster it would be per slot)
@@ -58,9 +60,11 @@ if algo == 'sw' then
     redis.call('DEL', KEYS[1], KEYS[2])
   end
 elseif algo == 'fw' then
-  local h = redis.call('HMGET', KEYS[1], 'start', 'count')
   local start, count = now, 0
-  if h[1] then start, count = tonumber(h[1]), tonumber(h[2]) end
+  local v = redis.call('GET', KEYS[1])
+  if v then
+    start, count = redis.call('PEXPIRETIME', KEYS[1]) - window, tonumber(v)
+  end
   if now >= start + window then -- a window starts with the first request after the last ended
     start = now
     count = 0
@@ -73,12 +77,15 @@ elseif algo == 'fw' then
   if count > 0 then reset = finish end
   retry = math.max(0, finish - now)
   remaining = math.max(0, limit - count)
-  redis.call('HSET', KEYS[1], 'start', f(start), 'count', f(count))
-  redis.call('PEXPIRE', KEYS[1], f(finish - now))
+  redis.call('SET', KEYS[1], f(count), 'PXAT', f(finish))
 elseif algo == 'swa' then
-  local h = redis.call('HMGET', KEYS[1], 'start', 'prev', 'curr')
   local start, prev, curr = now, 0, 0
-  if h[1] then start, prev, curr = tonumber(h[1]), tonumber(h[2]), tonumber(h[3]) end
+  local v = redis.call('GET', KEYS[1])
+  if v then
+    local packed = tonumber(v)
+    start = redis.call('PEXPIRETIME', KEYS[1]) - 2 * window
+    prev, curr = math.floor(packed / 2097152), packed % 2097152
+  end
   if now >= start + 2 * window then -- both windows over (as the key expiring): afresh
     start, prev, curr = now, 0, 0
   elseif now >= start + window then
@@ -105,10 +112,9 @@ elseif algo == 'swa' then
     retry = base + lo - now
   end
   remaining = math.max(0, limit - estimate)
-  redis.call('HSET', KEYS[1], 'start', f(start), 'prev', f(prev), 'curr', f(curr))
-  redis.call('PEXPIRE', KEYS[1], f(start + 2 * window - now))
+  redis.call('SET', KEYS[1], f(prev * 2097152 + curr), 'PXAT', f(start + 2 * window))
 else -- tb: GCRA, one theoretical arrival time per key, burst = limit
-  local tat = tonumber(redis.call('HGET', KEYS[1], 'tat') or f(now))
+  local tat = tonumber(redis.call('GET', KEYS[1]) or f(now))
   local base = math.max(tat, now)
   local allow_at = base + math.floor((need * window + limit - 1) / limit) - window
   if now >= allow_at then
@@ -120,8 +126,7 @@ else -- tb: GCRA, one theoretical arrival time per key, burst = limit
   reset = level
   retry = allow_at - now
   if level > now then
-    redis.call('HSET', KEYS[1], 'tat', f(tat))
-    redis.call('PEXPIRE', KEYS[1], f(level - now))
+    redis.call('SET', KEYS[1], f(tat), 'PX', f(level - now))
   else
     redis.call('DEL', KEYS[1])
   end
