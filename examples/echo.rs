@@ -9,6 +9,10 @@
 use axum::{Json, Router, routing::get};
 use serde::{Deserialize, Serialize};
 
+/// The same allocator as quotad, so the ceiling is measured on equal terms.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Debug, Deserialize, Serialize)]
 struct Body {
     #[serde(default = "one")]

@@ -178,11 +178,9 @@ impl RedisCounters {
         Fut: std::future::Future<Output = ::redis::RedisResult<T>>,
     {
         let conn = self.connection().await?;
-        let result = match tokio::time::timeout(CALL_TIMEOUT, f(conn)).await {
-            Ok(Ok(value)) => Ok(value),
-            Ok(Err(err)) => Err(classify(&err)),
-            Err(_) => Err(unavailable("call timed out")),
-        };
+        // The connection's own response timeout (CALL_TIMEOUT) bounds the call: no second
+        // timer per request on the hot path.
+        let result = f(conn).await.map_err(|err| classify(&err));
         if let Err(err) = &result
             && err.is_unavailable()
         {
