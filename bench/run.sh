@@ -405,8 +405,8 @@ for alg in "${ALGORITHMS[@]}"; do
   after=$(rl_check "${body%\}},\"cost\":0}")
   echo "after the run, cost-0 check ($alg) -> $after" >&2
   if [[ $alg == sliding-window ]]; then
-    members=$(rcli ZCARD "quotad:rl:{hot}:sliding-window:$WINDOW_MS")
-    bytes=$(rcli MEMORY USAGE "quotad:rl:{hot}:sliding-window:$WINDOW_MS" SAMPLES 0)
+    members=$(rcli ZCARD "quotad:rl:{hot}:sw$WINDOW_MS")
+    bytes=$(rcli MEMORY USAGE "quotad:rl:{hot}:sw$WINDOW_MS" SAMPLES 0)
     NOTES[-1]="hot key, 1e6/1h; zset ${members} members"
     echo "sliding-window hot key after the run: sorted set of $members members (one per admitted request), MEMORY USAGE $bytes bytes" >&2
     SW_HOT="$members members, MEMORY USAGE $bytes bytes ($(awk -v b="$bytes" -v m="$members" 'BEGIN { printf "%.0f", m ? b / m : 0 }') bytes per member)"
@@ -475,7 +475,7 @@ echo "one EVALSHA by redis-cli -> $CHECK" >&2
 rcli DEL "${RL_KEYS[@]}" >/dev/null
 redis_bench "redis EVALSHA ratelimit.lua fw (ops/s)" "redis-benchmark -c 50 -n $REDIS_N" ratelimit \
   EVALSHA "$RL_SHA" 4 "${RL_KEYS[@]}" "${RL_ARGV[@]}"
-RL_COUNT=$(rcli HGET 'bench:rl:{k}:fw' count)
+RL_COUNT=$(rcli GET 'bench:rl:{k}:fw')
 echo "fixed-window count after the run: $RL_COUNT (expected $REDIS_N)" >&2
 [[ $RL_COUNT == "$REDIS_N" ]] || PROBLEMS+=("ratelimit.lua fw count $RL_COUNT after redis-benchmark, expected $REDIS_N")
 fi # want ratelimit

@@ -388,13 +388,21 @@ impl QuotaService {
     /// Writes many dirty records in one batch (the batch sync): `(written, failed)`. A
     /// record changed meanwhile stays dirty for the next run; nothing is written twice.
     pub async fn flush_batch(&self, providers: &[ProviderId]) -> Result<(u64, u64), StorageError> {
+        // Reads go out together: the shared connection pipelines them.
+        let reads = futures::future::join_all(providers.iter().map(|provider| async move {
+            match self.counters.read(provider).await? {
+                Some(record) if record.is_dirty() => {
+                    let keys = self.counters.pending_keys(provider).await?;
+                    Ok::<_, StorageError>(Some((provider.clone(), record, keys)))
+                }
+                _ => Ok(None),
+            }
+        }))
+        .await;
         let mut items = Vec::with_capacity(providers.len());
-        for provider in providers {
-            if let Some(record) = self.counters.read(provider).await?
-                && record.is_dirty()
-            {
-                let keys = self.counters.pending_keys(provider).await?;
-                items.push((provider.clone(), record, keys));
+        for read in reads {
+            if let Some(item) = read? {
+                items.push(item);
             }
         }
         // Transient Firestore errors are retried with backoff; replays add nothing.
@@ -417,32 +425,32 @@ impl QuotaService {
                 }
             }
         };
-        let (mut written, mut failed) = (0, 0);
-        for ((provider, record, keys), result) in items.iter().zip(results) {
+        let settled = futures::future::join_all(items.iter().zip(results).map(|((provider, record, keys), result)| async move {
             match result {
                 Ok(WriteOutcome::Written { limit }) => {
                     let transferred: Vec<String> = keys.iter().map(|(id, _)| id.clone()).collect();
                     self.counters
-                        .mark_synced(
-                            provider,
-                            &record.epoch,
-                            record.version,
-                            self.limit_of(limit),
-                            self.cache_ttl,
-                            &transferred,
-                        )
+                        .mark_synced(provider, &record.epoch, record.version, self.limit_of(limit), self.cache_ttl, &transferred)
                         .await?;
-                    written += 1;
+                    Ok::<_, StorageError>((1, 0))
                 }
                 Ok(WriteOutcome::Stale) => {
                     tracing::warn!(%provider, "cached record is stale (its document was reset meanwhile): dropping it");
                     self.counters.forget(provider, &record.epoch).await?;
+                    Ok((0, 0))
                 }
                 Err(err) => {
                     tracing::warn!(%provider, error = %err, "sync: write failed");
-                    failed += 1;
+                    Ok((0, 1))
                 }
             }
+        }))
+        .await;
+        let (mut written, mut failed) = (0u64, 0u64);
+        for outcome in settled {
+            let (w, f) = outcome?;
+            written += w;
+            failed += f;
         }
         metrics::counter!("quotad_store_writes_total", "result" => "written").increment(written);
         Ok((written, failed))

@@ -282,3 +282,32 @@ async fn invalidation_in_redis_primary_writes_the_usage_first() {
         (Some("store"), Some(5))
     );
 }
+
+#[tokio::test]
+async fn in_redis_primary_other_writers_survive_the_sync_and_a_limit_edit_is_picked_up() {
+    let shared = Shared::real();
+    let app = spawn_with(&shared, |c| c.initial_phase = Phase::RedisPrimary).await;
+    let store = shared.store();
+    store.put("p1", Some(10), Some(100)).await;
+    for round in 1..=3 {
+        for _ in 0..2 {
+            ok(app.consume("p1", 1).await).await;
+        }
+        store.add_used("p1", 5).await; // a legacy Cloud Function, meanwhile
+        ok(app.admin(reqwest::Method::POST, "/admin/sync", None).await).await;
+        assert_eq!(store.used("p1").await, Some(10 + round * 7));
+    }
+    store.put("p1", None, Some(40)).await; // an operator's edit in the console
+    ok(app.consume("p1", 1).await).await;
+    ok(app.admin(reqwest::Method::POST, "/admin/sync", None).await).await;
+    assert_eq!(
+        store.get("p1").await,
+        Some((Some(32), Some(40))),
+        "the sync never writes aiCallsLimit"
+    );
+    assert_eq!(
+        app.quota("p1").await["limit"],
+        40,
+        "the edited limit is picked up by the sync"
+    );
+}
