@@ -62,6 +62,30 @@ async fn consume_all(base: &str, amounts: &HashMap<String, i64>) -> HashMap<Stri
     total
 }
 
+/// Every document holds exactly what was admitted for its provider.
+async fn assert_documents_hold(store: &Store, admitted: &HashMap<String, i64>) {
+    let mut wrong = Vec::new();
+    for (provider, n) in admitted {
+        let used = store.used(provider).await;
+        if used != Some(*n) {
+            wrong.push((provider.clone(), *n, used));
+        }
+    }
+    assert!(
+        wrong.is_empty(),
+        "documents that differ from what was admitted: {:?}",
+        &wrong[..wrong.len().min(10)]
+    );
+}
+
+/// Drops the sync lock as its expiry would (the holder was killed or paused).
+async fn expire_sync_lock(redis: &RedisServer) {
+    let counters = quotad::storage::redis::RedisCounters::new(&redis.url(), "quotad:").unwrap();
+    let mut del = redis::cmd("DEL");
+    del.arg("quotad:sync:lock");
+    counters.query::<i64>(del).await.unwrap();
+}
+
 #[tokio::test]
 async fn a_sync_killed_at_any_point_and_run_again_leaves_every_document_exact() {
     let redis = RedisServer::start().await;
@@ -88,10 +112,7 @@ async fn a_sync_killed_at_any_point_and_run_again_leaves_every_document_exact() 
         let _ = sync.kill();
         let _ = sync.wait();
         // Its lock would expire within 30 s; drop it now so the next run starts at once.
-        let counters = quotad::storage::redis::RedisCounters::new(&redis.url(), "quotad:").unwrap();
-        let mut del = redis::cmd("DEL");
-        del.arg("quotad:sync:lock");
-        counters.query::<i64>(del).await.unwrap();
+        expire_sync_lock(&redis).await;
         for (provider, n) in extra {
             *admitted.get_mut(&provider).unwrap() += n;
         }
@@ -107,18 +128,7 @@ async fn a_sync_killed_at_any_point_and_run_again_leaves_every_document_exact() 
     }
     assert!(report.status.success(), "{}", String::from_utf8_lossy(&report.stderr));
     let store = Store::new(project.clone());
-    let mut wrong = Vec::new();
-    for (provider, n) in &admitted {
-        let used = store.used(provider).await;
-        if used != Some(*n) {
-            wrong.push((provider.clone(), *n, used));
-        }
-    }
-    assert!(
-        wrong.is_empty(),
-        "documents that differ from what was admitted: {:?}",
-        &wrong[..wrong.len().min(10)]
-    );
+    assert_documents_hold(&store, &admitted).await;
     // Two syncs in a row: the second writes nothing.
     let again = run(&envs, &["sync", "--once"]);
     let report: serde_json::Value = serde_json::from_slice(&again.stdout).unwrap();
@@ -225,10 +235,7 @@ async fn a_sync_that_lost_its_lock_while_paused_makes_no_document_wrong() {
         .args(["-STOP", &paused.id().to_string()])
         .status()
         .unwrap();
-    let counters = quotad::storage::redis::RedisCounters::new(&redis.url(), "quotad:").unwrap();
-    let mut del = redis::cmd("DEL");
-    del.arg("quotad:sync:lock");
-    counters.query::<i64>(del).await.unwrap();
+    expire_sync_lock(&redis).await;
     // ... another sync runs to completion, and usage goes on ...
     let other = run(&envs, &["sync", "--once"]);
     assert!(other.status.success(), "{}", String::from_utf8_lossy(&other.stderr));
@@ -245,18 +252,7 @@ async fn a_sync_that_lost_its_lock_while_paused_makes_no_document_wrong() {
     let last = run(&envs, &["sync", "--once"]);
     assert!(last.status.success(), "{}", String::from_utf8_lossy(&last.stderr));
     let store = Store::new(project);
-    let mut wrong = Vec::new();
-    for (provider, n) in &admitted {
-        let used = store.used(provider).await;
-        if used != Some(*n) {
-            wrong.push((provider.clone(), *n, used));
-        }
-    }
-    assert!(
-        wrong.is_empty(),
-        "documents that differ from what was admitted: {:?}",
-        &wrong[..wrong.len().min(10)]
-    );
+    assert_documents_hold(&store, &admitted).await;
     drop(server);
 }
 
