@@ -65,14 +65,15 @@ pub struct Window(u64);
 impl Window {
     /// `"10s"`, `"10 s"`, `"1500ms"`, `"1m"`, `"1h"`, `"1d"`, or a JSON integer of seconds.
     pub fn from_json(value: &serde_json::Value) -> Result<Self, InvalidInput> {
-        // A JSON integer counts seconds (at least 1); a string may name milliseconds.
+        // API.md: at least 1 s and at most 30 d, whichever form (`"1500ms"` is a window,
+        // `"500ms"` is not).
         let ms = match value {
-            serde_json::Value::Number(n) => n.as_u64().filter(|s| *s >= 1).and_then(|s| s.checked_mul(1000)),
+            serde_json::Value::Number(n) => n.as_u64().and_then(|s| s.checked_mul(1000)),
             serde_json::Value::String(s) => parse_duration_ms(s),
             _ => None,
         };
         match ms {
-            Some(ms) if (1..=MAX_WINDOW_MS).contains(&ms) => Ok(Self(ms)),
+            Some(ms) if (1000..=MAX_WINDOW_MS).contains(&ms) => Ok(Self(ms)),
             _ => Err(InvalidInput("window")),
         }
     }
@@ -485,13 +486,13 @@ mod tests {
             (json!("1h"), 3_600_000),
             (json!("1d"), 86_400_000),
             (json!("1500ms"), 1500),
-            (json!("500ms"), 500),
             (json!(5), 5000),
         ] {
             assert_eq!(Window::from_json(&raw).unwrap().ms(), ms, "{raw}");
         }
         for raw in [
             json!("soon"),
+            json!("500ms"),
             json!("0ms"),
             json!("0s"),
             json!("31d"),

@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Installs the locked dev dependencies, typechecks the examples and runs the tests of
+# @quotad/client against the real quotad release binary.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")"
+
+bin="${QUOTAD_BIN:-../../target/release/quotad}"
+if [[ ! -x "$bin" ]]; then
+  echo "test.sh: quotad release binary not found (or not executable) at: $bin" >&2
+  echo "test.sh: build it first with 'cargo build --release' in the repository root, or set QUOTAD_BIN." >&2
+  exit 1
+fi
+export QUOTAD_BIN="$(cd "$(dirname "$bin")" && pwd)/$(basename "$bin")"
+
+npm ci --no-audit --no-fund
+npm run typecheck:examples
+npm test
