@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # Run quotad's whole test suite against a real redis-server and the Firestore emulator.
 #
-#   scripts/test.sh [cargo test args...]        cargo test --all-targets [args...]
+#   scripts/test.sh                             every test: cargo test --all-targets, then the
+#                                               TypeScript client's (node --test, against the
+#                                               release binary, which it builds)
+#   scripts/test.sh [cargo test args...]        cargo test --all-targets [args...] only
 #   scripts/test.sh -- --nocapture              args after `--` go to the test binaries, as usual
 #   scripts/test.sh --servers-only -- CMD...    start the servers, run CMD instead of cargo test
 #                                               (same env; handy for one test, a benchmark or the
@@ -35,6 +38,7 @@ usage() { sed -n '2,/^set -euo/{/^set -euo/d;s/^# \{0,1\}//;p}' "${BASH_SOURCE[0
 # ----------------------------------------------------------------------------- arguments
 
 servers_only=0
+full_suite=0 # no arguments: cargo test, then the TypeScript client's tests
 cmd=()
 case "${1:-}" in
     -h | --help)
@@ -49,6 +53,7 @@ case "${1:-}" in
         cmd=("$@")
         ;;
     *)
+        full_suite=$(( $# == 0 ))
         cmd=(cargo test --all-targets "$@")
         ;;
 esac
@@ -244,6 +249,22 @@ if ((status != 0)); then
     exit "$status"
 fi
 say "${cmd[0]} passed"
+
+# The TypeScript client (clients/typescript) is tested against the real release binary.
+if ((full_suite)); then
+    command -v npm >/dev/null || die "npm is missing: install Node.js >= 18 (Debian: nodejs npm) for the client's tests"
+    say "building the release binary for the TypeScript client's tests"
+    status=0
+    run_child "cargo build --release" cargo build --release --bin quotad || status=$?
+    ((status == 0)) || { say "the release build failed (exit status $status)"; exit "$status"; }
+    say "running the TypeScript client's tests"
+    run_child "the client tests" bash "$repo_root/clients/typescript/test.sh" || status=$?
+    if ((status != 0)); then
+        say "the client tests failed (exit status $status)"
+        exit "$status"
+    fi
+    say "the client tests passed"
+fi
 
 if ((!servers_only)) && [[ "${QUOTAD_CONFORMANCE:-0}" == 1 ]]; then
     conformance="$repo_root/../shared/conformance/run.sh"

@@ -1,11 +1,16 @@
 /**
- * Before/after sketch of a legacy Cloud Function (or Next.js route handler) call site.
+ * Before/after sketch of a legacy Cloud Function (or Next.js route handler).
  *
- * BEFORE (legacy, Redis INCR + EXPIRE inside the function):
+ * BEFORE (legacy helper: Redis INCR + EXPIRE inside the function):
  *
  *   import { checkCreatorRateLimit, RateLimitError } from '../lib/rateLimit';
+ *   ...
+ *   await checkCreatorRateLimit(creatorId, 'pro');
  *
- * AFTER (quotad): only the import changes; the call site stays the same.
+ * AFTER (quotad): the same call on a client configured from QUOTAD_URL / QUOTAD_API_KEY.
+ * (The shortest migration changes only the import:
+ *   import { checkCreatorRateLimit, RateLimitError } from '@quotad/client';
+ * which uses a shared client configured from the same variables.)
  */
 import { QuotadClient, RateLimitError } from '@quotad/client';
 

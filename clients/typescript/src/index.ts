@@ -571,4 +571,47 @@ export class QuotadClient {
   }
 }
 
+// ---------------------------------------------------------------------------
+// Configuration from the environment (drop-in for the legacy helper)
+// ---------------------------------------------------------------------------
+
+/**
+ * A client configured from the environment: `QUOTAD_URL` (required), `QUOTAD_API_KEY`
+ * (optional) and `QUOTAD_ON_UNAVAILABLE` (`throw` | `allow` | `deny`, optional).
+ * `overrides` win over the environment.
+ */
+export function clientFromEnv(
+  overrides: Partial<QuotadClientOptions> = {},
+  env: Record<string, string | undefined> = globalThis.process?.env ?? {},
+): QuotadClient {
+  const baseUrl = overrides.baseUrl ?? env.QUOTAD_URL;
+  if (!baseUrl) throw invalid('QUOTAD_URL is not set (the base URL of quotad, e.g. http://quotad:8080)');
+  const onUnavailable = overrides.onUnavailable ?? env.QUOTAD_ON_UNAVAILABLE;
+  if (onUnavailable !== undefined && onUnavailable !== 'throw' && onUnavailable !== 'allow' && onUnavailable !== 'deny') {
+    throw invalid(`QUOTAD_ON_UNAVAILABLE must be throw, allow or deny, got ${JSON.stringify(onUnavailable)}`);
+  }
+  const options: QuotadClientOptions = { ...overrides, baseUrl };
+  const apiKey = overrides.apiKey ?? env.QUOTAD_API_KEY;
+  if (apiKey !== undefined) options.apiKey = apiKey;
+  if (onUnavailable !== undefined) options.onUnavailable = onUnavailable;
+  return new QuotadClient(options);
+}
+
+let shared: QuotadClient | undefined;
+
+/** The shared client used by the top-level functions, created from the environment on first use. */
+export function defaultClient(): QuotadClient {
+  shared ??= clientFromEnv();
+  return shared;
+}
+
+/**
+ * Drop-in replacement of the legacy `checkCreatorRateLimit(creatorId, plan)` helper, using
+ * {@link defaultClient} (configured from `QUOTAD_URL` / `QUOTAD_API_KEY`). Resolves when
+ * allowed; throws {@link RateLimitError} (with `retryAfter`) when limited.
+ */
+export function checkCreatorRateLimit(creatorId: string, plan: string): Promise<void> {
+  return defaultClient().checkCreatorRateLimit(creatorId, plan);
+}
+
 export default QuotadClient;
