@@ -14,4 +14,10 @@ export QUOTAD_BIN="$(cd "$(dirname "$bin")" && pwd)/$(basename "$bin")"
 
 npm ci --no-audit --no-fund
 npm run typecheck:examples
+echo "== @quotad/client against quotad on its embedded backends"
 npm test
+# scripts/test.sh exports where its Redis and Firestore emulator are: run again on them.
+if [[ -n "${QUOTAD_TEST_REDIS_URL:-}" && -n "${FIRESTORE_EMULATOR_HOST:-}" ]]; then
+  echo "== @quotad/client against quotad on Redis ($QUOTAD_TEST_REDIS_URL) and the Firestore emulator"
+  QUOTAD_CLIENT_BACKENDS=real npm test
+fi

@@ -42,6 +42,28 @@ export function freePort() {
 
 const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
 
+let projects = 0;
+
+/**
+ * With QUOTAD_CLIENT_BACKENDS=real (set by test.sh when scripts/test.sh has started Redis and
+ * the Firestore emulator), each quotad runs on that Redis and the emulator, with a project of
+ * its own; otherwise on the embedded backends.
+ */
+function realBackends() {
+  if (process.env.QUOTAD_CLIENT_BACKENDS !== 'real') return {};
+  const redis = process.env.QUOTAD_TEST_REDIS_URL;
+  const emulator = process.env.FIRESTORE_EMULATOR_HOST;
+  if (!redis || !emulator) {
+    throw new Error('QUOTAD_CLIENT_BACKENDS=real needs QUOTAD_TEST_REDIS_URL and FIRESTORE_EMULATOR_HOST (scripts/test.sh sets both)');
+  }
+  projects += 1;
+  return {
+    REDIS_URL: redis,
+    FIRESTORE_PROJECT_ID: `client-${process.pid}-${projects}-${Date.now()}`,
+    FIRESTORE_EMULATOR_HOST: emulator,
+  };
+}
+
 /**
  * Starts quotad with embedded backends on a free port, with the `tiny` plan and admin token `t`.
  * `env` adds variables (e.g. QUOTAD_API_KEYS). Returns { url, port, stop() }.
@@ -53,6 +75,7 @@ export async function startQuotad(env = {}) {
   writeFileSync(configPath, TINY_PLAN);
   const port = await freePort();
   const childEnv = { ...process.env };
+  const backends = realBackends();
   for (const name of Object.keys(childEnv)) {
     if (name.startsWith('QUOTAD_') || name.startsWith('REDIS_') || name.startsWith('FIRESTORE_')) delete childEnv[name];
   }
@@ -60,6 +83,7 @@ export async function startQuotad(env = {}) {
     QUOTAD_ADDR: `127.0.0.1:${port}`,
     QUOTAD_ADMIN_TOKEN: ADMIN_TOKEN,
     QUOTAD_CONFIG: configPath,
+    ...backends,
     ...env,
   });
   const child = spawn(bin, [], { env: childEnv, stdio: ['ignore', 'pipe', 'pipe'] });
