@@ -49,8 +49,6 @@ pub enum QuotaError {
     Unavailable(StorageError),
     #[error("storage error: {0}")]
     Internal(StorageError),
-    #[error("phase {0} is not available yet")]
-    PhaseNotAvailable(Phase),
 }
 
 impl From<StorageError> for QuotaError {

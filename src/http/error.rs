@@ -34,7 +34,7 @@ pub enum ApiError {
     /// 405: the route exists, the method does not.
     #[error("method not allowed")]
     MethodNotAllowed,
-    /// 409 with its code (`sync_running`, `sync_incomplete`, `not_available`).
+    /// 409 with its code (`sync_running`, `sync_incomplete`).
     #[error("{detail}")]
     Conflict { code: &'static str, detail: String },
     /// 413: a body over 64 KiB.
@@ -137,10 +137,6 @@ impl From<QuotaError> for ApiError {
                 ApiError::Unavailable
             }
             QuotaError::Internal(err) => ApiError::Internal(err.to_string()),
-            QuotaError::PhaseNotAvailable(phase) => ApiError::Conflict {
-                code: "not_available",
-                detail: format!("the {phase} phase is not available in this version"),
-            },
         }
     }
 }
