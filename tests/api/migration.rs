@@ -78,6 +78,18 @@ async fn assert_documents_hold(store: &Store, admitted: &HashMap<String, i64>) {
     );
 }
 
+/// A private Redis, a Firestore project, the tools' environment for both, and a quotad
+/// serving in redis-primary on them.
+async fn redis_primary_server(project: &str) -> (RedisServer, String, Vec<(&'static str, String)>, QuotadProcess) {
+    let redis = RedisServer::start().await;
+    let project = unique(project);
+    let envs = tool_env(&redis, &project);
+    let mut server_env = envs.clone();
+    server_env.push(("QUOTAD_PHASE", "redis-primary".into()));
+    let server = QuotadProcess::start(&server_env).await;
+    (redis, project, envs, server)
+}
+
 /// Drops the sync lock as its expiry would (the holder was killed or paused).
 async fn expire_sync_lock(redis: &RedisServer) {
     let counters = quotad::storage::redis::RedisCounters::new(&redis.url(), "quotad:").unwrap();
@@ -88,12 +100,7 @@ async fn expire_sync_lock(redis: &RedisServer) {
 
 #[tokio::test]
 async fn a_sync_killed_at_any_point_and_run_again_leaves_every_document_exact() {
-    let redis = RedisServer::start().await;
-    let project = unique("crash-");
-    let envs = tool_env(&redis, &project);
-    let mut server_env = envs.clone();
-    server_env.push(("QUOTAD_PHASE", "redis-primary".into()));
-    let server = QuotadProcess::start(&server_env).await;
+    let (redis, project, envs, server) = redis_primary_server("crash-").await;
     let amounts: HashMap<String, i64> = (0..1500).map(|i| (format!("p{i}"), 1 + i % 3)).collect();
     let mut admitted = consume_all(&server.base, &amounts).await;
 
@@ -215,12 +222,7 @@ async fn the_phase_command_switches_every_replica() {
 
 #[tokio::test]
 async fn a_sync_that_lost_its_lock_while_paused_makes_no_document_wrong() {
-    let redis = RedisServer::start().await;
-    let project = unique("fence-");
-    let envs = tool_env(&redis, &project);
-    let mut server_env = envs.clone();
-    server_env.push(("QUOTAD_PHASE", "redis-primary".into()));
-    let server = QuotadProcess::start(&server_env).await;
+    let (redis, project, envs, server) = redis_primary_server("fence-").await;
     let amounts: HashMap<String, i64> = (0..1200).map(|i| (format!("f{i}"), 2)).collect();
     let mut admitted = consume_all(&server.base, &amounts).await;
 
@@ -258,12 +260,7 @@ async fn a_sync_that_lost_its_lock_while_paused_makes_no_document_wrong() {
 
 #[tokio::test]
 async fn redis_coming_back_empty_in_redis_primary_is_detected_and_reported() {
-    let mut redis = RedisServer::start().await;
-    let project = unique("loss-");
-    let envs = tool_env(&redis, &project);
-    let mut server_env = envs.clone();
-    server_env.push(("QUOTAD_PHASE", "redis-primary".into()));
-    let server = QuotadProcess::start(&server_env).await;
+    let (mut redis, _project, envs, server) = redis_primary_server("loss-").await;
     let http = client();
     for _ in 0..5 {
         let resp = http
