@@ -4,30 +4,32 @@ use std::sync::OnceLock;
 
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
-/// Installs the log subscriber once (later calls do nothing).
+/// Installs the log subscriber once (later calls do nothing): the server logs at `info` to
+/// stdout.
 pub fn init_tracing() {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let ansi = std::io::IsTerminal::is_terminal(&std::io::stdout());
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_target(false)
-        .with_ansi(ansi)
-        .try_init();
+    install("info", false);
 }
 
 /// Logs for the command-line tools: warnings and errors only, on stderr (stdout is the
 /// command's answer).
 pub fn init_tracing_quiet() {
+    install("warn", true);
+}
+
+/// `RUST_LOG` wins over `default_level`; colours only on a terminal.
+fn install(default_level: &str, to_stderr: bool) {
+    use std::io::IsTerminal;
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
-    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_target(false)
-        .with_ansi(ansi)
-        .with_writer(std::io::stderr)
-        .try_init();
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_target(false);
+    let _ = if to_stderr {
+        builder
+            .with_ansi(std::io::stderr().is_terminal())
+            .with_writer(std::io::stderr)
+            .try_init()
+    } else {
+        builder.with_ansi(std::io::stdout().is_terminal()).try_init()
+    };
 }
 
 /// The process-wide Prometheus recorder (installed on first use; every app in a test
