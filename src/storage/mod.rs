@@ -28,7 +28,7 @@ pub mod redis;
 
 /// A storage failure. `Unavailable` means the backend did not answer (refused, timed out,
 /// dropped): the caller may fall back or retry. `Other` is a bug or a refused request.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum StorageError {
     #[error("{backend} unavailable: {message}")]
     Unavailable { backend: &'static str, message: String },

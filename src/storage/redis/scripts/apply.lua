@@ -1,46 +1,72 @@
--- Consume or refund, atomically with the idempotency record.
--- KEYS[1] record hash, KEYS[2] idempotency key, KEYS[3] dirty index (sorted set; the one
---         key outside the provider's slot: on Redis Cluster it would be sharded by slot),
--- KEYS[4] idempotency records not yet in the ledger (hash: id -> entry with expiry ms)
--- ARGV[1] 'c' consume | 'r' refund, ARGV[2] amount, ARGV[3] '1' when KEYS[2] is used,
--- ARGV[4] idempotency TTL seconds, ARGV[5] provider id (member of the dirty index),
--- ARGV[6] deadline in Redis ms ('0': none): a script run later changes nothing, because
---         its sender has stopped waiting and decided from Firestore instead
--- ARGV[7] the key's id (field of KEYS[4])
+-- Consumes and refunds, each atomically with its idempotency record, in one call: the
+-- changes that concurrent requests made ready together (one or more) are decided in order,
+-- exactly as if each had been its own call.
+-- KEYS[1] dirty index (sorted set; the one key outside the providers' slots: on Redis
+--         Cluster it would be sharded by slot, and a call would carry one provider only)
+-- per change i = 0, 1, ...: KEYS[2 + 3i] record hash, KEYS[3 + 3i] idempotency key,
+--         KEYS[4 + 3i] idempotency records not yet in the ledger (hash: id -> entry with
+--         expiry ms)
+-- ARGV[1] deadline in Redis ms ('0': none): a call run later changes nothing, because its
+--         sender has stopped waiting and decided from Firestore instead
+-- ARGV[2] idempotency TTL seconds
+-- per change i: ARGV[3 + 5i] 'c' consume | 'r' refund, ARGV[4 + 5i] amount,
+--         ARGV[5 + 5i] '1' when the idempotency key is used, ARGV[6 + 5i] provider id
+--         (member of the dirty index), ARGV[7 + 5i] the key's id (field of the hash)
 -- A keyed decision makes the record dirty even when usage is unchanged: the key travels to
 -- the ledger with the next write, so a retry that Firestore decides is answered too.
--- Returns {'late'} | {'miss'} | {'reused'} | {'replay'|'ok', allowed 0/1, used, limit}
+-- A record is dirty exactly when ver > synced, and every dirty record is persistent and in
+-- the dirty index (load, mark_synced, forget and evict_clean keep this), so only the change
+-- that makes a clean record dirty pays for PERSIST and ZADD.
+-- Returns {'late'}, or four values per change: 'miss' | 'reused' | 'replay' | 'ok', then
+-- allowed 0/1, used, limit (zeros after 'miss' and 'reused').
 local function s(n) return string.format('%d', n) end
 local t = redis.call('TIME')
 local now_ms = t[1] * 1000 + math.floor(t[2] / 1000)
-if ARGV[6] ~= '0' and now_ms > tonumber(ARGV[6]) then return {'late'} end
-local amount = tonumber(ARGV[2])
-if ARGV[3] == '1' then
-  local prior = redis.call('GET', KEYS[2])
-  if prior then
-    local first, allowed, used, limit = string.match(prior, '^(%d+):(%d):(%d+):(%d+)$')
-    if first ~= ARGV[2] then return {'reused'} end
-    return {'replay', tonumber(allowed), tonumber(used), tonumber(limit)}
+if ARGV[1] ~= '0' and now_ms > tonumber(ARGV[1]) then return {'late'} end
+local ttl = ARGV[2]
+
+local function change(record, idem, pending, op, amount_s, keyed, provider, id)
+  local amount = tonumber(amount_s)
+  if keyed then
+    local prior = redis.call('GET', idem)
+    if prior then
+      local first, allowed, used, limit = string.match(prior, '^(%d+):(%d):(%d+):(%d+)$')
+      if first ~= amount_s then return 'reused', 0, 0, 0 end
+      return 'replay', tonumber(allowed), tonumber(used), tonumber(limit)
+    end
   end
+  local v = redis.call('HMGET', record, 'used', 'limit', 'ver', 'synced')
+  if not v[1] then return 'miss', 0, 0, 0 end
+  local used, limit, ver = tonumber(v[1]), tonumber(v[2]), tonumber(v[3])
+  local allowed, new_used = 1, used
+  if op == 'c' then
+    if used + amount > limit then allowed = 0 else new_used = used + amount end
+  else
+    new_used = math.max(0, used - amount)
+  end
+  if new_used ~= used or keyed then
+    redis.call('HSET', record, 'used', s(new_used), 'ver', s(ver + 1))
+    local synced = tonumber(v[4])
+    if not synced or ver <= synced then
+      redis.call('PERSIST', record)
+      redis.call('ZADD', KEYS[1], 'NX', s(now_ms), provider)
+    end
+  end
+  if keyed then
+    local answer = amount_s .. ':' .. allowed .. ':' .. s(new_used) .. ':' .. s(limit)
+    redis.call('SET', idem, answer, 'EX', ttl)
+    redis.call('HSET', pending, id, answer .. ':' .. s(now_ms + tonumber(ttl) * 1000))
+    redis.call('PEXPIRE', pending, s(tonumber(ttl) * 1000))
+  end
+  return 'ok', allowed, new_used, limit
 end
-local v = redis.call('HMGET', KEYS[1], 'used', 'limit', 'ver')
-if not v[1] then return {'miss'} end
-local used, limit, ver = tonumber(v[1]), tonumber(v[2]), tonumber(v[3])
-local allowed, new_used = 1, used
-if ARGV[1] == 'c' then
-  if used + amount > limit then allowed = 0 else new_used = used + amount end
-else
-  new_used = math.max(0, used - amount)
+
+local out = {}
+for i = 0, (#ARGV - 2) / 5 - 1 do
+  local a = 3 + 5 * i
+  local k = 2 + 3 * i
+  local status, allowed, used, limit =
+    change(KEYS[k], KEYS[k + 1], KEYS[k + 2], ARGV[a], ARGV[a + 1], ARGV[a + 2] == '1', ARGV[a + 3], ARGV[a + 4])
+  out[4 * i + 1], out[4 * i + 2], out[4 * i + 3], out[4 * i + 4] = status, allowed, used, limit
 end
-if new_used ~= used or ARGV[3] == '1' then
-  redis.call('HSET', KEYS[1], 'used', s(new_used), 'ver', s(ver + 1))
-  redis.call('PERSIST', KEYS[1])
-  redis.call('ZADD', KEYS[3], 'NX', s(now_ms), ARGV[5])
-end
-if ARGV[3] == '1' then
-  local answer = ARGV[2] .. ':' .. allowed .. ':' .. s(new_used) .. ':' .. s(limit)
-  redis.call('SET', KEYS[2], answer, 'EX', ARGV[4])
-  redis.call('HSET', KEYS[4], ARGV[7], answer .. ':' .. s(now_ms + tonumber(ARGV[4]) * 1000))
-  redis.call('PEXPIRE', KEYS[4], s(tonumber(ARGV[4]) * 1000))
-end
-return {'ok', allowed, new_used, limit}
+return out
