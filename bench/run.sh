@@ -467,11 +467,13 @@ stop_pid "$QUOTAD_PID"
 log "redis-benchmark EVALSHA of src/storage/redis/scripts/ratelimit.lua (fixed-window)"
 rcli FLUSHALL >/dev/null
 RL_SHA=$(rcli SCRIPT LOAD "$(cat src/storage/redis/scripts/ratelimit.lua)")
-RL_KEYS=('bench:rl:{k}:fw' 'bench:rl:{k}:fw:sum' 'bench:rl:{k}:attempts' 'bench:rl:{k}:anomalies')
-# ARGV: algorithm limit window-ms cost now('' = Redis TIME) plan('' = no anomaly counting)
-# threshold key anomaly-list-length. The two '' must arrive as empty strings: the answer
-# starting with 1 (allowed) and the count below show that they did.
-RL_ARGV=(fw 1000000000 3600000 1 '' '' 0 k 1000)
+RL_KEYS=('bench:rl:{k}:anomalies' 'bench:rl:{k}:fw' 'bench:rl:{k}:fw:sum' 'bench:rl:{k}:attempts')
+# One check per call (quotad sends the checks that are ready together in one call; under
+# load a call carries several). KEYS: anomaly list, then counter, sum, attempts. ARGV:
+# anomaly-list-length, then algorithm limit window-ms cost now('' = Redis TIME)
+# plan('' = no anomaly counting) threshold key. The two '' must arrive as empty strings:
+# the answer starting with 1 (allowed) and the count below show that they did.
+RL_ARGV=(1000 fw 1000000000 3600000 1 '' '' 0 k)
 CHECK=$(rcli EVALSHA "$RL_SHA" 4 "${RL_KEYS[@]}" "${RL_ARGV[@]}" | tr '\n' ' ')
 echo "one EVALSHA by redis-cli -> $CHECK" >&2
 [[ $CHECK == "1 999999999 "* ]] || die "ratelimit.lua EVALSHA did not answer {1, 999999999, ...}: $CHECK"

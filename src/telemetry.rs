@@ -32,6 +32,29 @@ fn install(default_level: &str, to_stderr: bool) {
     };
 }
 
+/// Metric handles cached by label set: a hot-path metric with a few known label values
+/// looks its handle up in the recorder's registry (hash the key, take a lock) once per label
+/// set instead of once per request. The recorder must be installed ([`metrics_handle`])
+/// before the first use, which building an application does.
+pub struct Cached<T, const N: usize>([OnceLock<T>; N]);
+
+impl<T, const N: usize> Cached<T, N> {
+    pub const fn new() -> Self {
+        Self([const { OnceLock::new() }; N])
+    }
+
+    /// The handle for label set `index` (< N), made by `make` on first use.
+    pub fn get(&self, index: usize, make: impl FnOnce() -> T) -> &T {
+        self.0[index].get_or_init(make)
+    }
+}
+
+impl<T, const N: usize> Default for Cached<T, N> {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 /// The process-wide Prometheus recorder (installed on first use; every app in a test
 /// process shares it).
 pub fn metrics_handle() -> PrometheusHandle {

@@ -16,6 +16,7 @@ use super::{Phase, ProviderId, writer::Writer};
 use crate::storage::{
     Applied, Change, Counters, Decision, Ledger, LedgerDecision, Op, Seed, StorageError, WriteOutcome, new_epoch,
 };
+use crate::telemetry::Cached;
 
 /// Where a lookup was answered from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -62,6 +63,10 @@ impl From<StorageError> for QuotaError {
 }
 
 /// Shared state of one replica's quota decisions.
+/// Quota decisions by op, phase and outcome; cache lookups that hit.
+static DECISIONS: Cached<metrics::Counter, 18> = Cached::new();
+static CACHE: Cached<metrics::Counter, 1> = Cached::new();
+
 pub struct QuotaService {
     counters: Arc<dyn Counters>,
     ledger: Arc<dyn Ledger>,
@@ -187,7 +192,9 @@ impl QuotaService {
         if self.use_redis(phase) {
             match self.counters.read(provider).await {
                 Ok(Some(record)) => {
-                    metrics::counter!("quotad_cache_total", "result" => "hit").increment(1);
+                    CACHE
+                        .get(0, || metrics::counter!("quotad_cache_total", "result" => "hit"))
+                        .increment(1);
                     return Ok(QuotaView {
                         used: record.used,
                         limit: record.limit,
@@ -274,14 +281,18 @@ impl QuotaService {
             self.change_in_ledger(provider, &change, phase, cache_stale).await
         };
         if let Ok(Outcome::Decided(decision) | Outcome::Replayed(decision)) = &outcome {
-            let result = match &outcome {
-                Ok(Outcome::Replayed(_)) => "replayed",
-                _ if decision.allowed => "allowed",
-                _ => "denied",
+            let (result, result_index) = match &outcome {
+                Ok(Outcome::Replayed(_)) => ("replayed", 2),
+                _ if decision.allowed => ("allowed", 0),
+                _ => ("denied", 1),
             };
-            metrics::counter!("quotad_decisions_total", "kind" => "quota", "op" => op.as_str(),
-                "outcome" => result, "phase" => phase.as_str())
-            .increment(1);
+            let index = (usize::from(op == Op::Refund) * 3 + phase as usize) * 3 + result_index;
+            DECISIONS
+                .get(index, || {
+                    metrics::counter!("quotad_decisions_total", "kind" => "quota", "op" => op.as_str(),
+                        "outcome" => result, "phase" => phase.as_str())
+                })
+                .increment(1);
         }
         outcome
     }

@@ -31,6 +31,7 @@ use tower_http::catch_panic::CatchPanicLayer;
 
 use self::error::ApiError;
 use crate::domain::{QuotaService, limiter::RateLimiter, ratelimit::Policy, schedule::Schedule, sync::SyncJob};
+use crate::telemetry::Cached;
 
 /// Everything a request handler may need, shared by all requests.
 pub struct App {
@@ -165,55 +166,79 @@ const ROUTES: [&str; 13] = [
     "/openapi.yaml",
 ];
 
-fn route_label(request: &Request) -> &'static str {
+/// The route's index in [`ROUTES`], or `ROUTES.len()` for "unmatched".
+fn route_index(request: &Request) -> usize {
     let matched = request.extensions().get::<MatchedPath>().map(MatchedPath::as_str);
     matched
-        .and_then(|m| ROUTES.iter().find(|r| **r == m).copied())
-        .unwrap_or("unmatched")
+        .and_then(|m| ROUTES.iter().position(|r| *r == m))
+        .unwrap_or(ROUTES.len())
 }
 
-fn method_label(method: &axum::http::Method) -> &'static str {
+fn route_label(index: usize) -> &'static str {
+    ROUTES.get(index).copied().unwrap_or("unmatched")
+}
+
+const METHODS: [&str; 8] = ["GET", "POST", "PUT", "DELETE", "HEAD", "PATCH", "OPTIONS", "other"];
+
+fn method_index(method: &axum::http::Method) -> usize {
     use axum::http::Method;
     match *method {
-        Method::GET => "GET",
-        Method::POST => "POST",
-        Method::PUT => "PUT",
-        Method::DELETE => "DELETE",
-        Method::HEAD => "HEAD",
-        Method::PATCH => "PATCH",
-        Method::OPTIONS => "OPTIONS",
-        _ => "other",
+        Method::GET => 0,
+        Method::POST => 1,
+        Method::PUT => 2,
+        Method::DELETE => 3,
+        Method::HEAD => 4,
+        Method::PATCH => 5,
+        Method::OPTIONS => 6,
+        _ => 7,
     }
 }
 
-fn status_label(status: u16) -> &'static str {
+const STATUSES: [&str; 14] = [
+    "200", "400", "401", "403", "404", "405", "409", "413", "415", "422", "429", "500", "503", "other",
+];
+
+fn status_index(status: u16) -> usize {
     match status {
-        200 => "200",
-        400 => "400",
-        401 => "401",
-        403 => "403",
-        404 => "404",
-        405 => "405",
-        409 => "409",
-        413 => "413",
-        415 => "415",
-        422 => "422",
-        429 => "429",
-        500 => "500",
-        503 => "503",
-        _ => "other",
+        200 => 0,
+        400 => 1,
+        401 => 2,
+        403 => 3,
+        404 => 4,
+        405 => 5,
+        409 => 6,
+        413 => 7,
+        415 => 8,
+        422 => 9,
+        429 => 10,
+        500 => 11,
+        503 => 12,
+        _ => 13,
     }
 }
+
+const ROUTE_LABELS: usize = ROUTES.len() + 1;
+static REQUESTS: Cached<metrics::Counter, { ROUTE_LABELS * METHODS.len() * STATUSES.len() }> = Cached::new();
+static DURATIONS: Cached<metrics::Histogram, ROUTE_LABELS> = Cached::new();
 
 /// Counts requests by route, method and status and times them.
 async fn record_request(request: Request, next: Next) -> Response {
-    let (route, method) = (route_label(&request), method_label(request.method()));
+    let (route, method) = (route_index(&request), method_index(request.method()));
     let started = Instant::now();
     let response = next.run(request).await;
-    let status = status_label(response.status().as_u16());
-    metrics::counter!("quotad_http_requests_total", "route" => route, "method" => method, "status" => status)
+    let status = status_index(response.status().as_u16());
+    let index = (route * METHODS.len() + method) * STATUSES.len() + status;
+    REQUESTS
+        .get(index, || {
+            metrics::counter!("quotad_http_requests_total", "route" => route_label(route),
+                "method" => METHODS[method], "status" => STATUSES[status])
+        })
         .increment(1);
-    metrics::histogram!("quotad_http_request_duration_seconds", "route" => route)
+    DURATIONS
+        .get(
+            route,
+            || metrics::histogram!("quotad_http_request_duration_seconds", "route" => route_label(route)),
+        )
         .record(started.elapsed().as_secs_f64());
     response
 }

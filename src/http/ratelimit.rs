@@ -73,11 +73,18 @@ pub async fn check(State(app): State<AppState>, body: JsonObject) -> Result<Resp
             .ok_or_else(|| ApiError::invalid("cost", "cost must be an integer 0..=limit"))?,
     };
     let decision = app.limiter.check(key.as_str(), &policy, cost).await;
-    metrics::counter!("quotad_decisions_total", "kind" => "ratelimit", "op" => "check",
-        "outcome" => if decision.allowed { "allowed" } else { "denied" }, "phase" => app.quotas.phase().0.as_str())
-    .increment(1);
+    let (allowed, phase) = (decision.allowed, app.quotas.phase().0);
+    DECISIONS
+        .get(usize::from(allowed) * 3 + phase as usize, || {
+            metrics::counter!("quotad_decisions_total", "kind" => "ratelimit", "op" => "check",
+                "outcome" => if allowed { "allowed" } else { "denied" }, "phase" => phase.as_str())
+        })
+        .increment(1);
     Ok(respond(&policy, &decision, cost))
 }
+
+/// Rate-limit decisions by outcome and phase.
+static DECISIONS: crate::telemetry::Cached<metrics::Counter, 6> = crate::telemetry::Cached::new();
 
 fn respond(policy: &Policy, d: &RateDecision, cost: u64) -> Response {
     let reset_secs = d.reset_ms.div_ceil(1000);

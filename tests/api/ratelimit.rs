@@ -35,7 +35,8 @@ proptest! {
     #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
 
     /// Random sequences of (time step, key, cost) under a random policy decide the same in
-    /// the Lua script on a real Redis and in the in-process twin.
+    /// the Lua script on a real Redis and in the in-process twin. Checks go to Redis in
+    /// groups of `together` made ready at once, so they share one call (decided in order).
     #[test]
     fn the_lua_scripts_and_the_twin_decide_alike(
         algorithm in algorithm_strategy(),
@@ -43,6 +44,7 @@ proptest! {
         window_s in 1u64..5,
         plan in proptest::bool::ANY,
         steps in proptest::collection::vec((0u64..1500, 0usize..2, 0u64..4), 1..60),
+        together in 1usize..6,
     ) {
         let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
         let redis = RedisCounters::new(&redis_url(), &(unique("pt") + ":")).unwrap();
@@ -57,13 +59,19 @@ proptest! {
         // Real time as the start: counters keep their window start in the key's expiry time,
         // which must lie in the future; simulated time only runs ahead of it.
         let mut now = u64::try_from(chrono::Utc::now().timestamp_millis()).unwrap();
-        for (step, key, cost) in steps {
-            now += step;
-            let key = ["a", "b"][key];
-            let check = RateCheck { key, policy: &policy, cost: cost.min(limit), now_ms: Some(now) };
-            let from_redis = runtime.block_on(redis.rate_check(&check)).unwrap();
-            let from_twin = twin.check(&check);
-            prop_assert_eq!(from_redis, from_twin, "at {} for {}", now, key);
+        let checks: Vec<RateCheck> = steps
+            .iter()
+            .map(|&(step, key, cost)| {
+                now += step;
+                RateCheck { key: ["a", "b"][key], policy: &policy, cost: cost.min(limit), now_ms: Some(now) }
+            })
+            .collect();
+        for group in checks.chunks(together) {
+            let from_redis = runtime.block_on(futures::future::join_all(group.iter().map(|c| redis.rate_check(c))));
+            for (check, from_redis) in group.iter().zip(from_redis) {
+                let from_twin = twin.check(check);
+                prop_assert_eq!(from_redis.unwrap(), from_twin, "at {:?} for {}", check.now_ms, check.key);
+            }
         }
     }
 }

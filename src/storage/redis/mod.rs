@@ -50,8 +50,10 @@ pub struct RedisCounters {
     keys: Keys,
     /// Redis clock minus ours, in ms (measured with `TIME`); `None` until measured.
     clock_offset_ms: RwLock<Option<i64>>,
-    /// Consumes and refunds waiting to be sent together (see [`RedisCounters::apply`]).
-    applies: Arc<Mutex<Vec<ApplyJob>>>,
+    /// Consumes and refunds waiting to be sent together.
+    applies: Batches<ApplyJob>,
+    /// Rate-limit checks waiting to be sent together.
+    checks: Batches<CheckJob>,
 }
 
 /// The shared connection, made lazily and remade after failures.
@@ -63,9 +65,58 @@ struct Link {
     failed_connect: RwLock<Option<std::time::Instant>>,
 }
 
-/// At most this many changes go in one apply call (a call blocks Redis while it runs:
-/// about 3 µs a change).
-const MAX_APPLY_BATCH: usize = 128;
+/// At most this many changes or checks go in one call (a call blocks Redis while it runs:
+/// a few µs each).
+const MAX_BATCH: usize = 128;
+
+/// Work that requests make ready together goes to Redis in one call (one `EVALSHA` of a
+/// script that decides the items in order, exactly as if each were its own call). The first
+/// item queued spawns a task that yields once, so that the requests already runnable can
+/// queue theirs, then sends everything queued (in calls of at most [`MAX_BATCH`]). Nothing
+/// waits for a batch to fill: a lone request is sent at once. The call runs in its own task,
+/// so a request dropped meanwhile cannot take the others' answers with it.
+struct Batches<J>(Arc<Mutex<Vec<J>>>);
+
+impl<J: Send + 'static> Batches<J> {
+    fn new() -> Self {
+        Self(Arc::new(Mutex::new(Vec::new())))
+    }
+
+    /// Queues `job`. Returns true when it is the first queued: the caller then starts the
+    /// sender with [`Batches::send_with`].
+    fn queue(&self, job: J) -> bool {
+        let mut queued = self.0.lock().unwrap();
+        queued.push(job);
+        queued.len() == 1
+    }
+
+    /// Spawns the task that hands everything queued to `send`, after one yield.
+    fn send_with<F, Fut>(&self, send: F)
+    where
+        F: Fn(Vec<J>) -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = ()> + Send + 'static,
+    {
+        let queue = self.0.clone();
+        tokio::spawn(async move {
+            tokio::task::yield_now().await;
+            let mut jobs = std::mem::take(&mut *queue.lock().unwrap());
+            while jobs.len() > MAX_BATCH {
+                let rest = jobs.split_off(MAX_BATCH);
+                tokio::spawn(send(jobs));
+                jobs = rest;
+            }
+            send(jobs).await;
+        });
+    }
+}
+
+/// The answer a batched job waits for; a batch task that ended without answering (the
+/// runtime shutting down) reads as Redis being unavailable.
+async fn answer<T>(answered: oneshot::Receiver<Result<T, StorageError>>) -> Result<T, StorageError> {
+    answered
+        .await
+        .unwrap_or_else(|_| Err(unavailable("the call ended without an answer")))
+}
 
 /// One consume or refund waiting for its apply call.
 struct ApplyJob {
@@ -78,6 +129,16 @@ struct ApplyJob {
     provider: String,
     id: String,
     answer: oneshot::Sender<Result<Applied, StorageError>>,
+}
+
+/// One rate-limit check waiting for its call.
+struct CheckJob {
+    counter: String,
+    sums: String,
+    attempts: String,
+    args: [String; 8],
+    limit: u64,
+    answer: oneshot::Sender<Result<RateDecision, StorageError>>,
 }
 
 fn unavailable(message: impl ToString) -> StorageError {
@@ -131,7 +192,8 @@ impl RedisCounters {
             }),
             keys: Keys::new(prefix),
             clock_offset_ms: RwLock::new(None),
-            applies: Arc::new(Mutex::new(Vec::new())),
+            applies: Batches::new(),
+            checks: Batches::new(),
         })
     }
 
@@ -302,18 +364,14 @@ impl Counters for RedisCounters {
         self.write_seed(provider, seed, ttl, false).await
     }
 
-    /// The changes that requests make ready together go to Redis in one apply call (one
-    /// `EVALSHA`, decided in order): the first change queued spawns a task that yields once,
-    /// so the requests already runnable can join, then sends everything queued. Nothing
-    /// waits for a batch to fill, and the call runs in its own task, so a request that is
-    /// dropped meanwhile cannot take the others' answers with it.
+    /// Sent with the changes ready at the same time, in one call (see [`Batches`]).
     #[tracing::instrument(skip_all, fields(provider = %provider), err(level = "debug"))]
     async fn apply(&self, provider: &ProviderId, change: &Change<'_>) -> Result<Applied, StorageError> {
         let id = change
             .idempotency_key
             .map(|k| idempotency_id(change.op, k))
             .unwrap_or_default();
-        let (answer, answered) = oneshot::channel();
+        let (answer_to, answered) = oneshot::channel();
         let job = ApplyJob {
             record: self.keys.record(provider),
             idempotency: self.keys.idempotency(provider, &id),
@@ -323,30 +381,14 @@ impl Counters for RedisCounters {
             keyed: change.idempotency_key.is_some(),
             provider: provider.as_str().to_owned(),
             id,
-            answer,
+            answer: answer_to,
         };
-        let first = {
-            let mut queued = self.applies.lock().unwrap();
-            queued.push(job);
-            queued.len() == 1
-        };
-        if first {
-            let (link, queue, dirty) = (self.link.clone(), self.applies.clone(), self.keys.dirty());
-            let deadline = self.apply_deadline_ms();
-            tokio::spawn(async move {
-                tokio::task::yield_now().await;
-                let mut jobs = std::mem::take(&mut *queue.lock().unwrap());
-                while jobs.len() > MAX_APPLY_BATCH {
-                    let rest = jobs.split_off(MAX_APPLY_BATCH);
-                    tokio::spawn(send_applies(link.clone(), dirty.clone(), deadline, jobs));
-                    jobs = rest;
-                }
-                send_applies(link, dirty, deadline, jobs).await;
-            });
+        if self.applies.queue(job) {
+            let (link, dirty, deadline) = (self.link.clone(), self.keys.dirty(), self.apply_deadline_ms());
+            self.applies
+                .send_with(move |jobs| send_applies(link.clone(), dirty.clone(), deadline, jobs));
         }
-        answered
-            .await
-            .unwrap_or_else(|_| Err(unavailable("the apply call ended without an answer")))
+        answer(answered).await
     }
 
     #[tracing::instrument(skip_all, fields(provider = %provider, version), err(level = "debug"))]
@@ -478,45 +520,35 @@ impl Counters for RedisCounters {
         self.query(cmd).await
     }
 
+    /// Sent with the checks ready at the same time, in one call (see [`Batches`]).
     #[tracing::instrument(skip_all, fields(key = check.key), err(level = "debug"))]
     async fn rate_check(&self, check: &RateCheck<'_>) -> Result<RateDecision, StorageError> {
         let counter = check.counter_id();
-        let algorithm = check.policy.algorithm.code();
         let (plan, threshold) = check.anomaly_threshold().unwrap_or(("", 0));
-        let mut invocation = RATE_LIMIT.prepare_invoke();
-        invocation
-            .key(self.keys.rate_counter(check.key, &counter))
-            .key(self.keys.rate_sum(check.key, &counter))
-            .key(self.keys.attempts(check.key, plan))
-            .key(self.keys.anomalies())
-            .arg(algorithm)
-            .arg(check.policy.limit)
-            .arg(check.policy.window.ms())
-            .arg(check.cost)
-            .arg(check.now_ms.map(|n| n.to_string()).unwrap_or_default())
-            .arg(plan)
-            .arg(threshold)
-            .arg(check.key)
-            .arg(ANOMALIES_KEPT);
-        let reply: Vec<i64> = self
-            .call(|mut conn| async move { invocation.invoke_async(&mut conn).await })
-            .await?;
-        let [allowed, remaining, reset, retry, now, anomaly] = reply[..] else {
-            return Err(StorageError::Other {
-                backend: "redis",
-                message: format!("unexpected rate-limit reply {reply:?}"),
-            });
-        };
-        let unsigned = |n: i64| u64::try_from(n).unwrap_or(0);
-        Ok(RateDecision {
-            allowed: allowed == 1,
+        let (answer_to, answered) = oneshot::channel();
+        let job = CheckJob {
+            counter: self.keys.rate_counter(check.key, &counter),
+            sums: self.keys.rate_sum(check.key, &counter),
+            attempts: self.keys.attempts(check.key, plan),
+            args: [
+                check.policy.algorithm.code().to_owned(),
+                check.policy.limit.to_string(),
+                check.policy.window.ms().to_string(),
+                check.cost.to_string(),
+                check.now_ms.map(|n| n.to_string()).unwrap_or_default(),
+                plan.to_owned(),
+                threshold.to_string(),
+                check.key.to_owned(),
+            ],
             limit: check.policy.limit,
-            remaining: unsigned(remaining),
-            reset_ms: unsigned(reset),
-            retry_after_ms: unsigned(retry),
-            now_ms: unsigned(now),
-            anomaly: (anomaly > 0).then_some(unsigned(anomaly)),
-        })
+            answer: answer_to,
+        };
+        if self.checks.queue(job) {
+            let (link, anomalies) = (self.link.clone(), self.keys.anomalies());
+            self.checks
+                .send_with(move |jobs| send_checks(link.clone(), anomalies.clone(), jobs));
+        }
+        answer(answered).await
     }
 
     async fn anomalies(&self, limit: usize) -> Result<Vec<Anomaly>, StorageError> {
@@ -577,6 +609,51 @@ async fn send_applies(link: Arc<Link>, dirty: String, deadline: i64, jobs: Vec<A
         Ok(values) => {
             for (job, answer) in jobs.into_iter().zip(values.chunks_exact(4)) {
                 let _ = job.answer.send(applied(answer));
+            }
+        }
+        Err(err) => {
+            for job in jobs {
+                let _ = job.answer.send(Err(err.clone()));
+            }
+        }
+    }
+}
+
+/// Sends one rate-limit call for `jobs` and hands each its decision.
+async fn send_checks(link: Arc<Link>, anomalies: String, jobs: Vec<CheckJob>) {
+    let mut invocation = RATE_LIMIT.prepare_invoke();
+    invocation.key(anomalies).arg(ANOMALIES_KEPT);
+    for job in &jobs {
+        invocation.key(&job.counter).key(&job.sums).key(&job.attempts);
+        for arg in &job.args {
+            invocation.arg(arg);
+        }
+    }
+    let reply: Result<Vec<i64>, StorageError> = link
+        .call(|mut conn| async move { invocation.invoke_async(&mut conn).await })
+        .await;
+    match reply {
+        Ok(values) if values.len() == 6 * jobs.len() => {
+            let unsigned = |n: i64| u64::try_from(n).unwrap_or(0);
+            for (job, v) in jobs.into_iter().zip(values.chunks_exact(6)) {
+                let _ = job.answer.send(Ok(RateDecision {
+                    allowed: v[0] == 1,
+                    limit: job.limit,
+                    remaining: unsigned(v[1]),
+                    reset_ms: unsigned(v[2]),
+                    retry_after_ms: unsigned(v[3]),
+                    now_ms: unsigned(v[4]),
+                    anomaly: (v[5] > 0).then_some(unsigned(v[5])),
+                }));
+            }
+        }
+        Ok(values) => {
+            let err = StorageError::Other {
+                backend: "redis",
+                message: format!("unexpected rate-limit reply {values:?}"),
+            };
+            for job in jobs {
+                let _ = job.answer.send(Err(err.clone()));
             }
         }
         Err(err) => {
