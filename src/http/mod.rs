@@ -7,6 +7,7 @@ pub mod extract;
 mod ops;
 mod quota;
 mod ratelimit;
+mod record;
 
 use std::{
     collections::BTreeMap,
@@ -14,13 +15,12 @@ use std::{
         Arc,
         atomic::{AtomicBool, Ordering},
     },
-    time::Instant,
 };
 
 use axum::{
     Router,
-    extract::{DefaultBodyLimit, MatchedPath, Request, State},
-    http::{HeaderMap, header},
+    extract::{DefaultBodyLimit, FromRequestParts, Request, State},
+    http::{HeaderMap, header, request::Parts},
     middleware::{self, Next},
     response::{IntoResponse, Response},
     routing::{get, post, put},
@@ -31,7 +31,6 @@ use tower_http::catch_panic::CatchPanicLayer;
 
 use self::error::ApiError;
 use crate::domain::{QuotaService, limiter::RateLimiter, ratelimit::Policy, schedule::Schedule, sync::SyncJob};
-use crate::telemetry::Cached;
 
 /// Everything a request handler may need, shared by all requests.
 pub struct App {
@@ -87,8 +86,7 @@ pub fn router(app: AppState) -> Router {
         .route("/quota/{provider}", get(quota::lookup))
         .route("/quota/{provider}/consume", post(quota::consume))
         .route("/quota/{provider}/refund", post(quota::refund))
-        .route("/ratelimit/check", post(ratelimit::check))
-        .route_layer(middleware::from_fn_with_state(app.clone(), require_caller));
+        .route("/ratelimit/check", post(ratelimit::check)); // each handler takes a `Caller` first
     let admin = Router::new()
         .route("/admin/quota/{provider}/invalidate", post(admin::invalidate))
         .route("/admin/quota/{provider}", put(admin::set_quota))
@@ -107,7 +105,7 @@ pub fn router(app: AppState) -> Router {
         .fallback(|| async { ApiError::NotFound })
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
         .layer(DefaultBodyLimit::max(extract::MAX_BODY))
-        .layer(middleware::from_fn(record_request))
+        .layer(record::RecordLayer)
         .layer(CatchPanicLayer::custom(|_| {
             ApiError::Internal("a handler panicked".into()).into_response()
         }))
@@ -127,16 +125,26 @@ fn secret_matches(given: &[u8], expected: &str) -> bool {
     given.ct_eq(expected.as_bytes()).into()
 }
 
-async fn require_caller(State(app): State<AppState>, request: Request, next: Next) -> Response {
-    if let Some(keys) = &app.api_keys {
-        // Every key is compared (no early exit), each in constant time.
-        let known = bearer(request.headers())
-            .is_some_and(|token| keys.iter().fold(false, |found, key| found | secret_matches(token, key)));
-        if !known {
-            return ApiError::Unauthorized.into_response();
+/// An authenticated caller: the request carries one of `QUOTAD_API_KEYS` as its bearer
+/// token (or no keys are configured). Every caller endpoint takes it as its first
+/// extractor, so it is checked before anything else is read. An extractor, not a
+/// middleware layer: the hot path pays no boxed future and no service clone for it.
+pub struct Caller;
+
+impl FromRequestParts<AppState> for Caller {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, app: &AppState) -> Result<Self, Self::Rejection> {
+        if let Some(keys) = &app.api_keys {
+            // Every key is compared (no early exit), each in constant time.
+            let known = bearer(&parts.headers)
+                .is_some_and(|token| keys.iter().fold(false, |found, key| found | secret_matches(token, key)));
+            if !known {
+                return Err(ApiError::Unauthorized);
+            }
         }
+        Ok(Caller)
     }
-    next.run(request).await
 }
 
 async fn require_admin(State(app): State<AppState>, request: Request, next: Next) -> Response {
@@ -147,98 +155,4 @@ async fn require_admin(State(app): State<AppState>, request: Request, next: Next
         return ApiError::Unauthorized.into_response();
     }
     next.run(request).await
-}
-
-/// The route patterns, so metric labels are static strings (no allocation per request).
-const ROUTES: [&str; 13] = [
-    "/quota/{provider}",
-    "/quota/{provider}/consume",
-    "/quota/{provider}/refund",
-    "/ratelimit/check",
-    "/admin/quota/{provider}/invalidate",
-    "/admin/quota/{provider}",
-    "/admin/phase",
-    "/admin/sync",
-    "/admin/anomalies",
-    "/healthz",
-    "/readyz",
-    "/metrics",
-    "/openapi.yaml",
-];
-
-/// The route's index in [`ROUTES`], or `ROUTES.len()` for "unmatched".
-fn route_index(request: &Request) -> usize {
-    let matched = request.extensions().get::<MatchedPath>().map(MatchedPath::as_str);
-    matched
-        .and_then(|m| ROUTES.iter().position(|r| *r == m))
-        .unwrap_or(ROUTES.len())
-}
-
-fn route_label(index: usize) -> &'static str {
-    ROUTES.get(index).copied().unwrap_or("unmatched")
-}
-
-const METHODS: [&str; 8] = ["GET", "POST", "PUT", "DELETE", "HEAD", "PATCH", "OPTIONS", "other"];
-
-fn method_index(method: &axum::http::Method) -> usize {
-    use axum::http::Method;
-    match *method {
-        Method::GET => 0,
-        Method::POST => 1,
-        Method::PUT => 2,
-        Method::DELETE => 3,
-        Method::HEAD => 4,
-        Method::PATCH => 5,
-        Method::OPTIONS => 6,
-        _ => 7,
-    }
-}
-
-const STATUSES: [&str; 14] = [
-    "200", "400", "401", "403", "404", "405", "409", "413", "415", "422", "429", "500", "503", "other",
-];
-
-fn status_index(status: u16) -> usize {
-    match status {
-        200 => 0,
-        400 => 1,
-        401 => 2,
-        403 => 3,
-        404 => 4,
-        405 => 5,
-        409 => 6,
-        413 => 7,
-        415 => 8,
-        422 => 9,
-        429 => 10,
-        500 => 11,
-        503 => 12,
-        _ => 13,
-    }
-}
-
-const ROUTE_LABELS: usize = ROUTES.len() + 1;
-static REQUESTS: Cached<metrics::Counter, { ROUTE_LABELS * METHODS.len() * STATUSES.len() }> = Cached::new();
-static DURATIONS: Cached<metrics::Histogram, ROUTE_LABELS> = Cached::new();
-
-/// Counts requests by route, method and status and times them.
-async fn record_request(request: Request, next: Next) -> Response {
-    let (route, method) = (route_index(&request), method_index(request.method()));
-    let started = Instant::now();
-    let response = next.run(request).await;
-    let status = status_index(response.status().as_u16());
-    let index = (route * METHODS.len() + method) * STATUSES.len() + status;
-    REQUESTS
-        .get(index, || {
-            metrics::counter!("quotad_http_requests_total", "route" => route_label(route),
-                "method" => METHODS[method], "status" => STATUSES[status])
-        })
-        .increment(1);
-    DURATIONS
-        .get(
-            route,
-            || metrics::histogram!("quotad_http_request_duration_seconds", "route" => route_label(route)),
-        )
-        .record(started.elapsed().as_secs_f64());
-    response
 }

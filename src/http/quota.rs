@@ -3,7 +3,7 @@
 use axum::{Json, extract::State, response::IntoResponse};
 
 use super::{
-    AppState,
+    AppState, Caller,
     error::ApiError,
     extract::{Fields, Idempotency, JsonObject, ProviderPath},
 };
@@ -13,6 +13,7 @@ use crate::{
 };
 
 pub async fn lookup(
+    _: Caller,
     State(app): State<AppState>,
     ProviderPath(provider): ProviderPath,
 ) -> Result<axum::response::Response, ApiError> {
@@ -55,6 +56,7 @@ struct ChangeBody<'a> {
 }
 
 pub async fn consume(
+    _: Caller,
     state: State<AppState>,
     provider: ProviderPath,
     key: Idempotency,
@@ -64,6 +66,7 @@ pub async fn consume(
 }
 
 pub async fn refund(
+    _: Caller,
     state: State<AppState>,
     provider: ProviderPath,
     key: Idempotency,

@@ -9,7 +9,7 @@ use axum::{
 use serde_json::{Map, Value, json};
 
 use super::{
-    AppState,
+    AppState, Caller,
     error::ApiError,
     extract::{Fields, JsonObject},
 };
@@ -20,7 +20,7 @@ use crate::domain::{
 
 const MAX_LIMIT: u64 = 1_000_000;
 
-pub async fn check(State(app): State<AppState>, body: JsonObject) -> Result<Response, ApiError> {
+pub async fn check(_: Caller, State(app): State<AppState>, body: JsonObject) -> Result<Response, ApiError> {
     let fields = Fields::new(body, &["key", "plan", "limit", "window", "algorithm", "cost"])?;
     let key = fields
         .get("key")

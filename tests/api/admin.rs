@@ -166,6 +166,24 @@ async fn caller_endpoints_need_a_known_key_when_keys_are_set() {
             .unwrap();
         ok(resp).await;
     }
+    // Every caller endpoint asks for the key first: before the path or the body are read.
+    for path in [
+        "/quota/p1/consume",
+        "/quota/p1/refund",
+        "/ratelimit/check",
+        "/quota/bad%20id/consume",
+    ] {
+        let resp = app
+            .http
+            .post(app.url(path))
+            .header("Content-Type", "application/json")
+            .body("{not json")
+            .send()
+            .await
+            .unwrap();
+        problem(resp, 401, "unauthorized").await;
+    }
+    problem(app.get("/quota/bad%20id").await, 401, "unauthorized").await;
     let resp = app.http.get(app.url("/healthz")).send().await.unwrap();
     ok(resp).await;
 }
