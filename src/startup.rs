@@ -108,8 +108,8 @@ impl Application {
         }
         tasks.close();
         tracing::info!(addr = %self.listener.local_addr()?, "listening");
-        let router = http::router(self.app.clone());
-        let result = axum::serve(self.listener, router)
+        let service = axum::ServiceExt::<axum::extract::Request>::into_make_service(http::service(self.app.clone()));
+        let result = axum::serve(self.listener, service)
             .with_graceful_shutdown(shutdown)
             .await;
         tracing::info!("shutting down: flushing pending Firestore writes");

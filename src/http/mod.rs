@@ -11,6 +11,7 @@ mod record;
 
 use std::{
     collections::BTreeMap,
+    convert::Infallible,
     sync::{
         Arc,
         atomic::{AtomicBool, Ordering},
@@ -104,12 +105,35 @@ pub fn router(app: AppState) -> Router {
         .merge(ops)
         .fallback(|| async { ApiError::NotFound })
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
-        .layer(DefaultBodyLimit::max(extract::MAX_BODY))
-        .layer(record::RecordLayer)
+        .layer(record::RecordLayer) // per route: it labels by the matched route
+        .with_state(app)
+}
+
+/// The whole HTTP surface as one service: [`router`] inside the layers that need no route.
+pub fn service(
+    app: AppState,
+) -> impl tower::Service<Request, Response = Response, Error = Infallible, Future = impl Send + 'static>
++ Clone
++ Send
++ 'static {
+    outer_layers(router(app))
+}
+
+/// Panics become a `500` that says nothing internal, and bodies are capped. These wrap the
+/// router once, not each route (a layer on a `Router` boxes and clones per request).
+fn outer_layers(
+    router: Router,
+) -> impl tower::Service<Request, Response = Response, Error = Infallible, Future = impl Send + 'static>
++ Clone
++ Send
++ 'static {
+    tower::ServiceBuilder::new()
+        .map_response(|response: Response<_>| response.map(axum::body::Body::new))
         .layer(CatchPanicLayer::custom(|_| {
             ApiError::Internal("a handler panicked".into()).into_response()
         }))
-        .with_state(app)
+        .layer(DefaultBodyLimit::max(extract::MAX_BODY))
+        .service(router)
 }
 
 /// The bearer token of a request, if it has one.
@@ -155,4 +179,28 @@ async fn require_admin(State(app): State<AppState>, request: Request, next: Next
         return ApiError::Unauthorized.into_response();
     }
     next.run(request).await
+}
+
+#[cfg(test)]
+mod tests {
+    use axum::{Router, body::Body, extract::Request, routing::get};
+    use tower::ServiceExt;
+
+    #[tokio::test]
+    async fn a_panicking_handler_answers_500_and_says_nothing_internal() {
+        async fn boom() -> &'static str {
+            panic!("the secret detail")
+        }
+        let router = Router::new().route("/boom", get(boom));
+        let request = Request::get("/boom").body(Body::empty()).unwrap();
+        let response = super::outer_layers(router).oneshot(request).await.unwrap();
+        assert_eq!(response.status(), 500);
+        assert_eq!(response.headers()["content-type"], "application/problem+json");
+        let body = axum::body::to_bytes(response.into_body(), 1 << 16).await.unwrap();
+        let body = String::from_utf8_lossy(&body);
+        assert!(
+            body.contains("\"code\":\"internal\"") && !body.contains("secret"),
+            "{body}"
+        );
+    }
 }
