@@ -462,3 +462,65 @@ async fn idempotency_keys_travel_between_redis_and_firestore() {
     )
     .await;
 }
+
+/// A change or check that fails on its own (here: its key holds another type) fails alone:
+/// the others sent in the same call are answered with their decisions, and were applied
+/// exactly once.
+#[tokio::test]
+async fn redis_fails_one_change_of_a_call_alone() {
+    use quotad::domain::ratelimit::{Algorithm, Policy, RateCheck, Window};
+    let counters = RedisCounters::new(&redis_url(), &(unique("f") + ":")).unwrap();
+    for id in ["a", "b", "broken"] {
+        counters.load(&p(id), &seed(0, 10), TTL).await.unwrap();
+    }
+    let broken = counters.keys().record(&p("broken"));
+    let _: () = counters
+        .query(::redis::cmd("SET").arg(&broken).arg("not a hash").clone())
+        .await
+        .unwrap();
+    let (one, ids) = (consume(1), [p("a"), p("broken"), p("b")]);
+    let (a, bad, b) = tokio::join!(
+        counters.apply(&ids[0], &one),
+        counters.apply(&ids[1], &one),
+        counters.apply(&ids[2], &one)
+    );
+    let decided = Applied::Decided(Decision {
+        allowed: true,
+        used: 1,
+        limit: 10,
+    });
+    assert_eq!((a.unwrap(), b.unwrap()), (decided, decided));
+    assert!(
+        bad.is_err_and(|e| !e.is_unavailable()),
+        "the broken change fails as itself"
+    );
+
+    let policy = Policy {
+        name: "custom".into(),
+        limit: 5,
+        window: Window::from_json(&serde_json::json!(60)).unwrap(),
+        algorithm: Algorithm::FixedWindow,
+        plan: None,
+    };
+    let check = |key| RateCheck {
+        key,
+        policy: &policy,
+        cost: 1,
+        now_ms: None,
+    };
+    let broken = counters.keys().rate_counter("broken", &check("broken").counter_id());
+    let _: () = counters
+        .query(::redis::cmd("HSET").arg(&broken).arg("f").arg("v").clone())
+        .await
+        .unwrap();
+    let checks = [check("x"), check("broken"), check("y")];
+    let (x, bad, y) = tokio::join!(
+        counters.rate_check(&checks[0]),
+        counters.rate_check(&checks[1]),
+        counters.rate_check(&checks[2])
+    );
+    assert!(bad.is_err());
+    for decision in [x.unwrap(), y.unwrap()] {
+        assert!(decision.allowed && decision.remaining == 4, "{decision:?}");
+    }
+}

@@ -222,3 +222,56 @@ async fn a_failing_webhook_harms_nothing() {
     let body = ok(app.admin(reqwest::Method::GET, "/admin/anomalies", None).await).await;
     assert_eq!(body["anomalies"].as_array().unwrap().len(), 1);
 }
+
+/// A sliding-window member written by a writer that does not keep the newest score (an
+/// older quotad during a rolling deploy moves only `seq` and `sum`) is still seen as the
+/// newest: `reset` and the keys' expiry follow it.
+#[tokio::test]
+async fn the_sliding_window_sees_members_written_without_their_score() {
+    let redis = RedisCounters::new(&redis_url(), &(unique("old") + ":")).unwrap();
+    let policy = Policy {
+        name: "custom".into(),
+        limit: 3,
+        window: Window::from_json(&json!(60)).unwrap(),
+        algorithm: Algorithm::SlidingWindow,
+        plan: None,
+    };
+    let t0 = u64::try_from(chrono::Utc::now().timestamp_millis()).unwrap();
+    let at = |now_ms, cost| RateCheck {
+        key: "k",
+        policy: &policy,
+        cost,
+        now_ms: Some(now_ms),
+    };
+    assert!(redis.rate_check(&at(t0, 1)).await.unwrap().allowed);
+    let check = at(t0, 1);
+    let (set, sums) = (
+        redis.keys().rate_counter("k", &check.counter_id()),
+        redis.keys().rate_sum("k", &check.counter_id()),
+    );
+    let later = t0 + 1000;
+    let _: () = redis
+        .query(
+            ::redis::cmd("ZADD")
+                .arg(&set)
+                .arg(later)
+                .arg(format!("{later}:2:1"))
+                .clone(),
+        )
+        .await
+        .unwrap();
+    let _: () = redis
+        .query(
+            ::redis::cmd("HSET")
+                .arg(&sums)
+                .arg("sum")
+                .arg(2)
+                .arg("seq")
+                .arg(2)
+                .clone(),
+        )
+        .await
+        .unwrap();
+    let read = redis.rate_check(&at(t0 + 2000, 0)).await.unwrap();
+    assert_eq!((read.remaining, read.reset_ms), (1, later + 60_000));
+}

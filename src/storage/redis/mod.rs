@@ -577,9 +577,11 @@ fn now_ms() -> i64 {
     chrono::Utc::now().timestamp_millis()
 }
 
-/// Sends one apply call for `jobs` and hands each its answer. A failed call fails every
-/// change in it alike: none of them, or all, were applied (the deadline sees to a call that
-/// Redis runs too late).
+/// Sends one apply call for `jobs` and hands each its answer. A call that fails as a whole
+/// (unreachable, timed out, or run after its deadline) fails every change in it alike, and
+/// none was applied, or all were and their answers are lost as with a single call (the
+/// deadline sees to a call that Redis runs too late). A change that fails on its own (the
+/// script answers 'err' for it) fails alone.
 async fn send_applies(link: Arc<Link>, dirty: String, deadline: i64, jobs: Vec<ApplyJob>) {
     let mut invocation = APPLY.prepare_invoke();
     invocation.key(dirty).arg(deadline).arg(IDEMPOTENCY_TTL.as_secs());
@@ -629,29 +631,17 @@ async fn send_checks(link: Arc<Link>, anomalies: String, jobs: Vec<CheckJob>) {
             invocation.arg(arg);
         }
     }
-    let reply: Result<Vec<i64>, StorageError> = link
+    let reply: Result<Vec<Value>, StorageError> = link
         .call(|mut conn| async move { invocation.invoke_async(&mut conn).await })
         .await;
     match reply {
         Ok(values) if values.len() == 6 * jobs.len() => {
-            let unsigned = |n: i64| u64::try_from(n).unwrap_or(0);
             for (job, v) in jobs.into_iter().zip(values.chunks_exact(6)) {
-                let _ = job.answer.send(Ok(RateDecision {
-                    allowed: v[0] == 1,
-                    limit: job.limit,
-                    remaining: unsigned(v[1]),
-                    reset_ms: unsigned(v[2]),
-                    retry_after_ms: unsigned(v[3]),
-                    now_ms: unsigned(v[4]),
-                    anomaly: (v[5] > 0).then_some(unsigned(v[5])),
-                }));
+                let _ = job.answer.send(checked(v, job.limit));
             }
         }
         Ok(values) => {
-            let err = StorageError::Other {
-                backend: "redis",
-                message: format!("unexpected rate-limit reply {values:?}"),
-            };
+            let err = bad_reply("rate-limit", &values);
             for job in jobs {
                 let _ = job.answer.send(Err(err.clone()));
             }
@@ -661,6 +651,30 @@ async fn send_checks(link: Arc<Link>, anomalies: String, jobs: Vec<CheckJob>) {
                 let _ = job.answer.send(Err(err.clone()));
             }
         }
+    }
+}
+
+/// One check's six values of a rate-limit reply.
+fn checked(v: &[Value], limit: u64) -> Result<RateDecision, StorageError> {
+    let numbers: Option<Vec<i64>> = v.iter().map(int).collect();
+    match numbers.as_deref() {
+        Some(&[allowed @ (0 | 1), remaining, reset, retry, now, anomaly]) => {
+            let unsigned = |n: i64| u64::try_from(n).unwrap_or(0);
+            Ok(RateDecision {
+                allowed: allowed == 1,
+                limit,
+                remaining: unsigned(remaining),
+                reset_ms: unsigned(reset),
+                retry_after_ms: unsigned(retry),
+                now_ms: unsigned(now),
+                anomaly: (anomaly > 0).then_some(unsigned(anomaly)),
+            })
+        }
+        _ if int(&v[0]) == Some(-1) => Err(StorageError::Other {
+            backend: "redis",
+            message: format!("rate-limit check failed: {}", text(&v[1]).unwrap_or_default()),
+        }),
+        _ => Err(bad_reply("rate-limit", v)),
     }
 }
 
@@ -674,6 +688,10 @@ fn applied(reply: &[Value]) -> Result<Applied, StorageError> {
         })
     };
     match (text(&reply[0]).as_deref(), decision()) {
+        (Some("err"), _) => Err(StorageError::Other {
+            backend: "redis",
+            message: format!("apply failed: {}", text(&reply[1]).unwrap_or_default()),
+        }),
         (Some("miss"), _) => Ok(Applied::Miss),
         (Some("reused"), _) => Ok(Applied::KeyReused),
         (Some("replay"), Some(d)) => Ok(Applied::Replayed(d)),

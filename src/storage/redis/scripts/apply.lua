@@ -14,11 +14,14 @@
 --         (member of the dirty index), ARGV[7 + 5i] the key's id (field of the hash)
 -- A keyed decision makes the record dirty even when usage is unchanged: the key travels to
 -- the ledger with the next write, so a retry that Firestore decides is answered too.
--- A record is dirty exactly when ver > synced, and every dirty record is persistent and in
--- the dirty index (load, mark_synced, forget and evict_clean keep this), so only the change
--- that makes a clean record dirty pays for PERSIST and ZADD.
--- Returns {'late'}, or four values per change: 'miss' | 'reused' | 'replay' | 'ok', then
--- allowed 0/1, used, limit (zeros after 'miss' and 'reused').
+-- A record is dirty exactly when ver > synced, and every dirty record is persistent (load,
+-- mark_synced, forget and evict_clean keep this), so only the change that makes a clean
+-- record dirty pays for PERSIST.
+-- Each change runs under pcall: Redis does not undo a script's writes when it stops on an
+-- error, so one change failing (a key of the wrong type) must not fail the changes before
+-- it, which are applied, nor those after it.
+-- Returns {'late'}, or four values per change: 'miss' | 'reused' | 'replay' | 'ok' | 'err',
+-- then allowed 0/1, used, limit (zeros after 'miss' and 'reused'; the error after 'err').
 local function s(n) return string.format('%d', n) end
 local t = redis.call('TIME')
 local now_ms = t[1] * 1000 + math.floor(t[2] / 1000)
@@ -47,10 +50,10 @@ local function change(record, idem, pending, op, amount_s, keyed, provider, id)
   if new_used ~= used or keyed then
     redis.call('HSET', record, 'used', s(new_used), 'ver', s(ver + 1))
     local synced = tonumber(v[4])
-    if not synced or ver <= synced then
-      redis.call('PERSIST', record)
-      redis.call('ZADD', KEYS[1], 'NX', s(now_ms), provider)
-    end
+    if not synced or ver <= synced then redis.call('PERSIST', record) end
+    -- every time, not only when the record turns dirty: an index lost to an operator's DEL
+    -- (or an eviction policy that takes keys without a TTL) is repaired by the next change
+    redis.call('ZADD', KEYS[1], 'NX', s(now_ms), provider)
   end
   if keyed then
     local answer = amount_s .. ':' .. allowed .. ':' .. s(new_used) .. ':' .. s(limit)
@@ -65,8 +68,13 @@ local out = {}
 for i = 0, (#ARGV - 2) / 5 - 1 do
   local a = 3 + 5 * i
   local k = 2 + 3 * i
-  local status, allowed, used, limit =
-    change(KEYS[k], KEYS[k + 1], KEYS[k + 2], ARGV[a], ARGV[a + 1], ARGV[a + 2] == '1', ARGV[a + 3], ARGV[a + 4])
+  local ok, status, allowed, used, limit =
+    pcall(change, KEYS[k], KEYS[k + 1], KEYS[k + 2], ARGV[a], ARGV[a + 1], ARGV[a + 2] == '1', ARGV[a + 3], ARGV[a + 4])
+  if not ok then
+    local err = status
+    if type(err) == 'table' then err = err.err end
+    status, allowed, used, limit = 'err', tostring(err), 0, 0
+  end
   out[4 * i + 1], out[4 * i + 2], out[4 * i + 3], out[4 * i + 4] = status, allowed, used, limit
 end
 return out

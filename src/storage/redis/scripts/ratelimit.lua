@@ -17,7 +17,9 @@
 -- once per call; tests pass a time); ARGV[a + 5] plan ('': no anomaly counting);
 -- ARGV[a + 6] anomaly threshold; ARGV[a + 7] key
 -- Returns six values per check: allowed 0/1, remaining, reset ms, retry-after ms, now ms,
--- anomaly count (0: none)
+-- anomaly count (0: none); or -1 and the error, when the check failed (each check runs
+-- under pcall: Redis keeps the writes of the checks before a failing one, so they must
+-- be answered, not failed with it).
 local function f(n) return string.format('%d', n) end
 local redis_now
 local function time_now()
@@ -33,15 +35,18 @@ local function check(counter, sums, attempts_key, algo, limit, window, cost, now
   local allowed, remaining, reset, retry = 0, 0, now, 0
 
   if algo == 'sw' then
-    -- the sums hash holds the running sum, the member sequence and the newest member's score
-    -- (while the set is not empty its newest member never expires first)
+    -- the sums hash holds the running sum, the member sequence, and the newest member's
+    -- score with the sequence it was written at (while the set is not empty its newest
+    -- member never expires first). `last` is trusted only at its own sequence: a writer
+    -- that does not keep it (an older quotad during a rolling deploy) moves `seq` on.
     local cutoff = now - window
     local expired = redis.call('ZRANGEBYSCORE', counter, '-inf', f(cutoff))
-    local h = redis.call('HMGET', sums, 'sum', 'seq', 'last')
+    local h = redis.call('HMGET', sums, 'sum', 'seq', 'last', 'lseq')
     local sum, seq, last = tonumber(h[1] or '0'), tonumber(h[2] or '0'), tonumber(h[3])
     for _, m in ipairs(expired) do sum = sum - tonumber(string.match(m, ':(%d+)$')) end
     if #expired > 0 then redis.call('ZREMRANGEBYSCORE', counter, '-inf', f(cutoff)) end
-    if sum > 0 and not last then -- a set written before `last` was kept
+    if h[4] ~= h[2] then last = nil end
+    if sum > 0 and not last then
       last = tonumber(redis.call('ZRANGE', counter, -1, -1, 'WITHSCORES')[2])
     end
     if sum + need <= limit then
@@ -54,7 +59,7 @@ local function check(counter, sums, attempts_key, algo, limit, window, cost, now
       end
     end
     remaining = math.max(0, limit - sum)
-    if sum > 0 then reset = last + window end
+    if sum > 0 and last then reset = last + window end
     if allowed == 0 then
       local excess, freed = sum + need - limit, 0
       -- every entry frees at least 1, so `excess` entries are enough
@@ -68,7 +73,11 @@ local function check(counter, sums, attempts_key, algo, limit, window, cost, now
       end
     end
     if sum > 0 then
-      redis.call('HSET', sums, 'sum', f(sum), 'seq', f(seq), 'last', f(last))
+      if last then
+        redis.call('HSET', sums, 'sum', f(sum), 'seq', f(seq), 'last', f(last), 'lseq', f(seq))
+      else -- a sum without members (the set was lost): reset = now, so both keys go
+        redis.call('HSET', sums, 'sum', f(sum), 'seq', f(seq))
+      end
       redis.call('PEXPIRE', counter, f(reset - now))
       redis.call('PEXPIRE', sums, f(reset - now))
     else
@@ -169,8 +178,14 @@ for i = 0, (#ARGV - 1) / 8 - 1 do
   local a, k = 2 + 8 * i, 2 + 3 * i
   local now = ARGV[a + 4] ~= '' and tonumber(ARGV[a + 4]) or time_now()
   local o = 6 * i
-  out[o + 1], out[o + 2], out[o + 3], out[o + 4], out[o + 5], out[o + 6] =
-    check(KEYS[k], KEYS[k + 1], KEYS[k + 2], ARGV[a], tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2]),
+  local ok, allowed, remaining, reset, retry, at, anomaly =
+    pcall(check, KEYS[k], KEYS[k + 1], KEYS[k + 2], ARGV[a], tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2]),
       tonumber(ARGV[a + 3]), now, ARGV[a + 5], ARGV[a + 6], ARGV[a + 7])
+  if not ok then -- this check failed (a key of the wrong type): -1, then the error
+    local err = allowed
+    if type(err) == 'table' then err = err.err end
+    allowed, remaining, reset, retry, at, anomaly = -1, tostring(err), 0, 0, 0, 0
+  end
+  out[o + 1], out[o + 2], out[o + 3], out[o + 4], out[o + 5], out[o + 6] = allowed, remaining, reset, retry, at, anomaly
 end
 return out
