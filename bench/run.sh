@@ -442,7 +442,7 @@ log "memory per key: 50 checks of creator:123 per algorithm, limit 50, window 1h
 code_of() {
   case $1 in
     sliding-window) echo sw ;; sliding-window-approx) echo swa ;;
-    fixed-window) echo fw ;; token-bucket) echo tb ;;
+    fixed-window) echo fw ;; token-bucket) echo tbu ;;
   esac
 }
 for alg in "${ALGORITHMS[@]}"; do

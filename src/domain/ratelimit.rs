@@ -44,7 +44,9 @@ impl Algorithm {
             Self::SlidingWindow => "sw",
             Self::SlidingWindowApprox => "swa",
             Self::FixedWindow => "fw",
-            Self::TokenBucket => "tb",
+            // "tbu": its state is in µs since ms resolution capped the rate; keys named apart
+            // from the ms-state "tb" ones, so quotad versions side by side never misread them.
+            Self::TokenBucket => "tbu",
         }
     }
 
@@ -131,6 +133,7 @@ impl Policy {
     /// Short, because it is part of every counter key in Redis.
     fn counter_id(&self) -> String {
         match &self.plan {
+            Some(plan) if self.algorithm == Algorithm::TokenBucket => format!("p:{plan}:tbu"),
             Some(plan) => format!("p:{plan}"),
             None => format!("{}{}", self.algorithm.code(), self.window.ms()),
         }
@@ -219,7 +222,7 @@ enum State {
     Fixed { start: u64, count: u64 },
     /// Current window start, previous and current counts.
     Approx { start: u64, prev: u64, curr: u64 },
-    /// GCRA theoretical arrival time.
+    /// GCRA theoretical arrival time, in µs.
     Gcra { tat: u64 },
 }
 
@@ -327,8 +330,16 @@ fn initial(algorithm: Algorithm, now: u64) -> State {
             prev: 0,
             curr: 0,
         },
-        Algorithm::TokenBucket => State::Gcra { tat: now },
+        Algorithm::TokenBucket => State::Gcra { tat: now * 1000 },
     }
+}
+
+/// The time `n` units take at `limit` per `window_us`, rounded up: ceil(n * window_us /
+/// limit), computed as the Lua twin does, where every value stays below 2^53 (exact in a
+/// double): with window_us = q * limit + r and n <= limit <= 10^6, n * r < 10^12.
+fn emission_us(n: u64, window_us: u64, limit: u64) -> u64 {
+    let (q, r) = (window_us / limit, window_us % limit);
+    n * q + (n * r).div_ceil(limit)
 }
 
 /// The decision rule of every algorithm (the Lua script `ratelimit.lua` is its twin).
@@ -422,15 +433,20 @@ fn decide(state: &mut State, policy: &Policy, cost: u64, now: u64) -> RateDecisi
             (allowed, limit.saturating_sub(estimate), reset, retry)
         }
         State::Gcra { tat } => {
-            let base = (*tat).max(now);
-            let allow_at = (base + (need * window).div_ceil(limit)).saturating_sub(window);
-            let allowed = now >= allow_at;
+            // In µs: at ms resolution every request would cost at least 1 ms, capping a
+            // key at 1000 requests a second whatever its policy.
+            let (now_us, window_us) = (now * 1000, window * 1000);
+            let base = (*tat).max(now_us);
+            let allow_at = (base + emission_us(need, window_us, limit)).saturating_sub(window_us);
+            let allowed = now_us >= allow_at;
             if allowed && cost > 0 {
-                *tat = base + (cost * window).div_ceil(limit);
+                *tat = base + emission_us(cost, window_us, limit);
             }
-            let level = (*tat).max(now);
-            let remaining = ((now + window).saturating_sub(level) * limit / window).min(limit);
-            (allowed, remaining, level, allow_at.saturating_sub(now))
+            let level = (*tat).max(now_us);
+            let span_ms = (now_us + window_us).saturating_sub(level) / 1000;
+            let remaining = (span_ms * limit / window).min(limit);
+            let retry = allow_at.saturating_sub(now_us).div_ceil(1000);
+            (allowed, remaining, level.div_ceil(1000), retry)
         }
     };
     RateDecision {
@@ -467,6 +483,25 @@ mod tests {
             algorithm,
             plan: None,
         }
+    }
+
+    /// A token bucket keeps its rate above 1000 a second: 10 000 per second after the burst
+    /// (at ms resolution each request cost a whole ms, 1000 a second at most).
+    #[test]
+    fn token_bucket_keeps_rates_above_one_per_ms() {
+        let twin = Twin::default();
+        let p = policy(Algorithm::TokenBucket, 10_000, 1);
+        let t0 = 1_000_000;
+        let burst = (0..10_000).filter(|_| check_at(&twin, "k", &p, 1, t0).allowed).count();
+        assert_eq!(burst, 10_000);
+        assert!(!check_at(&twin, "k", &p, 1, t0).allowed);
+        let mut admitted = 0;
+        for ms in 1..=1000 {
+            admitted += (0..20).filter(|_| check_at(&twin, "k", &p, 1, t0 + ms).allowed).count();
+        }
+        assert_eq!(admitted, 10_000, "10 a ms for 1000 ms");
+        let denied = check_at(&twin, "k", &p, 1, t0 + 1000);
+        assert_eq!((denied.allowed, denied.retry_after_ms), (false, 1));
     }
 
     const ALL: [Algorithm; 4] = [

@@ -8,11 +8,11 @@
 -- KEYS[2 + 3i] counter: sorted set of admitted requests (sw), or one integer, as small as a
 --         key can be: the count (fw) or prev * 2^21 + curr (swa), whose window start is
 --         implied by the key's expiry time (start + window, start + 2 windows), or the
---         arrival time (tb)
+--         theoretical arrival time in µs (tbu)
 -- KEYS[3 + 3i] sliding-window's running sum and sequence (hash)
 -- KEYS[4 + 3i] the key's anomaly attempt counter for its plan
 -- ARGV[1] anomaly list length
--- per check i, from a = 2 + 8i: ARGV[a] algorithm: sw | swa | fw | tb; ARGV[a + 1] limit;
+-- per check i, from a = 2 + 8i: ARGV[a] algorithm: sw | swa | fw | tbu; ARGV[a + 1] limit;
 -- ARGV[a + 2] window ms; ARGV[a + 3] cost; ARGV[a + 4] now in ms ('': Redis TIME, read
 -- once per call; tests pass a time); ARGV[a + 5] plan ('': no anomaly counting);
 -- ARGV[a + 6] anomaly threshold; ARGV[a + 7] key
@@ -137,20 +137,33 @@ local function check(counter, sums, attempts_key, algo, limit, window, cost, now
     end
     remaining = math.max(0, limit - estimate)
     redis.call('SET', counter, f(prev * 2097152 + curr), 'PXAT', f(start + 2 * window))
-  else -- tb: GCRA, one theoretical arrival time per key, burst = limit
-    local tat = tonumber(redis.call('GET', counter) or f(now))
-    local base = math.max(tat, now)
-    local allow_at = base + math.floor((need * window + limit - 1) / limit) - window
-    if now >= allow_at then
-      allowed = 1
-      if cost > 0 then tat = base + math.floor((cost * window + limit - 1) / limit) end
+  else -- tbu: GCRA, one theoretical arrival time per key (in µs), burst = limit
+    -- µs, not ms: at ms resolution a request would cost at least 1 ms (1000/s at most)
+    local now_us, window_us = now * 1000, window * 1000
+    -- ceil(n * window_us / limit) with every value below 2^53 (exact in a double):
+    -- window_us = q * limit + r, and n * r < 10^12 for n <= limit <= 10^6
+    local r = math.fmod(window_us, limit)
+    local q = (window_us - r) / limit
+    local function emission(n) return n * q + math.ceil(n * r / limit) end
+    local function ceil_ms(us)
+      if us <= 0 then return 0 end
+      return (us + 999 - math.fmod(us + 999, 1000)) / 1000
     end
-    local level = math.max(tat, now)
-    remaining = math.min(limit, math.floor(math.max(0, now + window - level) * limit / window))
-    reset = level
-    retry = allow_at - now
-    if level > now then
-      redis.call('SET', counter, f(tat), 'PX', f(level - now))
+    local tat = tonumber(redis.call('GET', counter) or f(now_us))
+    local base = math.max(tat, now_us)
+    local allow_at = base + emission(need) - window_us
+    if now_us >= allow_at then
+      allowed = 1
+      if cost > 0 then tat = base + emission(cost) end
+    end
+    local level = math.max(tat, now_us)
+    local span = math.max(0, now_us + window_us - level)
+    local span_ms = (span - math.fmod(span, 1000)) / 1000
+    remaining = math.min(limit, math.floor(span_ms * limit / window))
+    reset = ceil_ms(level)
+    retry = ceil_ms(allow_at - now_us)
+    if level > now_us then
+      redis.call('SET', counter, f(tat), 'PX', f(ceil_ms(level - now_us)))
     else
       redis.call('DEL', counter)
     end
