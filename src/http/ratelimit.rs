@@ -3,7 +3,7 @@
 use axum::{
     Json,
     extract::State,
-    http::HeaderName,
+    http::{HeaderName, HeaderValue},
     response::{IntoResponse, Response},
 };
 use serde_json::{Map, Value, json};
@@ -83,6 +83,17 @@ pub async fn check(_: Caller, State(app): State<AppState>, body: JsonObject) -> 
     Ok(respond(&policy, &decision, cost))
 }
 
+/// The answer of an admitted check or a read (typed: serialised without building a map).
+#[derive(serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+struct CheckBody {
+    allowed: bool,
+    limit: u64,
+    remaining: u64,
+    reset: u64,
+    retry_after: u64,
+}
+
 /// Rate-limit decisions by outcome and phase.
 static DECISIONS: crate::telemetry::Cached<metrics::Counter, 6> = crate::telemetry::Cached::new();
 
@@ -104,16 +115,16 @@ fn respond(policy: &Policy, d: &RateDecision, cost: u64) -> Response {
         ("x-ratelimit-reset", reset_secs.to_string()),
     ];
     if d.allowed || cost == 0 {
-        let mut response = Json(json!({
-            "allowed": d.allowed,
-            "limit": d.limit,
-            "remaining": d.remaining,
-            "reset": reset_secs,
-            "retryAfter": if d.allowed { 0 } else { retry_after },
-        }))
-        .into_response();
+        let body = CheckBody {
+            allowed: d.allowed,
+            limit: d.limit,
+            remaining: d.remaining,
+            reset: reset_secs,
+            retry_after: if d.allowed { 0 } else { retry_after },
+        };
+        let mut response = Json(body).into_response();
         for (name, value) in headers {
-            if let Ok(value) = value.parse() {
+            if let Ok(value) = HeaderValue::try_from(value) {
                 response.headers_mut().insert(HeaderName::from_static(name), value);
             }
         }

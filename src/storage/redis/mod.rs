@@ -136,8 +136,16 @@ struct CheckJob {
     counter: String,
     sums: String,
     attempts: String,
-    args: [String; 8],
+    algorithm: &'static str,
     limit: u64,
+    window_ms: u64,
+    cost: u64,
+    /// `None`: Redis TIME.
+    now_ms: Option<u64>,
+    /// Empty: no anomaly counting.
+    plan: String,
+    threshold: u64,
+    key: String,
     answer: oneshot::Sender<Result<RateDecision, StorageError>>,
 }
 
@@ -530,17 +538,14 @@ impl Counters for RedisCounters {
             counter: self.keys.rate_counter(check.key, &counter),
             sums: self.keys.rate_sum(check.key, &counter),
             attempts: self.keys.attempts(check.key, plan),
-            args: [
-                check.policy.algorithm.code().to_owned(),
-                check.policy.limit.to_string(),
-                check.policy.window.ms().to_string(),
-                check.cost.to_string(),
-                check.now_ms.map(|n| n.to_string()).unwrap_or_default(),
-                plan.to_owned(),
-                threshold.to_string(),
-                check.key.to_owned(),
-            ],
+            algorithm: check.policy.algorithm.code(),
             limit: check.policy.limit,
+            window_ms: check.policy.window.ms(),
+            cost: check.cost,
+            now_ms: check.now_ms,
+            plan: plan.to_owned(),
+            threshold,
+            key: check.key.to_owned(),
             answer: answer_to,
         };
         if self.checks.queue(job) {
@@ -626,10 +631,19 @@ async fn send_checks(link: Arc<Link>, anomalies: String, jobs: Vec<CheckJob>) {
     let mut invocation = RATE_LIMIT.prepare_invoke();
     invocation.key(anomalies).arg(ANOMALIES_KEPT);
     for job in &jobs {
-        invocation.key(&job.counter).key(&job.sums).key(&job.attempts);
-        for arg in &job.args {
-            invocation.arg(arg);
-        }
+        invocation
+            .key(&job.counter)
+            .key(&job.sums)
+            .key(&job.attempts)
+            .arg(job.algorithm)
+            .arg(job.limit)
+            .arg(job.window_ms)
+            .arg(job.cost);
+        match job.now_ms {
+            Some(now) => invocation.arg(now),
+            None => invocation.arg(""),
+        };
+        invocation.arg(&job.plan).arg(job.threshold).arg(&job.key);
     }
     let reply: Result<Vec<Value>, StorageError> = link
         .call(|mut conn| async move { invocation.invoke_async(&mut conn).await })
