@@ -8,7 +8,7 @@ use axum::{
 use serde_json::{Map, Value};
 
 use super::error::ApiError;
-use crate::domain::{IdempotencyKey, ProviderId};
+use crate::domain::{Amount, IdempotencyKey, ProviderId};
 
 /// Bodies over this many bytes are refused with `413`.
 pub const MAX_BODY: usize = 64 * 1024;
@@ -28,39 +28,86 @@ impl<S: Send + Sync> FromRequest<S> for JsonObject {
     type Rejection = ApiError;
 
     async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
-        let declared = req
-            .headers()
-            .get(header::CONTENT_LENGTH)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.parse::<u64>().ok());
-        if declared.is_some_and(|n| n > MAX_BODY as u64) {
-            return Err(ApiError::PayloadTooLarge);
+        match json_bytes(req, state).await? {
+            None => Ok(JsonObject(Map::new())),
+            Some(bytes) => parse_object(&bytes).map(JsonObject),
         }
-        let content_type = req
-            .headers()
-            .get(header::CONTENT_TYPE)
-            .map(|v| v.to_str().unwrap_or("").to_owned());
-        let bytes = Bytes::from_request(req, state).await.map_err(|rejection| {
-            if rejection.status() == axum::http::StatusCode::PAYLOAD_TOO_LARGE {
-                ApiError::PayloadTooLarge
-            } else {
-                ApiError::InvalidJson("the body could not be read".into())
+    }
+}
+
+/// The body of a JSON request, its size and media type checked; `None` when it is empty.
+async fn json_bytes<S: Send + Sync>(req: Request, state: &S) -> Result<Option<Bytes>, ApiError> {
+    let declared = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > MAX_BODY as u64) {
+        return Err(ApiError::PayloadTooLarge);
+    }
+    let json = req
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| is_json(v.to_str().unwrap_or("")));
+    let bytes = Bytes::from_request(req, state).await.map_err(|rejection| {
+        if rejection.status() == axum::http::StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::PayloadTooLarge
+        } else {
+            ApiError::InvalidJson("the body could not be read".into())
+        }
+    })?;
+    if bytes.len() > MAX_BODY {
+        return Err(ApiError::PayloadTooLarge);
+    }
+    if bytes.is_empty() {
+        return Ok(None);
+    }
+    if !json {
+        return Err(ApiError::UnsupportedMediaType);
+    }
+    Ok(Some(bytes))
+}
+
+fn parse_object(bytes: &[u8]) -> Result<Map<String, Value>, ApiError> {
+    match serde_json::from_slice::<Value>(bytes) {
+        Ok(Value::Object(map)) => Ok(map),
+        Ok(_) => Err(ApiError::InvalidJson("the body must be a JSON object".into())),
+        Err(err) => Err(ApiError::InvalidJson(format!("the body is not valid JSON: {err}"))),
+    }
+}
+
+/// The body of a consume or refund: `{}` (or none) is an amount of 1, else `{"amount": n}`.
+pub struct ChangeRequest(pub Amount);
+
+impl<S: Send + Sync> FromRequest<S> for ChangeRequest {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        /// The usual body, read without building a map. Anything else (another field, a
+        /// null, a float, a duplicate) takes the general path, which answers it as before.
+        #[derive(serde::Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct Usual {
+            amount: i64,
+        }
+        let Some(bytes) = json_bytes(req, state).await? else {
+            return Ok(ChangeRequest(Amount::new(1)?));
+        };
+        // (an object only: a derived struct would also read the array `[1]`)
+        if bytes.trim_ascii_start().starts_with(b"{")
+            && let Ok(Usual { amount }) = serde_json::from_slice::<Usual>(&bytes)
+        {
+            return Ok(ChangeRequest(Amount::new(amount)?));
+        }
+        let fields = Fields::new(JsonObject(parse_object(&bytes)?), &["amount"])?;
+        let amount = match fields.get("amount") {
+            None if !fields.has("amount") => Amount::new(1)?,
+            None => {
+                return Err(ApiError::invalid("amount", "amount must be an integer 1..=1000000"));
             }
-        })?;
-        if bytes.len() > MAX_BODY {
-            return Err(ApiError::PayloadTooLarge);
-        }
-        if bytes.is_empty() {
-            return Ok(JsonObject(Map::new()));
-        }
-        if !content_type.as_deref().is_some_and(is_json) {
-            return Err(ApiError::UnsupportedMediaType);
-        }
-        match serde_json::from_slice::<Value>(&bytes) {
-            Ok(Value::Object(map)) => Ok(JsonObject(map)),
-            Ok(_) => Err(ApiError::InvalidJson("the body must be a JSON object".into())),
-            Err(err) => Err(ApiError::InvalidJson(format!("the body is not valid JSON: {err}"))),
-        }
+            Some(value) => Amount::from_json(value)?,
+        };
+        Ok(ChangeRequest(amount))
     }
 }
 

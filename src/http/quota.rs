@@ -5,10 +5,10 @@ use axum::{Json, extract::State, response::IntoResponse};
 use super::{
     AppState, Caller,
     error::ApiError,
-    extract::{Fields, Idempotency, JsonObject, ProviderPath},
+    extract::{ChangeRequest, Idempotency, ProviderPath},
 };
 use crate::{
-    domain::{Amount, Outcome, ProviderId, Source},
+    domain::{Outcome, ProviderId, Source},
     storage::{Decision, Op},
 };
 
@@ -60,7 +60,7 @@ pub async fn consume(
     state: State<AppState>,
     provider: ProviderPath,
     key: Idempotency,
-    body: JsonObject,
+    body: ChangeRequest,
 ) -> Result<impl IntoResponse, ApiError> {
     change(state, provider, key, body, Op::Consume).await
 }
@@ -70,7 +70,7 @@ pub async fn refund(
     state: State<AppState>,
     provider: ProviderPath,
     key: Idempotency,
-    body: JsonObject,
+    body: ChangeRequest,
 ) -> Result<impl IntoResponse, ApiError> {
     change(state, provider, key, body, Op::Refund).await
 }
@@ -79,17 +79,9 @@ async fn change(
     State(app): State<AppState>,
     ProviderPath(provider): ProviderPath,
     Idempotency(key): Idempotency,
-    body: JsonObject,
+    ChangeRequest(amount): ChangeRequest,
     op: Op,
 ) -> Result<impl IntoResponse, ApiError> {
-    let fields = Fields::new(body, &["amount"])?;
-    let amount = match fields.get("amount") {
-        None if !fields.has("amount") => Amount::new(1)?,
-        None => {
-            return Err(ApiError::invalid("amount", "amount must be an integer 1..=1000000"));
-        }
-        Some(value) => Amount::from_json(value)?,
-    };
     let outcome = app
         .quotas
         .change(&provider, op, amount.get(), key.as_ref().map(|k| k.as_str()))

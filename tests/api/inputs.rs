@@ -47,6 +47,8 @@ async fn invalid_amounts_are_400_invalid_amount() {
         json!(true),
         json!([1]),
         json!(null),
+        json!(1e0),
+        json!(9_223_372_036_854_775_808u64),
     ] {
         for action in ["consume", "refund"] {
             let resp = app
@@ -97,6 +99,16 @@ async fn bodies_must_be_json_objects_without_unknown_fields() {
         .unwrap();
     assert_eq!(ok(resp).await["used"], 2);
     assert_eq!(ok(app.post("/quota/p1/consume", json!({})).await).await["used"], 3);
+    // A duplicate member: the last one counts (as a JSON object read into a map does).
+    let resp = app
+        .http
+        .post(app.url("/quota/p1/consume"))
+        .header("Content-Type", "application/json")
+        .body("{\"amount\":1,\"amount\":2}")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(ok(resp).await["used"], 5);
 }
 
 #[tokio::test]
