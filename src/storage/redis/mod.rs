@@ -604,23 +604,49 @@ async fn send_applies(link: Arc<Link>, dirty: String, deadline: i64, jobs: Vec<A
     let reply: Result<Vec<Value>, StorageError> = link
         .call(|mut conn| async move { invocation.invoke_async(&mut conn).await })
         .await;
-    let reply = match reply {
-        Ok(reply) if reply.len() == 4 * jobs.len() => Ok(reply),
-        Ok(reply) if reply.len() == 1 && text(&reply[0]).as_deref() == Some("late") => {
-            Err(unavailable("Redis ran the script after its deadline"))
+    let reply = reply.and_then(|values| match values.as_slice() {
+        [late] if text(late).as_deref() == Some("late") => Err(unavailable("Redis ran the script after its deadline")),
+        _ => Ok(values),
+    });
+    deliver(jobs, reply, 4, "apply");
+}
+
+/// A batched job: it takes its part of the call's reply, or the call's error.
+trait Answer {
+    fn answer(self, reply: Result<&[Value], StorageError>);
+}
+
+impl Answer for ApplyJob {
+    fn answer(self, reply: Result<&[Value], StorageError>) {
+        let _ = self.answer.send(reply.and_then(applied));
+    }
+}
+
+impl Answer for CheckJob {
+    fn answer(self, reply: Result<&[Value], StorageError>) {
+        let _ = self.answer.send(reply.and_then(|part| checked(part, self.limit)));
+    }
+}
+
+/// Hands each job its `width` values of a batched reply, in order, or every job the
+/// call's error (a reply of the wrong length is one too).
+fn deliver<J: Answer>(jobs: Vec<J>, reply: Result<Vec<Value>, StorageError>, width: usize, what: &str) {
+    let reply = reply.and_then(|values| {
+        if values.len() == width * jobs.len() {
+            Ok(values)
+        } else {
+            Err(bad_reply(what, &values))
         }
-        Ok(reply) => Err(bad_reply("apply", &reply)),
-        Err(err) => Err(err),
-    };
+    });
     match reply {
         Ok(values) => {
-            for (job, answer) in jobs.into_iter().zip(values.chunks_exact(4)) {
-                let _ = job.answer.send(applied(answer));
+            for (job, part) in jobs.into_iter().zip(values.chunks_exact(width)) {
+                job.answer(Ok(part));
             }
         }
         Err(err) => {
             for job in jobs {
-                let _ = job.answer.send(Err(err.clone()));
+                job.answer(Err(err.clone()));
             }
         }
     }
@@ -648,24 +674,7 @@ async fn send_checks(link: Arc<Link>, anomalies: String, jobs: Vec<CheckJob>) {
     let reply: Result<Vec<Value>, StorageError> = link
         .call(|mut conn| async move { invocation.invoke_async(&mut conn).await })
         .await;
-    match reply {
-        Ok(values) if values.len() == 6 * jobs.len() => {
-            for (job, v) in jobs.into_iter().zip(values.chunks_exact(6)) {
-                let _ = job.answer.send(checked(v, job.limit));
-            }
-        }
-        Ok(values) => {
-            let err = bad_reply("rate-limit", &values);
-            for job in jobs {
-                let _ = job.answer.send(Err(err.clone()));
-            }
-        }
-        Err(err) => {
-            for job in jobs {
-                let _ = job.answer.send(Err(err.clone()));
-            }
-        }
-    }
+    deliver(jobs, reply, 6, "rate-limit");
 }
 
 /// One check's six values of a rate-limit reply.
