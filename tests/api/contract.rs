@@ -463,6 +463,68 @@ async fn idempotency_keys_travel_between_redis_and_firestore() {
     .await;
 }
 
+/// The apply script writes a call's changes at its end, one record at a time: a change
+/// whose writes Redis refuses (here: keys of the wrong type) fails having changed nothing,
+/// while the others in the same call are applied.
+#[tokio::test]
+async fn redis_changes_nothing_for_a_change_it_cannot_write() {
+    let counters = RedisCounters::new(&redis_url(), &(unique("w") + ":")).unwrap();
+    let (a, b) = (p("a"), p("b"));
+    for id in [&a, &b] {
+        counters.load(id, &seed(0, 10), TTL).await.unwrap();
+    }
+    let set = |key: String| ::redis::cmd("SET").arg(key).arg("not a hash").clone();
+    let del = |key: String| ::redis::cmd("DEL").arg(key).clone();
+    let keyed = Change {
+        op: Op::Consume,
+        amount: 1,
+        idempotency_key: Some("k-1"),
+    };
+    let one = consume(1);
+    let decided = |used| {
+        Applied::Decided(Decision {
+            allowed: true,
+            used,
+            limit: 10,
+        })
+    };
+
+    // b's pending idempotency records are not a hash: b's keyed consume (and its retry in
+    // the same call) fail, a's consume and b's plain one are applied
+    let _: () = counters.query(set(counters.keys().pending_keys(&b))).await.unwrap();
+    let (x, y, retry, z) = tokio::join!(
+        counters.apply(&a, &one),
+        counters.apply(&b, &keyed),
+        counters.apply(&b, &keyed),
+        counters.apply(&a, &one)
+    );
+    assert_eq!((x.unwrap(), z.unwrap()), (decided(1), decided(2)));
+    for failed in [y, retry] {
+        assert!(failed.is_err_and(|e| !e.is_unavailable()));
+    }
+    assert_eq!(counters.read(&b).await.unwrap().unwrap().used, 0, "b changed nothing");
+    let _: () = counters.query(del(counters.keys().pending_keys(&b))).await.unwrap();
+    assert_eq!(
+        counters.apply(&b, &keyed).await.unwrap(),
+        decided(1),
+        "the key was not recorded: its retry is decided afresh"
+    );
+
+    // the dirty index is not a sorted set: no change of the call is written
+    let _: () = counters.query(set(counters.keys().dirty())).await.unwrap();
+    let (x, y) = tokio::join!(counters.apply(&a, &one), counters.apply(&b, &one));
+    assert!(x.is_err() && y.is_err());
+    assert_eq!(counters.read(&a).await.unwrap().unwrap().used, 2);
+    assert_eq!(counters.read(&b).await.unwrap().unwrap().used, 1);
+    let _: () = counters.query(del(counters.keys().dirty())).await.unwrap();
+    assert_eq!(counters.apply(&a, &one).await.unwrap(), decided(3));
+    assert_eq!(
+        counters.dirty(Duration::ZERO, 10).await.unwrap(),
+        vec![a],
+        "the index is rebuilt"
+    );
+}
+
 /// A change or check that fails on its own (here: its key holds another type) fails alone:
 /// the others sent in the same call are answered with their decisions, and were applied
 /// exactly once.

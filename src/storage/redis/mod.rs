@@ -121,11 +121,10 @@ async fn answer<T>(answered: oneshot::Receiver<Result<T, StorageError>>) -> Resu
 /// One consume or refund waiting for its apply call.
 struct ApplyJob {
     record: String,
-    idempotency: String,
-    pending_keys: String,
+    /// With an idempotency key: that key and the provider's pending key records.
+    keyed: Option<(String, String)>,
     op: &'static str,
     amount: i64,
-    keyed: bool,
     provider: String,
     id: String,
     answer: oneshot::Sender<Result<Applied, StorageError>>,
@@ -382,11 +381,11 @@ impl Counters for RedisCounters {
         let (answer_to, answered) = oneshot::channel();
         let job = ApplyJob {
             record: self.keys.record(provider),
-            idempotency: self.keys.idempotency(provider, &id),
-            pending_keys: self.keys.pending_keys(provider),
+            keyed: change
+                .idempotency_key
+                .map(|_| (self.keys.idempotency(provider, &id), self.keys.pending_keys(provider))),
             op: if change.op == Op::Consume { "c" } else { "r" },
             amount: change.amount,
-            keyed: change.idempotency_key.is_some(),
             provider: provider.as_str().to_owned(),
             id,
             answer: answer_to,
@@ -591,13 +590,14 @@ async fn send_applies(link: Arc<Link>, dirty: String, deadline: i64, jobs: Vec<A
     let mut invocation = APPLY.prepare_invoke();
     invocation.key(dirty).arg(deadline).arg(IDEMPOTENCY_TTL.as_secs());
     for job in &jobs {
+        invocation.key(&job.record);
+        if let Some((idempotency, pending_keys)) = &job.keyed {
+            invocation.key(idempotency).key(pending_keys);
+        }
         invocation
-            .key(&job.record)
-            .key(&job.idempotency)
-            .key(&job.pending_keys)
             .arg(job.op)
             .arg(job.amount)
-            .arg(if job.keyed { "1" } else { "0" })
+            .arg(if job.keyed.is_some() { "1" } else { "0" })
             .arg(&job.provider)
             .arg(&job.id);
     }
