@@ -20,6 +20,10 @@
 -- anomaly count (0: none); or -1 and the error, when the check failed (each check runs
 -- under pcall: Redis keeps the writes of the checks before a failing one, so they must
 -- be answered, not failed with it).
+-- Each key is read once per call and written once at its end, however many of the call's
+-- checks it takes (one hot key: the usual case under load); nothing outside the script sees
+-- the difference, since it runs atomically. The writes at the end cannot fail: each key was
+-- read, so it has the right type, and SET replaces whatever it holds.
 local function f(n) return string.format('%d', n) end
 local redis_now
 local function time_now()
@@ -28,6 +32,59 @@ local function time_now()
     redis_now = t[1] * 1000 + math.floor(t[2] / 1000)
   end
   return redis_now
+end
+
+
+-- string counters (fw, swa, tbu): key -> {v = number | false, at = expiry time ms (read
+-- lazily), mode = nil | 'pxat' | 'px' | 'del', px = ms}
+local strings = {}
+-- exact windows: counter key -> {sums, sum, seq, last, trimmed = the cutoff applied,
+-- pending = {score, member, ...} not yet added, low = the lowest pending score, px}
+local windows = {}
+-- anomaly attempt counters: key -> {n = count, added = counted since the INCR}
+local tries = {}
+local written = {} -- {kind, key} in the order first written
+
+local function get(key)
+  local e = strings[key]
+  if not e then
+    local v = redis.call('GET', key)
+    local n = tonumber(v)
+    if v and not n then error('ERR the counter ' .. key .. ' does not hold a number') end
+    e = {v = n or false}
+    strings[key] = e
+  end
+  return e
+end
+
+local function expiry(key, e)
+  if not e.at then e.at = redis.call('PEXPIRETIME', key) end
+  return e.at
+end
+
+local function put(key, e, value, mode, t)
+  if not e.mode then written[#written + 1] = {'s', key} end
+  e.v, e.mode = value, mode
+  if mode == 'pxat' then e.at = t else e.at, e.px = nil, t end
+end
+
+local function window_state(counter, sums)
+  local w = windows[counter]
+  if not w then
+    local h = redis.call('HMGET', sums, 'sum', 'seq', 'last', 'lseq')
+    w = {sums = sums, sum = tonumber(h[1] or '0'), seq = tonumber(h[2] or '0'), last = tonumber(h[3]),
+      pending = {}}
+    if h[4] ~= h[2] then w.last = nil end
+    windows[counter] = w
+  end
+  return w
+end
+
+local function add_pending(counter, w)
+  if #w.pending > 0 then
+    redis.call('ZADD', counter, unpack(w.pending))
+    w.pending, w.low = {}, nil
+  end
 end
 
 local function check(counter, sums, attempts_key, algo, limit, window, cost, now, plan, threshold, key)
@@ -40,27 +97,34 @@ local function check(counter, sums, attempts_key, algo, limit, window, cost, now
     -- member never expires first). `last` is trusted only at its own sequence: a writer
     -- that does not keep it (an older quotad during a rolling deploy) moves `seq` on.
     local cutoff = now - window
-    local expired = redis.call('ZRANGEBYSCORE', counter, '-inf', f(cutoff))
-    local h = redis.call('HMGET', sums, 'sum', 'seq', 'last', 'lseq')
-    local sum, seq, last = tonumber(h[1] or '0'), tonumber(h[2] or '0'), tonumber(h[3])
-    for _, m in ipairs(expired) do sum = sum - tonumber(string.match(m, ':(%d+)$')) end
-    if #expired > 0 then redis.call('ZREMRANGEBYSCORE', counter, '-inf', f(cutoff)) end
-    if h[4] ~= h[2] then last = nil end
-    if sum > 0 and not last then
-      last = tonumber(redis.call('ZRANGE', counter, -1, -1, 'WITHSCORES')[2])
+    local w = window_state(counter, sums)
+    if not w.trimmed or cutoff > w.trimmed or (w.low and w.low <= cutoff) then
+      add_pending(counter, w)
+      local expired = redis.call('ZRANGEBYSCORE', counter, '-inf', f(cutoff))
+      for _, m in ipairs(expired) do w.sum = w.sum - tonumber(string.match(m, ':(%d+)$')) end
+      if #expired > 0 then redis.call('ZREMRANGEBYSCORE', counter, '-inf', f(cutoff)) end
+      if not w.trimmed or cutoff > w.trimmed then w.trimmed = cutoff end
     end
-    if sum + need <= limit then
+    if w.sum > 0 and not w.last then
+      w.last = tonumber(redis.call('ZRANGE', counter, -1, -1, 'WITHSCORES')[2])
+    end
+    if w.sum + need <= limit then
       allowed = 1
       if cost > 0 then
-        seq = seq + 1
-        redis.call('ZADD', counter, f(now), f(now) .. ':' .. f(seq) .. ':' .. f(cost))
-        sum = sum + cost
-        if not last or now > last then last = now end
+        w.seq = w.seq + 1
+        local score = f(now)
+        w.pending[#w.pending + 1] = score
+        w.pending[#w.pending + 1] = score .. ':' .. f(w.seq) .. ':' .. f(cost)
+        if not w.low or now < w.low then w.low = now end
+        w.sum = w.sum + cost
+        if not w.last or now > w.last then w.last = now end
       end
     end
+    local sum, last = w.sum, w.last
     remaining = math.max(0, limit - sum)
     if sum > 0 and last then reset = last + window end
     if allowed == 0 then
+      add_pending(counter, w)
       local excess, freed = sum + need - limit, 0
       -- every entry frees at least 1, so `excess` entries are enough
       local all = redis.call('ZRANGE', counter, 0, excess - 1, 'WITHSCORES')
@@ -72,22 +136,21 @@ local function check(counter, sums, attempts_key, algo, limit, window, cost, now
         end
       end
     end
-    if sum > 0 then
-      if last then
-        redis.call('HSET', sums, 'sum', f(sum), 'seq', f(seq), 'last', f(last), 'lseq', f(seq))
-      else -- a sum without members (the set was lost): reset = now, so both keys go
-        redis.call('HSET', sums, 'sum', f(sum), 'seq', f(seq))
+    if sum > 0 and reset > now then
+      if not w.listed then
+        w.listed = true
+        written[#written + 1] = {'w', counter}
       end
-      redis.call('PEXPIRE', counter, f(reset - now))
-      redis.call('PEXPIRE', sums, f(reset - now))
-    else
+      w.px = reset - now
+    else -- nothing left, or a sum without members (reset = now): both keys go, afresh
       redis.call('DEL', counter, sums)
+      w.sum, w.seq, w.last, w.pending, w.low, w.trimmed, w.px = 0, 0, nil, {}, nil, cutoff, nil
     end
   elseif algo == 'fw' then
     local start, count = now, 0
-    local v = redis.call('GET', counter)
-    if v then
-      start, count = redis.call('PEXPIRETIME', counter) - window, tonumber(v)
+    local e = get(counter)
+    if e.v then
+      start, count = expiry(counter, e) - window, e.v
     end
     if now >= start + window then -- a window starts with the first request after the last ended
       start = now
@@ -101,13 +164,13 @@ local function check(counter, sums, attempts_key, algo, limit, window, cost, now
     if count > 0 then reset = finish end
     retry = math.max(0, finish - now)
     remaining = math.max(0, limit - count)
-    redis.call('SET', counter, f(count), 'PXAT', f(finish))
+    put(counter, e, count, 'pxat', finish)
   elseif algo == 'swa' then
     local start, prev, curr = now, 0, 0
-    local v = redis.call('GET', counter)
-    if v then
-      local packed = tonumber(v)
-      start = redis.call('PEXPIRETIME', counter) - 2 * window
+    local e = get(counter)
+    if e.v then
+      local packed = e.v
+      start = expiry(counter, e) - 2 * window
       prev, curr = math.floor(packed / 2097152), packed % 2097152
     end
     if now >= start + 2 * window then -- both windows over (as the key expiring): afresh
@@ -136,7 +199,7 @@ local function check(counter, sums, attempts_key, algo, limit, window, cost, now
       retry = base + lo - now
     end
     remaining = math.max(0, limit - estimate)
-    redis.call('SET', counter, f(prev * 2097152 + curr), 'PXAT', f(start + 2 * window))
+    put(counter, e, prev * 2097152 + curr, 'pxat', start + 2 * window)
   else -- tbu: GCRA, one theoretical arrival time per key (in µs), burst = limit
     -- µs, not ms: at ms resolution a request would cost at least 1 ms (1000/s at most)
     local now_us, window_us = now * 1000, window * 1000
@@ -149,7 +212,8 @@ local function check(counter, sums, attempts_key, algo, limit, window, cost, now
       if us <= 0 then return 0 end
       return (us + 999 - math.fmod(us + 999, 1000)) / 1000
     end
-    local tat = tonumber(redis.call('GET', counter) or f(now_us))
+    local e = get(counter)
+    local tat = e.v or now_us
     local base = math.max(tat, now_us)
     local allow_at = base + emission(need) - window_us
     if now_us >= allow_at then
@@ -163,9 +227,9 @@ local function check(counter, sums, attempts_key, algo, limit, window, cost, now
     reset = ceil_ms(level)
     retry = ceil_ms(allow_at - now_us)
     if level > now_us then
-      redis.call('SET', counter, f(tat), 'PX', f(ceil_ms(level - now_us)))
+      put(counter, e, tat, 'px', ceil_ms(level - now_us))
     else
-      redis.call('DEL', counter)
+      put(counter, e, false, 'del')
     end
   end
 
@@ -174,8 +238,17 @@ local function check(counter, sums, attempts_key, algo, limit, window, cost, now
 
   local anomaly = 0
   if plan ~= '' then
-    local attempts = redis.call('INCR', attempts_key)
-    if attempts == 1 then redis.call('PEXPIRE', attempts_key, 300000) end
+    local attempts
+    local t = tries[attempts_key]
+    if t then -- counted once with INCR already: the rest of the call's attempts add up here
+      t.n, t.added = t.n + 1, t.added + 1
+      if t.added == 1 then written[#written + 1] = {'a', attempts_key} end
+      attempts = t.n
+    else
+      attempts = redis.call('INCR', attempts_key)
+      if attempts == 1 then redis.call('PEXPIRE', attempts_key, 300000) end
+      tries[attempts_key] = {n = attempts, added = 0}
+    end
     if attempts == tonumber(threshold) + 1 then
       anomaly = attempts
       redis.call('LPUSH', KEYS[1], cjson.encode({key = key, plan = plan, count = f(attempts),
@@ -200,5 +273,34 @@ for i = 0, (#ARGV - 1) / 8 - 1 do
     allowed, remaining, reset, retry, at, anomaly = -1, tostring(err), 0, 0, 0, 0
   end
   out[o + 1], out[o + 2], out[o + 3], out[o + 4], out[o + 5], out[o + 6] = allowed, remaining, reset, retry, at, anomaly
+end
+
+-- the keys' final states
+for _, w in ipairs(written) do
+  local kind, key = w[1], w[2]
+  if kind == 's' then
+    local e = strings[key]
+    if e.mode == 'pxat' then
+      redis.call('SET', key, f(e.v), 'PXAT', f(e.at))
+    elseif e.mode == 'px' then
+      redis.call('SET', key, f(e.v), 'PX', f(e.px))
+    else
+      redis.call('DEL', key)
+    end
+  elseif kind == 'w' then
+    local z = windows[key]
+    if z.px then
+      add_pending(key, z)
+      if z.last then
+        redis.call('HSET', z.sums, 'sum', f(z.sum), 'seq', f(z.seq), 'last', f(z.last), 'lseq', f(z.seq))
+      else -- a sum whose newest member is unknown (the set was lost): reset = now
+        redis.call('HSET', z.sums, 'sum', f(z.sum), 'seq', f(z.seq))
+      end
+      redis.call('PEXPIRE', key, f(z.px))
+      redis.call('PEXPIRE', z.sums, f(z.px))
+    end
+  else
+    redis.call('INCRBY', key, tries[key].added)
+  end
 end
 return out
