@@ -67,13 +67,26 @@ pub struct Window(u64);
 impl Window {
     /// `"10s"`, `"10 s"`, `"1500ms"`, `"1m"`, `"1h"`, `"1d"`, or a JSON integer of seconds.
     pub fn from_json(value: &serde_json::Value) -> Result<Self, InvalidInput> {
+        match value {
+            serde_json::Value::Number(n) => n.as_u64().map_or(Err(InvalidInput("window")), Self::from_secs),
+            serde_json::Value::String(s) => Self::parse(s),
+            _ => Err(InvalidInput("window")),
+        }
+    }
+
+    /// A window given as whole seconds.
+    pub fn from_secs(secs: u64) -> Result<Self, InvalidInput> {
+        Self::within_bounds(secs.checked_mul(1000))
+    }
+
+    /// A window given as text: `"10s"`, `"10 s"`, `"1500ms"`, `"1m"`, `"1h"`, `"1d"`, `"10"`.
+    pub fn parse(text: &str) -> Result<Self, InvalidInput> {
+        Self::within_bounds(parse_duration_ms(text))
+    }
+
+    fn within_bounds(ms: Option<u64>) -> Result<Self, InvalidInput> {
         // API.md: at least 1 s and at most 30 d, whichever form (`"1500ms"` is a window,
         // `"500ms"` is not).
-        let ms = match value {
-            serde_json::Value::Number(n) => n.as_u64().and_then(|s| s.checked_mul(1000)),
-            serde_json::Value::String(s) => parse_duration_ms(s),
-            _ => None,
-        };
         match ms {
             Some(ms) if (1000..=MAX_WINDOW_MS).contains(&ms) => Ok(Self(ms)),
             _ => Err(InvalidInput("window")),

@@ -3,7 +3,7 @@
 //! with a generic detail.
 
 use axum::{
-    http::{HeaderValue, StatusCode, header},
+    http::{HeaderName, HeaderValue, StatusCode, header},
     response::{IntoResponse, Response},
 };
 use serde_json::{Map, Value, json};
@@ -53,7 +53,7 @@ pub enum ApiError {
     #[error("rate limited")]
     RateLimited {
         members: Map<String, Value>,
-        headers: Vec<(&'static str, String)>,
+        headers: Vec<(HeaderName, HeaderValue)>,
     },
     /// 503: a dependency did not answer.
     #[error("a dependency is unavailable")]
@@ -177,9 +177,7 @@ impl IntoResponse for ApiError {
             HeaderValue::from_static("application/problem+json"),
         );
         for (name, value) in extra_headers {
-            if let Ok(value) = HeaderValue::from_str(&value) {
-                headers.insert(name, value);
-            }
+            headers.insert(name, value);
         }
         response
     }

@@ -35,6 +35,18 @@ impl<S: Send + Sync> FromRequest<S> for JsonObject {
     }
 }
 
+/// The bytes of a JSON request body, its size and media type checked (`None`: empty), for
+/// handlers that read the usual body into a struct and fall back to [`Fields::from_bytes`].
+pub struct JsonBytes(pub Option<Bytes>);
+
+impl<S: Send + Sync> FromRequest<S> for JsonBytes {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        json_bytes(req, state).await.map(JsonBytes)
+    }
+}
+
 /// The body of a JSON request, its size and media type checked; `None` when it is empty.
 async fn json_bytes<S: Send + Sync>(req: Request, state: &S) -> Result<Option<Bytes>, ApiError> {
     let declared = req
@@ -122,9 +134,19 @@ impl Fields {
         Ok(Self(map))
     }
 
+    /// The general path: a JSON object body, refusing any field the endpoint does not know.
+    pub fn from_bytes(bytes: &[u8], known: &[&str]) -> Result<Self, ApiError> {
+        Self::new(JsonObject(parse_object(bytes)?), known)
+    }
+
     /// A present, non-null field.
     pub fn get(&self, name: &str) -> Option<&Value> {
         self.0.get(name).filter(|v| !v.is_null())
+    }
+
+    /// A present field, null or not.
+    pub fn raw(&self, name: &str) -> Option<&Value> {
+        self.0.get(name)
     }
 
     pub fn has(&self, name: &str) -> bool {

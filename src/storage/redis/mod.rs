@@ -21,7 +21,7 @@ use super::{
 };
 use crate::domain::{
     ProviderId,
-    ratelimit::{ANOMALIES_KEPT, Anomaly, RateCheck, RateDecision, anomaly_at},
+    ratelimit::{ANOMALIES_KEPT, Algorithm, Anomaly, RateCheck, RateDecision, anomaly_at},
 };
 
 /// The longest a single Redis call may take before it counts as unavailable. API.md: no
@@ -133,8 +133,10 @@ struct ApplyJob {
 /// One rate-limit check waiting for its call.
 struct CheckJob {
     counter: String,
-    sums: String,
-    attempts: String,
+    /// The exact window's running sum (`sw` only).
+    sums: Option<String>,
+    /// The anomaly attempt counter (plan-based checks only).
+    attempts: Option<String>,
     algorithm: &'static str,
     limit: u64,
     window_ms: u64,
@@ -535,8 +537,8 @@ impl Counters for RedisCounters {
         let (answer_to, answered) = oneshot::channel();
         let job = CheckJob {
             counter: self.keys.rate_counter(check.key, &counter),
-            sums: self.keys.rate_sum(check.key, &counter),
-            attempts: self.keys.attempts(check.key, plan),
+            sums: (check.policy.algorithm == Algorithm::SlidingWindow).then(|| self.keys.rate_sum(check.key, &counter)),
+            attempts: (!plan.is_empty()).then(|| self.keys.attempts(check.key, plan)),
             algorithm: check.policy.algorithm.code(),
             limit: check.policy.limit,
             window_ms: check.policy.window.ms(),
@@ -657,10 +659,11 @@ async fn send_checks(link: Arc<Link>, anomalies: String, jobs: Vec<CheckJob>) {
     let mut invocation = RATE_LIMIT.prepare_invoke();
     invocation.key(anomalies).arg(ANOMALIES_KEPT);
     for job in &jobs {
+        invocation.key(&job.counter);
+        for key in [&job.sums, &job.attempts].into_iter().flatten() {
+            invocation.key(key);
+        }
         invocation
-            .key(&job.counter)
-            .key(&job.sums)
-            .key(&job.attempts)
             .arg(job.algorithm)
             .arg(job.limit)
             .arg(job.window_ms)

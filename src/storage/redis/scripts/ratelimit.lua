@@ -4,13 +4,13 @@
 -- Mirrors domain::ratelimit::decide exactly (integer arithmetic; the differential property
 -- test compares the two).
 -- KEYS[1] anomaly list (outside the keys' slots: on Redis Cluster it would be per slot)
--- per check i = 0, 1, ...:
--- KEYS[2 + 3i] counter: sorted set of admitted requests (sw), or one integer, as small as a
---         key can be: the count (fw) or prev * 2^21 + curr (swa), whose window start is
---         implied by the key's expiry time (start + window, start + 2 windows), or the
---         theoretical arrival time in µs (tbu)
--- KEYS[3 + 3i] sliding-window's running sum and sequence (hash)
--- KEYS[4 + 3i] the key's anomaly attempt counter for its plan
+-- per check, in order:
+-- its counter: sorted set of admitted requests (sw), or one integer, as small as a key can
+--         be: the count (fw) or prev * 2^21 + curr (swa), whose window start is implied by
+--         the key's expiry time (start + window, start + 2 windows), or the theoretical
+--         arrival time in µs (tbu);
+-- then, for sw only, the sliding window's running sum and sequence (hash);
+-- then, for a plan-based check only, the key's anomaly attempt counter for its plan
 -- ARGV[1] anomaly list length
 -- per check i, from a = 2 + 8i: ARGV[a] algorithm: sw | swa | fw | tbu; ARGV[a + 1] limit;
 -- ARGV[a + 2] window ms; ARGV[a + 3] cost; ARGV[a + 4] now in ms ('': Redis TIME, read
@@ -260,13 +260,25 @@ local function check(counter, sums, attempts_key, algo, limit, window, cost, now
 end
 
 local out = {}
+local k = 2
 for i = 0, (#ARGV - 1) / 8 - 1 do
-  local a, k = 2 + 8 * i, 2 + 3 * i
+  local a = 2 + 8 * i
+  local algo, plan = ARGV[a], ARGV[a + 5]
+  local counter, sums, attempts = KEYS[k], nil, nil
+  k = k + 1
+  if algo == 'sw' then
+    sums = KEYS[k]
+    k = k + 1
+  end
+  if plan ~= '' then
+    attempts = KEYS[k]
+    k = k + 1
+  end
   local now = ARGV[a + 4] ~= '' and tonumber(ARGV[a + 4]) or time_now()
   local o = 6 * i
   local ok, allowed, remaining, reset, retry, at, anomaly =
-    pcall(check, KEYS[k], KEYS[k + 1], KEYS[k + 2], ARGV[a], tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2]),
-      tonumber(ARGV[a + 3]), now, ARGV[a + 5], ARGV[a + 6], ARGV[a + 7])
+    pcall(check, counter, sums, attempts, algo, tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2]),
+      tonumber(ARGV[a + 3]), now, plan, ARGV[a + 6], ARGV[a + 7])
   if not ok then -- this check failed (a key of the wrong type): -1, then the error
     local err = allowed
     if type(err) == 'table' then err = err.err end
