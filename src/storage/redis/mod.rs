@@ -677,28 +677,44 @@ async fn send_checks(link: Arc<Link>, anomalies: String, jobs: Vec<CheckJob>) {
     let reply: Result<Vec<Value>, StorageError> = link
         .call(|mut conn| async move { invocation.invoke_async(&mut conn).await })
         .await;
-    deliver(jobs, reply, 6, "rate-limit");
+    deliver(jobs, reply, 1, "rate-limit");
 }
 
-/// One check's six values of a rate-limit reply.
+/// One check's part of a rate-limit reply: "allowed remaining reset retry-after now
+/// anomaly", or "err " and the error.
 fn checked(v: &[Value], limit: u64) -> Result<RateDecision, StorageError> {
-    let numbers: Option<Vec<i64>> = v.iter().map(int).collect();
-    match numbers.as_deref() {
-        Some(&[allowed @ (0 | 1), remaining, reset, retry, now, anomaly]) => {
-            let unsigned = |n: i64| u64::try_from(n).unwrap_or(0);
-            Ok(RateDecision {
-                allowed: allowed == 1,
-                limit,
-                remaining: unsigned(remaining),
-                reset_ms: unsigned(reset),
-                retry_after_ms: unsigned(retry),
-                now_ms: unsigned(now),
-                anomaly: (anomaly > 0).then_some(unsigned(anomaly)),
-            })
-        }
-        _ if int(&v[0]) == Some(-1) => Err(StorageError::Other {
+    let text = match &v[0] {
+        Value::BulkString(bytes) => std::str::from_utf8(bytes).ok(),
+        _ => None,
+    };
+    let Some(text) = text else {
+        return Err(bad_reply("rate-limit", v));
+    };
+    if let Some(message) = text.strip_prefix("err ") {
+        return Err(StorageError::Other {
             backend: "redis",
-            message: format!("rate-limit check failed: {}", text(&v[1]).unwrap_or_default()),
+            message: format!("rate-limit check failed: {message}"),
+        });
+    }
+    let mut numbers = [0u64; 6];
+    let mut parts = text.split(' ');
+    for slot in &mut numbers {
+        // negative values (a clock behind a window's start) read as 0, as before
+        let part = parts.next().ok_or_else(|| bad_reply("rate-limit", v))?;
+        *slot = match part.parse::<i64>() {
+            Ok(n) => u64::try_from(n).unwrap_or(0),
+            Err(_) => return Err(bad_reply("rate-limit", v)),
+        };
+    }
+    match (numbers, parts.next()) {
+        ([allowed @ (0 | 1), remaining, reset_ms, retry_after_ms, now_ms, anomaly], None) => Ok(RateDecision {
+            allowed: allowed == 1,
+            limit,
+            remaining,
+            reset_ms,
+            retry_after_ms,
+            now_ms,
+            anomaly: (anomaly > 0).then_some(anomaly),
         }),
         _ => Err(bad_reply("rate-limit", v)),
     }

@@ -16,10 +16,11 @@
 -- ARGV[a + 2] window ms; ARGV[a + 3] cost; ARGV[a + 4] now in ms ('': Redis TIME, read
 -- once per call; tests pass a time); ARGV[a + 5] plan ('': no anomaly counting);
 -- ARGV[a + 6] anomaly threshold; ARGV[a + 7] key
--- Returns six values per check: allowed 0/1, remaining, reset ms, retry-after ms, now ms,
--- anomaly count (0: none); or -1 and the error, when the check failed (each check runs
--- under pcall: Redis keeps the writes of the checks before a failing one, so they must
--- be answered, not failed with it).
+-- Returns one string per check: allowed 0/1, remaining, reset ms, retry-after ms, now ms and
+-- anomaly count (0: none), separated by spaces (one bulk string parses much faster than six
+-- integers); or 'err ' and the error, when the check failed (each check runs under pcall:
+-- Redis keeps the writes of the checks before a failing one, so they must be answered, not
+-- failed with it).
 -- Each key is read once per call and written once at its end, however many of the call's
 -- checks it takes (one hot key: the usual case under load); nothing outside the script sees
 -- the difference, since it runs atomically. The writes at the end cannot fail: each key was
@@ -275,16 +276,16 @@ for i = 0, (#ARGV - 1) / 8 - 1 do
     k = k + 1
   end
   local now = ARGV[a + 4] ~= '' and tonumber(ARGV[a + 4]) or time_now()
-  local o = 6 * i
   local ok, allowed, remaining, reset, retry, at, anomaly =
     pcall(check, counter, sums, attempts, algo, tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2]),
       tonumber(ARGV[a + 3]), now, plan, ARGV[a + 6], ARGV[a + 7])
-  if not ok then -- this check failed (a key of the wrong type): -1, then the error
+  if ok then
+    out[i + 1] = string.format('%d %d %d %d %d %d', allowed, remaining, reset, retry, at, anomaly)
+  else -- this check failed (a key of the wrong type)
     local err = allowed
     if type(err) == 'table' then err = err.err end
-    allowed, remaining, reset, retry, at, anomaly = -1, tostring(err), 0, 0, 0, 0
+    out[i + 1] = 'err ' .. tostring(err)
   end
-  out[o + 1], out[o + 2], out[o + 3], out[o + 4], out[o + 5], out[o + 6] = allowed, remaining, reset, retry, at, anomaly
 end
 
 -- the keys' final states
