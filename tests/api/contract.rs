@@ -463,9 +463,9 @@ async fn idempotency_keys_travel_between_redis_and_firestore() {
     .await;
 }
 
-/// The apply script writes a call's changes at its end, one record at a time: a change
-/// whose writes Redis refuses (here: keys of the wrong type) fails having changed nothing,
-/// while the others in the same call are applied.
+/// The apply script writes a call's records at its end: a change that Redis refuses (here:
+/// keys of the wrong type) fails having changed nothing, and the other changes of the call,
+/// to the same provider too, are applied as if sent alone.
 #[tokio::test]
 async fn redis_changes_nothing_for_a_change_it_cannot_write() {
     let counters = RedisCounters::new(&redis_url(), &(unique("w") + ":")).unwrap();
@@ -490,23 +490,31 @@ async fn redis_changes_nothing_for_a_change_it_cannot_write() {
     };
 
     // b's pending idempotency records are not a hash: b's keyed consume (and its retry in
-    // the same call) fail, a's consume and b's plain one are applied
+    // the same call) fail, the plain consumes of a and b are applied
     let _: () = counters.query(set(counters.keys().pending_keys(&b))).await.unwrap();
-    let (x, y, retry, z) = tokio::join!(
+    let (x, y, retry, plain_b, z) = tokio::join!(
         counters.apply(&a, &one),
         counters.apply(&b, &keyed),
         counters.apply(&b, &keyed),
+        counters.apply(&b, &one),
         counters.apply(&a, &one)
     );
-    assert_eq!((x.unwrap(), z.unwrap()), (decided(1), decided(2)));
+    assert_eq!(
+        (x.unwrap(), plain_b.unwrap(), z.unwrap()),
+        (decided(1), decided(1), decided(2))
+    );
     for failed in [y, retry] {
         assert!(failed.is_err_and(|e| !e.is_unavailable()));
     }
-    assert_eq!(counters.read(&b).await.unwrap().unwrap().used, 0, "b changed nothing");
+    assert_eq!(
+        counters.read(&b).await.unwrap().unwrap().used,
+        1,
+        "b's keyed consumes changed nothing"
+    );
     let _: () = counters.query(del(counters.keys().pending_keys(&b))).await.unwrap();
     assert_eq!(
         counters.apply(&b, &keyed).await.unwrap(),
-        decided(1),
+        decided(2),
         "the key was not recorded: its retry is decided afresh"
     );
 
@@ -515,7 +523,7 @@ async fn redis_changes_nothing_for_a_change_it_cannot_write() {
     let (x, y) = tokio::join!(counters.apply(&a, &one), counters.apply(&b, &one));
     assert!(x.is_err() && y.is_err());
     assert_eq!(counters.read(&a).await.unwrap().unwrap().used, 2);
-    assert_eq!(counters.read(&b).await.unwrap().unwrap().used, 1);
+    assert_eq!(counters.read(&b).await.unwrap().unwrap().used, 2);
     let _: () = counters.query(del(counters.keys().dirty())).await.unwrap();
     assert_eq!(counters.apply(&a, &one).await.unwrap(), decided(3));
     assert_eq!(
@@ -523,6 +531,31 @@ async fn redis_changes_nothing_for_a_change_it_cannot_write() {
         vec![a],
         "the index is rebuilt"
     );
+
+    // a record missing its limit: a keyed refund of it fails and writes nothing
+    let c = p("c");
+    counters.load(&c, &seed(5, 10), TTL).await.unwrap();
+    let record = counters.keys().record(&c);
+    let _: () = counters
+        .query(::redis::cmd("HDEL").arg(&record).arg("limit").clone())
+        .await
+        .unwrap();
+    let refund = Change {
+        op: Op::Refund,
+        amount: 1,
+        idempotency_key: Some("k-2"),
+    };
+    assert!(counters.apply(&c, &refund).await.is_err());
+    let used: String = counters
+        .query(::redis::cmd("HGET").arg(&record).arg("used").clone())
+        .await
+        .unwrap();
+    assert_eq!(used, "5", "the refund changed nothing");
+    let pending: usize = counters
+        .query(::redis::cmd("HLEN").arg(counters.keys().pending_keys(&c)).clone())
+        .await
+        .unwrap();
+    assert_eq!(pending, 0, "nor recorded its key");
 }
 
 /// A change or check that fails on its own (here: its key holds another type) fails alone:
