@@ -491,9 +491,10 @@ RL_KEYS=('bench:rl:{k}:anomalies' 'bench:rl:{k}:fw')
 # load a call carries several). KEYS: anomaly list, then the counter (a fixed window without
 # a plan has neither the exact window's sum nor an attempt counter). ARGV:
 # anomaly-list-length, then algorithm limit window-ms cost now('' = Redis TIME)
-# plan('' = no anomaly counting) threshold key. The two '' must arrive as empty strings:
-# the answer starting with 1 (allowed) and the count below show that they did.
-RL_ARGV=(1000 fw 1000000000 3600000 1 '' '' 0 k)
+# plan('' = no anomaly counting; a plan-based check would add its threshold and key).
+# The two '' must arrive as empty strings: the answer starting with 1 (allowed) and the
+# count below show that they did.
+RL_ARGV=(1000 fw 1000000000 3600000 1 '' '')
 CHECK=$(rcli EVALSHA "$RL_SHA" 2 "${RL_KEYS[@]}" "${RL_ARGV[@]}" | tr '\n' ' ')
 echo "one EVALSHA by redis-cli -> $CHECK" >&2
 [[ $CHECK == "1 999999999 "* ]] || die "ratelimit.lua EVALSHA did not answer {1, 999999999, ...}: $CHECK"

@@ -34,37 +34,39 @@ fn algorithm_strategy() -> impl Strategy<Value = Algorithm> {
 proptest! {
     #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
 
-    /// Random sequences of (time step, key, cost) under a random policy decide the same in
-    /// the Lua script on a real Redis and in the in-process twin. Checks go to Redis in
-    /// groups of `together` made ready at once, so they share one call (decided in order).
+    /// Random sequences of (time step, key, cost, planned) under a random policy decide the
+    /// same in the Lua script on a real Redis and in the in-process twin. Checks go to Redis
+    /// in groups of `together` made ready at once, so they share one call (decided in order);
+    /// a planned check counts attempts as well (it sends more keys and arguments than the
+    /// same policy given explicitly, so a call mixing the two must keep them apart).
     #[test]
     fn the_lua_scripts_and_the_twin_decide_alike(
         algorithm in algorithm_strategy(),
         // small limits make denials; large ones check that the arithmetic stays exact
         limit in prop_oneof![3 => 1u64..8, 1 => 1u64..=1_000_000],
         window_s in prop_oneof![3 => 1u64..5, 1 => 1u64..=2_592_000],
-        plan in proptest::bool::ANY,
-        steps in proptest::collection::vec((0u64..1500, 0usize..2, 0u64..4), 1..60),
+        steps in proptest::collection::vec((0u64..1500, 0usize..2, 0u64..4, proptest::bool::ANY), 1..60),
         together in 1usize..6,
     ) {
         let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
         let redis = RedisCounters::new(&redis_url(), &(unique("pt") + ":")).unwrap();
         let twin = Twin::default();
-        let policy = Policy {
+        let policies = [false, true].map(|plan| Policy {
             name: if plan { "tiny".into() } else { "custom".into() },
             limit,
             window: Window::from_json(&json!(window_s)).unwrap(),
             algorithm,
             plan: plan.then(|| "tiny".to_owned()),
-        };
+        });
         // Real time as the start: counters keep their window start in the key's expiry time,
         // which must lie in the future; simulated time only runs ahead of it.
         let mut now = u64::try_from(chrono::Utc::now().timestamp_millis()).unwrap();
         let checks: Vec<RateCheck> = steps
             .iter()
-            .map(|&(step, key, cost)| {
+            .map(|&(step, key, cost, planned)| {
                 now += step;
-                RateCheck { key: ["a", "b"][key], policy: &policy, cost: cost.min(limit), now_ms: Some(now) }
+                let policy = &policies[usize::from(planned)];
+                RateCheck { key: ["a", "b"][key], policy, cost: cost.min(limit), now_ms: Some(now) }
             })
             .collect();
         for group in checks.chunks(together) {

@@ -135,19 +135,25 @@ struct CheckJob {
     counter: String,
     /// The exact window's running sum (`sw` only).
     sums: Option<String>,
-    /// The anomaly attempt counter (plan-based checks only).
-    attempts: Option<String>,
     algorithm: &'static str,
     limit: u64,
     window_ms: u64,
     cost: u64,
     /// `None`: Redis TIME.
     now_ms: Option<u64>,
-    /// Empty: no anomaly counting.
+    /// Plan-based checks only: anomaly counting.
+    anomaly: Option<AnomalyCount>,
+    answer: oneshot::Sender<Result<RateDecision, StorageError>>,
+}
+
+/// What a plan-based check counts its attempts with.
+struct AnomalyCount {
+    /// The key's attempt counter for the plan.
+    attempts: String,
     plan: String,
     threshold: u64,
+    /// The caller's key, as the anomaly list names it.
     key: String,
-    answer: oneshot::Sender<Result<RateDecision, StorageError>>,
 }
 
 fn unavailable(message: impl ToString) -> StorageError {
@@ -533,20 +539,21 @@ impl Counters for RedisCounters {
     #[tracing::instrument(skip_all, fields(key = check.key), err(level = "debug"))]
     async fn rate_check(&self, check: &RateCheck<'_>) -> Result<RateDecision, StorageError> {
         let counter = check.counter_id();
-        let (plan, threshold) = check.anomaly_threshold().unwrap_or(("", 0));
         let (answer_to, answered) = oneshot::channel();
         let job = CheckJob {
             counter: self.keys.rate_counter(check.key, &counter),
             sums: (check.policy.algorithm == Algorithm::SlidingWindow).then(|| self.keys.rate_sum(check.key, &counter)),
-            attempts: (!plan.is_empty()).then(|| self.keys.attempts(check.key, plan)),
             algorithm: check.policy.algorithm.code(),
             limit: check.policy.limit,
             window_ms: check.policy.window.ms(),
             cost: check.cost,
             now_ms: check.now_ms,
-            plan: plan.to_owned(),
-            threshold,
-            key: check.key.to_owned(),
+            anomaly: check.anomaly_threshold().map(|(plan, threshold)| AnomalyCount {
+                attempts: self.keys.attempts(check.key, plan),
+                plan: plan.to_owned(),
+                threshold,
+                key: check.key.to_owned(),
+            }),
             answer: answer_to,
         };
         if self.checks.queue(job) {
@@ -660,8 +667,8 @@ async fn send_checks(link: Arc<Link>, anomalies: String, jobs: Vec<CheckJob>) {
     invocation.key(anomalies).arg(ANOMALIES_KEPT);
     for job in &jobs {
         invocation.key(&job.counter);
-        for key in [&job.sums, &job.attempts].into_iter().flatten() {
-            invocation.key(key);
+        if let Some(sums) = &job.sums {
+            invocation.key(sums);
         }
         invocation
             .arg(job.algorithm)
@@ -672,7 +679,10 @@ async fn send_checks(link: Arc<Link>, anomalies: String, jobs: Vec<CheckJob>) {
             Some(now) => invocation.arg(now),
             None => invocation.arg(""),
         };
-        invocation.arg(&job.plan).arg(job.threshold).arg(&job.key);
+        match &job.anomaly {
+            Some(a) => invocation.key(&a.attempts).arg(&a.plan).arg(a.threshold).arg(&a.key),
+            None => invocation.arg(""),
+        };
     }
     let reply: Result<Vec<Value>, StorageError> = link
         .call(|mut conn| async move { invocation.invoke_async(&mut conn).await })

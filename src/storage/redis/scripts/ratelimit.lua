@@ -12,10 +12,11 @@
 -- then, for sw only, the sliding window's running sum and sequence (hash);
 -- then, for a plan-based check only, the key's anomaly attempt counter for its plan
 -- ARGV[1] anomaly list length
--- per check i, from a = 2 + 8i: ARGV[a] algorithm: sw | swa | fw | tbu; ARGV[a + 1] limit;
--- ARGV[a + 2] window ms; ARGV[a + 3] cost; ARGV[a + 4] now in ms ('': Redis TIME, read
--- once per call; tests pass a time); ARGV[a + 5] plan ('': no anomaly counting);
--- ARGV[a + 6] anomaly threshold; ARGV[a + 7] key
+-- per check, from ARGV[a] (a = 2 for the first): ARGV[a] algorithm: sw | swa | fw | tbu;
+-- ARGV[a + 1] limit; ARGV[a + 2] window ms; ARGV[a + 3] cost; ARGV[a + 4] now in ms ('':
+-- Redis TIME, read once per call; tests pass a time); ARGV[a + 5] plan ('': no anomaly
+-- counting, and the check's last argument); with a plan, ARGV[a + 6] anomaly threshold
+-- and ARGV[a + 7] key
 -- Returns one string per check: allowed 0/1, remaining, reset ms, retry-after ms, now ms and
 -- anomaly count (0: none), separated by spaces (one bulk string parses much faster than six
 -- integers); or 'err ' and the error, when the check failed (each check runs under pcall:
@@ -36,35 +37,60 @@ local function time_now()
 end
 
 
--- string counters (fw, swa, tbu): key -> {v = number | false, at = expiry time ms (read
--- lazily), mode = nil | 'pxat' | 'px' | 'del', px = ms}
+-- string counters (fw, swa, tbu): key -> {v = number | false, base = the value in Redis,
+-- rat = its expiry time in Redis (ms; windowed counters only), at = the expiry time to
+-- write, mode = nil | 'pxat' | 'px' | 'del', px = ms}
 local strings = {}
 -- exact windows: counter key -> {sums, sum, seq, last, trimmed = the cutoff applied,
 -- pending = {score, member, ...} not yet added, low = the lowest pending score, px}
 local windows = {}
 -- anomaly attempt counters: key -> {n = count, added = counted since the INCR}
 local tries = {}
-local written = {} -- {kind, key} in the order first written
+-- the keys to write at the end, each kind in the order first written
+local put_strings, put_windows, put_tries = {}, {}, {}
 
+local function number_of(key, v)
+  local n = tonumber(v)
+  if v and not n then error('ERR the counter ' .. key .. ' does not hold a number') end
+  return n or false
+end
+
+-- a token bucket's counter
 local function get(key)
   local e = strings[key]
   if not e then
-    local v = redis.call('GET', key)
-    local n = tonumber(v)
-    if v and not n then error('ERR the counter ' .. key .. ' does not hold a number') end
-    e = {v = n or false}
+    local n = number_of(key, redis.call('GET', key))
+    e = {v = n, base = n}
     strings[key] = e
   end
   return e
 end
 
-local function expiry(key, e)
-  if not e.at then e.at = redis.call('PEXPIRETIME', key) end
-  return e.at
+-- a windowed counter (fw, swa), whose window start its expiry time implies. When the
+-- counter's (current) window still runs `margin` ms after `now`, the first read adds `cost`
+-- at once (INCRBY keeps the expiry) and returns the value from before: an admitted check
+-- then leaves nothing to write, and a denied one writes the difference back at the end.
+local function get_windowed(key, now, cost, margin)
+  local e = strings[key]
+  if not e then
+    local t = redis.call('PEXPIRETIME', key)
+    e = {rat = t, at = t}
+    if t == -2 then -- no such key
+      e.v, e.base = false, false
+    elseif cost > 0 and now + margin < t then
+      local n = redis.call('INCRBY', key, cost)
+      e.v, e.base = n - cost, n
+    else
+      e.v = number_of(key, redis.call('GET', key))
+      e.base = e.v
+    end
+    strings[key] = e
+  end
+  return e
 end
 
 local function put(key, e, value, mode, t)
-  if not e.mode then written[#written + 1] = {'s', key} end
+  if not e.mode then put_strings[#put_strings + 1] = key end
   e.v, e.mode = value, mode
   if mode == 'pxat' then e.at = t else e.at, e.px = nil, t end
 end
@@ -140,7 +166,7 @@ local function check(counter, sums, attempts_key, algo, limit, window, cost, now
     if sum > 0 and reset > now then
       if not w.listed then
         w.listed = true
-        written[#written + 1] = {'w', counter}
+        put_windows[#put_windows + 1] = counter
       end
       w.px = reset - now
     else -- nothing left, or a sum without members (reset = now): both keys go, afresh
@@ -149,9 +175,9 @@ local function check(counter, sums, attempts_key, algo, limit, window, cost, now
     end
   elseif algo == 'fw' then
     local start, count = now, 0
-    local e = get(counter)
+    local e = get_windowed(counter, now, cost, 0)
     if e.v then
-      start, count = expiry(counter, e) - window, e.v
+      start, count = e.at - window, e.v
     end
     if now >= start + window then -- a window starts with the first request after the last ended
       start = now
@@ -168,10 +194,10 @@ local function check(counter, sums, attempts_key, algo, limit, window, cost, now
     put(counter, e, count, 'pxat', finish)
   elseif algo == 'swa' then
     local start, prev, curr = now, 0, 0
-    local e = get(counter)
+    local e = get_windowed(counter, now, cost, window)
     if e.v then
       local packed = e.v
-      start = expiry(counter, e) - 2 * window
+      start = e.at - 2 * window
       prev, curr = math.floor(packed / 2097152), packed % 2097152
     end
     if now >= start + 2 * window then -- both windows over (as the key expiring): afresh
@@ -243,7 +269,7 @@ local function check(counter, sums, attempts_key, algo, limit, window, cost, now
     local t = tries[attempts_key]
     if t then -- counted once with INCR already: the rest of the call's attempts add up here
       t.n, t.added = t.n + 1, t.added + 1
-      if t.added == 1 then written[#written + 1] = {'a', attempts_key} end
+      if t.added == 1 then put_tries[#put_tries + 1] = attempts_key end
       attempts = t.n
     else
       attempts = redis.call('INCR', attempts_key)
@@ -261,59 +287,66 @@ local function check(counter, sums, attempts_key, algo, limit, window, cost, now
 end
 
 local out = {}
-local k = 2
-for i = 0, (#ARGV - 1) / 8 - 1 do
-  local a = 2 + 8 * i
+local k, a = 2, 2
+while a <= #ARGV do
   local algo, plan = ARGV[a], ARGV[a + 5]
-  local counter, sums, attempts = KEYS[k], nil, nil
+  local counter, sums, attempts, threshold, key = KEYS[k], nil, nil, nil, nil
   k = k + 1
   if algo == 'sw' then
     sums = KEYS[k]
     k = k + 1
   end
   if plan ~= '' then
-    attempts = KEYS[k]
+    attempts, threshold, key = KEYS[k], ARGV[a + 6], ARGV[a + 7]
     k = k + 1
   end
   local now = ARGV[a + 4] ~= '' and tonumber(ARGV[a + 4]) or time_now()
   local ok, allowed, remaining, reset, retry, at, anomaly =
     pcall(check, counter, sums, attempts, algo, tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2]),
-      tonumber(ARGV[a + 3]), now, plan, ARGV[a + 6], ARGV[a + 7])
+      tonumber(ARGV[a + 3]), now, plan, threshold, key)
   if ok then
-    out[i + 1] = string.format('%d %d %d %d %d %d', allowed, remaining, reset, retry, at, anomaly)
+    out[#out + 1] = string.format('%d %d %d %d %d %d', allowed, remaining, reset, retry, at, anomaly)
   else -- this check failed (a key of the wrong type)
     local err = allowed
     if type(err) == 'table' then err = err.err end
-    out[i + 1] = 'err ' .. tostring(err)
+    out[#out + 1] = 'err ' .. tostring(err)
   end
+  a = a + (attempts and 8 or 6)
 end
 
 -- the keys' final states
-for _, w in ipairs(written) do
-  local kind, key = w[1], w[2]
-  if kind == 's' then
-    local e = strings[key]
-    if e.mode == 'pxat' then
-      redis.call('SET', key, f(e.v), 'PXAT', f(e.at))
-    elseif e.mode == 'px' then
-      redis.call('SET', key, f(e.v), 'PX', f(e.px))
-    else
-      redis.call('DEL', key)
-    end
-  elseif kind == 'w' then
-    local z = windows[key]
-    if z.px then
-      add_pending(key, z)
-      if z.last then
-        redis.call('HSET', z.sums, 'sum', f(z.sum), 'seq', f(z.seq), 'last', f(z.last), 'lseq', f(z.seq))
-      else -- a sum whose newest member is unknown (the set was lost): reset = now
-        redis.call('HSET', z.sums, 'sum', f(z.sum), 'seq', f(z.seq))
+for _, key in ipairs(put_strings) do
+  local e = strings[key]
+  if e.mode == 'pxat' then
+    if e.base and e.at == e.rat then -- the same window: the key keeps its expiry
+      if e.v ~= e.base then
+        -- INCRBY changes the value in place; SET would also remove and re-add the expiry
+        local r = redis.pcall('INCRBY', key, f(e.v - e.base))
+        if type(r) == 'table' then redis.call('SET', key, f(e.v), 'PXAT', f(e.at)) end
       end
-      redis.call('PEXPIRE', key, f(z.px))
-      redis.call('PEXPIRE', z.sums, f(z.px))
+    else
+      redis.call('SET', key, f(e.v), 'PXAT', f(e.at))
     end
+  elseif e.mode == 'px' then
+    redis.call('SET', key, f(e.v), 'PX', f(e.px))
   else
-    redis.call('INCRBY', key, tries[key].added)
+    redis.call('DEL', key)
   end
+end
+for _, key in ipairs(put_windows) do
+  local z = windows[key]
+  if z.px then
+    add_pending(key, z)
+    if z.last then
+      redis.call('HSET', z.sums, 'sum', f(z.sum), 'seq', f(z.seq), 'last', f(z.last), 'lseq', f(z.seq))
+    else -- a sum whose newest member is unknown (the set was lost): reset = now
+      redis.call('HSET', z.sums, 'sum', f(z.sum), 'seq', f(z.seq))
+    end
+    redis.call('PEXPIRE', key, f(z.px))
+    redis.call('PEXPIRE', z.sums, f(z.px))
+  end
+end
+for _, key in ipairs(put_tries) do
+  redis.call('INCRBY', key, tries[key].added)
 end
 return out
