@@ -79,6 +79,38 @@ proptest! {
     }
 }
 
+/// The exact window at its edge: a member exactly one window old has expired, and the one
+/// after it, 1 ms younger, expires 1 ms later. Each call here is its own, so each reads what
+/// the last one stored (the proptest's random steps seldom land on the very millisecond).
+#[tokio::test]
+async fn the_exact_window_expires_members_to_the_millisecond() {
+    let redis = RedisCounters::new(&redis_url(), &(unique("edge") + ":")).unwrap();
+    let twin = Twin::default();
+    let policy = Policy {
+        name: "custom".into(),
+        limit: 2,
+        window: Window::from_json(&json!(1)).unwrap(),
+        algorithm: Algorithm::SlidingWindow,
+        plan: None,
+    };
+    let t0 = u64::try_from(chrono::Utc::now().timestamp_millis()).unwrap();
+    // admitted at t0 and t0 + 1; at t0 + 999 the window is full; at t0 + 1000 the first
+    // has expired, at t0 + 1001 the second too (one admitted each time); at t0 + 1001
+    // again the window is full
+    let expected = [true, true, false, true, true, false];
+    for (at, expected) in [0, 1, 999, 1000, 1001, 1001].into_iter().zip(expected) {
+        let check = RateCheck {
+            key: "k",
+            policy: &policy,
+            cost: 1,
+            now_ms: Some(t0 + at),
+        };
+        let from_redis = redis.rate_check(&check).await.unwrap();
+        assert_eq!(from_redis, twin.check(&check), "at t0 + {at}");
+        assert_eq!(from_redis.allowed, expected, "at t0 + {at}");
+    }
+}
+
 async fn check(app: &crate::helpers::TestApp, body: Value) -> reqwest::Response {
     app.post("/ratelimit/check", body).await
 }
