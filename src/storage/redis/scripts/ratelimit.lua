@@ -24,8 +24,10 @@
 -- failed with it).
 -- Each key is read once per call and written once at its end, however many of the call's
 -- checks it takes (one hot key: the usual case under load); nothing outside the script sees
--- the difference, since it runs atomically. The writes at the end cannot fail: each key was
--- read, so it has the right type, and SET replaces whatever it holds.
+-- the difference, since it runs atomically. (A fixed or approximate window still running
+-- is read with INCRBY by the first check's cost, and the end writes only what differs.)
+-- The writes at the end cannot fail: each key was read, so it has the right type, SET
+-- replaces whatever it holds, and an INCRBY that fails falls back to SET.
 local function f(n) return string.format('%d', n) end
 local redis_now
 local function time_now()
