@@ -22,6 +22,23 @@ const ALGORITHMS: [&str; 4] = [
     "token-bucket",
 ];
 
+/// A policy given in the request (no plan): `limit` per `window_s` seconds.
+fn explicit(limit: u64, window_s: u64, algorithm: Algorithm) -> Policy {
+    Policy {
+        name: "custom".into(),
+        limit,
+        window: Window::from_json(&json!(window_s)).unwrap(),
+        algorithm,
+        plan: None,
+    }
+}
+
+/// The wall clock in ms: counters keep their window start in the key's expiry time, which
+/// must lie in the future, so simulated times start here and only run ahead.
+fn wall_ms() -> u64 {
+    u64::try_from(chrono::Utc::now().timestamp_millis()).unwrap()
+}
+
 fn algorithm_strategy() -> impl Strategy<Value = Algorithm> {
     prop_oneof![
         Just(Algorithm::SlidingWindow),
@@ -51,16 +68,9 @@ proptest! {
         let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
         let redis = RedisCounters::new(&redis_url(), &(unique("pt") + ":")).unwrap();
         let twin = Twin::default();
-        let policies = [false, true].map(|plan| Policy {
-            name: if plan { "tiny".into() } else { "custom".into() },
-            limit,
-            window: Window::from_json(&json!(window_s)).unwrap(),
-            algorithm,
-            plan: plan.then(|| "tiny".to_owned()),
-        });
-        // Real time as the start: counters keep their window start in the key's expiry time,
-        // which must lie in the future; simulated time only runs ahead of it.
-        let mut now = u64::try_from(chrono::Utc::now().timestamp_millis()).unwrap();
+        let planned = Policy { name: "tiny".into(), plan: Some("tiny".into()), ..explicit(limit, window_s, algorithm) };
+        let policies = [explicit(limit, window_s, algorithm), planned];
+        let mut now = wall_ms();
         let checks: Vec<RateCheck> = steps
             .iter()
             .map(|&(step, key, cost, planned)| {
@@ -86,19 +96,15 @@ proptest! {
 async fn the_exact_window_expires_members_to_the_millisecond() {
     let redis = RedisCounters::new(&redis_url(), &(unique("edge") + ":")).unwrap();
     let twin = Twin::default();
-    let policy = Policy {
-        name: "custom".into(),
-        limit: 2,
-        window: Window::from_json(&json!(1)).unwrap(),
-        algorithm: Algorithm::SlidingWindow,
-        plan: None,
-    };
-    let t0 = u64::try_from(chrono::Utc::now().timestamp_millis()).unwrap();
-    // admitted at t0 and t0 + 1; at t0 + 999 the window is full; at t0 + 1000 the first
-    // has expired, at t0 + 1001 the second too (one admitted each time); at t0 + 1001
+    // a minute: the keys' time to live runs in real time, and a window as long as the
+    // simulated span (1 s) would let a stalled test see them expire under it
+    let policy = explicit(2, 60, Algorithm::SlidingWindow);
+    let t0 = wall_ms();
+    // admitted at t0 and t0 + 1; at t0 + 59 999 the window is full; at t0 + 60 000 the first
+    // has expired, at t0 + 60 001 the second too (one admitted each time); at t0 + 60 001
     // again the window is full
     let expected = [true, true, false, true, true, false];
-    for (at, expected) in [0, 1, 999, 1000, 1001, 1001].into_iter().zip(expected) {
+    for (at, expected) in [0, 1, 59_999, 60_000, 60_001, 60_001].into_iter().zip(expected) {
         let check = RateCheck {
             key: "k",
             policy: &policy,
@@ -108,6 +114,55 @@ async fn the_exact_window_expires_members_to_the_millisecond() {
         let from_redis = redis.rate_check(&check).await.unwrap();
         assert_eq!(from_redis, twin.check(&check), "at t0 + {at}");
         assert_eq!(from_redis.allowed, expected, "at t0 + {at}");
+    }
+}
+
+/// Every counter a check writes expires (the legacy INCR-then-EXPIRE could leave one that
+/// never did): after admitted, denied and read-only checks of each algorithm, planned and
+/// explicit, each key carries a time to live no longer than its window can matter (two
+/// windows for the approximate one, five minutes for the attempt counter).
+#[tokio::test]
+async fn every_counter_a_check_writes_expires() {
+    let prefix = unique("ttl") + ":";
+    let redis = RedisCounters::new(&redis_url(), &prefix).unwrap();
+    for algorithm in [
+        Algorithm::SlidingWindow,
+        Algorithm::SlidingWindowApprox,
+        Algorithm::FixedWindow,
+        Algorithm::TokenBucket,
+    ] {
+        let policy = explicit(2, 60, algorithm);
+        let planned = Policy {
+            name: "tiny".into(),
+            plan: Some("tiny".into()),
+            ..explicit(2, 60, algorithm)
+        };
+        for policy in [&policy, &planned] {
+            for cost in [1, 1, 1, 0] {
+                // a key per algorithm: a plan's counter is the plan's, whatever the algorithm
+                let check = RateCheck {
+                    key: algorithm.code(),
+                    policy,
+                    cost,
+                    now_ms: None,
+                };
+                redis
+                    .rate_check(&check)
+                    .await
+                    .unwrap_or_else(|e| panic!("{algorithm:?} {} cost {cost}: {e}", policy.name));
+            }
+        }
+    }
+    let keys: Vec<String> = redis
+        .query(::redis::cmd("KEYS").arg(format!("{prefix}rl:*")).clone())
+        .await
+        .unwrap();
+    // per key, explicit and planned: sw a log and a sum each, the others one counter each;
+    // and one attempt counter: 5 + 3 + 3 + 3
+    assert_eq!(keys.len(), 14, "{keys:?}");
+    for key in keys {
+        let ttl: i64 = redis.query(::redis::cmd("PTTL").arg(&key).clone()).await.unwrap();
+        assert!(ttl > 0 && ttl <= 300_000, "{key}: PTTL {ttl}");
     }
 }
 
@@ -264,14 +319,8 @@ async fn a_failing_webhook_harms_nothing() {
 #[tokio::test]
 async fn the_sliding_window_sees_members_written_without_their_score() {
     let redis = RedisCounters::new(&redis_url(), &(unique("old") + ":")).unwrap();
-    let policy = Policy {
-        name: "custom".into(),
-        limit: 3,
-        window: Window::from_json(&json!(60)).unwrap(),
-        algorithm: Algorithm::SlidingWindow,
-        plan: None,
-    };
-    let t0 = u64::try_from(chrono::Utc::now().timestamp_millis()).unwrap();
+    let policy = explicit(3, 60, Algorithm::SlidingWindow);
+    let t0 = wall_ms();
     let at = |now_ms, cost| RateCheck {
         key: "k",
         policy: &policy,
