@@ -427,7 +427,7 @@ for alg in "${ALGORITHMS[@]}"; do
     members=$(rcli ZCARD "quotad:rl:{hot}:sw$RL_WINDOW_MS")
     bytes=$(rcli MEMORY USAGE "quotad:rl:{hot}:sw$RL_WINDOW_MS" SAMPLES 0)
     NOTES[-1]="hot key, 1e6/$RL_WINDOW; zset ${members} members"
-    echo "sliding-window hot key after the run: sorted set of $members members (one per admitted request), MEMORY USAGE $bytes bytes" >&2
+    echo "sliding-window hot key after the run: sorted set of $members members (one per ms with admitted requests), MEMORY USAGE $bytes bytes" >&2
     SW_HOT="$members members, MEMORY USAGE $bytes bytes ($(awk -v b="$bytes" -v m="$members" 'BEGIN { printf "%.0f", m ? b / m : 0 }') bytes per member)"
     # freed in the background now: left to expire, Redis would free the whole set in one
     # go during the next run (a p99 of 3-4 ms in the sliding-window-approx line)
@@ -544,7 +544,7 @@ report() {
   if want ratelimit; then
     echo "rate-limit lines: body {\"key\":\"hot\",\"limit\":$RL_LIMIT,\"window\":\"$RL_WINDOW\",\"algorithm\":\"<alg>\"} (API.md caps an"
     echo "  explicit limit at 10^6, so not 10^9); 429s are expected for none of them (non2xx must be 0)."
-    echo "  The exact sliding window keeps one sorted-set member per admitted request for the window ($RL_WINDOW):"
+    echo "  The exact sliding window keeps one sorted-set member per ms with admitted requests for the window ($RL_WINDOW):"
     echo "  hot key after its run: ${SW_HOT:-?}. A hot run of over 10^5 requests a second would see 429s."
     echo "  ip:<0..99999>: distinct counters in Redis after each run: ${MANY_RL_KEYS[*]}"
     echo "  (a token bucket's key expires once its bucket is full again: at 10^6/1h, 3.6 ms after one request)"

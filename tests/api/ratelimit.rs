@@ -62,7 +62,11 @@ proptest! {
         // small limits make denials; large ones check that the arithmetic stays exact
         limit in prop_oneof![3 => 1u64..8, 1 => 1u64..=1_000_000],
         window_s in prop_oneof![3 => 1u64..5, 1 => 1u64..=2_592_000],
-        steps in proptest::collection::vec((0u64..1500, 0usize..2, 0u64..4, proptest::bool::ANY), 1..60),
+        // a step of 0 puts checks at the same ms (the exact window merges them into one member)
+        steps in proptest::collection::vec(
+            (prop_oneof![1 => Just(0u64), 3 => 0u64..1500], 0usize..2, 0u64..4, proptest::bool::ANY),
+            1..60,
+        ),
         together in 1usize..6,
     ) {
         let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
@@ -115,6 +119,49 @@ async fn the_exact_window_expires_members_to_the_millisecond() {
         assert_eq!(from_redis, twin.check(&check), "at t0 + {at}");
         assert_eq!(from_redis.allowed, expected, "at t0 + {at}");
     }
+}
+
+/// The exact window keeps one member per millisecond: checks that share a call and a time
+/// (all of a call's checks, with Redis TIME) add their costs up in one member, so a hot key's
+/// set grows with the calls, not the requests. What expires at that time is the same.
+#[tokio::test]
+async fn the_exact_window_merges_one_calls_checks_at_one_time() {
+    let redis = RedisCounters::new(&redis_url(), &(unique("merge") + ":")).unwrap();
+    let policy = explicit(100, 60, Algorithm::SlidingWindow);
+    let t0 = wall_ms();
+    let at = |now_ms, cost| RateCheck {
+        key: "k",
+        policy: &policy,
+        cost,
+        now_ms: Some(now_ms),
+    };
+    // one call (queued together on this single-threaded runtime): 30 at t0 (costs 1, 2, 3
+    // ... cycling), then 10 at t0 + 5
+    let checks: Vec<_> = (0..40u64)
+        .map(|n| if n < 30 { at(t0, 1 + n % 3) } else { at(t0 + 5, 1) })
+        .collect();
+    let decided = join_all(checks.iter().map(|c| redis.rate_check(c))).await;
+    assert!(decided.iter().all(|d| d.as_ref().unwrap().allowed));
+    let set = redis.keys().rate_counter("k", &at(t0, 1).counter_id());
+    let members: Vec<(String, u64)> = redis
+        .query(
+            ::redis::cmd("ZRANGE")
+                .arg(&set)
+                .arg(0)
+                .arg(-1)
+                .arg("WITHSCORES")
+                .clone(),
+        )
+        .await
+        .unwrap();
+    let costs: Vec<(u64, u64)> = members
+        .iter()
+        .map(|(member, score)| (*score, member.rsplit(':').next().unwrap().parse().unwrap()))
+        .collect();
+    assert_eq!(costs, [(t0, 60), (t0 + 5, 10)]);
+    // the merged member frees all of its cost at once, one window later
+    assert_eq!(redis.rate_check(&at(t0 + 60_000, 0)).await.unwrap().remaining, 90);
+    assert_eq!(redis.rate_check(&at(t0 + 60_005, 0)).await.unwrap().remaining, 100);
 }
 
 /// Every counter a check writes expires (the legacy INCR-then-EXPIRE could leave one that

@@ -5,7 +5,8 @@
 -- test compares the two).
 -- KEYS[1] anomaly list (outside the keys' slots: on Redis Cluster it would be per slot)
 -- per check, in order:
--- its counter: sorted set of admitted requests (sw), or one integer, as small as a key can
+-- its counter: sorted set of admitted requests (sw; member 'ms:seq:cost', score ms; the
+--         checks of one call at one ms share a member), or one integer, as small as a key can
 --         be: the count (fw) or prev * 2^21 + curr (swa), whose window start is implied by
 --         the key's expiry time (start + window, start + 2 windows), or the theoretical
 --         arrival time in µs (tbu);
@@ -44,7 +45,8 @@ end
 -- write, mode = nil | 'pxat' | 'px' | 'del', px = ms}
 local strings = {}
 -- exact windows: counter key -> {sums, sum, seq, last, trimmed = the cutoff applied,
--- pending = {score, member, ...} not yet added, low = the lowest pending score, px}
+-- pending = {score, member, ...} not yet added, low = the lowest pending score, px,
+-- pend_at, pend_seq, pend_cost = the newest pending member's score, sequence and cost}
 local windows = {}
 -- anomaly attempt counters: key -> {n = count, added = counted since the INCR}
 local tries = {}
@@ -140,10 +142,19 @@ local function check(counter, sums, attempts_key, algo, limit, window, cost, now
     if w.sum + need <= limit then
       allowed = 1
       if cost > 0 then
-        w.seq = w.seq + 1
-        local score = f(now)
-        w.pending[#w.pending + 1] = score
-        w.pending[#w.pending + 1] = score .. ':' .. f(w.seq) .. ':' .. f(cost)
+        local n = #w.pending
+        if n > 0 and w.pend_at == now then
+          -- one member per score: the call's checks at the same ms (all of them, with Redis
+          -- TIME) add up in the newest pending member, which expires with them
+          w.pend_cost = w.pend_cost + cost
+          w.pending[n] = w.pending[n - 1] .. ':' .. f(w.pend_seq) .. ':' .. f(w.pend_cost)
+        else
+          w.seq = w.seq + 1
+          local score = f(now)
+          w.pending[n + 1] = score
+          w.pending[n + 2] = score .. ':' .. f(w.seq) .. ':' .. f(cost)
+          w.pend_at, w.pend_seq, w.pend_cost = now, w.seq, cost
+        end
         if not w.low or now < w.low then w.low = now end
         w.sum = w.sum + cost
         if not w.last or now > w.last then w.last = now end
