@@ -317,8 +317,14 @@ while a <= #ARGV do
   local ok, allowed, remaining, reset, retry, at, anomaly =
     pcall(check, counter, sums, attempts, algo, tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2]),
       tonumber(ARGV[a + 3]), now, plan, threshold, key)
-  if ok then
-    out[#out + 1] = string.format('%d %d %d %d %d %d', allowed, remaining, reset, retry, at, anomaly)
+  if ok then -- each %d costs Redis ~0.1 µs: the usual answers write fewer
+    if anomaly ~= 0 then
+      out[#out + 1] = string.format('%d %d %d %d %d %d', allowed, remaining, reset, retry, at, anomaly)
+    elseif allowed == 1 then -- retry is 0
+      out[#out + 1] = string.format('1 %d %d 0 %d 0', remaining, reset, at)
+    else
+      out[#out + 1] = string.format('0 %d %d %d %d 0', remaining, reset, retry, at)
+    end
   else -- this check failed (a key of the wrong type)
     local err = allowed
     if type(err) == 'table' then err = err.err end
