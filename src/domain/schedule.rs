@@ -4,14 +4,15 @@ use std::str::FromStr;
 
 use chrono::{DateTime, Utc};
 
-/// A parsed 5-field cron expression.
+/// A parsed 5-field cron expression, or one of the nicknames `@hourly`, `@daily`,
+/// `@weekly`, `@monthly`, `@yearly` (`@annually`).
 #[derive(Debug, Clone)]
 pub struct Schedule(croner::Cron);
 
 impl Schedule {
     pub fn parse(expression: &str) -> anyhow::Result<Self> {
-        if expression.split_whitespace().count() != 5 {
-            anyhow::bail!("expected 5 fields: minute hour day-of-month month day-of-week");
+        if !expression.trim_start().starts_with('@') && expression.split_whitespace().count() != 5 {
+            anyhow::bail!("expected 5 fields: minute hour day-of-month month day-of-week (or @hourly, @daily, ...)");
         }
         Ok(Self(croner::Cron::from_str(expression)?))
     }
@@ -37,6 +38,16 @@ mod tests {
             Some(Utc.with_ymd_and_hms(2026, 11, 26, 3, 0, 0).unwrap())
         );
         assert!(Schedule::parse("nightly").is_err());
+        assert_eq!(
+            Schedule::parse("@daily").unwrap().next_after(now),
+            Some(Utc.with_ymd_and_hms(2026, 11, 26, 0, 0, 0).unwrap())
+        );
+        assert_eq!(
+            Schedule::parse("@hourly").unwrap().next_after(now),
+            Some(Utc.with_ymd_and_hms(2026, 11, 25, 14, 0, 0).unwrap())
+        );
+        assert!(Schedule::parse("@reboot").is_err());
+        assert!(Schedule::parse("@daily 3").is_err());
         assert!(Schedule::parse("* * * * * *").is_err());
     }
 }

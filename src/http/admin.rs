@@ -14,13 +14,16 @@ use super::{
 };
 use crate::domain::{
     Phase, QuotaValue,
+    ratelimit::ANOMALIES_KEPT,
     sync::{SwitchError, SyncError},
 };
 
 pub async fn invalidate(
     State(app): State<AppState>,
     ProviderPath(provider): ProviderPath,
+    body: JsonObject,
 ) -> Result<impl IntoResponse, ApiError> {
+    Fields::new(body, &[])?; // no fields: none, or `{}` (its media type and size checked)
     app.quotas.invalidate(&provider).await?;
     Ok(Json(json!({"provider": provider.as_str(), "invalidated": true})))
 }
@@ -86,7 +89,8 @@ pub async fn set_phase(State(app): State<AppState>, body: JsonObject) -> Result<
     }
 }
 
-pub async fn sync_now(State(app): State<AppState>) -> Result<impl IntoResponse, ApiError> {
+pub async fn sync_now(State(app): State<AppState>, body: JsonObject) -> Result<impl IntoResponse, ApiError> {
+    Fields::new(body, &[])?; // no fields: none, or `{}` (its media type and size checked)
     match app.sync.run_once().await {
         Ok(report) => Ok(Json(report)),
         Err(SyncError::Running) => Err(ApiError::Conflict {
@@ -109,19 +113,17 @@ pub async fn anomalies(
     State(app): State<AppState>,
     Query(query): Query<Vec<(String, String)>>,
 ) -> Result<impl IntoResponse, ApiError> {
+    // other parameters are ignored (a cache buster, say); a limit above what the list keeps
+    // reads all of it
     let mut limit = 50;
     for (name, value) in query {
-        match name.as_str() {
-            "limit" => {
-                limit = value
-                    .parse::<usize>()
-                    .ok()
-                    .filter(|n| (1..=1000).contains(n))
-                    .ok_or_else(|| ApiError::invalid("query", "limit must be an integer 1..=1000"))?;
-            }
-            _ => {
-                return Err(ApiError::invalid("query", format!("unknown query parameter {name:?}")));
-            }
+        if name == "limit" {
+            limit = value
+                .parse::<u64>()
+                .ok()
+                .filter(|n| *n >= 1)
+                .ok_or_else(|| ApiError::invalid("query", "limit must be a positive integer"))?
+                .min(ANOMALIES_KEPT as u64) as usize;
         }
     }
     let anomalies = app

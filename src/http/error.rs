@@ -168,6 +168,13 @@ impl IntoResponse for ApiError {
                 }
                 extra_headers = headers;
             }
+            // RFC 9110: a 401 names the scheme that would authenticate
+            ApiError::Unauthorized => {
+                extra_headers.push((
+                    header::WWW_AUTHENTICATE,
+                    HeaderValue::from_static("Bearer realm=\"quotad\""),
+                ));
+            }
             _ => {}
         }
         let mut response = (status, body.to_string()).into_response();

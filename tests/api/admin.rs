@@ -115,6 +115,43 @@ async fn sync_reports_and_status() {
     assert_eq!(status["last"]["runId"], report["runId"]);
 }
 
+/// The admin POSTs without fields take no body or `{}`; any other body is refused like
+/// every body: its media type, its size and its members are checked (nothing runs).
+#[tokio::test]
+async fn admin_posts_without_fields_check_their_bodies() {
+    let app = spawn_app().await;
+    let send = |path: &'static str, content_type: &'static str, body: Vec<u8>| {
+        app.http
+            .post(app.url(path))
+            .bearer_auth(ADMIN)
+            .header("Content-Type", content_type)
+            .body(body)
+            .send()
+    };
+    for path in ["/admin/sync", "/admin/quota/p1/invalidate"] {
+        let json = "application/json";
+        problem(
+            send(path, "text/plain", b"hello".to_vec()).await.unwrap(),
+            415,
+            "unsupported_media_type",
+        )
+        .await;
+        problem(
+            send(path, json, b"{\"x\":1}".to_vec()).await.unwrap(),
+            400,
+            "invalid_json",
+        )
+        .await;
+        problem(send(path, json, b"[]".to_vec()).await.unwrap(), 400, "invalid_json").await;
+        let mut large = b"{".to_vec();
+        large.resize(64 * 1024 + 1, b' ');
+        large.push(b'}');
+        problem(send(path, json, large).await.unwrap(), 413, "payload_too_large").await;
+        ok(send(path, json, b"{}".to_vec()).await.unwrap()).await;
+        ok(send(path, "text/plain", Vec::new()).await.unwrap()).await;
+    }
+}
+
 #[tokio::test]
 async fn admin_needs_the_admin_token_and_is_off_without_one() {
     let shared = Shared::real();

@@ -194,6 +194,11 @@ pub async fn ok(resp: Response) -> Value {
 /// A problem document with this status and code.
 pub async fn problem(resp: Response, status: u16, code: &str) -> Value {
     assert_eq!(resp.status().as_u16(), status);
+    if status == 401 {
+        // RFC 9110: a 401 names the scheme that would authenticate
+        let challenge = resp.headers().get("www-authenticate").map(|v| v.to_str().unwrap());
+        assert_eq!(challenge, Some("Bearer realm=\"quotad\""));
+    }
     let content_type = resp.headers()["content-type"].to_str().unwrap().to_owned();
     assert_eq!(content_type, "application/problem+json");
     let body: Value = resp.json().await.unwrap();

@@ -327,13 +327,18 @@ async fn an_anomaly_is_recorded_once_per_key_and_window_and_sent_to_the_webhook(
     let delivered = eventually(Duration::from_secs(10), 1, || async { received.lock().await.len() }).await;
     assert_eq!(delivered, 1);
     assert_eq!(received.lock().await[0]["key"], "creator:1");
-    problem(
-        app.admin(reqwest::Method::GET, "/admin/anomalies?limit=many", None)
-            .await,
-        400,
-        "invalid_query",
-    )
+    for query in ["limit=many", "limit=0", "limit=-1"] {
+        let resp = app
+            .admin(reqwest::Method::GET, &format!("/admin/anomalies?{query}"), None)
+            .await;
+        problem(resp, 400, "invalid_query").await;
+    }
+    // a limit beyond the list's 1000 reads all of it; other parameters are ignored
+    let all = ok(app
+        .admin(reqwest::Method::GET, "/admin/anomalies?limit=5000&_=1", None)
+        .await)
     .await;
+    assert_eq!(all["anomalies"].as_array().unwrap().len(), 1);
 }
 
 #[tokio::test]
