@@ -93,6 +93,16 @@ local function get_windowed(key, now, cost, margin)
   return e
 end
 
+-- a token bucket's emission interval of n requests, ceil(n * window_us / limit), from
+-- window_us = q * limit + r
+local function emission(n, q, r, limit) return n * q + math.ceil(n * r / limit) end
+
+-- µs up to whole ms (0 for none)
+local function ceil_ms(us)
+  if us <= 0 then return 0 end
+  return (us + 999 - math.fmod(us + 999, 1000)) / 1000
+end
+
 local function put(key, e, value, mode, t)
   if not e.mode then put_strings[#put_strings + 1] = key end
   e.v, e.mode = value, mode
@@ -219,7 +229,6 @@ local function check(counter, sums, attempts_key, algo, limit, window, cost, now
       start, prev, curr = start + window, curr, 0
     end
     local elapsed = math.min(math.max(0, now - start), window)
-    local function fits(p, c, e) return math.floor(p * (window - e) / window) + c + need <= limit end
     local estimate = math.floor(prev * (window - elapsed) / window) + curr
     if estimate + need <= limit then
       allowed = 1
@@ -234,7 +243,7 @@ local function check(counter, sums, attempts_key, algo, limit, window, cost, now
       local hi = window
       while lo < hi do
         local mid = math.floor((lo + hi) / 2)
-        if fits(p, c, mid) then hi = mid else lo = mid + 1 end
+        if math.floor(p * (window - mid) / window) + c + need <= limit then hi = mid else lo = mid + 1 end
       end
       retry = base + lo - now
     end
@@ -247,18 +256,13 @@ local function check(counter, sums, attempts_key, algo, limit, window, cost, now
     -- window_us = q * limit + r, and n * r < 10^12 for n <= limit <= 10^6
     local r = math.fmod(window_us, limit)
     local q = (window_us - r) / limit
-    local function emission(n) return n * q + math.ceil(n * r / limit) end
-    local function ceil_ms(us)
-      if us <= 0 then return 0 end
-      return (us + 999 - math.fmod(us + 999, 1000)) / 1000
-    end
     local e = get(counter)
     local tat = e.v or now_us
     local base = math.max(tat, now_us)
-    local allow_at = base + emission(need) - window_us
+    local allow_at = base + emission(need, q, r, limit) - window_us
     if now_us >= allow_at then
       allowed = 1
-      if cost > 0 then tat = base + emission(cost) end
+      if cost > 0 then tat = base + emission(cost, q, r, limit) end
     end
     local level = math.max(tat, now_us)
     local span = math.max(0, now_us + window_us - level)
