@@ -493,11 +493,11 @@ RL_KEYS=('bench:rl:{k}:anomalies' 'bench:rl:{k}:fw')
 # One check per call (quotad sends the checks that are ready together in one call; under
 # load a call carries several). KEYS: anomaly list, then the counter (a fixed window without
 # a plan has neither the exact window's sum nor an attempt counter). ARGV:
-# anomaly-list-length, then algorithm limit window-ms cost now('' = Redis TIME)
+# anomaly-list-length, then per item: n (identical checks; 1 here) algorithm limit window-ms cost now('' = Redis TIME)
 # plan('' = no anomaly counting; a plan-based check would add its threshold and key).
 # The two '' must arrive as empty strings: the answer starting with 1 (allowed) and the
 # count below show that they did.
-RL_ARGV=(1000 fw 1000000000 3600000 1 '' '')
+RL_ARGV=(1000 1 fw 1000000000 3600000 1 '' '')
 CHECK=$(rcli EVALSHA "$RL_SHA" 2 "${RL_KEYS[@]}" "${RL_ARGV[@]}" | tr '\n' ' ')
 echo "one EVALSHA by redis-cli -> $CHECK" >&2
 [[ $CHECK == "1 999999999 "* ]] || die "ratelimit.lua EVALSHA did not answer {1, 999999999, ...}: $CHECK"

@@ -146,7 +146,21 @@ struct CheckJob {
     answer: oneshot::Sender<Result<RateDecision, StorageError>>,
 }
 
+impl CheckJob {
+    /// Whether `other` is the same check: it would be decided alike in its place.
+    fn same_check(&self, other: &Self) -> bool {
+        self.counter == other.counter
+            && self.algorithm == other.algorithm
+            && self.limit == other.limit
+            && self.window_ms == other.window_ms
+            && self.cost == other.cost
+            && self.now_ms == other.now_ms
+            && self.anomaly == other.anomaly
+    }
+}
+
 /// What a plan-based check counts its attempts with.
+#[derive(PartialEq)]
 struct AnomalyCount {
     /// The key's attempt counter for the plan.
     attempts: String,
@@ -661,16 +675,20 @@ fn deliver<J: Answer>(jobs: Vec<J>, reply: Result<Vec<Value>, StorageError>, wid
     }
 }
 
-/// Sends one rate-limit call for `jobs` and hands each its decision.
+/// Sends one rate-limit call for `jobs` and hands each its decision. Identical checks in a
+/// row (a hot key's, as a rule) go as one item with their number: the script reads the
+/// item's arguments once and still answers each check.
 async fn send_checks(link: Arc<Link>, anomalies: String, jobs: Vec<CheckJob>) {
     let mut invocation = RATE_LIMIT.prepare_invoke();
     invocation.key(anomalies).arg(ANOMALIES_KEPT);
-    for job in &jobs {
+    for item in jobs.chunk_by(CheckJob::same_check) {
+        let job = &item[0];
         invocation.key(&job.counter);
         if let Some(sums) = &job.sums {
             invocation.key(sums);
         }
         invocation
+            .arg(item.len())
             .arg(job.algorithm)
             .arg(job.limit)
             .arg(job.window_ms)

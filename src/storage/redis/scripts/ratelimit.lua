@@ -4,7 +4,7 @@
 -- Mirrors domain::ratelimit::decide exactly (integer arithmetic; the differential property
 -- test compares the two).
 -- KEYS[1] anomaly list (outside the keys' slots: on Redis Cluster it would be per slot)
--- per check, in order:
+-- per item, in order:
 -- its counter: sorted set of admitted requests (sw; member 'ms:seq:cost', score ms; the
 --         checks of one call at one ms share a member), or one integer, as small as a key can
 --         be: the count (fw) or prev * 2^21 + curr (swa), whose window start is implied by
@@ -13,16 +13,18 @@
 -- then, for sw only, the sliding window's running sum and sequence (hash);
 -- then, for a plan-based check only, the key's anomaly attempt counter for its plan
 -- ARGV[1] anomaly list length
--- per check, from ARGV[a] (a = 2 for the first): ARGV[a] algorithm: sw | swa | fw | tbu;
--- ARGV[a + 1] limit; ARGV[a + 2] window ms; ARGV[a + 3] cost; ARGV[a + 4] now in ms ('':
--- Redis TIME, read once per call; tests pass a time); ARGV[a + 5] plan ('': no anomaly
--- counting, and the check's last argument); with a plan, ARGV[a + 6] anomaly threshold
--- and ARGV[a + 7] key
+-- per item (n identical checks in a row: a hot key's checks of one call are one item, whose
+-- arguments are read once), from ARGV[a] (a = 2 for the first): ARGV[a] n; ARGV[a + 1]
+-- algorithm: sw | swa | fw | tbu; ARGV[a + 2] limit; ARGV[a + 3] window ms; ARGV[a + 4]
+-- cost; ARGV[a + 5] now in ms ('': Redis TIME, read once per call; tests pass a time);
+-- ARGV[a + 6] plan ('': no anomaly counting, and the item's last argument); with a plan,
+-- ARGV[a + 7] anomaly threshold and ARGV[a + 8] key
 -- Returns one string per check: allowed 0/1, remaining, reset ms, retry-after ms, now ms and
 -- anomaly count (0: none), separated by spaces (one bulk string parses much faster than six
--- integers); or 'err ' and the error, when the check failed (each check runs under pcall:
+-- integers); or 'err ' and the error, when the check failed (each item runs under pcall:
 -- Redis keeps the writes of the checks before a failing one, so they must be answered, not
--- failed with it).
+-- failed with it; a check fails on its key's first read, so an item's later checks would
+-- fail alike).
 -- Each key is read once per call and written once at its end, however many of the call's
 -- checks it takes (one hot key: the usual case under load); nothing outside the script sees
 -- the difference, since it runs atomically. (A fixed or approximate window still running
@@ -304,9 +306,27 @@ local function check(counter, sums, attempts_key, algo, limit, window, cost, now
 end
 
 local out = {}
+local function answer(allowed, remaining, reset, retry, at, anomaly)
+  -- each %d costs Redis ~0.1 µs: the usual answers write fewer
+  if anomaly ~= 0 then
+    out[#out + 1] = string.format('%d %d %d %d %d %d', allowed, remaining, reset, retry, at, anomaly)
+  elseif allowed == 1 then -- retry is 0
+    out[#out + 1] = string.format('1 %d %d 0 %d 0', remaining, reset, at)
+  else
+    out[#out + 1] = string.format('0 %d %d %d %d 0', remaining, reset, retry, at)
+  end
+end
+
+-- decides one item: `n` identical checks in a row, each answered as if sent alone
+local function run(n, counter, sums, attempts, algo, limit, window, cost, now, plan, threshold, key)
+  for _ = 1, n do
+    answer(check(counter, sums, attempts, algo, limit, window, cost, now, plan, threshold, key))
+  end
+end
+
 local k, a = 2, 2
 while a <= #ARGV do
-  local algo, plan = ARGV[a], ARGV[a + 5]
+  local n, algo, plan = tonumber(ARGV[a]), ARGV[a + 1], ARGV[a + 6]
   local counter, sums, attempts, threshold, key = KEYS[k], nil, nil, nil, nil
   k = k + 1
   if algo == 'sw' then
@@ -314,27 +334,18 @@ while a <= #ARGV do
     k = k + 1
   end
   if plan ~= '' then
-    attempts, threshold, key = KEYS[k], ARGV[a + 6], ARGV[a + 7]
+    attempts, threshold, key = KEYS[k], ARGV[a + 7], ARGV[a + 8]
     k = k + 1
   end
-  local now = ARGV[a + 4] ~= '' and tonumber(ARGV[a + 4]) or time_now()
-  local ok, allowed, remaining, reset, retry, at, anomaly =
-    pcall(check, counter, sums, attempts, algo, tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2]),
-      tonumber(ARGV[a + 3]), now, plan, threshold, key)
-  if ok then -- each %d costs Redis ~0.1 µs: the usual answers write fewer
-    if anomaly ~= 0 then
-      out[#out + 1] = string.format('%d %d %d %d %d %d', allowed, remaining, reset, retry, at, anomaly)
-    elseif allowed == 1 then -- retry is 0
-      out[#out + 1] = string.format('1 %d %d 0 %d 0', remaining, reset, at)
-    else
-      out[#out + 1] = string.format('0 %d %d %d %d 0', remaining, reset, retry, at)
-    end
-  else -- this check failed (a key of the wrong type)
-    local err = allowed
+  local now = ARGV[a + 5] ~= '' and tonumber(ARGV[a + 5]) or time_now()
+  local answered = #out
+  local ok, err = pcall(run, n, counter, sums, attempts, algo, tonumber(ARGV[a + 2]),
+    tonumber(ARGV[a + 3]), tonumber(ARGV[a + 4]), now, plan, threshold, key)
+  if not ok then -- this check failed (a key of the wrong type), and the item's rest with it
     if type(err) == 'table' then err = err.err end
-    out[#out + 1] = 'err ' .. tostring(err)
+    for _ = #out - answered + 1, n do out[#out + 1] = 'err ' .. tostring(err) end
   end
-  a = a + (attempts and 8 or 6)
+  a = a + (attempts and 9 or 7)
 end
 
 -- the keys' final states
