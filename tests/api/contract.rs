@@ -558,7 +558,7 @@ async fn redis_changes_nothing_for_a_change_it_cannot_write() {
     assert_eq!(pending, 0, "nor recorded its key");
 }
 
-/// A change or check that fails on its own (here: its key holds another type) fails alone:
+/// A read, change or check that fails on its own (here: its key holds another type) fails alone:
 /// the others sent in the same call are answered with their decisions, and were applied
 /// exactly once.
 #[tokio::test]
@@ -573,6 +573,20 @@ async fn redis_fails_one_change_of_a_call_alone() {
         .query(::redis::cmd("SET").arg(&broken).arg("not a hash").clone())
         .await
         .unwrap();
+    // reads ready together share one pipeline; the broken one fails alone
+    let ids = [p("a"), p("broken"), p("b"), p("absent")];
+    let reads = futures::future::join_all(ids.iter().map(|id| counters.read(id))).await;
+    assert_eq!(
+        reads[0].as_ref().unwrap().as_ref().map(|r| (r.used, r.limit)),
+        Some((0, 10))
+    );
+    assert!(reads[1].as_ref().is_err_and(|e| !e.is_unavailable()));
+    assert_eq!(
+        reads[2].as_ref().unwrap().as_ref().map(|r| (r.used, r.limit)),
+        Some((0, 10))
+    );
+    assert!(reads[3].as_ref().unwrap().is_none());
+
     let (one, ids) = (consume(1), [p("a"), p("broken"), p("b")]);
     let (a, bad, b) = tokio::join!(
         counters.apply(&ids[0], &one),

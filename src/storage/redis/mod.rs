@@ -54,6 +54,8 @@ pub struct RedisCounters {
     applies: Batches<ApplyJob>,
     /// Rate-limit checks waiting to be sent together.
     checks: Batches<CheckJob>,
+    /// Record reads waiting to be sent together.
+    reads: Batches<ReadJob>,
 }
 
 /// The shared connection, made lazily and remade after failures.
@@ -159,6 +161,15 @@ impl CheckJob {
     }
 }
 
+/// One record read waiting for its pipeline.
+struct ReadJob {
+    record: String,
+    answer: oneshot::Sender<Result<Option<Record>, StorageError>>,
+}
+
+/// The fields of a record hash that a read returns, in [`record_of`]'s order.
+const RECORD_FIELDS: [&str; 7] = ["used", "limit", "epoch", "base", "from", "ver", "synced"];
+
 /// What a plan-based check counts its attempts with.
 #[derive(PartialEq)]
 struct AnomalyCount {
@@ -223,6 +234,7 @@ impl RedisCounters {
             clock_offset_ms: RwLock::new(None),
             applies: Batches::new(),
             checks: Batches::new(),
+            reads: Batches::new(),
         })
     }
 
@@ -365,27 +377,19 @@ impl Counters for RedisCounters {
         Ok(())
     }
 
+    /// Sent with the reads ready at the same time, in one pipeline (see [`Batches`]).
     #[tracing::instrument(skip_all, fields(provider = %provider), err(level = "debug"))]
     async fn read(&self, provider: &ProviderId) -> Result<Option<Record>, StorageError> {
-        let mut cmd = ::redis::cmd("HMGET");
-        cmd.arg(self.keys.record(provider))
-            .arg(&["used", "limit", "epoch", "base", "from", "ver", "synced"]);
-        let v: Vec<Value> = self.query(cmd).await?;
-        if v.len() != 7 || matches!(v[0], Value::Nil) {
-            return Ok(None);
-        }
-        let parse = || {
-            Some(Record {
-                used: int(&v[0])?,
-                limit: int(&v[1])?,
-                epoch: text(&v[2])?,
-                base: int(&v[3])?,
-                loaded_from: text(&v[4])?,
-                version: u64::try_from(int(&v[5])?).ok()?,
-                synced: u64::try_from(int(&v[6])?).ok()?,
-            })
+        let (answer_to, answered) = oneshot::channel();
+        let job = ReadJob {
+            record: self.keys.record(provider),
+            answer: answer_to,
         };
-        parse().map(Some).ok_or_else(|| bad_reply("record", &v))
+        if self.reads.queue(job) {
+            let link = self.link.clone();
+            self.reads.send_with(move |jobs| send_reads(link.clone(), jobs));
+        }
+        answer(answered).await
     }
 
     #[tracing::instrument(skip_all, fields(provider = %provider), err(level = "debug"))]
@@ -645,6 +649,12 @@ impl Answer for ApplyJob {
     }
 }
 
+impl Answer for ReadJob {
+    fn answer(self, reply: Result<&[Value], StorageError>) {
+        let _ = self.answer.send(reply.and_then(|part| record_of(&part[0])));
+    }
+}
+
 impl Answer for CheckJob {
     fn answer(self, reply: Result<&[Value], StorageError>) {
         let _ = self.answer.send(reply.and_then(|part| checked(part, self.limit)));
@@ -673,6 +683,45 @@ fn deliver<J: Answer>(jobs: Vec<J>, reply: Result<Vec<Value>, StorageError>, wid
             }
         }
     }
+}
+
+/// Sends the `HMGET`s of `jobs` in one pipeline (one write, one read on each side) and
+/// hands each its record. A read that Redis refuses (its key holds another type) fails
+/// alone.
+async fn send_reads(link: Arc<Link>, jobs: Vec<ReadJob>) {
+    let mut pipe = ::redis::pipe();
+    pipe.ignore_errors();
+    for job in &jobs {
+        pipe.cmd("HMGET").arg(&job.record).arg(&RECORD_FIELDS);
+    }
+    let reply: Result<Vec<Value>, StorageError> = link
+        .call(|mut conn| async move { pipe.query_async(&mut conn).await })
+        .await;
+    deliver(jobs, reply, 1, "read");
+}
+
+/// A record from its `HMGET` reply; `None` when the hash does not exist.
+fn record_of(reply: &Value) -> Result<Option<Record>, StorageError> {
+    let v = match reply {
+        Value::Array(values) => values.as_slice(),
+        Value::ServerError(err) => return Err(classify(&err.clone().into())),
+        other => return Err(bad_reply("record", std::slice::from_ref(other))),
+    };
+    if v.len() != RECORD_FIELDS.len() || matches!(v[0], Value::Nil) {
+        return Ok(None);
+    }
+    let parse = || {
+        Some(Record {
+            used: int(&v[0])?,
+            limit: int(&v[1])?,
+            epoch: text(&v[2])?,
+            base: int(&v[3])?,
+            loaded_from: text(&v[4])?,
+            version: u64::try_from(int(&v[5])?).ok()?,
+            synced: u64::try_from(int(&v[6])?).ok()?,
+        })
+    };
+    parse().map(Some).ok_or_else(|| bad_reply("record", v))
 }
 
 /// Sends one rate-limit call for `jobs` and hands each its decision. Identical checks in a
