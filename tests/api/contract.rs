@@ -587,21 +587,25 @@ async fn redis_fails_one_change_of_a_call_alone() {
     );
     assert!(reads[3].as_ref().unwrap().is_none());
 
-    let (one, ids) = (consume(1), [p("a"), p("broken"), p("b")]);
-    let (a, bad, b) = tokio::join!(
-        counters.apply(&ids[0], &one),
-        counters.apply(&ids[1], &one),
-        counters.apply(&ids[2], &one)
-    );
-    let decided = Applied::Decided(Decision {
-        allowed: true,
-        used: 1,
-        limit: 10,
-    });
-    assert_eq!((a.unwrap(), b.unwrap()), (decided, decided));
+    // identical changes in a row go as one item: the broken record's three fail together,
+    // the two of b are each answered
+    let one = consume(1);
+    let ids = [p("a"), p("broken"), p("broken"), p("broken"), p("b"), p("b")];
+    let applied = futures::future::join_all(ids.iter().map(|id| counters.apply(id, &one))).await;
+    let decided = |used| {
+        Applied::Decided(Decision {
+            allowed: true,
+            used,
+            limit: 10,
+        })
+    };
+    let good: Vec<_> = [0, 4, 5].iter().map(|&i| *applied[i].as_ref().unwrap()).collect();
+    assert_eq!(good, [decided(1), decided(1), decided(2)]);
     assert!(
-        bad.is_err_and(|e| !e.is_unavailable()),
-        "the broken change fails as itself"
+        applied[1..4]
+            .iter()
+            .all(|a| a.as_ref().is_err_and(|e| !e.is_unavailable())),
+        "the broken changes fail as themselves"
     );
 
     let policy = Policy {
@@ -646,4 +650,48 @@ async fn redis_fails_one_change_of_a_call_alone() {
         })
         .collect();
     assert_eq!(remaining, [(true, 4), (true, 4), (true, 3)]);
+}
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig { cases: 32, ..Default::default() })]
+
+    /// Consumes and refunds made ready together go to Redis in one call (identical ones in a
+    /// row as one item) and are decided exactly as one by one: against the in-memory
+    /// counters, applied in the same order one at a time.
+    #[test]
+    fn changes_sent_together_decide_as_one_by_one(
+        limit in 0i64..12,
+        changes in proptest::collection::vec(
+            (0usize..2, proptest::bool::weighted(0.7), 1i64..4, proptest::bool::weighted(0.15)),
+            1..40,
+        ),
+    ) {
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let redis = RedisCounters::new(&redis_url(), &(unique("pt") + ":")).unwrap();
+        let memory = memory::MemoryCounters::default();
+        let ids = [p("a"), p("b")];
+        let keys: Vec<String> = (0..changes.len()).map(|i| format!("k{i}")).collect();
+        let changes: Vec<(usize, Change)> = changes
+            .iter()
+            .zip(&keys)
+            .map(|(&(id, consumes, amount, keyed), key)| {
+                let op = if consumes { Op::Consume } else { Op::Refund };
+                (id, Change { op, amount, idempotency_key: keyed.then_some(key.as_str()) })
+            })
+            .collect();
+        let (from_redis, from_memory) = runtime.block_on(async {
+            for id in &ids {
+                redis.load(id, &seed(2, limit), TTL).await.unwrap();
+                memory.load(id, &seed(2, limit), TTL).await.unwrap();
+            }
+            let together = futures::future::join_all(changes.iter().map(|(id, c)| redis.apply(&ids[*id], c))).await;
+            let mut one_by_one = Vec::new();
+            for (id, change) in &changes {
+                one_by_one.push(memory.apply(&ids[*id], change).await.unwrap());
+            }
+            (together, one_by_one)
+        });
+        let from_redis: Vec<Applied> = from_redis.into_iter().map(Result::unwrap).collect();
+        proptest::prop_assert_eq!(from_redis, from_memory);
+    }
 }

@@ -132,6 +132,18 @@ struct ApplyJob {
     answer: oneshot::Sender<Result<Applied, StorageError>>,
 }
 
+impl ApplyJob {
+    /// Whether `other` is the same change and neither carries an idempotency key (a keyed
+    /// change is one of a kind).
+    fn same_change(&self, other: &Self) -> bool {
+        self.keyed.is_none()
+            && other.keyed.is_none()
+            && self.record == other.record
+            && self.op == other.op
+            && self.amount == other.amount
+    }
+}
+
 /// One rate-limit check waiting for its call.
 struct CheckJob {
     counter: String,
@@ -612,16 +624,20 @@ fn now_ms() -> i64 {
 /// (unreachable, timed out, or run after its deadline) fails every change in it alike, and
 /// none was applied, or all were and their answers are lost as with a single call (the
 /// deadline sees to a call that Redis runs too late). A change that fails on its own (the
-/// script answers 'err' for it) fails alone.
+/// script answers 'err' for it) fails alone. Identical changes in a row without idempotency
+/// keys (a hot provider's, as a rule) go as one item with their number: the script reads
+/// the item's arguments once and still answers each change.
 async fn send_applies(link: Arc<Link>, dirty: String, deadline: i64, jobs: Vec<ApplyJob>) {
     let mut invocation = APPLY.prepare_invoke();
     invocation.key(dirty).arg(deadline).arg(IDEMPOTENCY_TTL.as_secs());
-    for job in &jobs {
+    for item in jobs.chunk_by(ApplyJob::same_change) {
+        let job = &item[0];
         invocation.key(&job.record);
         if let Some((idempotency, pending_keys)) = &job.keyed {
             invocation.key(idempotency).key(pending_keys);
         }
         invocation
+            .arg(item.len())
             .arg(job.op)
             .arg(job.amount)
             .arg(if job.keyed.is_some() { "1" } else { "0" })

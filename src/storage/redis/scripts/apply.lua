@@ -3,15 +3,17 @@
 -- exactly as if each had been its own call.
 -- KEYS[1] dirty index (sorted set; the one key outside the providers' slots: on Redis
 --         Cluster it would be sharded by slot, and a call would carry one provider only)
--- per change, in order: its record hash; then, only when it carries an idempotency key,
---         that key and the provider's idempotency records not yet in the ledger (hash:
---         id -> entry with expiry ms)
+-- per item (n identical changes in a row without idempotency keys, as a hot provider's
+--         changes of one call are, or one change), in order: its record hash; then, only
+--         when it carries an idempotency key, that key and the provider's idempotency
+--         records not yet in the ledger (hash: id -> entry with expiry ms)
 -- ARGV[1] deadline in Redis ms ('0': none): a call run later changes nothing, because its
 --         sender has stopped waiting and decided from Firestore instead
 -- ARGV[2] idempotency TTL seconds
--- per change i: ARGV[3 + 5i] 'c' consume | 'r' refund, ARGV[4 + 5i] amount,
---         ARGV[5 + 5i] '1' when the idempotency key is used, ARGV[6 + 5i] provider id
---         (member of the dirty index), ARGV[7 + 5i] the key's id (field of the hash)
+-- per item, from ARGV[a] (a = 3 for the first, then a + 6): ARGV[a] n (1 with an
+--         idempotency key), ARGV[a + 1] 'c' consume | 'r' refund, ARGV[a + 2] amount,
+--         ARGV[a + 3] '1' when the idempotency key is used, ARGV[a + 4] provider id (member
+--         of the dirty index), ARGV[a + 5] the key's id (field of the hash)
 -- A keyed decision makes the record dirty even when usage is unchanged: the key travels to
 -- the ledger with the next write, so a retry that Firestore decides is answered too.
 -- A record is dirty exactly when ver > synced, and every dirty record is persistent (load,
@@ -20,9 +22,10 @@
 -- A record is read once per call and written once at its end, however many of the call's
 -- changes it takes (one hot provider: the usual case under load). Nothing outside the script
 -- sees the difference: it runs atomically.
--- Each change runs under pcall: Redis does not undo a script's writes when it stops on an
+-- Each item runs under pcall: Redis does not undo a script's writes when it stops on an
 -- error, so one change failing (a key of the wrong type, a record missing a field) must not
--- fail the changes before it, nor those after it. A change writes its idempotency records
+-- fail the changes before it, nor those after it. (A change without a key fails only on its
+-- record's first read, so an item's later changes would fail alike.) A change writes its idempotency records
 -- itself, in order, before it changes the record's state in the call, and everything that
 -- can fail comes before that: a change answered 'err' has changed nothing. The writes at the
 -- end cannot fail (the dirty index's type is checked first; each record was read as a hash).
@@ -40,10 +43,11 @@ local expires_s = s(now_ms + tonumber(ttl) * 1000)
 -- the dirty index must be a sorted set (or absent): otherwise no change can be recorded
 local index_type = redis.call('TYPE', KEYS[1])['ok']
 if index_type ~= 'zset' and index_type ~= 'none' then
-  local out = {}
-  for i = 0, (#ARGV - 2) / 5 - 1 do
-    out[4 * i + 1], out[4 * i + 2], out[4 * i + 3], out[4 * i + 4] =
-      'err', 'the dirty index ' .. KEYS[1] .. ' is a ' .. index_type, 0, 0
+  local out, message = {}, 'the dirty index ' .. KEYS[1] .. ' is a ' .. index_type
+  for a = 3, #ARGV, 6 do
+    for _ = 1, tonumber(ARGV[a]) do
+      out[#out + 1], out[#out + 2], out[#out + 3], out[#out + 4] = 'err', message, 0, 0
+    end
   end
   return out
 end
@@ -96,24 +100,32 @@ local function change(record, idem, pending, op, amount_s, provider, id)
 end
 
 local out = {}
+local function answer(status, allowed, used, limit)
+  local n = #out
+  out[n + 1], out[n + 2], out[n + 3], out[n + 4] = status, allowed, used, limit
+end
+
+-- decides one item: `n` identical changes in a row, each answered as if sent alone
+local function run(n, record, idem, pending, op, amount_s, provider, id)
+  for _ = 1, n do answer(change(record, idem, pending, op, amount_s, provider, id)) end
+end
+
 local k = 2
-for i = 0, (#ARGV - 2) / 5 - 1 do
-  local a = 3 + 5 * i
+for a = 3, #ARGV, 6 do
+  local n = tonumber(ARGV[a])
   local record, idem, pending = KEYS[k], nil, nil
-  if ARGV[a + 2] == '1' then
+  if ARGV[a + 3] == '1' then
     idem, pending = KEYS[k + 1], KEYS[k + 2]
     k = k + 3
   else
     k = k + 1
   end
-  local ok, status, allowed, used, limit =
-    pcall(change, record, idem, pending, ARGV[a], ARGV[a + 1], ARGV[a + 3], ARGV[a + 4])
-  if not ok then
-    local err = status
+  local answered = #out
+  local ok, err = pcall(run, n, record, idem, pending, ARGV[a + 1], ARGV[a + 2], ARGV[a + 4], ARGV[a + 5])
+  if not ok then -- this change failed, and the item's rest with it
     if type(err) == 'table' then err = err.err end
-    status, allowed, used, limit = 'err', tostring(err), 0, 0
+    for _ = (#out - answered) / 4 + 1, n do answer('err', tostring(err), 0, 0) end
   end
-  out[4 * i + 1], out[4 * i + 2], out[4 * i + 3], out[4 * i + 4] = status, allowed, used, limit
 end
 
 if #written > 0 then
