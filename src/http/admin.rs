@@ -120,6 +120,10 @@ pub async fn anomalies(
         if name == "limit" {
             limit = value
                 .parse::<u64>()
+                .or_else(|err| match err.kind() {
+                    std::num::IntErrorKind::PosOverflow => Ok(u64::MAX), // still "above the list"
+                    _ => Err(err),
+                })
                 .ok()
                 .filter(|n| *n >= 1)
                 .ok_or_else(|| ApiError::invalid("query", "limit must be a positive integer"))?

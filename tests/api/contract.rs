@@ -652,6 +652,46 @@ async fn redis_fails_one_change_of_a_call_alone() {
     assert_eq!(remaining, [(true, 4), (true, 4), (true, 3)]);
 }
 
+/// A check fails alone also inside an item of identical checks: with the anomaly list
+/// broken, only the check that records the anomaly fails; the ones after it are decided
+/// (and counted) as if each had been sent alone.
+#[tokio::test]
+async fn redis_fails_one_check_of_an_item_alone() {
+    use quotad::domain::ratelimit::{Algorithm, Policy, RateCheck, Window};
+    let counters = RedisCounters::new(&redis_url(), &(unique("fi") + ":")).unwrap();
+    let _: () = counters
+        .query(
+            ::redis::cmd("SET")
+                .arg(counters.keys().anomalies())
+                .arg("not a list")
+                .clone(),
+        )
+        .await
+        .unwrap();
+    let policy = Policy {
+        name: "tiny".into(),
+        limit: 1,
+        window: Window::from_json(&serde_json::json!(60)).unwrap(),
+        algorithm: Algorithm::FixedWindow,
+        plan: Some("tiny".into()),
+    };
+    let check = RateCheck {
+        key: "k",
+        policy: &policy,
+        cost: 1,
+        now_ms: None,
+    };
+    // attempts 1..=4 against a threshold of 2: the third records the anomaly
+    let decided = futures::future::join_all((0..4).map(|_| counters.rate_check(&check))).await;
+    let outcomes: Vec<Option<bool>> = decided.iter().map(|d| d.as_ref().ok().map(|d| d.allowed)).collect();
+    assert_eq!(outcomes, [Some(true), Some(false), None, Some(false)]);
+    let attempts: i64 = counters
+        .query(::redis::cmd("GET").arg(counters.keys().attempts("k", "tiny")).clone())
+        .await
+        .unwrap();
+    assert_eq!(attempts, 4);
+}
+
 proptest::proptest! {
     #![proptest_config(proptest::prelude::ProptestConfig { cases: 32, ..Default::default() })]
 

@@ -14,17 +14,17 @@
 -- then, for a plan-based check only, the key's anomaly attempt counter for its plan
 -- ARGV[1] anomaly list length
 -- per item (n identical checks in a row: a hot key's checks of one call are one item, whose
--- arguments are read once), from ARGV[a] (a = 2 for the first): ARGV[a] n; ARGV[a + 1]
+-- arguments are read and converted once), from ARGV[a] (a = 2 for the first): ARGV[a] n; ARGV[a + 1]
 -- algorithm: sw | swa | fw | tbu; ARGV[a + 2] limit; ARGV[a + 3] window ms; ARGV[a + 4]
 -- cost; ARGV[a + 5] now in ms ('': Redis TIME, read once per call; tests pass a time);
 -- ARGV[a + 6] plan ('': no anomaly counting, and the item's last argument); with a plan,
 -- ARGV[a + 7] anomaly threshold and ARGV[a + 8] key
 -- Returns one string per check: allowed 0/1, remaining, reset ms, retry-after ms, now ms and
 -- anomaly count (0: none), separated by spaces (one bulk string parses much faster than six
--- integers); or 'err ' and the error, when the check failed (each item runs under pcall:
+-- integers); or 'err ' and the error, when the check failed (each check runs under pcall:
 -- Redis keeps the writes of the checks before a failing one, so they must be answered, not
--- failed with it; a check fails on its key's first read, so an item's later checks would
--- fail alike).
+-- failed with it; an item's later checks may still succeed: a broken anomaly list fails
+-- only the check that records the anomaly).
 -- Each key is read once per call and written once at its end, however many of the call's
 -- checks it takes (one hot key: the usual case under load); nothing outside the script sees
 -- the difference, since it runs atomically. (A fixed or approximate window still running
@@ -317,11 +317,9 @@ local function answer(allowed, remaining, reset, retry, at, anomaly)
   end
 end
 
--- decides one item: `n` identical checks in a row, each answered as if sent alone
-local function run(n, counter, sums, attempts, algo, limit, window, cost, now, plan, threshold, key)
-  for _ = 1, n do
-    answer(check(counter, sums, attempts, algo, limit, window, cost, now, plan, threshold, key))
-  end
+local function failed(err)
+  if type(err) == 'table' then err = err.err end
+  out[#out + 1] = 'err ' .. tostring(err)
 end
 
 local k, a = 2, 2
@@ -338,12 +336,11 @@ while a <= #ARGV do
     k = k + 1
   end
   local now = ARGV[a + 5] ~= '' and tonumber(ARGV[a + 5]) or time_now()
-  local answered = #out
-  local ok, err = pcall(run, n, counter, sums, attempts, algo, tonumber(ARGV[a + 2]),
-    tonumber(ARGV[a + 3]), tonumber(ARGV[a + 4]), now, plan, threshold, key)
-  if not ok then -- this check failed (a key of the wrong type), and the item's rest with it
-    if type(err) == 'table' then err = err.err end
-    for _ = #out - answered + 1, n do out[#out + 1] = 'err ' .. tostring(err) end
+  local limit, window, cost = tonumber(ARGV[a + 2]), tonumber(ARGV[a + 3]), tonumber(ARGV[a + 4])
+  for _ = 1, n do -- each check of the item answered as if sent alone
+    local ok, allowed, remaining, reset, retry, at, anomaly =
+      pcall(check, counter, sums, attempts, algo, limit, window, cost, now, plan, threshold, key)
+    if ok then answer(allowed, remaining, reset, retry, at, anomaly) else failed(allowed) end
   end
   a = a + (attempts and 9 or 7)
 end
