@@ -653,8 +653,8 @@ async fn redis_fails_one_change_of_a_call_alone() {
 }
 
 /// A check fails alone also inside an item of identical checks: with the anomaly list
-/// broken, only the check that records the anomaly fails; the ones after it are decided
-/// (and counted) as if each had been sent alone.
+/// broken, only the check that records the anomaly fails, having consumed nothing (its
+/// attempt counts); the ones after it are decided as if each had been sent alone.
 #[tokio::test]
 async fn redis_fails_one_check_of_an_item_alone() {
     use quotad::domain::ratelimit::{Algorithm, Policy, RateCheck, Window};
@@ -668,28 +668,75 @@ async fn redis_fails_one_check_of_an_item_alone() {
         )
         .await
         .unwrap();
-    let policy = Policy {
-        name: "tiny".into(),
-        limit: 1,
-        window: Window::from_json(&serde_json::json!(60)).unwrap(),
-        algorithm: Algorithm::FixedWindow,
-        plan: Some("tiny".into()),
-    };
-    let check = RateCheck {
-        key: "k",
-        policy: &policy,
-        cost: 1,
-        now_ms: None,
-    };
-    // attempts 1..=4 against a threshold of 2: the third records the anomaly
-    let decided = futures::future::join_all((0..4).map(|_| counters.rate_check(&check))).await;
-    let outcomes: Vec<Option<bool>> = decided.iter().map(|d| d.as_ref().ok().map(|d| d.allowed)).collect();
-    assert_eq!(outcomes, [Some(true), Some(false), None, Some(false)]);
-    let attempts: i64 = counters
-        .query(::redis::cmd("GET").arg(counters.keys().attempts("k", "tiny")).clone())
-        .await
-        .unwrap();
-    assert_eq!(attempts, 4);
+    for algorithm in [Algorithm::FixedWindow, Algorithm::SlidingWindow, Algorithm::TokenBucket] {
+        let policy = Policy {
+            name: "tiny".into(),
+            limit: 2,
+            window: Window::from_json(&serde_json::json!(60)).unwrap(),
+            algorithm,
+            plan: Some("tiny".into()),
+        };
+        // a planned counter is named by the plan, not the algorithm: a key per algorithm
+        let key = format!("k-{algorithm:?}");
+        let check = RateCheck {
+            key: &key,
+            policy: &policy,
+            cost: 1,
+            now_ms: None,
+        };
+        // attempts 1..=6 against a threshold of 4: the fifth records the anomaly and fails
+        let decided = futures::future::join_all((0..6).map(|_| counters.rate_check(&check))).await;
+        let outcomes: Vec<Option<(bool, u64)>> = decided
+            .iter()
+            .map(|d| d.as_ref().ok().map(|d| (d.allowed, d.remaining)))
+            .collect();
+        let expected = [
+            Some((true, 1)),
+            Some((true, 0)),
+            Some((false, 0)),
+            Some((false, 0)),
+            None,
+            Some((false, 0)),
+        ];
+        assert_eq!(outcomes, expected, "{algorithm:?} {decided:?}");
+        let attempts: i64 = counters
+            .query(::redis::cmd("GET").arg(counters.keys().attempts(&key, "tiny")).clone())
+            .await
+            .unwrap();
+        assert_eq!(attempts, 6, "{algorithm:?}");
+    }
+    // a failing check that its counter would have admitted leaves the counter untouched:
+    // the key has tried 20 times already (say, under another replica's twin), so its next
+    // attempt is the anomaly's
+    for algorithm in [Algorithm::FixedWindow, Algorithm::SlidingWindow, Algorithm::TokenBucket] {
+        let policy = Policy {
+            name: "tiny".into(),
+            limit: 10,
+            window: Window::from_json(&serde_json::json!(60)).unwrap(),
+            algorithm,
+            plan: Some("tiny".into()),
+        };
+        let key = format!("free-{algorithm:?}");
+        let check = RateCheck {
+            key: &key,
+            policy: &policy,
+            cost: 1,
+            now_ms: None,
+        };
+        let _: () = counters
+            .query(
+                ::redis::cmd("SET")
+                    .arg(counters.keys().attempts(&key, "tiny"))
+                    .arg(20)
+                    .clone(),
+            )
+            .await
+            .unwrap();
+        let decided = futures::future::join_all((0..2).map(|_| counters.rate_check(&check))).await;
+        assert!(decided[0].is_err(), "{algorithm:?}");
+        let second = decided[1].as_ref().unwrap();
+        assert_eq!((second.allowed, second.remaining), (true, 9), "{algorithm:?}");
+    }
 }
 
 proptest::proptest! {

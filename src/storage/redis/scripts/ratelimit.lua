@@ -24,7 +24,9 @@
 -- integers); or 'err ' and the error, when the check failed (each check runs under pcall:
 -- Redis keeps the writes of the checks before a failing one, so they must be answered, not
 -- failed with it; an item's later checks may still succeed: a broken anomaly list fails
--- only the check that records the anomaly).
+-- only the check that records the anomaly). A check's reads, which fail on a key holding
+-- another type, come before it changes its counter: a check answered 'err' has consumed
+-- nothing (its attempt, counted first, stays counted).
 -- Each key is read once per call and written once at its end, however many of the call's
 -- checks it takes (one hot key: the usual case under load); nothing outside the script sees
 -- the difference, since it runs atomically. (A fixed or approximate window still running
@@ -131,6 +133,29 @@ local function add_pending(counter, w)
 end
 
 local function check(counter, sums, attempts_key, algo, limit, window, cost, now, plan, threshold, key)
+  -- the attempt first: it counts whatever the decision, and what can fail in it (the
+  -- anomaly list or the attempt counter holding another type) fails before the check has
+  -- changed its counter (a check answered 'err' consumes nothing)
+  local anomaly = 0
+  if plan ~= '' then
+    local attempts
+    local t = tries[attempts_key]
+    if t then -- counted once with INCR already: the rest of the call's attempts add up here
+      t.n, t.added = t.n + 1, t.added + 1
+      if t.added == 1 then put_tries[#put_tries + 1] = attempts_key end
+      attempts = t.n
+    else
+      attempts = redis.call('INCR', attempts_key)
+      if attempts == 1 then redis.call('PEXPIRE', attempts_key, 300000) end
+      tries[attempts_key] = {n = attempts, added = 0}
+    end
+    if attempts == tonumber(threshold) + 1 then
+      anomaly = attempts
+      redis.call('LPUSH', KEYS[1], cjson.encode({key = key, plan = plan, count = f(attempts),
+        threshold = threshold, atMs = f(now)}))
+      redis.call('LTRIM', KEYS[1], 0, tonumber(ARGV[1]) - 1)
+    end
+  end
   local need = math.max(cost, 1)
   local allowed, remaining, reset, retry = 0, 0, now, 0
 
@@ -281,27 +306,6 @@ local function check(counter, sums, attempts_key, algo, limit, window, cost, now
 
   if reset < now then reset = now end
   if allowed == 1 then retry = 0 elseif retry < 1 then retry = 1 end
-
-  local anomaly = 0
-  if plan ~= '' then
-    local attempts
-    local t = tries[attempts_key]
-    if t then -- counted once with INCR already: the rest of the call's attempts add up here
-      t.n, t.added = t.n + 1, t.added + 1
-      if t.added == 1 then put_tries[#put_tries + 1] = attempts_key end
-      attempts = t.n
-    else
-      attempts = redis.call('INCR', attempts_key)
-      if attempts == 1 then redis.call('PEXPIRE', attempts_key, 300000) end
-      tries[attempts_key] = {n = attempts, added = 0}
-    end
-    if attempts == tonumber(threshold) + 1 then
-      anomaly = attempts
-      redis.call('LPUSH', KEYS[1], cjson.encode({key = key, plan = plan, count = f(attempts),
-        threshold = threshold, atMs = f(now)}))
-      redis.call('LTRIM', KEYS[1], 0, tonumber(ARGV[1]) - 1)
-    end
-  end
   return allowed, remaining, reset, retry, now, anomaly
 end
 
