@@ -10,7 +10,7 @@ use serde_json::{Value, json};
 use super::{
     AppState,
     error::ApiError,
-    extract::{Fields, JsonObject, ProviderPath},
+    extract::{Fields, JsonObject, NoFields, ProviderPath},
 };
 use crate::domain::{
     Phase, QuotaValue,
@@ -21,9 +21,8 @@ use crate::domain::{
 pub async fn invalidate(
     State(app): State<AppState>,
     ProviderPath(provider): ProviderPath,
-    body: JsonObject,
+    _: NoFields,
 ) -> Result<impl IntoResponse, ApiError> {
-    Fields::new(body, &[])?; // no fields: none, or `{}` (its media type and size checked)
     app.quotas.invalidate(&provider).await?;
     Ok(Json(json!({"provider": provider.as_str(), "invalidated": true})))
 }
@@ -89,8 +88,7 @@ pub async fn set_phase(State(app): State<AppState>, body: JsonObject) -> Result<
     }
 }
 
-pub async fn sync_now(State(app): State<AppState>, body: JsonObject) -> Result<impl IntoResponse, ApiError> {
-    Fields::new(body, &[])?; // no fields: none, or `{}` (its media type and size checked)
+pub async fn sync_now(State(app): State<AppState>, _: NoFields) -> Result<impl IntoResponse, ApiError> {
     match app.sync.run_once().await {
         Ok(report) => Ok(Json(report)),
         Err(SyncError::Running) => Err(ApiError::Conflict {

@@ -123,6 +123,18 @@ impl<S: Send + Sync> FromRequest<S> for ChangeRequest {
     }
 }
 
+/// The body of a POST without fields: none, or `{}` (its media type and size checked like
+/// any body; any member is an unknown field).
+pub struct NoFields;
+
+impl<S: Send + Sync> FromRequest<S> for NoFields {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        Fields::new(JsonObject::from_request(req, state).await?, &[]).map(|_| NoFields)
+    }
+}
+
 /// Reads the fields of a [`JsonObject`], refusing any field the endpoint does not know.
 pub struct Fields(Map<String, Value>);
 
