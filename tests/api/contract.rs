@@ -12,7 +12,7 @@ use quotad::{
     },
 };
 
-use crate::helpers::{RedisServer, emulator_host, redis_url, unique};
+use crate::helpers::{RedisServer, emulator_host, explicit, planned, redis_url, unique};
 
 const TTL: Duration = Duration::from_secs(300);
 
@@ -563,7 +563,7 @@ async fn redis_changes_nothing_for_a_change_it_cannot_write() {
 /// exactly once.
 #[tokio::test]
 async fn redis_fails_one_change_of_a_call_alone() {
-    use quotad::domain::ratelimit::{Algorithm, Policy, RateCheck, Window};
+    use quotad::domain::ratelimit::{Algorithm, RateCheck};
     let counters = RedisCounters::new(&redis_url(), &(unique("f") + ":")).unwrap();
     for id in ["a", "b", "broken"] {
         counters.load(&p(id), &seed(0, 10), TTL).await.unwrap();
@@ -608,13 +608,7 @@ async fn redis_fails_one_change_of_a_call_alone() {
         "the broken changes fail as themselves"
     );
 
-    let policy = Policy {
-        name: "custom".into(),
-        limit: 5,
-        window: Window::from_json(&serde_json::json!(60)).unwrap(),
-        algorithm: Algorithm::FixedWindow,
-        plan: None,
-    };
+    let policy = explicit(5, 60, Algorithm::FixedWindow);
     let check = |key| RateCheck {
         key,
         policy: &policy,
@@ -657,7 +651,7 @@ async fn redis_fails_one_change_of_a_call_alone() {
 /// attempt counts); the ones after it are decided as if each had been sent alone.
 #[tokio::test]
 async fn redis_fails_one_check_of_an_item_alone() {
-    use quotad::domain::ratelimit::{Algorithm, Policy, RateCheck, Window};
+    use quotad::domain::ratelimit::{Algorithm, RateCheck};
     let counters = RedisCounters::new(&redis_url(), &(unique("fi") + ":")).unwrap();
     let _: () = counters
         .query(
@@ -669,13 +663,7 @@ async fn redis_fails_one_check_of_an_item_alone() {
         .await
         .unwrap();
     for algorithm in [Algorithm::FixedWindow, Algorithm::SlidingWindow, Algorithm::TokenBucket] {
-        let policy = Policy {
-            name: "tiny".into(),
-            limit: 2,
-            window: Window::from_json(&serde_json::json!(60)).unwrap(),
-            algorithm,
-            plan: Some("tiny".into()),
-        };
+        let policy = planned("tiny", 2, 60, algorithm);
         // a planned counter is named by the plan, not the algorithm: a key per algorithm
         let key = format!("k-{algorithm:?}");
         let check = RateCheck {
@@ -709,13 +697,7 @@ async fn redis_fails_one_check_of_an_item_alone() {
     // the key has tried 20 times already (say, under another replica's twin), so its next
     // attempt is the anomaly's
     for algorithm in [Algorithm::FixedWindow, Algorithm::SlidingWindow, Algorithm::TokenBucket] {
-        let policy = Policy {
-            name: "tiny".into(),
-            limit: 10,
-            window: Window::from_json(&serde_json::json!(60)).unwrap(),
-            algorithm,
-            plan: Some("tiny".into()),
-        };
+        let policy = planned("tiny", 10, 60, algorithm);
         let key = format!("free-{algorithm:?}");
         let check = RateCheck {
             key: &key,

@@ -13,12 +13,39 @@ use std::{
     time::{Duration, Instant},
 };
 
-use quotad::{config::Config, domain::Phase, startup::Application};
+use quotad::{
+    config::Config,
+    domain::{
+        Phase,
+        ratelimit::{Algorithm, Policy, Window},
+    },
+    startup::Application,
+};
 use reqwest::{Client, Response, StatusCode};
 use serde_json::{Value, json};
 use tokio::net::{TcpListener, TcpStream};
 
 pub const ADMIN: &str = "admin-secret";
+
+/// A policy given in the request (no plan): `limit` per `window_s` seconds.
+pub fn explicit(limit: u64, window_s: u64, algorithm: Algorithm) -> Policy {
+    Policy {
+        name: "custom".into(),
+        limit,
+        window: Window::from_json(&json!(window_s)).unwrap(),
+        algorithm,
+        plan: None,
+    }
+}
+
+/// The policy of plan `plan` (anomaly counting on): `limit` per `window_s` seconds.
+pub fn planned(plan: &str, limit: u64, window_s: u64, algorithm: Algorithm) -> Policy {
+    Policy {
+        name: plan.into(),
+        plan: Some(plan.into()),
+        ..explicit(limit, window_s, algorithm)
+    }
+}
 
 /// Where the real servers are. A missing variable fails the test: nothing is skipped.
 pub fn redis_url() -> String {

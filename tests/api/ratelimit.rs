@@ -7,13 +7,13 @@ use axum::{Router, routing::post};
 use futures::future::join_all;
 use proptest::prelude::*;
 use quotad::{
-    domain::ratelimit::{Algorithm, Policy, RateCheck, Twin, Window},
+    domain::ratelimit::{Algorithm, Policy, RateCheck, Twin},
     storage::{Counters, redis::RedisCounters},
 };
 use serde_json::{Value, json};
 use tokio::sync::Mutex;
 
-use crate::helpers::{Shared, eventually, ok, problem, redis_url, spawn_with, unique};
+use crate::helpers::{Shared, eventually, explicit, ok, planned, problem, redis_url, spawn_with, unique};
 
 const ALGORITHMS: [&str; 4] = [
     "sliding-window",
@@ -22,14 +22,13 @@ const ALGORITHMS: [&str; 4] = [
     "token-bucket",
 ];
 
-/// A policy given in the request (no plan): `limit` per `window_s` seconds.
-fn explicit(limit: u64, window_s: u64, algorithm: Algorithm) -> Policy {
-    Policy {
-        name: "custom".into(),
-        limit,
-        window: Window::from_json(&json!(window_s)).unwrap(),
-        algorithm,
-        plan: None,
+/// A check of key "k" at a simulated time.
+fn at(policy: &Policy, now_ms: u64, cost: u64) -> RateCheck<'_> {
+    RateCheck {
+        key: "k",
+        policy,
+        cost,
+        now_ms: Some(now_ms),
     }
 }
 
@@ -72,8 +71,7 @@ proptest! {
         let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
         let redis = RedisCounters::new(&redis_url(), &(unique("pt") + ":")).unwrap();
         let twin = Twin::default();
-        let planned = Policy { name: "tiny".into(), plan: Some("tiny".into()), ..explicit(limit, window_s, algorithm) };
-        let policies = [explicit(limit, window_s, algorithm), planned];
+        let policies = [explicit(limit, window_s, algorithm), planned("tiny", limit, window_s, algorithm)];
         let mut now = wall_ms();
         let checks: Vec<RateCheck> = steps
             .iter()
@@ -108,16 +106,11 @@ async fn the_exact_window_expires_members_to_the_millisecond() {
     // has expired, at t0 + 60 001 the second too (one admitted each time); at t0 + 60 001
     // again the window is full
     let expected = [true, true, false, true, true, false];
-    for (at, expected) in [0, 1, 59_999, 60_000, 60_001, 60_001].into_iter().zip(expected) {
-        let check = RateCheck {
-            key: "k",
-            policy: &policy,
-            cost: 1,
-            now_ms: Some(t0 + at),
-        };
+    for (offset, expected) in [0, 1, 59_999, 60_000, 60_001, 60_001].into_iter().zip(expected) {
+        let check = at(&policy, t0 + offset, 1);
         let from_redis = redis.rate_check(&check).await.unwrap();
-        assert_eq!(from_redis, twin.check(&check), "at t0 + {at}");
-        assert_eq!(from_redis.allowed, expected, "at t0 + {at}");
+        assert_eq!(from_redis, twin.check(&check), "at t0 + {offset}");
+        assert_eq!(from_redis.allowed, expected, "at t0 + {offset}");
     }
 }
 
@@ -129,20 +122,20 @@ async fn the_exact_window_merges_one_calls_checks_at_one_time() {
     let redis = RedisCounters::new(&redis_url(), &(unique("merge") + ":")).unwrap();
     let policy = explicit(100, 60, Algorithm::SlidingWindow);
     let t0 = wall_ms();
-    let at = |now_ms, cost| RateCheck {
-        key: "k",
-        policy: &policy,
-        cost,
-        now_ms: Some(now_ms),
-    };
     // one call (queued together on this single-threaded runtime): 30 at t0 (costs 1, 2, 3
     // ... cycling), then 10 at t0 + 5
     let checks: Vec<_> = (0..40u64)
-        .map(|n| if n < 30 { at(t0, 1 + n % 3) } else { at(t0 + 5, 1) })
+        .map(|n| {
+            if n < 30 {
+                at(&policy, t0, 1 + n % 3)
+            } else {
+                at(&policy, t0 + 5, 1)
+            }
+        })
         .collect();
     let decided = join_all(checks.iter().map(|c| redis.rate_check(c))).await;
     assert!(decided.iter().all(|d| d.as_ref().unwrap().allowed));
-    let set = redis.keys().rate_counter("k", &at(t0, 1).counter_id());
+    let set = redis.keys().rate_counter("k", &at(&policy, t0, 1).counter_id());
     let members: Vec<(String, u64)> = redis
         .query(
             ::redis::cmd("ZRANGE")
@@ -160,8 +153,14 @@ async fn the_exact_window_merges_one_calls_checks_at_one_time() {
         .collect();
     assert_eq!(costs, [(t0, 60), (t0 + 5, 10)]);
     // the merged member frees all of its cost at once, one window later
-    assert_eq!(redis.rate_check(&at(t0 + 60_000, 0)).await.unwrap().remaining, 90);
-    assert_eq!(redis.rate_check(&at(t0 + 60_005, 0)).await.unwrap().remaining, 100);
+    assert_eq!(
+        redis.rate_check(&at(&policy, t0 + 60_000, 0)).await.unwrap().remaining,
+        90
+    );
+    assert_eq!(
+        redis.rate_check(&at(&policy, t0 + 60_005, 0)).await.unwrap().remaining,
+        100
+    );
 }
 
 /// Every counter a check writes expires (the legacy INCR-then-EXPIRE could leave one that
@@ -178,13 +177,7 @@ async fn every_counter_a_check_writes_expires() {
         Algorithm::FixedWindow,
         Algorithm::TokenBucket,
     ] {
-        let policy = explicit(2, 60, algorithm);
-        let planned = Policy {
-            name: "tiny".into(),
-            plan: Some("tiny".into()),
-            ..explicit(2, 60, algorithm)
-        };
-        for policy in [&policy, &planned] {
+        for policy in [&explicit(2, 60, algorithm), &planned("tiny", 2, 60, algorithm)] {
             for cost in [1, 1, 1, 0] {
                 // a key per algorithm: a plan's counter is the plan's, whatever the algorithm
                 let check = RateCheck {
@@ -375,14 +368,8 @@ async fn the_sliding_window_sees_members_written_without_their_score() {
     let redis = RedisCounters::new(&redis_url(), &(unique("old") + ":")).unwrap();
     let policy = explicit(3, 60, Algorithm::SlidingWindow);
     let t0 = wall_ms();
-    let at = |now_ms, cost| RateCheck {
-        key: "k",
-        policy: &policy,
-        cost,
-        now_ms: Some(now_ms),
-    };
-    assert!(redis.rate_check(&at(t0, 1)).await.unwrap().allowed);
-    let check = at(t0, 1);
+    assert!(redis.rate_check(&at(&policy, t0, 1)).await.unwrap().allowed);
+    let check = at(&policy, t0, 1);
     let (set, sums) = (
         redis.keys().rate_counter("k", &check.counter_id()),
         redis.keys().rate_sum("k", &check.counter_id()),
@@ -410,6 +397,6 @@ async fn the_sliding_window_sees_members_written_without_their_score() {
         )
         .await
         .unwrap();
-    let read = redis.rate_check(&at(t0 + 2000, 0)).await.unwrap();
+    let read = redis.rate_check(&at(&policy, t0 + 2000, 0)).await.unwrap();
     assert_eq!((read.remaining, read.reset_ms), (1, later + 60_000));
 }
