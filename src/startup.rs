@@ -101,6 +101,7 @@ impl Application {
         probe(&self.app).await; // readiness is known before the first request
         tasks.spawn(watch_health(self.app.clone(), cancel.clone()));
         tasks.spawn(reconcile(self.app.clone(), cancel.clone()));
+        tasks.spawn(hand_back(self.app.clone(), cancel.clone()));
         tasks.spawn(follow_phase(self.app.clone(), cancel.clone()));
         tasks.spawn(scheduled_sync(self.app.clone(), cancel.clone()));
         if let Some((url, queue)) = self.webhook {
@@ -231,6 +232,20 @@ async fn reconcile(app: Arc<App>, cancel: CancellationToken) {
             }
             Err(err) => tracing::warn!(error = %err, "reconciling with Firestore failed; will retry"),
         }
+    }
+}
+
+/// Reloads the providers held back from Redis once their Firestore decisions have landed
+/// (woken by those decisions; retries what failed every half second).
+async fn hand_back(app: Arc<App>, cancel: CancellationToken) {
+    let handover = app.quotas.handover();
+    loop {
+        tokio::select! {
+            () = cancel.cancelled() => return,
+            () = handover.ready_changed() => {}
+            () = tokio::time::sleep(Duration::from_millis(500)) => {}
+        }
+        app.quotas.hand_back().await;
     }
 }
 

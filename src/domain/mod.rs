@@ -1,6 +1,7 @@
 //! Decisions and orchestration. Talks only to the [`crate::storage`] ports; never names a
 //! Redis or Firestore type.
 
+pub mod handover;
 pub mod ids;
 pub mod limiter;
 pub mod phase;

@@ -1,18 +1,12 @@
 //! The quota service: decides consumes and refunds, answers lookups, and keeps Redis and
 //! Firestore level according to the phase.
 
-use std::{
-    sync::{
-        Arc,
-        atomic::{AtomicBool, Ordering},
-    },
-    time::Duration,
-};
+use std::{sync::Arc, time::Duration};
 
 use chrono::{DateTime, Utc};
 use tokio::sync::watch;
 
-use super::{Phase, ProviderId, writer::Writer};
+use super::{Phase, ProviderId, handover::Handover, writer::Writer};
 use crate::storage::{
     Applied, Change, Counters, Decision, Ledger, LedgerDecision, Op, Seed, StorageError, WriteOutcome, new_epoch,
 };
@@ -73,7 +67,8 @@ pub struct QuotaService {
     default_limit: i64,
     cache_ttl: Duration,
     phase: watch::Sender<(Phase, DateTime<Utc>)>,
-    redis_up: AtomicBool,
+    /// Whether Redis decides, and the providers it may not decide for yet.
+    handover: Handover,
     writer: Writer,
     /// The id of the Redis data set this replica last saw (see `check_redis_data`).
     known_sentinel: std::sync::Mutex<Option<String>>,
@@ -94,7 +89,7 @@ impl QuotaService {
             default_limit,
             cache_ttl,
             phase,
-            redis_up: AtomicBool::new(true),
+            handover: Handover::default(),
             writer: Writer::default(),
             known_sentinel: std::sync::Mutex::new(None),
         })
@@ -148,7 +143,11 @@ impl QuotaService {
     }
 
     pub fn redis_is_up(&self) -> bool {
-        self.redis_up.load(Ordering::Relaxed)
+        self.handover.is_up()
+    }
+
+    pub fn handover(&self) -> &Handover {
+        &self.handover
     }
 
     /// Marks Redis down after a failed call: decisions go to Firestore until the health
@@ -159,7 +158,7 @@ impl QuotaService {
 
     /// Marks Redis down (see `redis_failed`); the health task calls it when a probe fails.
     pub fn redis_down(&self, reason: &str) {
-        if self.redis_up.swap(false, Ordering::Relaxed) {
+        if self.handover.go_down() {
             tracing::warn!(
                 reason,
                 "Redis unavailable: deciding from Firestore until it answers again"
@@ -168,9 +167,10 @@ impl QuotaService {
         }
     }
 
-    /// Called by the health task once Redis answers and the reconciliation is done.
+    /// Called by the health task once Redis answers and a reconciliation begun since it
+    /// went down is done (see [`Handover::go_up`]).
     pub fn redis_recovered(&self) {
-        if !self.redis_up.swap(true, Ordering::Relaxed) {
+        if self.handover.go_up() {
             tracing::info!("Redis answers again: deciding from Redis");
             metrics::counter!("quotad_redis_transitions_total", "to" => "up").increment(1);
         }
@@ -255,7 +255,8 @@ impl QuotaService {
             idempotency_key,
         };
         let (phase, _) = self.phase();
-        let outcome = if self.use_redis(phase) {
+        // A provider Firestore decided for while Redis was away waits for its reload.
+        let outcome = if self.use_redis(phase) && self.handover.clear_for(provider).await {
             match self.change_in_redis(provider, &change, phase).await {
                 Ok(outcome) => Ok(outcome),
                 Err(QuotaError::Unavailable(err)) if err.is_redis() => {
@@ -334,6 +335,8 @@ impl QuotaService {
         fallback: bool,
     ) -> Result<Outcome, QuotaError> {
         tracing::debug!(%phase, fallback, "deciding with a Firestore transaction");
+        // Counted until it lands: Redis may not decide for the provider meanwhile.
+        let _in_flight = fallback.then(|| self.handover.begin(provider));
         match self
             .ledger
             .decide(provider, change, self.default_limit, fallback)
@@ -566,6 +569,7 @@ impl QuotaService {
     /// Reloads the providers Firestore decided while Redis was away: writes what Redis
     /// still holds unsynced, then drops the records so the next request loads them.
     pub async fn reconcile(&self) -> Result<usize, StorageError> {
+        self.handover.start_reconcile();
         let mut done = 0;
         loop {
             let changed = self.ledger.changed_outside(200).await?;
@@ -589,6 +593,32 @@ impl QuotaService {
                 done += 1;
             }
         }
+    }
+
+    /// Reloads the held providers whose Firestore decisions have landed (see
+    /// [`Handover`]) and releases them to Redis. Returns how many it released.
+    pub async fn hand_back(&self) -> usize {
+        let mut released = 0;
+        if !self.redis_is_up() {
+            return 0; // the recovery makes them ready again
+        }
+        for provider in self.handover.ready() {
+            match self.invalidate(&provider).await {
+                Ok(()) => {
+                    self.handover.reloaded(&provider);
+                    released += 1;
+                }
+                Err(QuotaError::Unavailable(err)) if err.is_redis() => {
+                    // Held until Redis is back and reconciled.
+                    self.redis_failed(&err);
+                    return released;
+                }
+                Err(err) => {
+                    tracing::warn!(%provider, error = %err, "reloading a held provider failed; will retry");
+                }
+            }
+        }
+        released
     }
 }
 

@@ -4,6 +4,7 @@
 mod admin;
 mod contract;
 mod faults;
+mod handover;
 mod helpers;
 mod inputs;
 mod migration;

@@ -1,0 +1,229 @@
+//! Handing providers back to Redis (DESIGN.md invariant 6).
+//!
+//! While Redis is away, Firestore decides, and each decision marks its provider "changed
+//! outside" so that Redis reloads the record before it decides for it again. The reconcile
+//! task lists those marks, reloads the records and only then lets Redis decide. A decision
+//! still in flight at that moment writes its mark after the listing, and Redis would
+//! decide from a record that misses it until the next periodic reconcile.
+//!
+//! So this replica counts its Firestore decisions per provider. When Redis comes back (or
+//! when one starts while Redis is up: a flap), the providers they are for are *held*:
+//! Redis decides for a held provider only after its decisions have landed and its record
+//! has been reloaded. A decision for a held provider waits for that (at most
+//! [`HOLD_LIMIT`], then Firestore decides it). Other providers go back to Redis at once,
+//! so a busy provider cannot keep the whole replica on Firestore.
+//!
+//! Other replicas' fallbacks are still caught only by their marks, which the periodic
+//! reconcile reloads within 5 s.
+
+use std::{
+    collections::HashMap,
+    sync::{
+        Mutex,
+        atomic::{AtomicBool, AtomicUsize, Ordering},
+    },
+    time::Duration,
+};
+
+use tokio::sync::{Notify, watch};
+
+use super::ProviderId;
+
+/// How long a decision waits for its held provider before Firestore decides it.
+pub const HOLD_LIMIT: Duration = Duration::from_secs(2);
+
+#[derive(Debug, Default)]
+struct Entry {
+    /// Firestore decisions for this provider not yet finished.
+    in_flight: usize,
+    /// Whether Redis must reload the record before it decides for the provider again.
+    reload: bool,
+}
+
+/// Whether Redis decides, and which providers it may not decide for yet.
+#[derive(Debug)]
+pub struct Handover {
+    /// Whether Redis decides (the breaker). Set up only under `entries`' lock.
+    up: AtomicBool,
+    entries: Mutex<HashMap<ProviderId, Entry>>,
+    /// Whether `entries` has any: the hot path's only cost while nothing is held.
+    any: AtomicBool,
+    /// Bumped when providers are released or Redis goes down: waiters look again.
+    released: watch::Sender<u64>,
+    /// Wakes the task that reloads held providers whose decisions have landed.
+    ready: Notify,
+    waiting: AtomicUsize,
+}
+
+impl Default for Handover {
+    fn default() -> Self {
+        Self {
+            up: AtomicBool::new(true),
+            entries: Mutex::default(),
+            any: AtomicBool::new(false),
+            released: watch::channel(0).0,
+            ready: Notify::new(),
+            waiting: AtomicUsize::new(0),
+        }
+    }
+}
+
+/// One Firestore decision in flight; finishing it (or dropping it: a cancelled request)
+/// updates its provider's entry.
+#[must_use]
+pub struct InFlight<'a> {
+    handover: &'a Handover,
+    provider: ProviderId,
+}
+
+impl Handover {
+    pub fn is_up(&self) -> bool {
+        self.up.load(Ordering::Acquire)
+    }
+
+    /// Marks Redis down; returns whether it was up. Waiters look again (and decide from
+    /// Firestore).
+    pub fn go_down(&self) -> bool {
+        let was_up = self.up.swap(false, Ordering::AcqRel);
+        if was_up {
+            self.released.send_modify(|g| *g += 1);
+        }
+        was_up
+    }
+
+    /// Called before the reconcile lists the marks: decisions that finished while Redis
+    /// was down have written theirs, so the listing covers them.
+    pub fn start_reconcile(&self) {
+        let mut entries = self.entries.lock().unwrap();
+        entries.retain(|_, e| e.in_flight > 0 || e.reload);
+        self.any.store(!entries.is_empty(), Ordering::Release);
+    }
+
+    /// Lets Redis decide again, after a reconcile that began with
+    /// [`Handover::start_reconcile`]: every provider still tracked (a decision in flight,
+    /// or one that finished after the listing began) is held until reloaded. Returns
+    /// whether Redis was down.
+    pub fn go_up(&self) -> bool {
+        let mut entries = self.entries.lock().unwrap();
+        let mut ready = false;
+        for entry in entries.values_mut() {
+            entry.reload = true;
+            ready |= entry.in_flight == 0;
+        }
+        self.any.store(!entries.is_empty(), Ordering::Release);
+        let was_up = self.up.swap(true, Ordering::AcqRel);
+        drop(entries);
+        if ready {
+            self.ready.notify_one();
+        }
+        !was_up
+    }
+
+    /// Counts a Firestore decision for `provider` until the returned guard drops.
+    pub fn begin(&self, provider: &ProviderId) -> InFlight<'_> {
+        let mut entries = self.entries.lock().unwrap();
+        let up = self.up.load(Ordering::Acquire);
+        let entry = entries.entry(provider.clone()).or_default();
+        entry.in_flight += 1;
+        entry.reload |= up;
+        self.any.store(true, Ordering::Release);
+        InFlight {
+            handover: self,
+            provider: provider.clone(),
+        }
+    }
+
+    fn finish(&self, provider: &ProviderId) {
+        let mut entries = self.entries.lock().unwrap();
+        let Some(entry) = entries.get_mut(provider) else {
+            return;
+        };
+        entry.in_flight -= 1;
+        if entry.in_flight == 0 && entry.reload {
+            drop(entries);
+            self.ready.notify_one();
+        }
+        // Finished while Redis is down: kept until the next reconcile begins (see
+        // `start_reconcile`), which covers its mark.
+    }
+
+    /// Waits until Redis may decide for `provider`: `true` when it may, `false` when
+    /// Firestore should decide (Redis went down, or the hold lasted [`HOLD_LIMIT`]).
+    pub async fn clear_for(&self, provider: &ProviderId) -> bool {
+        if !self.any.load(Ordering::Acquire) {
+            return true;
+        }
+        let deadline = tokio::time::Instant::now() + HOLD_LIMIT;
+        loop {
+            let mut released = {
+                let entries = self.entries.lock().unwrap();
+                if !entries.contains_key(provider) {
+                    return self.is_up();
+                }
+                self.released.subscribe()
+            };
+            if !self.is_up() {
+                return false;
+            }
+            self.waiting.fetch_add(1, Ordering::Relaxed);
+            let _waiting = scopeguard(&self.waiting);
+            if tokio::time::timeout_at(deadline, released.changed()).await.is_err() {
+                return false;
+            }
+        }
+    }
+
+    /// Decisions waiting for a held provider (tests synchronise on it).
+    pub fn waiting(&self) -> usize {
+        self.waiting.load(Ordering::Relaxed)
+    }
+
+    /// Whether `provider` is tracked (a Firestore decision in flight or a reload pending).
+    pub fn is_held(&self, provider: &ProviderId) -> bool {
+        self.entries.lock().unwrap().contains_key(provider)
+    }
+
+    /// Held providers whose decisions have all landed: each needs its reload.
+    pub fn ready(&self) -> Vec<ProviderId> {
+        let entries = self.entries.lock().unwrap();
+        entries
+            .iter()
+            .filter(|(_, e)| e.in_flight == 0 && e.reload)
+            .map(|(p, _)| p.clone())
+            .collect()
+    }
+
+    /// Waits until some held provider may be ready.
+    pub async fn ready_changed(&self) {
+        self.ready.notified().await;
+    }
+
+    /// Releases `provider` after its reload, unless a new decision for it started
+    /// meanwhile (its end makes it ready again).
+    pub fn reloaded(&self, provider: &ProviderId) {
+        let mut entries = self.entries.lock().unwrap();
+        if entries.get(provider).is_some_and(|e| e.in_flight == 0) {
+            entries.remove(provider);
+        }
+        self.any.store(!entries.is_empty(), Ordering::Release);
+        drop(entries);
+        self.released.send_modify(|g| *g += 1);
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.handover.finish(&self.provider);
+    }
+}
+
+/// Decrements the waiting count when a wait ends (or is cancelled).
+fn scopeguard(count: &AtomicUsize) -> impl Drop + '_ {
+    struct Guard<'a>(&'a AtomicUsize);
+    impl Drop for Guard<'_> {
+        fn drop(&mut self) {
+            self.0.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+    Guard(count)
+}
