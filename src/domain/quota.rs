@@ -204,7 +204,8 @@ impl QuotaService {
                 Ok(None) => {
                     metrics::counter!("quotad_cache_total", "result" => "miss").increment(1);
                     match self.load(provider).await {
-                        Ok(seed) => {
+                        // Cached or not (a fenced decision may be landing), it is the store's.
+                        Ok((seed, _)) => {
                             return Ok(QuotaView {
                                 used: seed.used,
                                 limit: seed.limit,
@@ -227,8 +228,11 @@ impl QuotaService {
         })
     }
 
-    /// Reads the document and caches it (unless another replica cached it first).
-    async fn load(&self, provider: &ProviderId) -> Result<Seed, QuotaError> {
+    /// Reads the document and caches it (unless another replica cached it first). The
+    /// flag is `false` when Redis refused it: a Firestore decision for the provider was
+    /// fenced meanwhile (see [`QuotaService::change_fenced`]).
+    async fn load(&self, provider: &ProviderId) -> Result<(Seed, bool), QuotaError> {
+        let fence = self.counters.fence_gen(provider).await?;
         let doc = self.ledger.read(provider).await?.unwrap_or_default();
         let seed = Seed {
             used: doc.used.unwrap_or(0),
@@ -236,9 +240,10 @@ impl QuotaService {
             epoch: new_epoch(),
             loaded_from: doc.epoch.unwrap_or_default(),
             keys: doc.keys,
+            fence,
         };
-        self.counters.load(provider, &seed, self.cache_ttl).await?;
-        Ok(seed)
+        let loaded = self.counters.load(provider, &seed, self.cache_ttl).await?;
+        Ok((seed, loaded))
     }
 
     /// Consumes or refunds `amount` (see API.md "Quotas").
@@ -266,20 +271,16 @@ impl QuotaService {
                 }
                 Err(err) => Err(err),
             }
+        } else if self.redis_is_up() {
+            // firestore-only (or a provider whose hold outlasted its wait)
+            self.change_fenced(provider, &change, phase).await
         } else {
-            // Whether Redis may still hold a record this decision makes stale: then it is
-            // marked, and reloaded before Redis decides for it again.
-            let mut cache_stale = true;
             if phase.redis_decides() {
                 metrics::counter!("quotad_fallbacks_total").increment(1);
-            } else if self.redis_is_up() {
-                // firestore-only: drop the cached record (writing anything pending first).
-                match self.invalidate(provider).await {
-                    Ok(()) => cache_stale = false,
-                    Err(err) => tracing::warn!(%provider, error = %err, "could not drop the cached record"),
-                }
             }
-            self.change_in_ledger(provider, &change, phase, cache_stale).await
+            // Redis may still hold a record this decision makes stale: it is marked, and
+            // reloaded before Redis decides for it again.
+            self.change_in_ledger(provider, &change, phase, true).await
         };
         if let Ok(Outcome::Decided(decision) | Outcome::Replayed(decision)) = &outcome {
             let (result, result_index) = match &outcome {
@@ -308,7 +309,10 @@ impl QuotaService {
             match self.counters.apply(provider, change).await? {
                 Applied::Miss => {
                     metrics::counter!("quotad_cache_total", "result" => "miss").increment(1);
-                    self.load(provider).await?;
+                    if !self.load(provider).await?.1 {
+                        // Firestore decides for it elsewhere right now: so does this one.
+                        return self.change_fenced(provider, change, phase).await;
+                    }
                 }
                 Applied::KeyReused => return Err(QuotaError::KeyReused),
                 Applied::Replayed(decision) => return Ok(Outcome::Replayed(decision)),
@@ -324,6 +328,60 @@ impl QuotaService {
         Err(QuotaError::Unavailable(StorageError::Unavailable {
             backend: "redis",
             message: "record vanished three times while deciding".into(),
+        }))
+    }
+
+    /// Decides in Firestore while Redis is reachable: under a fence on the provider, so
+    /// that no replica loads (and then decides from) a record read before this decision
+    /// landed; the cached record is dropped first, its unsynced usage written. Without
+    /// Redis it is a fallback, marked for a reload.
+    async fn change_fenced(
+        &self,
+        provider: &ProviderId,
+        change: &Change<'_>,
+        phase: Phase,
+    ) -> Result<Outcome, QuotaError> {
+        let token = new_epoch();
+        let fence = Fence {
+            counters: self.counters.clone(),
+            provider: provider.clone(),
+            token,
+            held: true,
+        };
+        let mut marked = false;
+        match self.drop_under_fence(&fence).await {
+            Ok(()) => {}
+            Err(QuotaError::Unavailable(err)) if err.is_redis() => {
+                self.redis_failed(&err);
+                metrics::counter!("quotad_fallbacks_total").increment(1);
+                marked = true;
+            }
+            Err(err) => {
+                // The record may keep usage Firestore has not seen; it reloads later.
+                tracing::warn!(%provider, error = %err, "could not drop the cached record");
+                marked = true;
+            }
+        }
+        let outcome = self.change_in_ledger(provider, change, phase, marked).await;
+        fence.release().await;
+        outcome
+    }
+
+    /// Takes the fence and drops the record, writing its unsynced usage first.
+    async fn drop_under_fence(&self, fence: &Fence) -> Result<(), QuotaError> {
+        let provider = &fence.provider;
+        if self.counters.fence(provider, &fence.token, FENCE_TTL).await? {
+            return Ok(());
+        }
+        for _ in 0..5 {
+            self.flush(provider).await?;
+            if self.counters.evict_clean(provider).await? {
+                return Ok(());
+            }
+        }
+        Err(QuotaError::Unavailable(StorageError::Other {
+            backend: "redis",
+            message: "the record stayed dirty".into(),
         }))
     }
 
@@ -512,6 +570,7 @@ impl QuotaService {
                 epoch: epoch.clone(),
                 loaded_from: epoch,
                 keys: doc.keys,
+                fence: 0, // a replacement ignores fences
             };
             self.counters.replace(provider, &seed, self.cache_ttl).await
         } else {
@@ -619,6 +678,46 @@ impl QuotaService {
             }
         }
         released
+    }
+}
+
+/// How long a fence outlives a holder that never released it (a crashed replica): longer
+/// than any Firestore decision takes (its transaction gives up after 50 s).
+const FENCE_TTL: Duration = Duration::from_secs(60);
+
+/// A fence held while Firestore decides (see [`Counters::fence`]). Released by
+/// [`Fence::release`]; if the decision is dropped instead (its client went away), the
+/// release runs in the background.
+struct Fence {
+    counters: Arc<dyn Counters>,
+    provider: ProviderId,
+    token: String,
+    held: bool,
+}
+
+impl Fence {
+    async fn release(mut self) {
+        self.held = false;
+        if let Err(err) = self.counters.unfence(&self.provider, &self.token).await {
+            // It expires by itself; until then loads of this provider are refused and its
+            // decisions go to Firestore.
+            tracing::warn!(provider = %self.provider, error = %err, "could not release a fence");
+        }
+    }
+}
+
+impl Drop for Fence {
+    fn drop(&mut self) {
+        if self.held {
+            let (counters, provider, token) = (
+                self.counters.clone(),
+                self.provider.clone(),
+                std::mem::take(&mut self.token),
+            );
+            tokio::spawn(async move {
+                let _ = counters.unfence(&provider, &token).await;
+            });
+        }
     }
 }
 

@@ -83,6 +83,9 @@ pub async fn backfill(
                 epoch: new_epoch(),
                 loaded_from: doc.epoch.unwrap_or_default(),
                 keys: doc.keys,
+                // Refused if any Firestore decision for it was fenced lately, since the
+                // listing may predate it: its first request loads it instead.
+                fence: 0,
             };
             quotas.counters().load(&provider, &seed, quotas.cache_ttl()).await?;
             loaded += 1;

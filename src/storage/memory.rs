@@ -79,6 +79,8 @@ struct CountersState {
     /// Those not yet handed to the ledger.
     pending: HashMap<ProviderId, BTreeMap<String, String>>,
     dirty_since: HashMap<ProviderId, Instant>,
+    /// Fence generation and the fences held (token -> expiry), by provider.
+    fences: HashMap<ProviderId, (u64, HashMap<String, Instant>)>,
 }
 
 /// In-process [`Counters`].
@@ -121,14 +123,56 @@ impl Counters for MemoryCounters {
         Ok(self.state.lock().unwrap().live(provider).cloned())
     }
 
-    async fn load(&self, provider: &ProviderId, seed: &Seed, ttl: Duration) -> Result<(), StorageError> {
+    async fn load(&self, provider: &ProviderId, seed: &Seed, ttl: Duration) -> Result<bool, StorageError> {
         let mut state = self.state.lock().unwrap();
-        if state.live(provider).is_none() {
-            state
-                .records
-                .insert(provider.clone(), (record_of(seed), Some(Instant::now() + ttl)));
-            state.import_keys(provider, &seed.keys);
+        if state.live(provider).is_some() {
+            return Ok(true);
         }
+        if let Some((generation, held)) = state.fences.get(provider) {
+            let now = Instant::now();
+            if *generation != seed.fence || held.values().any(|expiry| *expiry > now) {
+                return Ok(false);
+            }
+        } else if seed.fence != 0 {
+            return Ok(false);
+        }
+        state
+            .records
+            .insert(provider.clone(), (record_of(seed), Some(Instant::now() + ttl)));
+        state.import_keys(provider, &seed.keys);
+        Ok(true)
+    }
+
+    async fn fence_gen(&self, provider: &ProviderId) -> Result<u64, StorageError> {
+        Ok(self
+            .state
+            .lock()
+            .unwrap()
+            .fences
+            .get(provider)
+            .map_or(0, |(generation, _)| *generation))
+    }
+
+    async fn fence(&self, provider: &ProviderId, token: &str, ttl: Duration) -> Result<bool, StorageError> {
+        let mut state = self.state.lock().unwrap();
+        let now = Instant::now();
+        let (generation, held) = state.fences.entry(provider.clone()).or_default();
+        held.retain(|_, expiry| *expiry > now);
+        held.insert(token.to_owned(), now + ttl);
+        *generation += 1;
+        if state.live(provider).is_some_and(|r| r.is_dirty()) {
+            return Ok(false);
+        }
+        state.records.remove(provider);
+        state.dirty_since.remove(provider);
+        Ok(true)
+    }
+
+    async fn unfence(&self, provider: &ProviderId, token: &str) -> Result<(), StorageError> {
+        let mut state = self.state.lock().unwrap();
+        let (generation, held) = state.fences.entry(provider.clone()).or_default();
+        held.remove(token);
+        *generation += 1;
         Ok(())
     }
 

@@ -71,6 +71,9 @@ pub struct Seed {
     pub loaded_from: String,
     /// The document's idempotency records, for Redis to answer their retries.
     pub keys: Vec<KeyRecord>,
+    /// The provider's fence generation ([`Counters::fence_gen`]) read before the document:
+    /// a load is refused when a Firestore decision was fenced since (0: none known).
+    pub fence: u64,
 }
 
 /// Consume or refund.
@@ -220,8 +223,20 @@ pub trait Counters: Send + Sync {
     /// The cached record, if any.
     async fn read(&self, provider: &ProviderId) -> Result<Option<Record>, StorageError>;
     /// Creates the record from `seed` unless one exists (another replica may have won);
-    /// a new record is clean and expires after `ttl`.
-    async fn load(&self, provider: &ProviderId, seed: &Seed, ttl: Duration) -> Result<(), StorageError>;
+    /// a new record is clean and expires after `ttl`. Returns `false` (and creates nothing)
+    /// while a fence is held, or when the fence generation is no longer `seed.fence`: a
+    /// Firestore decision may have changed the document after it was read.
+    async fn load(&self, provider: &ProviderId, seed: &Seed, ttl: Duration) -> Result<bool, StorageError>;
+    /// The provider's fence generation: bumped when a fence is taken and when it is
+    /// released (0 when none is known).
+    async fn fence_gen(&self, provider: &ProviderId) -> Result<u64, StorageError>;
+    /// Takes a fence (`token`, expiring after `ttl` if never released) while Firestore
+    /// decides for the provider: no record loads until it is released, so none can miss
+    /// that decision. Drops the record unless it is dirty; returns whether it is gone (if
+    /// not: flush it, then [`Counters::evict_clean`]).
+    async fn fence(&self, provider: &ProviderId, token: &str, ttl: Duration) -> Result<bool, StorageError>;
+    /// Releases a fence taken with [`Counters::fence`].
+    async fn unfence(&self, provider: &ProviderId, token: &str) -> Result<(), StorageError>;
     /// Applies a consume or refund atomically with its idempotency record; a change makes
     /// the record dirty (it no longer expires) and indexes it for the writer.
     async fn apply(&self, provider: &ProviderId, change: &Change<'_>) -> Result<Applied, StorageError>;

@@ -35,6 +35,7 @@ fn seed(used: i64, limit: i64) -> Seed {
         epoch: "e1".into(),
         loaded_from: String::new(),
         keys: vec![],
+        fence: 0,
     }
 }
 
@@ -131,6 +132,7 @@ async fn counters_contract(counters: Arc<dyn Counters>) {
                 epoch: "e2".into(),
                 loaded_from: "e2".into(),
                 keys: vec![],
+                fence: 0,
             },
             TTL,
         )
@@ -148,6 +150,52 @@ async fn counters_contract(counters: Arc<dyn Counters>) {
     );
     assert!(counters.dirty(Duration::ZERO, 10).await.unwrap().is_empty());
     counters.ping().await.unwrap();
+    fences_contract(counters.as_ref()).await;
+}
+
+/// Fences: while one is held no record loads, nor after it if the document was read
+/// before its release; a fence drops a clean record and keeps a dirty one; a fence whose
+/// holder never released it expires.
+async fn fences_contract(counters: &dyn Counters) {
+    let id = p("fenced");
+    let at = |fence| Seed { fence, ..seed(0, 5) };
+    assert_eq!(counters.fence_gen(&id).await.unwrap(), 0);
+    assert!(counters.load(&id, &at(0), TTL).await.unwrap());
+    counters.apply(&id, &consume(1)).await.unwrap();
+    assert!(!counters.fence(&id, "t1", TTL).await.unwrap(), "a dirty record is kept");
+    assert!(counters.read(&id).await.unwrap().is_some());
+    let taken = counters.fence_gen(&id).await.unwrap();
+    assert!(taken > 0);
+    counters.forget(&id, "e1").await.unwrap();
+    assert!(!counters.load(&id, &at(taken), TTL).await.unwrap(), "held: refused");
+    assert_eq!(counters.read(&id).await.unwrap(), None);
+    counters.unfence(&id, "t1").await.unwrap();
+    let released = counters.fence_gen(&id).await.unwrap();
+    assert!(released > taken);
+    assert!(
+        !counters.load(&id, &at(taken), TTL).await.unwrap(),
+        "read before the release: refused"
+    );
+    assert!(counters.load(&id, &at(released), TTL).await.unwrap());
+    assert_eq!(counters.read(&id).await.unwrap().unwrap().used, 0);
+    // A clean record is dropped; two holders: loads wait for both.
+    assert!(counters.fence(&id, "t2", TTL).await.unwrap());
+    assert_eq!(counters.read(&id).await.unwrap(), None);
+    assert!(counters.fence(&id, "t3", TTL).await.unwrap());
+    counters.unfence(&id, "t2").await.unwrap();
+    let current = counters.fence_gen(&id).await.unwrap();
+    assert!(!counters.load(&id, &at(current), TTL).await.unwrap(), "t3 still held");
+    counters.unfence(&id, "t3").await.unwrap();
+    let current = counters.fence_gen(&id).await.unwrap();
+    assert!(counters.load(&id, &at(current), TTL).await.unwrap());
+    // An abandoned fence expires.
+    assert!(counters.fence(&id, "lost", Duration::from_millis(30)).await.unwrap());
+    let current = counters.fence_gen(&id).await.unwrap();
+    assert!(!counters.load(&id, &at(current), TTL).await.unwrap());
+    tokio::time::sleep(Duration::from_millis(60)).await; // past the fence's own expiry
+    assert!(counters.load(&id, &at(current), TTL).await.unwrap());
+    // Other providers are not fenced.
+    assert!(counters.load(&p("unfenced"), &at(0), TTL).await.unwrap());
 }
 
 fn record(used: i64, base: i64, epoch: &str, loaded_from: &str, version: u64) -> Record {
@@ -434,6 +482,7 @@ async fn keys_travel(counters: Arc<dyn Counters>, ledger: Arc<dyn Ledger>) {
         epoch: "e5".into(),
         loaded_from: doc.epoch.clone().unwrap_or_default(),
         keys: doc.keys,
+        fence: 0,
     };
     counters.load(&id, &reloaded, TTL).await.unwrap();
     assert_eq!(

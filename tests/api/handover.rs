@@ -1,7 +1,8 @@
-//! Returning to Redis (DESIGN.md invariant 6): a Firestore decision still in flight, or
-//! landing, while the reconcile lists what Firestore changed must not let Redis decide
-//! from a record that misses it. Run on the in-memory adapters and on Redis + Firestore;
-//! the ledger is the real one behind a gate that holds a decision where the test says.
+//! Firestore deciding beside Redis must never let Redis decide from a record that misses
+//! one of its decisions: neither when Redis returns while a fallback is in flight or
+//! landing (DESIGN.md invariant 6), nor while replicas in different phases decide for one
+//! provider (a phase switch). Run on the in-memory adapters and on Redis + Firestore; the
+//! ledger is the real one behind a gate that holds a call where the test says.
 
 use std::{
     sync::{
@@ -25,10 +26,11 @@ use tokio::sync::{Notify, Semaphore};
 use crate::helpers::{emulator_host, redis_url, unique};
 
 /// The real ledger, except that a decision can be held before it reaches it (and so
-/// before its "changed outside" mark is written).
+/// before its "changed outside" mark is written), and a read after it returns.
 struct Gated {
     inner: Arc<dyn Ledger>,
     hold_next: AtomicBool,
+    hold_next_read: AtomicBool,
     entered: Notify,
     open: Semaphore,
 }
@@ -38,6 +40,7 @@ impl Gated {
         Arc::new(Self {
             inner,
             hold_next: AtomicBool::new(false),
+            hold_next_read: AtomicBool::new(false),
             entered: Notify::new(),
             open: Semaphore::new(0),
         })
@@ -53,7 +56,12 @@ impl Ledger for Gated {
         self.inner.ping().await
     }
     async fn read(&self, provider: &ProviderId) -> Result<Option<Document>, StorageError> {
-        self.inner.read(provider).await
+        let doc = self.inner.read(provider).await;
+        if self.hold_next_read.swap(false, Ordering::SeqCst) {
+            self.entered.notify_one();
+            self.open.acquire().await.unwrap().forget();
+        }
+        doc
     }
     async fn write_record(
         &self,
@@ -137,7 +145,11 @@ async fn consume(quotas: &QuotaService, provider: &ProviderId) -> i64 {
 }
 
 fn service(counters: Arc<dyn Counters>, ledger: Arc<Gated>) -> Arc<QuotaService> {
-    QuotaService::new(counters, ledger, 100, Duration::from_secs(300), Phase::DualWrite)
+    in_phase(counters, ledger, Phase::DualWrite)
+}
+
+fn in_phase(counters: Arc<dyn Counters>, ledger: Arc<Gated>, phase: Phase) -> Arc<QuotaService> {
+    QuotaService::new(counters, ledger, 100, Duration::from_secs(300), phase)
 }
 
 /// Polls `done` (yielding to the runtime) until it holds; fails after 10 s.
@@ -249,6 +261,65 @@ async fn a_dropped_fallback_ends_its_hold(counters: Arc<dyn Counters>, ledger: A
     assert_eq!(consume(&quotas, &held).await, 2, "the dropped decision changed nothing");
 }
 
+/// A phase switch: replica B still decides in Firestore (`firestore-only`) while replica
+/// A already decides in Redis. While B's decision is in flight, A cannot load the record
+/// (B's fence): A decides in Firestore too, and after both, Redis loads the result.
+async fn a_firestore_decision_fences_the_record_from_other_replicas(counters: Arc<dyn Counters>, ledger: Arc<Gated>) {
+    let a = in_phase(counters.clone(), ledger.clone(), Phase::DualWrite);
+    let b = in_phase(counters.clone(), ledger.clone(), Phase::FirestoreOnly);
+    let id = p("switching");
+    assert_eq!(consume(&a, &id).await, 1);
+    assert!(a.flush(&id).await.unwrap());
+
+    ledger.hold_next.store(true, Ordering::SeqCst);
+    let by_b = tokio::spawn({
+        let (b, id) = (b.clone(), id.clone());
+        async move { consume(&b, &id).await }
+    });
+    ledger.entered.notified().await; // B holds the fence and has dropped the record
+    assert_eq!(counters.read(&id).await.unwrap(), None);
+    assert_eq!(
+        consume(&a, &id).await,
+        2,
+        "A decided in Firestore, not from a stale load"
+    );
+    assert_eq!(
+        counters.read(&id).await.unwrap(),
+        None,
+        "nothing loaded while B decides"
+    );
+    ledger.open.add_permits(1);
+    assert_eq!(by_b.await.unwrap(), 3);
+    assert_eq!(consume(&a, &id).await, 4, "Redis loaded the record after both");
+    assert!(counters.read(&id).await.unwrap().is_some());
+    assert!(a.flush(&id).await.unwrap());
+    assert_eq!(ledger.read(&id).await.unwrap().unwrap().used, Some(4));
+}
+
+/// A load whose document was read before a fenced decision landed is refused, though the
+/// fence is gone by the time the load reaches Redis.
+async fn a_load_read_before_a_fenced_decision_is_refused(counters: Arc<dyn Counters>, ledger: Arc<Gated>) {
+    let a = in_phase(counters.clone(), ledger.clone(), Phase::DualWrite);
+    let b = in_phase(counters.clone(), ledger.clone(), Phase::FirestoreOnly);
+    let id = p("read-early");
+    ledger.hold_next_read.store(true, Ordering::SeqCst);
+    let by_a = tokio::spawn({
+        let (a, id) = (a.clone(), id.clone());
+        async move { consume(&a, &id).await }
+    });
+    ledger.entered.notified().await; // A's miss has read the document: used 0
+    assert_eq!(consume(&b, &id).await, 1, "B decided (fenced) and released its fence");
+    ledger.open.add_permits(1);
+    assert_eq!(
+        by_a.await.unwrap(),
+        2,
+        "A's load was refused; it decided from Firestore"
+    );
+    assert_eq!(consume(&a, &id).await, 3);
+    assert!(a.flush(&id).await.unwrap());
+    assert_eq!(ledger.read(&id).await.unwrap().unwrap().used, Some(3));
+}
+
 async fn memory() -> (Arc<dyn Counters>, Arc<Gated>) {
     (
         Arc::new(memory::MemoryCounters::default()),
@@ -297,4 +368,28 @@ async fn memory_ends_the_hold_of_a_dropped_fallback() {
 async fn redis_ends_the_hold_of_a_dropped_fallback() {
     let (counters, ledger) = real().await;
     a_dropped_fallback_ends_its_hold(counters, ledger).await;
+}
+
+#[tokio::test]
+async fn memory_fences_a_record_while_another_replica_decides_in_firestore() {
+    let (counters, ledger) = memory().await;
+    a_firestore_decision_fences_the_record_from_other_replicas(counters, ledger).await;
+}
+
+#[tokio::test]
+async fn redis_fences_a_record_while_another_replica_decides_in_firestore() {
+    let (counters, ledger) = real().await;
+    a_firestore_decision_fences_the_record_from_other_replicas(counters, ledger).await;
+}
+
+#[tokio::test]
+async fn memory_refuses_a_load_read_before_a_fenced_decision() {
+    let (counters, ledger) = memory().await;
+    a_load_read_before_a_fenced_decision_is_refused(counters, ledger).await;
+}
+
+#[tokio::test]
+async fn redis_refuses_a_load_read_before_a_fenced_decision() {
+    let (counters, ledger) = real().await;
+    a_load_read_before_a_fenced_decision_is_refused(counters, ledger).await;
 }

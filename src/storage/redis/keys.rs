@@ -23,6 +23,16 @@ impl Keys {
         join(&[&self.prefix, "q:{", provider.as_str(), "}"])
     }
 
+    /// Sorted set of the fences held on a provider's record (token -> expiry ms).
+    pub fn fences(&self, provider: &ProviderId) -> String {
+        join(&[&self.prefix, "qf:{", provider.as_str(), "}"])
+    }
+
+    /// A provider's fence generation (see [`crate::storage::Counters::fence_gen`]).
+    pub fn fence_gen(&self, provider: &ProviderId) -> String {
+        join(&[&self.prefix, "qg:{", provider.as_str(), "}"])
+    }
+
     /// The SCAN pattern of every record.
     pub fn record_pattern(&self) -> String {
         format!("{}q:{{*", self.prefix)

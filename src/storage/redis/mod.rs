@@ -43,6 +43,8 @@ static RATE_LIMIT: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!(
 static FORGET: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("scripts/forget.lua")));
 static LOCK: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("scripts/lock.lua")));
 static DIRTY: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("scripts/dirty.lua")));
+static FENCE: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("scripts/fence.lua")));
+static UNFENCE: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("scripts/unfence.lua")));
 
 /// Redis-backed counters.
 pub struct RedisCounters {
@@ -405,8 +407,40 @@ impl Counters for RedisCounters {
     }
 
     #[tracing::instrument(skip_all, fields(provider = %provider), err(level = "debug"))]
-    async fn load(&self, provider: &ProviderId, seed: &Seed, ttl: Duration) -> Result<(), StorageError> {
-        self.write_seed(provider, seed, ttl, false).await
+    async fn load(&self, provider: &ProviderId, seed: &Seed, ttl: Duration) -> Result<bool, StorageError> {
+        Ok(self.write_seed(provider, seed, ttl, false).await? != 2)
+    }
+
+    async fn fence_gen(&self, provider: &ProviderId) -> Result<u64, StorageError> {
+        let generation: Option<u64> = self
+            .query(::redis::cmd("GET").arg(self.keys.fence_gen(provider)).clone())
+            .await?;
+        Ok(generation.unwrap_or(0))
+    }
+
+    async fn fence(&self, provider: &ProviderId, token: &str, ttl: Duration) -> Result<bool, StorageError> {
+        let mut invocation = FENCE.prepare_invoke();
+        invocation
+            .key(self.keys.record(provider))
+            .key(self.keys.fences(provider))
+            .key(self.keys.fence_gen(provider))
+            .arg(token)
+            .arg(u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX));
+        let gone: i64 = self
+            .call(|mut conn| async move { invocation.invoke_async(&mut conn).await })
+            .await?;
+        Ok(gone == 1)
+    }
+
+    async fn unfence(&self, provider: &ProviderId, token: &str) -> Result<(), StorageError> {
+        let mut invocation = UNFENCE.prepare_invoke();
+        invocation
+            .key(self.keys.fences(provider))
+            .key(self.keys.fence_gen(provider))
+            .arg(token);
+        self.call(|mut conn| async move { invocation.invoke_async::<i64>(&mut conn).await })
+            .await
+            .map(|_| ())
     }
 
     /// Sent with the changes ready at the same time, in one call (see [`Batches`]).
@@ -492,7 +526,7 @@ impl Counters for RedisCounters {
     }
 
     async fn replace(&self, provider: &ProviderId, seed: &Seed, ttl: Duration) -> Result<(), StorageError> {
-        self.write_seed(provider, seed, ttl, true).await
+        self.write_seed(provider, seed, ttl, true).await.map(|_| ())
     }
 
     async fn set_limit(&self, provider: &ProviderId, limit: i64) -> Result<(), StorageError> {
@@ -865,18 +899,21 @@ impl RedisCounters {
         seed: &Seed,
         ttl: Duration,
         replace: bool,
-    ) -> Result<(), StorageError> {
+    ) -> Result<i64, StorageError> {
         let mut invocation = LOAD.prepare_invoke();
         invocation
             .key(self.keys.record(provider))
             .key(self.keys.dirty())
+            .key(self.keys.fences(provider))
+            .key(self.keys.fence_gen(provider))
             .arg(seed.used)
             .arg(seed.limit)
             .arg(&seed.epoch)
             .arg(&seed.loaded_from)
             .arg(ttl.as_secs())
             .arg(if replace { "1" } else { "0" })
-            .arg(provider.as_str());
+            .arg(provider.as_str())
+            .arg(seed.fence);
         // The ledger's idempotency records come along, so Redis answers their retries.
         for (id, entry) in &seed.keys {
             let Some(entry) = IdempotencyEntry::parse(entry) else {
@@ -896,6 +933,5 @@ impl RedisCounters {
         }
         self.call(|mut conn| async move { invocation.invoke_async::<i64>(&mut conn).await })
             .await
-            .map(|_| ())
     }
 }

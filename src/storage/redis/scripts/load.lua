@@ -1,18 +1,28 @@
 -- Create a record from the ledger unless one exists (another replica may have won the race).
--- KEYS[1] record hash
+-- KEYS[1] record hash, KEYS[2] dirty index, KEYS[3] fences (sorted set: token -> expiry
+-- ms), KEYS[4] fence generation
 -- ARGV[1] used, ARGV[2] limit, ARGV[3] epoch, ARGV[4] loaded-from epoch, ARGV[5] TTL seconds,
--- ARGV[6] '1' to replace an existing record (an operator set the quota), KEYS[2] dirty index,
--- ARGV[7] provider id; KEYS[3..] idempotency keys the ledger recorded, with ARGV[8..] their
--- answers and expiry (pairs: 'amount:allowed:used:limit', unix ms), set unless present
--- Returns 1 when it wrote the record, 0 when one was there.
-if ARGV[6] ~= '1' and redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+-- ARGV[6] '1' to replace an existing record (an operator set the quota), ARGV[7] provider
+-- id, ARGV[8] the fence generation read before the document; KEYS[5..] idempotency keys
+-- the ledger recorded, with ARGV[9..] their answers and expiry (pairs:
+-- 'amount:allowed:used:limit', unix ms), set unless present
+-- Returns 1 when it wrote the record, 0 when one was there, 2 when it was refused: a fence
+-- is held (Firestore is deciding for the provider) or was taken since the document was
+-- read, so the document may miss a decision.
+if ARGV[6] ~= '1' then
+  if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+  local t = redis.call('TIME')
+  local now_s = string.format('%d', t[1] * 1000 + math.floor(t[2] / 1000))
+  if redis.call('ZCOUNT', KEYS[3], '(' .. now_s, '+inf') > 0 then return 2 end
+  if (redis.call('GET', KEYS[4]) or '0') ~= ARGV[8] then return 2 end
+end
 redis.call('DEL', KEYS[1])
 redis.call('HSET', KEYS[1], 'used', ARGV[1], 'limit', ARGV[2], 'epoch', ARGV[3], 'base', ARGV[1],
   'from', ARGV[4], 'ver', '0', 'synced', '0')
 redis.call('EXPIRE', KEYS[1], ARGV[5])
 if ARGV[6] == '1' then redis.call('ZREM', KEYS[2], ARGV[7]) end
-for i = 3, #KEYS do
-  local answer, expires = ARGV[2 * i + 2], ARGV[2 * i + 3]
+for i = 5, #KEYS do
+  local answer, expires = ARGV[2 * i - 1], ARGV[2 * i]
   redis.call('SET', KEYS[i], answer, 'PXAT', expires, 'NX')
 end
 return 1

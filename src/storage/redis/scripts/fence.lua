@@ -1,0 +1,16 @@
+-- Takes a fence on a provider while Firestore decides for it (no record loads until it is
+-- released, or expires if its holder died), then drops the record unless it is dirty.
+-- KEYS[1] record hash, KEYS[2] fences (sorted set: token -> expiry ms), KEYS[3] fence
+-- generation; ARGV[1] token, ARGV[2] TTL ms
+-- Returns 1 when the record is gone, 0 when it is dirty (kept: flush it, then evict it).
+local t = redis.call('TIME')
+local now = t[1] * 1000 + math.floor(t[2] / 1000)
+redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', string.format('%d', now))
+redis.call('ZADD', KEYS[2], string.format('%d', now + tonumber(ARGV[2])), ARGV[1])
+redis.call('PEXPIRE', KEYS[2], ARGV[2])
+redis.call('INCR', KEYS[3])
+redis.call('PEXPIRE', KEYS[3], 86400000) -- far longer than any load takes
+local v = redis.call('HMGET', KEYS[1], 'ver', 'synced')
+if v[1] and tonumber(v[1]) > tonumber(v[2]) then return 0 end
+redis.call('DEL', KEYS[1])
+return 1
