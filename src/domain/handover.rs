@@ -2,19 +2,20 @@
 //!
 //! While Redis is away, Firestore decides, and each decision marks its provider "changed
 //! outside" so that Redis reloads the record before it decides for it again. The reconcile
-//! task lists those marks, reloads the records and only then lets Redis decide. A decision
-//! still in flight at that moment writes its mark after the listing, and Redis would
+//! task lists those marks, reloads the records and only then lets Redis decide. But a
+//! decision still in flight at that moment writes its mark after the listing (or a
+//! reconcile that failed partway cleared its mark before it landed), and Redis would
 //! decide from a record that misses it until the next periodic reconcile.
 //!
-//! So this replica counts its Firestore decisions per provider. When Redis comes back (or
-//! when one starts while Redis is up: a flap), the providers they are for are *held*:
-//! Redis decides for a held provider only after its decisions have landed and its record
-//! has been reloaded. A decision for a held provider waits for that (at most
-//! [`HOLD_LIMIT`], then Firestore decides it). Other providers go back to Redis at once,
-//! so a busy provider cannot keep the whole replica on Firestore.
+//! So this replica counts its Firestore fallbacks per provider. When Redis comes back (or
+//! when one starts while Redis is up: a flap), the providers they were for since Redis
+//! went down are *held*: Redis decides for a held provider only after its decisions have
+//! landed and its record has been reloaded. A decision for a held provider waits for that
+//! (at most [`HOLD_LIMIT`], then Firestore decides it). Other providers go back to Redis
+//! at once, so a busy provider cannot keep the whole replica on Firestore.
 //!
-//! Other replicas' fallbacks are still caught only by their marks, which the periodic
-//! reconcile reloads within 5 s.
+//! Other replicas' fallbacks are caught by their marks, which the periodic reconcile
+//! reloads within 5 s.
 
 use std::{
     collections::HashMap,
@@ -43,7 +44,8 @@ struct Entry {
 /// Whether Redis decides, and which providers it may not decide for yet.
 #[derive(Debug)]
 pub struct Handover {
-    /// Whether Redis decides (the breaker). Set up only under `entries`' lock.
+    /// Whether Redis decides (the breaker). Set up only under `entries`' lock (set down
+    /// without it).
     up: AtomicBool,
     entries: Mutex<HashMap<ProviderId, Entry>>,
     /// Whether `entries` has any: the hot path's only cost while nothing is held.
@@ -91,18 +93,11 @@ impl Handover {
         was_up
     }
 
-    /// Called before the reconcile lists the marks: decisions that finished while Redis
-    /// was down have written theirs, so the listing covers them.
-    pub fn start_reconcile(&self) {
-        let mut entries = self.entries.lock().unwrap();
-        entries.retain(|_, e| e.in_flight > 0 || e.reload);
-        self.any.store(!entries.is_empty(), Ordering::Release);
-    }
-
-    /// Lets Redis decide again, after a reconcile that began with
-    /// [`Handover::start_reconcile`]: every provider still tracked (a decision in flight,
-    /// or one that finished after the listing began) is held until reloaded. Returns
-    /// whether Redis was down.
+    /// Lets Redis decide again, after a reconcile: every provider Firestore decided for
+    /// since Redis went down is held until reloaded, those still deciding until their
+    /// decisions land. (A reconcile lists marks, but one that failed partway may have
+    /// cleared a mark while its decision was still in flight, and another replica may
+    /// have loaded the record before it landed.) Returns whether Redis was down.
     pub fn go_up(&self) -> bool {
         let mut entries = self.entries.lock().unwrap();
         let mut ready = false;
@@ -143,8 +138,7 @@ impl Handover {
             drop(entries);
             self.ready.notify_one();
         }
-        // Finished while Redis is down: kept until the next reconcile begins (see
-        // `start_reconcile`), which covers its mark.
+        // Finished while Redis is down: held at the recovery.
     }
 
     /// Waits until Redis may decide for `provider`: `true` when it may, `false` when
@@ -165,8 +159,7 @@ impl Handover {
             if !self.is_up() {
                 return false;
             }
-            self.waiting.fetch_add(1, Ordering::Relaxed);
-            let _waiting = scopeguard(&self.waiting);
+            let _waiting = Waiting::new(&self.waiting);
             if tokio::time::timeout_at(deadline, released.changed()).await.is_err() {
                 return false;
             }
@@ -217,13 +210,18 @@ impl Drop for InFlight<'_> {
     }
 }
 
-/// Decrements the waiting count when a wait ends (or is cancelled).
-fn scopeguard(count: &AtomicUsize) -> impl Drop + '_ {
-    struct Guard<'a>(&'a AtomicUsize);
-    impl Drop for Guard<'_> {
-        fn drop(&mut self) {
-            self.0.fetch_sub(1, Ordering::Relaxed);
-        }
+/// Counts one waiting decision in `count` while it lives (a cancelled wait included).
+pub struct Waiting<'a>(&'a AtomicUsize);
+
+impl<'a> Waiting<'a> {
+    pub fn new(count: &'a AtomicUsize) -> Self {
+        count.fetch_add(1, Ordering::Relaxed);
+        Self(count)
     }
-    Guard(count)
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }

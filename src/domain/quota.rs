@@ -6,7 +6,11 @@ use std::{sync::Arc, time::Duration};
 use chrono::{DateTime, Utc};
 use tokio::sync::watch;
 
-use super::{Phase, ProviderId, handover::Handover, writer::Writer};
+use super::{
+    Phase, ProviderId,
+    handover::{HOLD_LIMIT, Handover, Waiting},
+    writer::Writer,
+};
 use crate::storage::{
     Applied, Change, Counters, Decision, Ledger, LedgerDecision, Op, Seed, StorageError, WriteOutcome, new_epoch,
 };
@@ -72,6 +76,10 @@ pub struct QuotaService {
     writer: Writer,
     /// The id of the Redis data set this replica last saw (see `check_redis_data`).
     known_sentinel: std::sync::Mutex<Option<String>>,
+    /// Decisions waiting for a fence to lift (see `change_in_redis`).
+    fence_waiting: std::sync::atomic::AtomicUsize,
+    /// This service, for the tasks Firestore decisions run in.
+    me: std::sync::Weak<QuotaService>,
 }
 
 impl QuotaService {
@@ -83,7 +91,7 @@ impl QuotaService {
         initial_phase: Phase,
     ) -> Arc<Self> {
         let (phase, _) = watch::channel((initial_phase, Utc::now()));
-        Arc::new(Self {
+        Arc::new_cyclic(|me| Self {
             counters,
             ledger,
             default_limit,
@@ -92,6 +100,8 @@ impl QuotaService {
             handover: Handover::default(),
             writer: Writer::default(),
             known_sentinel: std::sync::Mutex::new(None),
+            fence_waiting: std::sync::atomic::AtomicUsize::new(0),
+            me: me.clone(),
         })
     }
 
@@ -267,20 +277,18 @@ impl QuotaService {
                 Err(QuotaError::Unavailable(err)) if err.is_redis() => {
                     self.redis_failed(&err);
                     metrics::counter!("quotad_fallbacks_total").increment(1);
-                    self.change_in_ledger(provider, &change, phase, true).await
+                    self.in_firestore(provider, &change, phase, InFirestore::Fallback).await
                 }
                 Err(err) => Err(err),
             }
         } else if self.redis_is_up() {
             // firestore-only (or a provider whose hold outlasted its wait)
-            self.change_fenced(provider, &change, phase).await
+            self.in_firestore(provider, &change, phase, InFirestore::Fenced).await
         } else {
             if phase.redis_decides() {
                 metrics::counter!("quotad_fallbacks_total").increment(1);
             }
-            // Redis may still hold a record this decision makes stale: it is marked, and
-            // reloaded before Redis decides for it again.
-            self.change_in_ledger(provider, &change, phase, true).await
+            self.in_firestore(provider, &change, phase, InFirestore::Fallback).await
         };
         if let Ok(Outcome::Decided(decision) | Outcome::Replayed(decision)) = &outcome {
             let (result, result_index) = match &outcome {
@@ -305,14 +313,37 @@ impl QuotaService {
         change: &Change<'_>,
         phase: Phase,
     ) -> Result<Outcome, QuotaError> {
-        for _ in 0..3 {
+        let mut loads = 0;
+        let mut waiting = None;
+        let deadline = tokio::time::Instant::now() + HOLD_LIMIT;
+        loop {
             match self.counters.apply(provider, change).await? {
                 Applied::Miss => {
                     metrics::counter!("quotad_cache_total", "result" => "miss").increment(1);
-                    if !self.load(provider).await?.1 {
-                        // Firestore decides for it elsewhere right now: so does this one.
-                        return self.change_fenced(provider, change, phase).await;
+                    if self.load(provider).await?.1 {
+                        loads += 1;
+                        if loads == 3 {
+                            // Evicted between load and apply three times over: Redis is
+                            // under memory pressure.
+                            return Err(QuotaError::Unavailable(StorageError::Unavailable {
+                                backend: "redis",
+                                message: "record vanished three times while deciding".into(),
+                            }));
+                        }
+                        continue;
                     }
+                    // Firestore is deciding for it (another replica's decision in a phase
+                    // switch): wait for that to land, then load. Deciding in Firestore at
+                    // once would fence it in turn, and a busy provider's decisions would
+                    // keep each other off Redis.
+                    if tokio::time::Instant::now() >= deadline {
+                        return self.in_firestore(provider, change, phase, InFirestore::Fenced).await;
+                    }
+                    if waiting.is_none() {
+                        metrics::counter!("quotad_fence_waits_total").increment(1);
+                        waiting = Some(Waiting::new(&self.fence_waiting));
+                    }
+                    tokio::time::sleep(FENCE_POLL).await;
                 }
                 Applied::KeyReused => return Err(QuotaError::KeyReused),
                 Applied::Replayed(decision) => return Ok(Outcome::Replayed(decision)),
@@ -324,11 +355,50 @@ impl QuotaService {
                 }
             }
         }
-        // Evicted between load and apply three times over: Redis is under memory pressure.
-        Err(QuotaError::Unavailable(StorageError::Unavailable {
-            backend: "redis",
-            message: "record vanished three times while deciding".into(),
-        }))
+    }
+
+    /// Decisions waiting for a Firestore decision elsewhere to land (tests synchronise on
+    /// it).
+    pub fn fence_waiting(&self) -> usize {
+        self.fence_waiting.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Decides in Firestore, in a task of its own: a request dropped meanwhile (its client
+    /// went away) does not end the decision's hold or fence before Firestore has answered.
+    async fn in_firestore(
+        &self,
+        provider: &ProviderId,
+        change: &Change<'_>,
+        phase: Phase,
+        how: InFirestore,
+    ) -> Result<Outcome, QuotaError> {
+        let Some(me) = self.me.upgrade() else {
+            return Err(QuotaError::Internal(StorageError::Other {
+                backend: "firestore",
+                message: "the service is shutting down".into(),
+            }));
+        };
+        let (provider, op, amount) = (provider.clone(), change.op, change.amount);
+        let key = change.idempotency_key.map(str::to_owned);
+        let task = tokio::spawn(async move {
+            let change = Change {
+                op,
+                amount,
+                idempotency_key: key.as_deref(),
+            };
+            match how {
+                InFirestore::Fenced => me.change_fenced(&provider, &change, phase).await,
+                // Redis may still hold a record this decision makes stale: it is marked,
+                // and reloaded before Redis decides for it again.
+                InFirestore::Fallback => me.change_in_ledger(&provider, &change, phase, true).await,
+            }
+        });
+        task.await.unwrap_or_else(|err| {
+            Err(QuotaError::Internal(StorageError::Other {
+                backend: "firestore",
+                message: format!("the decision's task failed: {err}"),
+            }))
+        })
     }
 
     /// Decides in Firestore while Redis is reachable: under a fence on the provider, so
@@ -350,7 +420,39 @@ impl QuotaService {
         };
         let mut marked = false;
         match self.drop_under_fence(&fence).await {
-            Ok(()) => {}
+            Ok(true) => {}
+            Ok(false) => {
+                // Other replicas keep deciding in Redis from this record, and it misses no
+                // Firestore decision (each drops it first, and none loads meanwhile).
+                // Deciding in Firestore beside it would let both admit: Redis decides.
+                match self.counters.apply(provider, change).await {
+                    Ok(Applied::Miss) => {} // gone meanwhile: Firestore decides
+                    Ok(Applied::KeyReused) => {
+                        fence.release().await;
+                        return Err(QuotaError::KeyReused);
+                    }
+                    Ok(Applied::Replayed(decision)) => {
+                        fence.release().await;
+                        return Ok(Outcome::Replayed(decision));
+                    }
+                    Ok(Applied::Decided(decision)) => {
+                        if phase != Phase::RedisPrimary {
+                            self.writer.enqueue(provider.clone());
+                        }
+                        fence.release().await;
+                        return Ok(Outcome::Decided(decision));
+                    }
+                    Err(err) if err.is_unavailable() => {
+                        self.redis_failed(&err);
+                        metrics::counter!("quotad_fallbacks_total").increment(1);
+                        marked = true;
+                    }
+                    Err(err) => {
+                        tracing::warn!(%provider, error = %err, "could not decide for a busy record");
+                        marked = true;
+                    }
+                }
+            }
             Err(QuotaError::Unavailable(err)) if err.is_redis() => {
                 self.redis_failed(&err);
                 metrics::counter!("quotad_fallbacks_total").increment(1);
@@ -367,22 +469,20 @@ impl QuotaService {
         outcome
     }
 
-    /// Takes the fence and drops the record, writing its unsynced usage first.
-    async fn drop_under_fence(&self, fence: &Fence) -> Result<(), QuotaError> {
+    /// Takes the fence and drops the record, writing its unsynced usage first. Returns
+    /// `false` when the record stayed dirty (other replicas keep changing it).
+    async fn drop_under_fence(&self, fence: &Fence) -> Result<bool, QuotaError> {
         let provider = &fence.provider;
         if self.counters.fence(provider, &fence.token, FENCE_TTL).await? {
-            return Ok(());
+            return Ok(true);
         }
         for _ in 0..5 {
             self.flush(provider).await?;
             if self.counters.evict_clean(provider).await? {
-                return Ok(());
+                return Ok(true);
             }
         }
-        Err(QuotaError::Unavailable(StorageError::Other {
-            backend: "redis",
-            message: "the record stayed dirty".into(),
-        }))
+        Ok(false)
     }
 
     async fn change_in_ledger(
@@ -556,6 +656,13 @@ impl QuotaService {
                 Err(err) => return Err(err.into()),
             }
         }
+        // Read before the write: a fenced decision landing after it must not be missed by
+        // the record this puts in Redis (it is dropped instead; the next request loads it).
+        let fence = if redis {
+            self.counters.fence_gen(provider).await.unwrap_or(u64::MAX)
+        } else {
+            u64::MAX
+        };
         let epoch = new_epoch();
         let doc = self.ledger.set_quota(provider, used, limit, &epoch).await?;
         let view = QuotaView {
@@ -570,7 +677,7 @@ impl QuotaService {
                 epoch: epoch.clone(),
                 loaded_from: epoch,
                 keys: doc.keys,
-                fence: 0, // a replacement ignores fences
+                fence,
             };
             self.counters.replace(provider, &seed, self.cache_ttl).await
         } else {
@@ -628,7 +735,6 @@ impl QuotaService {
     /// Reloads the providers Firestore decided while Redis was away: writes what Redis
     /// still holds unsynced, then drops the records so the next request loads them.
     pub async fn reconcile(&self) -> Result<usize, StorageError> {
-        self.handover.start_reconcile();
         let mut done = 0;
         loop {
             let changed = self.ledger.changed_outside(200).await?;
@@ -667,12 +773,13 @@ impl QuotaService {
                     self.handover.reloaded(&provider);
                     released += 1;
                 }
-                Err(QuotaError::Unavailable(err)) if err.is_redis() => {
+                Err(QuotaError::Unavailable(err)) if err.is_redis() && err.is_unavailable() => {
                     // Held until Redis is back and reconciled.
                     self.redis_failed(&err);
                     return released;
                 }
                 Err(err) => {
+                    // e.g. Firestore unavailable, or a record other replicas keep dirty
                     tracing::warn!(%provider, error = %err, "reloading a held provider failed; will retry");
                 }
             }
@@ -682,8 +789,21 @@ impl QuotaService {
 }
 
 /// How long a fence outlives a holder that never released it (a crashed replica): longer
-/// than any Firestore decision takes (its transaction gives up after 50 s).
-const FENCE_TTL: Duration = Duration::from_secs(60);
+/// than any fenced decision takes (flushing the record, the marker write and a
+/// transaction that gives up after 50 s).
+const FENCE_TTL: Duration = Duration::from_secs(120);
+
+/// How often a decision that met a fence looks again.
+const FENCE_POLL: Duration = Duration::from_millis(5);
+
+/// How a decision goes to Firestore.
+#[derive(Debug, Clone, Copy)]
+enum InFirestore {
+    /// Redis answers: under a fence ([`QuotaService::change_fenced`]).
+    Fenced,
+    /// Redis is away: marked for a reload, and counted by the [`Handover`].
+    Fallback,
+}
 
 /// A fence held while Firestore decides (see [`Counters::fence`]). Released by
 /// [`Fence::release`]; if the decision is dropped instead (its client went away), the
@@ -708,13 +828,15 @@ impl Fence {
 
 impl Drop for Fence {
     fn drop(&mut self) {
-        if self.held {
+        if self.held
+            && let Ok(runtime) = tokio::runtime::Handle::try_current()
+        {
             let (counters, provider, token) = (
                 self.counters.clone(),
                 self.provider.clone(),
                 std::mem::take(&mut self.token),
             );
-            tokio::spawn(async move {
+            runtime.spawn(async move {
                 let _ = counters.unfence(&provider, &token).await;
             });
         }

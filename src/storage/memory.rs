@@ -100,6 +100,14 @@ impl CountersState {
         }
     }
 
+    /// Whether a fence is held on the provider, or was taken since `seen` was read.
+    fn fenced(&self, provider: &ProviderId, seen: u64) -> bool {
+        let now = Instant::now();
+        self.fences.get(provider).map_or(seen != 0, |(generation, held)| {
+            *generation != seen || held.values().any(|expiry| *expiry > now)
+        })
+    }
+
     fn live(&mut self, provider: &ProviderId) -> Option<&mut Record> {
         let expired = matches!(self.records.get(provider), Some((_, Some(at))) if *at <= Instant::now());
         if expired {
@@ -128,12 +136,7 @@ impl Counters for MemoryCounters {
         if state.live(provider).is_some() {
             return Ok(true);
         }
-        if let Some((generation, held)) = state.fences.get(provider) {
-            let now = Instant::now();
-            if *generation != seed.fence || held.values().any(|expiry| *expiry > now) {
-                return Ok(false);
-            }
-        } else if seed.fence != 0 {
+        if state.fenced(provider, seed.fence) {
             return Ok(false);
         }
         state
@@ -272,6 +275,11 @@ impl Counters for MemoryCounters {
 
     async fn replace(&self, provider: &ProviderId, seed: &Seed, ttl: Duration) -> Result<(), StorageError> {
         let mut state = self.state.lock().unwrap();
+        if state.fenced(provider, seed.fence) {
+            state.records.remove(provider);
+            state.dirty_since.remove(provider);
+            return Ok(());
+        }
         state
             .records
             .insert(provider.clone(), (record_of(seed), Some(Instant::now() + ttl)));

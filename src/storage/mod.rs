@@ -258,7 +258,8 @@ pub trait Counters: Send + Sync {
     async fn evict_clean(&self, provider: &ProviderId) -> Result<bool, StorageError>;
     /// Drops the record if it is still of `epoch`, dirty or not (its document was reset).
     async fn forget(&self, provider: &ProviderId, epoch: &str) -> Result<(), StorageError>;
-    /// Replaces the record (an operator set the quota); it is clean.
+    /// Replaces the record (an operator set the quota); it is clean. Under a fence, or when
+    /// a fence was taken since `seed.fence` was read, it drops the record instead.
     async fn replace(&self, provider: &ProviderId, seed: &Seed, ttl: Duration) -> Result<(), StorageError>;
     /// Sets the limit of a cached record, if there is one.
     async fn set_limit(&self, provider: &ProviderId, limit: i64) -> Result<(), StorageError>;

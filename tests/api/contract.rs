@@ -196,6 +196,44 @@ async fn fences_contract(counters: &dyn Counters) {
     assert!(counters.load(&id, &at(current), TTL).await.unwrap());
     // Other providers are not fenced.
     assert!(counters.load(&p("unfenced"), &at(0), TTL).await.unwrap());
+    // A replacement under a fence, or with a fence taken since its read, drops the record.
+    let current = counters.fence_gen(&id).await.unwrap();
+    counters.apply(&id, &consume(1)).await.unwrap();
+    assert!(!counters.fence(&id, "t4", TTL).await.unwrap());
+    let replaced = Seed {
+        used: 9,
+        ..at(counters.fence_gen(&id).await.unwrap())
+    };
+    counters.replace(&id, &replaced, TTL).await.unwrap();
+    assert_eq!(counters.read(&id).await.unwrap(), None);
+    assert!(
+        counters
+            .dirty(Duration::ZERO, 10)
+            .await
+            .unwrap()
+            .iter()
+            .all(|d| d != &id)
+    );
+    counters.unfence(&id, "t4").await.unwrap();
+    let released = counters.fence_gen(&id).await.unwrap();
+    assert!(released > current);
+    counters
+        .replace(&id, &Seed { used: 9, ..at(current) }, TTL)
+        .await
+        .unwrap();
+    assert_eq!(counters.read(&id).await.unwrap(), None, "fenced since its read");
+    counters
+        .replace(
+            &id,
+            &Seed {
+                used: 9,
+                ..at(released)
+            },
+            TTL,
+        )
+        .await
+        .unwrap();
+    assert_eq!(counters.read(&id).await.unwrap().unwrap().used, 9);
 }
 
 fn record(used: i64, base: i64, epoch: &str, loaded_from: &str, version: u64) -> Record {

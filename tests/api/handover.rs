@@ -26,10 +26,16 @@ use tokio::sync::{Notify, Semaphore};
 use crate::helpers::{emulator_host, redis_url, unique};
 
 /// The real ledger, except that a decision can be held before it reaches it (and so
-/// before its "changed outside" mark is written), and a read after it returns.
+/// before its "changed outside" mark is written, or just after it with `mark_first`, as
+/// the Firestore adapter writes it before its transaction), and a read after it returns;
+/// clearing one provider's mark can be made to fail; and another replica's consume can be
+/// made to follow every record write (a record it keeps dirty).
 struct Gated {
     inner: Arc<dyn Ledger>,
     hold_next: AtomicBool,
+    mark_first: AtomicBool,
+    fail_clear: std::sync::Mutex<Option<ProviderId>>,
+    busy: std::sync::Mutex<Option<Arc<dyn Counters>>>,
     hold_next_read: AtomicBool,
     entered: Notify,
     open: Semaphore,
@@ -40,6 +46,9 @@ impl Gated {
         Arc::new(Self {
             inner,
             hold_next: AtomicBool::new(false),
+            mark_first: AtomicBool::new(false),
+            fail_clear: std::sync::Mutex::default(),
+            busy: std::sync::Mutex::default(),
             hold_next_read: AtomicBool::new(false),
             entered: Notify::new(),
             open: Semaphore::new(0),
@@ -69,7 +78,17 @@ impl Ledger for Gated {
         record: &Record,
         keys: &[KeyRecord],
     ) -> Result<WriteOutcome, StorageError> {
-        self.inner.write_record(provider, record, keys).await
+        let written = self.inner.write_record(provider, record, keys).await;
+        let busy = self.busy.lock().unwrap().clone();
+        if let Some(counters) = busy {
+            let change = Change {
+                op: quotad::storage::Op::Consume,
+                amount: 1,
+                idempotency_key: None,
+            };
+            counters.apply(provider, &change).await.unwrap();
+        }
+        written
     }
     async fn write_records(
         &self,
@@ -85,6 +104,9 @@ impl Ledger for Gated {
         mark_changed: bool,
     ) -> Result<LedgerDecision, StorageError> {
         if self.hold_next.swap(false, Ordering::SeqCst) {
+            if mark_changed && self.mark_first.load(Ordering::SeqCst) {
+                self.inner.note_changed_outside(provider).await?;
+            }
             self.entered.notify_one();
             self.open.acquire().await.unwrap().forget();
         }
@@ -113,6 +135,12 @@ impl Ledger for Gated {
         self.inner.note_changed_outside(provider).await
     }
     async fn clear_changed_outside(&self, provider: &ProviderId) -> Result<(), StorageError> {
+        if self.fail_clear.lock().unwrap().as_ref() == Some(provider) {
+            return Err(StorageError::Unavailable {
+                backend: "firestore",
+                message: "clearing this mark fails".into(),
+            });
+        }
         self.inner.clear_changed_outside(provider).await
     }
     async fn meta(&self, name: &str) -> Result<Option<String>, StorageError> {
@@ -211,36 +239,55 @@ async fn a_fallback_in_flight_holds_its_provider(counters: Arc<dyn Counters>, le
     assert_eq!(ledger.read(&held).await.unwrap().unwrap().used, Some(3));
 }
 
-/// A fallback that lands after the reconcile listed the marks but before Redis is let
-/// back: its provider is held too.
-async fn a_fallback_landing_during_the_reconcile_holds_its_provider(counters: Arc<dyn Counters>, ledger: Arc<Gated>) {
-    let quotas = service(counters, ledger.clone());
-    let held = p("held");
-    assert_eq!(consume(&quotas, &held).await, 1);
-    assert!(quotas.flush(&held).await.unwrap());
+/// Every provider Firestore decided for while Redis was away is held at the recovery,
+/// not only those still in flight: a reconcile that failed partway may have cleared a
+/// mark while its decision was in flight, and another replica (which reaches Redis) may
+/// have loaded the record before the decision landed.
+async fn a_fallback_whose_mark_a_failed_reconcile_cleared_holds_its_provider(
+    counters: Arc<dyn Counters>,
+    ledger: Arc<Gated>,
+) {
+    let a = service(counters.clone(), ledger.clone());
+    let b = service(counters.clone(), ledger.clone());
+    let (held, other) = (p("a-held"), p("z-other"));
+    assert_eq!(consume(&a, &held).await, 1);
+    assert!(a.flush(&held).await.unwrap());
 
-    quotas.redis_down("test");
-    // A fallback that finished before the reconcile began is covered by its mark.
-    assert_eq!(consume(&quotas, &held).await, 2);
-    assert_eq!(quotas.reconcile().await.unwrap(), 1);
-    assert!(!quotas.handover().is_held(&held));
-    // One that lands after the listing (as if between the listing and recovery) is not.
-    assert_eq!(consume(&quotas, &held).await, 3);
-    quotas.redis_recovered();
-    assert!(quotas.handover().is_held(&held));
-    assert_eq!(quotas.hand_back().await, 1);
-    assert_eq!(
-        consume(&quotas, &held).await,
-        4,
-        "Redis decided from the reloaded record"
+    a.redis_down("test");
+    ledger.mark_first.store(true, Ordering::SeqCst);
+    ledger.hold_next.store(true, Ordering::SeqCst);
+    let first = tokio::spawn({
+        let (a, held) = (a.clone(), held.clone());
+        async move { consume(&a, &held).await }
+    });
+    ledger.entered.notified().await; // its mark is written, its transaction not yet
+    ledger.note_changed_outside(&other).await.unwrap();
+    *ledger.fail_clear.lock().unwrap() = Some(other.clone());
+    assert!(
+        a.reconcile().await.is_err(),
+        "reloads `held`, clears its mark, fails on `other`"
     );
-    assert!(quotas.flush(&held).await.unwrap());
+    assert_eq!(
+        consume(&b, &held).await,
+        2,
+        "B loads the record before A's decision lands"
+    );
+    ledger.open.add_permits(1);
+    assert_eq!(first.await.unwrap(), 2, "Firestore's view: 1 + 1");
+
+    *ledger.fail_clear.lock().unwrap() = None;
+    a.reconcile().await.unwrap(); // lists `other` only
+    a.redis_recovered();
+    assert!(a.handover().is_held(&held));
+    assert_eq!(a.hand_back().await, 1); // writes B's unit, drops the record
+    assert_eq!(consume(&a, &held).await, 4, "Redis decided from the reloaded record");
+    assert!(a.flush(&held).await.unwrap());
     assert_eq!(ledger.read(&held).await.unwrap().unwrap().used, Some(4));
 }
 
-/// A fallback whose request is dropped mid-decision (a client that hung up) still ends
-/// its hold.
-async fn a_dropped_fallback_ends_its_hold(counters: Arc<dyn Counters>, ledger: Arc<Gated>) {
+/// A fallback whose request is dropped mid-decision (a client that hung up) still runs to
+/// its end, and its provider stays held until then: the decision may still land.
+async fn a_dropped_fallback_holds_its_provider_until_it_lands(counters: Arc<dyn Counters>, ledger: Arc<Gated>) {
     let quotas = service(counters, ledger.clone());
     let held = p("held");
     assert_eq!(consume(&quotas, &held).await, 1);
@@ -256,9 +303,17 @@ async fn a_dropped_fallback_ends_its_hold(counters: Arc<dyn Counters>, ledger: A
     first.abort();
     assert!(first.await.unwrap_err().is_cancelled());
     assert!(quotas.handover().is_held(&held));
+    assert_eq!(quotas.hand_back().await, 0, "its decision is still running");
+    ledger.open.add_permits(1);
+    let handover = quotas.handover();
+    until(|| !handover.ready().is_empty(), "the dropped request's decision lands").await;
     assert_eq!(quotas.hand_back().await, 1);
     assert!(!quotas.handover().is_held(&held));
-    assert_eq!(consume(&quotas, &held).await, 2, "the dropped decision changed nothing");
+    assert_eq!(
+        consume(&quotas, &held).await,
+        3,
+        "the dropped request's decision counted"
+    );
 }
 
 /// A phase switch: replica B still decides in Firestore (`firestore-only`) while replica
@@ -320,6 +375,59 @@ async fn a_load_read_before_a_fenced_decision_is_refused(counters: Arc<dyn Count
     assert_eq!(ledger.read(&id).await.unwrap().unwrap().used, Some(3));
 }
 
+/// Decisions that meet another replica's fence wait for it, then decide in Redis: a busy
+/// provider's decisions do not keep each other off Redis.
+async fn decisions_wait_for_a_fence_then_go_back_to_redis(counters: Arc<dyn Counters>, ledger: Arc<Gated>) {
+    let a = in_phase(counters.clone(), ledger.clone(), Phase::DualWrite);
+    let b = in_phase(counters.clone(), ledger.clone(), Phase::FirestoreOnly);
+    let id = p("busy");
+    assert_eq!(consume(&a, &id).await, 1);
+    assert!(a.flush(&id).await.unwrap());
+    ledger.hold_next.store(true, Ordering::SeqCst);
+    let by_b = tokio::spawn({
+        let (b, id) = (b.clone(), id.clone());
+        async move { consume(&b, &id).await }
+    });
+    ledger.entered.notified().await;
+    let by_a: Vec<_> = (0..20)
+        .map(|_| {
+            let (a, id) = (a.clone(), id.clone());
+            tokio::spawn(async move { consume(&a, &id).await })
+        })
+        .collect();
+    until(|| a.fence_waiting() == 20, "A's 20 consumes wait for B's fence").await;
+    ledger.open.add_permits(1);
+    assert_eq!(by_b.await.unwrap(), 2);
+    let mut answers = Vec::new();
+    for consume in by_a {
+        answers.push(consume.await.unwrap());
+    }
+    answers.sort_unstable();
+    assert_eq!(answers, (3..23).collect::<Vec<_>>());
+    // Redis decided all 20: Firestore has only B's (this test runs no writer).
+    assert_eq!(ledger.read(&id).await.unwrap().unwrap().used, Some(2));
+    assert_eq!(counters.read(&id).await.unwrap().unwrap().used, 22);
+}
+
+/// A firestore-only decision that meets a record other replicas keep dirty decides in
+/// Redis (where they decide), without marking Redis down.
+async fn a_firestore_only_decision_meeting_a_busy_record_decides_in_redis(
+    counters: Arc<dyn Counters>,
+    ledger: Arc<Gated>,
+) {
+    let a = in_phase(counters.clone(), ledger.clone(), Phase::DualWrite);
+    let b = in_phase(counters.clone(), ledger.clone(), Phase::FirestoreOnly);
+    let id = p("kept-dirty");
+    assert_eq!(consume(&a, &id).await, 1);
+    *ledger.busy.lock().unwrap() = Some(counters.clone()); // a consume after each write
+    // 1, then a consume after each of the 15 writes (five flushes of three tries), then B's
+    assert_eq!(consume(&b, &id).await, 17);
+    assert!(b.redis_is_up());
+    *ledger.busy.lock().unwrap() = None;
+    assert!(b.flush(&id).await.unwrap());
+    assert_eq!(ledger.read(&id).await.unwrap().unwrap().used, Some(17));
+}
+
 async fn memory() -> (Arc<dyn Counters>, Arc<Gated>) {
     (
         Arc::new(memory::MemoryCounters::default()),
@@ -347,27 +455,27 @@ async fn redis_holds_a_provider_whose_fallback_is_in_flight() {
 }
 
 #[tokio::test]
-async fn memory_holds_a_provider_whose_fallback_lands_during_the_reconcile() {
+async fn memory_holds_a_provider_whose_mark_a_failed_reconcile_cleared() {
     let (counters, ledger) = memory().await;
-    a_fallback_landing_during_the_reconcile_holds_its_provider(counters, ledger).await;
+    a_fallback_whose_mark_a_failed_reconcile_cleared_holds_its_provider(counters, ledger).await;
 }
 
 #[tokio::test]
-async fn redis_holds_a_provider_whose_fallback_lands_during_the_reconcile() {
+async fn redis_holds_a_provider_whose_mark_a_failed_reconcile_cleared() {
     let (counters, ledger) = real().await;
-    a_fallback_landing_during_the_reconcile_holds_its_provider(counters, ledger).await;
+    a_fallback_whose_mark_a_failed_reconcile_cleared_holds_its_provider(counters, ledger).await;
 }
 
 #[tokio::test]
-async fn memory_ends_the_hold_of_a_dropped_fallback() {
+async fn memory_holds_a_dropped_fallbacks_provider_until_it_lands() {
     let (counters, ledger) = memory().await;
-    a_dropped_fallback_ends_its_hold(counters, ledger).await;
+    a_dropped_fallback_holds_its_provider_until_it_lands(counters, ledger).await;
 }
 
 #[tokio::test]
-async fn redis_ends_the_hold_of_a_dropped_fallback() {
+async fn redis_holds_a_dropped_fallbacks_provider_until_it_lands() {
     let (counters, ledger) = real().await;
-    a_dropped_fallback_ends_its_hold(counters, ledger).await;
+    a_dropped_fallback_holds_its_provider_until_it_lands(counters, ledger).await;
 }
 
 #[tokio::test]
@@ -392,4 +500,28 @@ async fn memory_refuses_a_load_read_before_a_fenced_decision() {
 async fn redis_refuses_a_load_read_before_a_fenced_decision() {
     let (counters, ledger) = real().await;
     a_load_read_before_a_fenced_decision_is_refused(counters, ledger).await;
+}
+
+#[tokio::test]
+async fn memory_decisions_wait_for_a_fence_then_go_back_to_redis() {
+    let (counters, ledger) = memory().await;
+    decisions_wait_for_a_fence_then_go_back_to_redis(counters, ledger).await;
+}
+
+#[tokio::test]
+async fn redis_decisions_wait_for_a_fence_then_go_back_to_redis() {
+    let (counters, ledger) = real().await;
+    decisions_wait_for_a_fence_then_go_back_to_redis(counters, ledger).await;
+}
+
+#[tokio::test]
+async fn memory_decides_a_busy_record_in_redis() {
+    let (counters, ledger) = memory().await;
+    a_firestore_only_decision_meeting_a_busy_record_decides_in_redis(counters, ledger).await;
+}
+
+#[tokio::test]
+async fn redis_decides_a_busy_record_in_redis() {
+    let (counters, ledger) = real().await;
+    a_firestore_only_decision_meeting_a_busy_record_decides_in_redis(counters, ledger).await;
 }

@@ -8,13 +8,18 @@
 -- 'amount:allowed:used:limit', unix ms), set unless present
 -- Returns 1 when it wrote the record, 0 when one was there, 2 when it was refused: a fence
 -- is held (Firestore is deciding for the provider) or was taken since the document was
--- read, so the document may miss a decision.
-if ARGV[6] ~= '1' then
-  if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
-  local t = redis.call('TIME')
-  local now_s = string.format('%d', t[1] * 1000 + math.floor(t[2] / 1000))
-  if redis.call('ZCOUNT', KEYS[3], '(' .. now_s, '+inf') > 0 then return 2 end
-  if (redis.call('GET', KEYS[4]) or '0') ~= ARGV[8] then return 2 end
+-- read, so the document may miss a decision. A refused replacement drops the record (the
+-- next request loads it).
+if ARGV[6] ~= '1' and redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+local t = redis.call('TIME')
+local now_s = string.format('%d', t[1] * 1000 + math.floor(t[2] / 1000))
+if redis.call('ZCOUNT', KEYS[3], '(' .. now_s, '+inf') > 0
+    or (redis.call('GET', KEYS[4]) or '0') ~= ARGV[8] then
+  if ARGV[6] == '1' then
+    redis.call('DEL', KEYS[1])
+    redis.call('ZREM', KEYS[2], ARGV[7])
+  end
+  return 2
 end
 redis.call('DEL', KEYS[1])
 redis.call('HSET', KEYS[1], 'used', ARGV[1], 'limit', ARGV[2], 'epoch', ARGV[3], 'base', ARGV[1],
