@@ -8,7 +8,7 @@ use tokio::sync::watch;
 
 use super::{
     Phase, ProviderId,
-    handover::{HOLD_LIMIT, Handover, Waiting},
+    handover::{Handover, Waiting},
     writer::Writer,
 };
 use crate::storage::{
@@ -315,7 +315,7 @@ impl QuotaService {
     ) -> Result<Outcome, QuotaError> {
         let mut loads = 0;
         let mut waiting = None;
-        let deadline = tokio::time::Instant::now() + HOLD_LIMIT;
+        let deadline = tokio::time::Instant::now() + FENCE_WAIT;
         loop {
             match self.counters.apply(provider, change).await? {
                 Applied::Miss => {
@@ -335,15 +335,19 @@ impl QuotaService {
                     // Firestore is deciding for it (another replica's decision in a phase
                     // switch): wait for that to land, then load. Deciding in Firestore at
                     // once would fence it in turn, and a busy provider's decisions would
-                    // keep each other off Redis.
-                    if tokio::time::Instant::now() >= deadline {
-                        return self.in_firestore(provider, change, phase, InFirestore::Fenced).await;
-                    }
+                    // keep each other off Redis. A holder renews its fence, and a dead
+                    // holder's expires within FENCE_TTL: only a replica that keeps deciding
+                    // in Firestore for longer than FENCE_WAIT sends this one there too.
                     if waiting.is_none() {
                         metrics::counter!("quotad_fence_waits_total").increment(1);
                         waiting = Some(Waiting::new(&self.fence_waiting));
                     }
-                    tokio::time::sleep(FENCE_POLL).await;
+                    while self.counters.fence_held(provider).await? {
+                        if tokio::time::Instant::now() >= deadline {
+                            return self.in_firestore(provider, change, phase, InFirestore::Fenced).await;
+                        }
+                        tokio::time::sleep(FENCE_POLL).await;
+                    }
                 }
                 Applied::KeyReused => return Err(QuotaError::KeyReused),
                 Applied::Replayed(decision) => return Ok(Outcome::Replayed(decision)),
@@ -419,11 +423,12 @@ impl QuotaService {
             held: true,
         };
         let mut marked = false;
-        match self.drop_under_fence(&fence).await {
+        match self.renewing(&fence, self.drop_under_fence(&fence)).await {
             Ok(true) => {}
             Ok(false) => {
                 // Other replicas keep deciding in Redis from this record, and it misses no
-                // Firestore decision (each drops it first, and none loads meanwhile).
+                // fenced decision (each drops it first, and none loads meanwhile; fallbacks
+                // made while Redis was away are reloaded once it is not this busy).
                 // Deciding in Firestore beside it would let both admit: Redis decides.
                 match self.counters.apply(provider, change).await {
                     Ok(Applied::Miss) => {} // gone meanwhile: Firestore decides
@@ -464,9 +469,28 @@ impl QuotaService {
                 marked = true;
             }
         }
-        let outcome = self.change_in_ledger(provider, change, phase, marked).await;
+        let outcome = self
+            .renewing(&fence, self.change_in_ledger(provider, change, phase, marked))
+            .await;
         fence.release().await;
         outcome
+    }
+
+    /// Runs `work` while renewing `fence` (every [`FENCE_RENEW`]), so that it lasts as long
+    /// as the work does, however long a Firestore call takes, and no longer than
+    /// [`FENCE_TTL`] after a holder dies.
+    async fn renewing<T>(&self, fence: &Fence, work: impl std::future::Future<Output = T>) -> T {
+        tokio::pin!(work);
+        loop {
+            tokio::select! {
+                done = &mut work => return done,
+                () = tokio::time::sleep(FENCE_RENEW) => {
+                    if let Err(err) = self.counters.renew_fence(&fence.provider, &fence.token, FENCE_TTL).await {
+                        tracing::warn!(provider = %fence.provider, error = %err, "could not renew a fence");
+                    }
+                }
+            }
+        }
     }
 
     /// Takes the fence and drops the record, writing its unsynced usage first. Returns
@@ -629,16 +653,32 @@ impl QuotaService {
     /// Drops the cached record, writing its unsynced usage first: invalidation never loses
     /// usage.
     pub async fn invalidate(&self, provider: &ProviderId) -> Result<(), QuotaError> {
-        for _ in 0..5 {
-            if self.counters.evict_clean(provider).await? {
-                return Ok(());
-            }
-            self.flush(provider).await?;
+        if self.try_invalidate(provider).await? {
+            return Ok(());
         }
         Err(QuotaError::Unavailable(StorageError::Other {
             backend: "redis",
             message: "the record stayed dirty".into(),
         }))
+    }
+
+    /// [`QuotaService::invalidate`], but `false` when the record stayed dirty: other
+    /// replicas keep changing it faster than it can be written.
+    async fn try_invalidate(&self, provider: &ProviderId) -> Result<bool, QuotaError> {
+        for _ in 0..5 {
+            if self.counters.evict_clean(provider).await? {
+                return Ok(true);
+            }
+            self.flush(provider).await?;
+        }
+        Ok(false)
+    }
+
+    /// A record that could not be reloaded because other replicas keep it dirty: they
+    /// decide from it meanwhile, and so may this one. Its reload is retried later.
+    fn reload_deferred(provider: &ProviderId, why: &'static str) {
+        tracing::warn!(%provider, why, "reload deferred: other replicas keep the record dirty");
+        metrics::counter!("quotad_reloads_deferred_total").increment(1);
     }
 
     /// Sets `used` and/or `limit` in the ledger and the cache: both agree when it returns.
@@ -736,14 +776,22 @@ impl QuotaService {
     /// still holds unsynced, then drops the records so the next request loads them.
     pub async fn reconcile(&self) -> Result<usize, StorageError> {
         let mut done = 0;
+        // Marks of busy records stay for the next reconcile; one must not stop the others.
+        let mut deferred = std::collections::HashSet::new();
         loop {
-            let changed = self.ledger.changed_outside(200).await?;
+            let changed = self.ledger.changed_outside(200 + deferred.len()).await?;
+            let changed: Vec<_> = changed.into_iter().filter(|p| !deferred.contains(p)).collect();
             if changed.is_empty() {
                 return Ok(done);
             }
             for provider in &changed {
-                match self.invalidate(provider).await {
-                    Ok(()) => {}
+                match self.try_invalidate(provider).await {
+                    Ok(true) => {}
+                    Ok(false) => {
+                        Self::reload_deferred(provider, "reconcile");
+                        deferred.insert(provider.clone());
+                        continue;
+                    }
                     Err(QuotaError::Unavailable(err) | QuotaError::Internal(err)) => {
                         return Err(err);
                     }
@@ -768,8 +816,13 @@ impl QuotaService {
             return 0; // the recovery makes them ready again
         }
         for provider in self.handover.ready() {
-            match self.invalidate(&provider).await {
-                Ok(()) => {
+            match self.try_invalidate(&provider).await {
+                Ok(reloaded) => {
+                    if !reloaded {
+                        // Holding it would only make this replica's requests wait; its mark
+                        // stays, for the periodic reconcile to try again.
+                        Self::reload_deferred(&provider, "hand-back");
+                    }
                     self.handover.reloaded(&provider);
                     released += 1;
                 }
@@ -788,10 +841,15 @@ impl QuotaService {
     }
 }
 
-/// How long a fence outlives a holder that never released it (a crashed replica): longer
-/// than any fenced decision takes (flushing the record, the marker write and a
-/// transaction that gives up after 50 s).
-const FENCE_TTL: Duration = Duration::from_secs(120);
+/// How long a fence outlives a holder that stopped renewing it (a crashed replica).
+const FENCE_TTL: Duration = Duration::from_secs(5);
+
+/// How often a holder renews its fence while its decision runs.
+const FENCE_RENEW: Duration = Duration::from_millis(1500);
+
+/// How long a decision waits for fences to lift before it decides in Firestore: longer
+/// than a dead holder's fence lasts.
+const FENCE_WAIT: Duration = Duration::from_secs(6);
 
 /// How often a decision that met a fence looks again.
 const FENCE_POLL: Duration = Duration::from_millis(5);

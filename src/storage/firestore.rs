@@ -477,56 +477,67 @@ impl Ledger for FirestoreLedger {
         }
         let key_field = change.idempotency_key.map(|k| idempotency_id(change.op, k));
         let now = Utc::now().timestamp_millis();
-        self.modify(provider, |doc| {
-            let mut keys = doc.quotadKeys.clone().unwrap_or_default();
-            keys.retain(|_, entry| IdempotencyEntry::parse(entry).is_some_and(|e| e.expires_ms > now));
-            if let Some(prior) = key_field
-                .as_ref()
-                .and_then(|f| keys.get(f))
-                .and_then(|e| IdempotencyEntry::parse(e))
-            {
-                if prior.amount != change.amount {
-                    return (LedgerDecision::KeyReused, None);
+        let decided = self
+            .modify(provider, |doc| {
+                let mut keys = doc.quotadKeys.clone().unwrap_or_default();
+                keys.retain(|_, entry| IdempotencyEntry::parse(entry).is_some_and(|e| e.expires_ms > now));
+                if let Some(prior) = key_field
+                    .as_ref()
+                    .and_then(|f| keys.get(f))
+                    .and_then(|e| IdempotencyEntry::parse(e))
+                {
+                    if prior.amount != change.amount {
+                        return (LedgerDecision::KeyReused, None);
+                    }
+                    return (LedgerDecision::Replayed(prior.decision), None);
                 }
-                return (LedgerDecision::Replayed(prior.decision), None);
-            }
-            let used = doc.aiCallsUsed.as_ref().map_or(0, num);
-            let limit = doc.aiCallsLimit.as_ref().map_or(default_limit, num);
-            let decision = match change.op {
-                Op::Consume if used + change.amount > limit => Decision {
-                    allowed: false,
-                    used,
-                    limit,
-                },
-                Op::Consume => Decision {
-                    allowed: true,
-                    used: used + change.amount,
-                    limit,
-                },
-                Op::Refund => Decision {
-                    allowed: true,
-                    used: (used - change.amount).max(0),
-                    limit,
-                },
-            };
-            let mut write = ProviderWrite::default();
-            if decision.used != used {
-                write.aiCallsUsed = Some(decision.used);
-            }
-            if let Some(field) = key_field.clone() {
-                let ttl = i64::try_from(IDEMPOTENCY_TTL.as_millis()).unwrap_or(i64::MAX);
-                let entry = IdempotencyEntry {
-                    amount: change.amount,
-                    decision,
-                    expires_ms: now + ttl,
+                let used = doc.aiCallsUsed.as_ref().map_or(0, num);
+                let limit = doc.aiCallsLimit.as_ref().map_or(default_limit, num);
+                let decision = match change.op {
+                    Op::Consume if used + change.amount > limit => Decision {
+                        allowed: false,
+                        used,
+                        limit,
+                    },
+                    Op::Consume => Decision {
+                        allowed: true,
+                        used: used + change.amount,
+                        limit,
+                    },
+                    Op::Refund => Decision {
+                        allowed: true,
+                        used: (used - change.amount).max(0),
+                        limit,
+                    },
                 };
-                merge_keys(&mut keys, &[(field, entry.render())], now);
-                write.quotadKeys = Some(keys);
-            }
-            let changes = write.aiCallsUsed.is_some() || write.quotadKeys.is_some();
-            (LedgerDecision::Decided(decision), changes.then_some(write))
-        })
-        .await
+                let mut write = ProviderWrite::default();
+                if decision.used != used {
+                    write.aiCallsUsed = Some(decision.used);
+                }
+                if let Some(field) = key_field.clone() {
+                    let ttl = i64::try_from(IDEMPOTENCY_TTL.as_millis()).unwrap_or(i64::MAX);
+                    let entry = IdempotencyEntry {
+                        amount: change.amount,
+                        decision,
+                        expires_ms: now + ttl,
+                    };
+                    merge_keys(&mut keys, &[(field, entry.render())], now);
+                    write.quotadKeys = Some(keys);
+                }
+                let changes = write.aiCallsUsed.is_some() || write.quotadKeys.is_some();
+                (LedgerDecision::Decided(decision), changes.then_some(write))
+            })
+            .await;
+        if mark_changed
+            && decided.is_ok()
+            && let Err(err) = self.note_changed_outside(provider).await
+        {
+            // And after it: a reconcile (any replica's) that listed and cleared the first
+            // marker while the transaction ran must not have the last word. The decision
+            // stands either way; this replica holds the provider at its recovery.
+            tracing::warn!(%provider, error = %err, "could not mark a fallback decision again");
+        }
+        decided
     }
 
     #[tracing::instrument(skip_all, fields(provider = %provider), err(level = "debug"))]

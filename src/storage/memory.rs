@@ -171,6 +171,22 @@ impl Counters for MemoryCounters {
         Ok(true)
     }
 
+    async fn renew_fence(&self, provider: &ProviderId, token: &str, ttl: Duration) -> Result<(), StorageError> {
+        let mut state = self.state.lock().unwrap();
+        let (_, held) = state.fences.entry(provider.clone()).or_default();
+        held.insert(token.to_owned(), Instant::now() + ttl);
+        Ok(())
+    }
+
+    async fn fence_held(&self, provider: &ProviderId) -> Result<bool, StorageError> {
+        let now = Instant::now();
+        let state = self.state.lock().unwrap();
+        Ok(state
+            .fences
+            .get(provider)
+            .is_some_and(|(_, held)| held.values().any(|expiry| *expiry > now)))
+    }
+
     async fn unfence(&self, provider: &ProviderId, token: &str) -> Result<(), StorageError> {
         let mut state = self.state.lock().unwrap();
         let (generation, held) = state.fences.entry(provider.clone()).or_default();

@@ -235,6 +235,10 @@ pub trait Counters: Send + Sync {
     /// that decision. Drops the record unless it is dirty; returns whether it is gone (if
     /// not: flush it, then [`Counters::evict_clean`]).
     async fn fence(&self, provider: &ProviderId, token: &str, ttl: Duration) -> Result<bool, StorageError>;
+    /// Extends a fence its holder still works under: it expires `ttl` from now.
+    async fn renew_fence(&self, provider: &ProviderId, token: &str, ttl: Duration) -> Result<(), StorageError>;
+    /// Whether a fence is held on the provider (loads are refused while one is).
+    async fn fence_held(&self, provider: &ProviderId) -> Result<bool, StorageError>;
     /// Releases a fence taken with [`Counters::fence`].
     async fn unfence(&self, provider: &ProviderId, token: &str) -> Result<(), StorageError>;
     /// Applies a consume or refund atomically with its idempotency record; a change makes

@@ -35,7 +35,7 @@ struct Gated {
     hold_next: AtomicBool,
     mark_first: AtomicBool,
     fail_clear: std::sync::Mutex<Option<ProviderId>>,
-    busy: std::sync::Mutex<Option<Arc<dyn Counters>>>,
+    busy: std::sync::Mutex<Option<(Arc<dyn Counters>, ProviderId)>>,
     hold_next_read: AtomicBool,
     entered: Notify,
     open: Semaphore,
@@ -80,7 +80,7 @@ impl Ledger for Gated {
     ) -> Result<WriteOutcome, StorageError> {
         let written = self.inner.write_record(provider, record, keys).await;
         let busy = self.busy.lock().unwrap().clone();
-        if let Some(counters) = busy {
+        if let Some((counters, _)) = busy.filter(|(_, kept)| kept == provider) {
             let change = Change {
                 op: quotad::storage::Op::Consume,
                 amount: 1,
@@ -316,39 +316,63 @@ async fn a_dropped_fallback_holds_its_provider_until_it_lands(counters: Arc<dyn 
     );
 }
 
-/// A phase switch: replica B still decides in Firestore (`firestore-only`) while replica
-/// A already decides in Redis. While B's decision is in flight, A cannot load the record
-/// (B's fence): A decides in Firestore too, and after both, Redis loads the result.
-async fn a_firestore_decision_fences_the_record_from_other_replicas(counters: Arc<dyn Counters>, ledger: Arc<Gated>) {
-    let a = in_phase(counters.clone(), ledger.clone(), Phase::DualWrite);
-    let b = in_phase(counters.clone(), ledger.clone(), Phase::FirestoreOnly);
-    let id = p("switching");
+/// A fence whose holder died (it neither releases nor renews it) lifts by itself: a
+/// decision that met it waits, then loads the record and decides in Redis.
+async fn a_dead_holders_fence_expires(counters: Arc<dyn Counters>, ledger: Arc<Gated>) {
+    let a = service(counters.clone(), ledger.clone());
+    let id = p("dead-holder");
     assert_eq!(consume(&a, &id).await, 1);
     assert!(a.flush(&id).await.unwrap());
+    assert!(counters.fence(&id, "died", Duration::from_millis(800)).await.unwrap());
+    let waiting = tokio::spawn({
+        let (a, id) = (a.clone(), id.clone());
+        async move { consume(&a, &id).await }
+    });
+    until(|| a.fence_waiting() == 1, "the consume waits for the fence").await;
+    assert_eq!(waiting.await.unwrap(), 2);
+    assert_eq!(counters.read(&id).await.unwrap().unwrap().used, 2, "decided in Redis");
+    assert_eq!(ledger.read(&id).await.unwrap().unwrap().used, Some(1));
+}
 
+/// A holder renews its fence for as long as its decision runs, beyond the fence's TTL.
+async fn a_slow_decision_keeps_its_fence(counters: Arc<dyn Counters>, ledger: Arc<Gated>) {
+    let b = in_phase(counters.clone(), ledger.clone(), Phase::FirestoreOnly);
+    let id = p("slow");
     ledger.hold_next.store(true, Ordering::SeqCst);
     let by_b = tokio::spawn({
         let (b, id) = (b.clone(), id.clone());
         async move { consume(&b, &id).await }
     });
-    ledger.entered.notified().await; // B holds the fence and has dropped the record
-    assert_eq!(counters.read(&id).await.unwrap(), None);
-    assert_eq!(
-        consume(&a, &id).await,
-        2,
-        "A decided in Firestore, not from a stale load"
-    );
-    assert_eq!(
-        counters.read(&id).await.unwrap(),
-        None,
-        "nothing loaded while B decides"
+    ledger.entered.notified().await;
+    assert!(counters.fence_held(&id).await.unwrap());
+    tokio::time::sleep(Duration::from_secs(7)).await; // past the fence's TTL (5 s)
+    assert!(
+        counters.fence_held(&id).await.unwrap(),
+        "renewed while the decision runs"
     );
     ledger.open.add_permits(1);
-    assert_eq!(by_b.await.unwrap(), 3);
-    assert_eq!(consume(&a, &id).await, 4, "Redis loaded the record after both");
-    assert!(counters.read(&id).await.unwrap().is_some());
-    assert!(a.flush(&id).await.unwrap());
-    assert_eq!(ledger.read(&id).await.unwrap().unwrap().used, Some(4));
+    assert_eq!(by_b.await.unwrap(), 1);
+    assert!(!counters.fence_held(&id).await.unwrap(), "released once it landed");
+}
+
+/// A reconcile that meets a record other replicas keep dirty goes on with the others and
+/// lets Redis decide again; the busy record's mark stays for a later reconcile.
+async fn a_busy_record_does_not_stop_the_recovery(counters: Arc<dyn Counters>, ledger: Arc<Gated>) {
+    let a = service(counters.clone(), ledger.clone());
+    let (busy, calm) = (p("busy"), p("calm"));
+    assert_eq!(consume(&a, &busy).await, 1);
+    assert_eq!(consume(&a, &calm).await, 1);
+    a.redis_down("test");
+    assert_eq!(consume(&a, &busy).await, 1, "Firestore has not seen Redis's unit yet");
+    assert_eq!(consume(&a, &calm).await, 1);
+    *ledger.busy.lock().unwrap() = Some((counters.clone(), busy.clone()));
+    assert_eq!(a.reconcile().await.unwrap(), 1, "`calm` reloaded, `busy` deferred");
+    a.redis_recovered();
+    assert!(a.redis_is_up());
+    assert_eq!(a.hand_back().await, 2, "both released; `busy` without its reload");
+    assert_eq!(consume(&a, &calm).await, 3);
+    *ledger.busy.lock().unwrap() = None;
+    assert_eq!(a.reconcile().await.unwrap(), 1, "`busy` reloaded now");
 }
 
 /// A load whose document was read before a fenced decision landed is refused, though the
@@ -365,11 +389,13 @@ async fn a_load_read_before_a_fenced_decision_is_refused(counters: Arc<dyn Count
     ledger.entered.notified().await; // A's miss has read the document: used 0
     assert_eq!(consume(&b, &id).await, 1, "B decided (fenced) and released its fence");
     ledger.open.add_permits(1);
+    assert_eq!(by_a.await.unwrap(), 2, "A's load was refused; it loaded again");
     assert_eq!(
-        by_a.await.unwrap(),
+        counters.read(&id).await.unwrap().unwrap().used,
         2,
-        "A's load was refused; it decided from Firestore"
+        "and decided in Redis"
     );
+    assert_eq!(ledger.read(&id).await.unwrap().unwrap().used, Some(1));
     assert_eq!(consume(&a, &id).await, 3);
     assert!(a.flush(&id).await.unwrap());
     assert_eq!(ledger.read(&id).await.unwrap().unwrap().used, Some(3));
@@ -419,7 +445,7 @@ async fn a_firestore_only_decision_meeting_a_busy_record_decides_in_redis(
     let b = in_phase(counters.clone(), ledger.clone(), Phase::FirestoreOnly);
     let id = p("kept-dirty");
     assert_eq!(consume(&a, &id).await, 1);
-    *ledger.busy.lock().unwrap() = Some(counters.clone()); // a consume after each write
+    *ledger.busy.lock().unwrap() = Some((counters.clone(), id.clone())); // a consume after each write
     // 1, then a consume after each of the 15 writes (five flushes of three tries), then B's
     assert_eq!(consume(&b, &id).await, 17);
     assert!(b.redis_is_up());
@@ -479,15 +505,39 @@ async fn redis_holds_a_dropped_fallbacks_provider_until_it_lands() {
 }
 
 #[tokio::test]
-async fn memory_fences_a_record_while_another_replica_decides_in_firestore() {
+async fn memory_lets_a_dead_holders_fence_expire() {
     let (counters, ledger) = memory().await;
-    a_firestore_decision_fences_the_record_from_other_replicas(counters, ledger).await;
+    a_dead_holders_fence_expires(counters, ledger).await;
 }
 
 #[tokio::test]
-async fn redis_fences_a_record_while_another_replica_decides_in_firestore() {
+async fn redis_lets_a_dead_holders_fence_expire() {
     let (counters, ledger) = real().await;
-    a_firestore_decision_fences_the_record_from_other_replicas(counters, ledger).await;
+    a_dead_holders_fence_expires(counters, ledger).await;
+}
+
+#[tokio::test]
+async fn memory_renews_the_fence_of_a_slow_decision() {
+    let (counters, ledger) = memory().await;
+    a_slow_decision_keeps_its_fence(counters, ledger).await;
+}
+
+#[tokio::test]
+async fn redis_renews_the_fence_of_a_slow_decision() {
+    let (counters, ledger) = real().await;
+    a_slow_decision_keeps_its_fence(counters, ledger).await;
+}
+
+#[tokio::test]
+async fn memory_recovers_beside_a_busy_record() {
+    let (counters, ledger) = memory().await;
+    a_busy_record_does_not_stop_the_recovery(counters, ledger).await;
+}
+
+#[tokio::test]
+async fn redis_recovers_beside_a_busy_record() {
+    let (counters, ledger) = real().await;
+    a_busy_record_does_not_stop_the_recovery(counters, ledger).await;
 }
 
 #[tokio::test]

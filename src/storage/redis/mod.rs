@@ -44,6 +44,8 @@ static FORGET: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("scr
 static LOCK: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("scripts/lock.lua")));
 static DIRTY: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("scripts/dirty.lua")));
 static FENCE: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("scripts/fence.lua")));
+static FENCED: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("scripts/fenced.lua")));
+static RENEW_FENCE: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("scripts/renew_fence.lua")));
 static UNFENCE: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("scripts/unfence.lua")));
 
 /// Redis-backed counters.
@@ -430,6 +432,26 @@ impl Counters for RedisCounters {
             .call(|mut conn| async move { invocation.invoke_async(&mut conn).await })
             .await?;
         Ok(gone == 1)
+    }
+
+    async fn renew_fence(&self, provider: &ProviderId, token: &str, ttl: Duration) -> Result<(), StorageError> {
+        let mut invocation = RENEW_FENCE.prepare_invoke();
+        invocation
+            .key(self.keys.fences(provider))
+            .arg(token)
+            .arg(u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX));
+        self.call(|mut conn| async move { invocation.invoke_async::<i64>(&mut conn).await })
+            .await
+            .map(|_| ())
+    }
+
+    async fn fence_held(&self, provider: &ProviderId) -> Result<bool, StorageError> {
+        let mut invocation = FENCED.prepare_invoke();
+        invocation.key(self.keys.fences(provider));
+        let held: i64 = self
+            .call(|mut conn| async move { invocation.invoke_async(&mut conn).await })
+            .await?;
+        Ok(held > 0)
     }
 
     async fn unfence(&self, provider: &ProviderId, token: &str) -> Result<(), StorageError> {

@@ -7,7 +7,8 @@ local t = redis.call('TIME')
 local now = t[1] * 1000 + math.floor(t[2] / 1000)
 redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', string.format('%d', now))
 redis.call('ZADD', KEYS[2], string.format('%d', now + tonumber(ARGV[2])), ARGV[1])
-redis.call('PEXPIRE', KEYS[2], ARGV[2])
+local last = redis.call('ZRANGE', KEYS[2], -1, -1, 'WITHSCORES')
+redis.call('PEXPIREAT', KEYS[2], last[2]) -- the set lives as long as its last fence
 redis.call('INCR', KEYS[3])
 redis.call('PEXPIRE', KEYS[3], 86400000) -- far longer than any load takes
 local v = redis.call('HMGET', KEYS[1], 'ver', 'synced')
