@@ -323,12 +323,10 @@ impl QuotaService {
                     if self.load(provider).await?.1 {
                         loads += 1;
                         if loads == 3 {
-                            // Evicted between load and apply three times over: Redis is
-                            // under memory pressure.
-                            return Err(QuotaError::Unavailable(StorageError::Unavailable {
-                                backend: "redis",
-                                message: "record vanished three times while deciding".into(),
-                            }));
+                            // Gone between load and apply three times over: fenced decisions
+                            // keep dropping it, or Redis evicts under memory pressure.
+                            // Firestore decides this one (Redis itself answers).
+                            return self.in_firestore(provider, change, phase, InFirestore::Fenced).await;
                         }
                         continue;
                     }
