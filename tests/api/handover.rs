@@ -285,6 +285,38 @@ async fn a_fallback_whose_mark_a_failed_reconcile_cleared_holds_its_provider(
     assert_eq!(ledger.read(&held).await.unwrap().unwrap().used, Some(4));
 }
 
+/// A decision waiting for a held provider stops waiting when Redis goes down again, and
+/// Firestore decides it.
+async fn redis_going_down_again_ends_the_wait(counters: Arc<dyn Counters>, ledger: Arc<Gated>) {
+    let quotas = service(counters, ledger.clone());
+    let held = p("held");
+    assert_eq!(consume(&quotas, &held).await, 1);
+    assert!(quotas.flush(&held).await.unwrap());
+    quotas.redis_down("test");
+    ledger.hold_next.store(true, Ordering::SeqCst);
+    let first = tokio::spawn({
+        let (quotas, held) = (quotas.clone(), held.clone());
+        async move { consume(&quotas, &held).await }
+    });
+    ledger.entered.notified().await;
+    assert_eq!(quotas.reconcile().await.unwrap(), 0);
+    quotas.redis_recovered();
+    let second = tokio::spawn({
+        let (quotas, held) = (quotas.clone(), held.clone());
+        async move { consume(&quotas, &held).await }
+    });
+    until(|| quotas.handover().waiting() == 1, "the second consume waits").await;
+    quotas.redis_down("test again");
+    assert_eq!(
+        second.await.unwrap(),
+        2,
+        "Firestore decided it while the first still waits"
+    );
+    ledger.open.add_permits(1);
+    assert_eq!(first.await.unwrap(), 3);
+    assert_eq!(ledger.read(&held).await.unwrap().unwrap().used, Some(3));
+}
+
 /// A fallback whose request is dropped mid-decision (a client that hung up) still runs to
 /// its end, and its provider stays held until then: the decision may still land.
 async fn a_dropped_fallback_holds_its_provider_until_it_lands(counters: Arc<dyn Counters>, ledger: Arc<Gated>) {
@@ -574,4 +606,16 @@ async fn memory_decides_a_busy_record_in_redis() {
 async fn redis_decides_a_busy_record_in_redis() {
     let (counters, ledger) = real().await;
     a_firestore_only_decision_meeting_a_busy_record_decides_in_redis(counters, ledger).await;
+}
+
+#[tokio::test]
+async fn memory_ends_the_wait_when_redis_goes_down_again() {
+    let (counters, ledger) = memory().await;
+    redis_going_down_again_ends_the_wait(counters, ledger).await;
+}
+
+#[tokio::test]
+async fn redis_ends_the_wait_when_redis_goes_down_again() {
+    let (counters, ledger) = real().await;
+    redis_going_down_again_ends_the_wait(counters, ledger).await;
 }
