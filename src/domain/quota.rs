@@ -672,6 +672,29 @@ impl QuotaService {
         Ok(false)
     }
 
+    /// Reloads a record that other replicas keep dirty without dropping it (see
+    /// [`Counters::rebase`]): `false` when it cannot, because the document has not seen
+    /// the record's epoch yet (it has never been written).
+    async fn rebase(&self, provider: &ProviderId) -> Result<bool, QuotaError> {
+        let Some(record) = self.counters.read(provider).await? else {
+            return Ok(true); // gone: the next request loads it
+        };
+        let doc = self.ledger.read(provider).await?.unwrap_or_default();
+        if doc.epoch.as_deref() != Some(record.epoch.as_str()) {
+            return Ok(false);
+        }
+        let (used, watermark) = (doc.used.unwrap_or(0), doc.watermark.unwrap_or(0));
+        Ok(self
+            .counters
+            .rebase(provider, &record.epoch, used, watermark, &new_epoch(), &doc.keys)
+            .await?)
+    }
+
+    /// Drops the record for a reload or, when other replicas keep it dirty, rebases it.
+    async fn reload(&self, provider: &ProviderId) -> Result<bool, QuotaError> {
+        Ok(self.try_invalidate(provider).await? || self.rebase(provider).await?)
+    }
+
     /// A record that could not be reloaded because other replicas keep it dirty: they
     /// decide from it meanwhile, and so may this one. Its reload is retried later.
     fn reload_deferred(provider: &ProviderId, why: &'static str) {
@@ -783,7 +806,7 @@ impl QuotaService {
                 return Ok(done);
             }
             for provider in &changed {
-                match self.try_invalidate(provider).await {
+                match self.reload(provider).await {
                     Ok(true) => {}
                     Ok(false) => {
                         Self::reload_deferred(provider, "reconcile");
@@ -814,7 +837,7 @@ impl QuotaService {
             return 0; // the recovery makes them ready again
         }
         for provider in self.handover.ready() {
-            match self.try_invalidate(&provider).await {
+            match self.reload(&provider).await {
                 Ok(reloaded) => {
                     if !reloaded {
                         // Holding it would only make this replica's requests wait; its mark

@@ -30,7 +30,10 @@ pub fn compare(provider: &str, record: &Record, doc: Option<&Document>) -> Drift
     } else if doc_epoch == record.epoch {
         (record.used - doc.and_then(|d| d.watermark).unwrap_or(0), false)
     } else if doc_epoch == record.loaded_from {
-        (record.used - record.base, false)
+        (
+            record.unsynced_since_load(doc.and_then(|d| d.watermark).unwrap_or(0)),
+            false,
+        )
     } else {
         (0, true)
     };
@@ -111,6 +114,8 @@ mod tests {
             loaded_from: "e1".into(),
             version,
             synced,
+            carried: 0,
+            from_watermark: 0,
         }
     }
 

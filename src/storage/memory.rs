@@ -178,6 +178,36 @@ impl Counters for MemoryCounters {
         Ok(())
     }
 
+    async fn rebase(
+        &self,
+        provider: &ProviderId,
+        epoch: &str,
+        doc_used: i64,
+        doc_watermark: i64,
+        new_epoch: &str,
+        keys: &[KeyRecord],
+    ) -> Result<bool, StorageError> {
+        let mut state = self.state.lock().unwrap();
+        let Some(record) = state.live(provider).filter(|r| r.epoch == epoch) else {
+            return Ok(false);
+        };
+        let carried = record.used - doc_watermark;
+        let dirty = record.is_dirty();
+        *record = Record {
+            used: doc_used + carried,
+            limit: record.limit,
+            epoch: new_epoch.to_owned(),
+            base: doc_used,
+            loaded_from: epoch.to_owned(),
+            version: u64::from(dirty),
+            synced: 0,
+            carried,
+            from_watermark: doc_watermark,
+        };
+        state.import_keys(provider, keys);
+        Ok(true)
+    }
+
     async fn fence_held(&self, provider: &ProviderId) -> Result<bool, StorageError> {
         let now = Instant::now();
         let state = self.state.lock().unwrap();
@@ -401,6 +431,8 @@ impl Counters for MemoryCounters {
 
 fn record_of(seed: &Seed) -> Record {
     Record {
+        carried: 0,
+        from_watermark: 0,
         used: seed.used,
         limit: seed.limit,
         epoch: seed.epoch.clone(),

@@ -52,11 +52,24 @@ pub struct Record {
     pub loaded_from: String,
     pub version: u64,
     pub synced: u64,
+    /// Set by a rebase ([`Counters::rebase`]; 0 for a plain load): the unsynced usage the
+    /// record carried over from its previous epoch, and the document's watermark of that
+    /// epoch when it was read.
+    pub carried: i64,
+    pub from_watermark: i64,
 }
 
 impl Record {
     pub fn is_dirty(&self) -> bool {
         self.version > self.synced
+    }
+
+    /// What this record's first write adds to a document still in the epoch it was loaded
+    /// (or rebased) from, whose watermark is now `doc_watermark`: its usage since then,
+    /// less what a late write of the previous epoch already added of what it carried.
+    pub fn unsynced_since_load(&self, doc_watermark: i64) -> i64 {
+        let late = (doc_watermark - self.from_watermark).clamp(0, self.carried.max(0));
+        self.used - self.base - late
     }
 }
 
@@ -239,6 +252,20 @@ pub trait Counters: Send + Sync {
     async fn renew_fence(&self, provider: &ProviderId, token: &str, ttl: Duration) -> Result<(), StorageError>;
     /// Whether a fence is held on the provider (loads are refused while one is).
     async fn fence_held(&self, provider: &ProviderId) -> Result<bool, StorageError>;
+    /// Reloads a live record without dropping it (one that other replicas keep dirty): if it
+    /// is still of `epoch`, it becomes `new_epoch` with the document's usage `doc_used` as its
+    /// base, carrying what it holds above `doc_watermark` (the document's watermark of
+    /// `epoch`, read with `doc_used`); the document's idempotency records `keys` come along.
+    /// Returns whether it did.
+    async fn rebase(
+        &self,
+        provider: &ProviderId,
+        epoch: &str,
+        doc_used: i64,
+        doc_watermark: i64,
+        new_epoch: &str,
+        keys: &[KeyRecord],
+    ) -> Result<bool, StorageError>;
     /// Releases a fence taken with [`Counters::fence`].
     async fn unfence(&self, provider: &ProviderId, token: &str) -> Result<(), StorageError>;
     /// Applies a consume or refund atomically with its idempotency record; a change makes
@@ -401,7 +428,7 @@ pub fn delta_for(record: &Record, doc_epoch: Option<&str>, doc_watermark: i64, d
             DeltaPlan::Add(record.used - doc_watermark)
         }
     } else if doc_epoch == record.loaded_from {
-        DeltaPlan::Add(record.used - record.base)
+        DeltaPlan::Add(record.unsynced_since_load(doc_watermark))
     } else {
         DeltaPlan::Stale
     }
@@ -428,6 +455,8 @@ mod tests {
             loaded_from: "e1".into(),
             version,
             synced: 0,
+            carried: 0,
+            from_watermark: 0,
         }
     }
 

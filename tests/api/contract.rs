@@ -245,6 +245,8 @@ fn record(used: i64, base: i64, epoch: &str, loaded_from: &str, version: u64) ->
         loaded_from: loaded_from.into(),
         version,
         synced: 0,
+        carried: 0,
+        from_watermark: 0,
     }
 }
 
@@ -546,6 +548,69 @@ async fn idempotency_keys_travel_between_redis_and_firestore() {
     keys_travel(
         Arc::new(counters),
         Arc::new(FirestoreLedger::new(&unique("keys-"), "providers")),
+    )
+    .await;
+}
+
+/// A rebase reloads a dirty record in place: it takes in what others wrote to the document
+/// and keeps its own unsynced usage, and a write of its old epoch still in flight (it
+/// landed after the rebase read the document) is not counted twice.
+async fn rebase_keeps_every_unit_once(counters: Arc<dyn Counters>, ledger: Arc<dyn Ledger>) {
+    let id = p("rebased");
+    let write = |record: Record| {
+        let (ledger, id) = (ledger.clone(), id.clone());
+        async move { ledger.write_record(&id, &record, &[]).await.unwrap() }
+    };
+    counters.load(&id, &seed(0, 100), TTL).await.unwrap(); // epoch e1, from ""
+    for _ in 0..3 {
+        counters.apply(&id, &consume(1)).await.unwrap();
+    }
+    let synced = counters.read(&id).await.unwrap().unwrap();
+    assert!(matches!(write(synced.clone()).await, WriteOutcome::Written { .. }));
+    counters
+        .mark_synced(&id, "e1", synced.version, 100, TTL, &[])
+        .await
+        .unwrap();
+    counters.apply(&id, &consume(2)).await.unwrap();
+    let in_flight = counters.read(&id).await.unwrap().unwrap(); // a writer read it: used 5
+    counters.apply(&id, &consume(1)).await.unwrap(); // used 6
+    // Another writer (a fallback) adds 4 to the document.
+    ledger.decide(&id, &consume(4), 100, false).await.unwrap();
+    let doc = ledger.read(&id).await.unwrap().unwrap();
+    assert_eq!((doc.used, doc.watermark), (Some(7), Some(3)));
+    assert!(counters.rebase(&id, "e1", 7, 3, "e2", &doc.keys).await.unwrap());
+    assert!(
+        !counters.rebase(&id, "e1", 7, 3, "e3", &[]).await.unwrap(),
+        "no longer of e1"
+    );
+    let rebased = counters.read(&id).await.unwrap().unwrap();
+    assert_eq!((rebased.used, rebased.base, rebased.epoch.as_str()), (10, 7, "e2"));
+    assert!(rebased.is_dirty());
+    // The old epoch's write lands late (adds 2: used 5 over watermark 3), then the rebased
+    // record's (adds 1: the third unit it carried); a replay of the old one is stale.
+    assert!(matches!(write(in_flight.clone()).await, WriteOutcome::Written { .. }));
+    assert!(matches!(write(rebased).await, WriteOutcome::Written { .. }));
+    assert!(matches!(write(in_flight).await, WriteOutcome::Stale));
+    assert_eq!(ledger.read(&id).await.unwrap().unwrap().used, Some(10));
+    // A record not of the epoch named is left alone; a missing one too.
+    assert!(!counters.rebase(&p("absent"), "e1", 0, 0, "e4", &[]).await.unwrap());
+}
+
+#[tokio::test]
+async fn memory_rebase_keeps_every_unit_once() {
+    rebase_keeps_every_unit_once(
+        Arc::new(memory::MemoryCounters::default()),
+        Arc::new(memory::MemoryLedger::default()),
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn redis_rebase_keeps_every_unit_once_with_firestore() {
+    let _ = emulator_host();
+    rebase_keeps_every_unit_once(
+        Arc::new(RedisCounters::new(&redis_url(), &(unique("r") + ":")).unwrap()),
+        Arc::new(FirestoreLedger::new(&unique("rebase-"), "providers")),
     )
     .await;
 }

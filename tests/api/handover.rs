@@ -36,6 +36,7 @@ struct Gated {
     mark_first: AtomicBool,
     fail_clear: std::sync::Mutex<Option<ProviderId>>,
     busy: std::sync::Mutex<Option<(Arc<dyn Counters>, ProviderId)>>,
+    busy_units: std::sync::atomic::AtomicI64,
     hold_next_read: AtomicBool,
     entered: Notify,
     open: Semaphore,
@@ -49,6 +50,7 @@ impl Gated {
             mark_first: AtomicBool::new(false),
             fail_clear: std::sync::Mutex::default(),
             busy: std::sync::Mutex::default(),
+            busy_units: std::sync::atomic::AtomicI64::new(0),
             hold_next_read: AtomicBool::new(false),
             entered: Notify::new(),
             open: Semaphore::new(0),
@@ -87,6 +89,7 @@ impl Ledger for Gated {
                 idempotency_key: None,
             };
             counters.apply(provider, &change).await.unwrap();
+            self.busy_units.fetch_add(1, Ordering::SeqCst);
         }
         written
     }
@@ -387,24 +390,39 @@ async fn a_slow_decision_keeps_its_fence(counters: Arc<dyn Counters>, ledger: Ar
     assert!(!counters.fence_held(&id).await.unwrap(), "released once it landed");
 }
 
-/// A reconcile that meets a record other replicas keep dirty goes on with the others and
-/// lets Redis decide again; the busy record's mark stays for a later reconcile.
-async fn a_busy_record_does_not_stop_the_recovery(counters: Arc<dyn Counters>, ledger: Arc<Gated>) {
+/// A record that other replicas keep dirty cannot be dropped for its reload: the
+/// reconcile rebases it in place instead, so it takes in the fallback it missed, and the
+/// recovery goes on.
+async fn a_busy_record_is_rebased_at_the_recovery(counters: Arc<dyn Counters>, ledger: Arc<Gated>) {
     let a = service(counters.clone(), ledger.clone());
     let (busy, calm) = (p("busy"), p("calm"));
     assert_eq!(consume(&a, &busy).await, 1);
+    assert!(a.flush(&busy).await.unwrap()); // the document is in the record's epoch
     assert_eq!(consume(&a, &calm).await, 1);
     a.redis_down("test");
-    assert_eq!(consume(&a, &busy).await, 1, "Firestore has not seen Redis's unit yet");
-    assert_eq!(consume(&a, &calm).await, 1);
+    assert_eq!(consume(&a, &busy).await, 2, "a fallback: Firestore decides");
+    assert_eq!(consume(&a, &calm).await, 1, "Firestore has not seen Redis's unit yet");
+    // Another replica (Redis answers it) decides `busy` in Redis, and keeps doing so.
+    let by_other = quotad::storage::Change {
+        op: quotad::storage::Op::Consume,
+        amount: 1,
+        idempotency_key: None,
+    };
+    counters.apply(&busy, &by_other).await.unwrap();
+    ledger.busy_units.fetch_add(1, Ordering::SeqCst);
     *ledger.busy.lock().unwrap() = Some((counters.clone(), busy.clone()));
-    assert_eq!(a.reconcile().await.unwrap(), 1, "`calm` reloaded, `busy` deferred");
+    assert_eq!(a.reconcile().await.unwrap(), 2, "`calm` dropped, `busy` rebased");
     a.redis_recovered();
     assert!(a.redis_is_up());
-    assert_eq!(a.hand_back().await, 2, "both released; `busy` without its reload");
-    assert_eq!(consume(&a, &calm).await, 3);
     *ledger.busy.lock().unwrap() = None;
-    assert_eq!(a.reconcile().await.unwrap(), 1, "`busy` reloaded now");
+    assert_eq!(a.hand_back().await, 2);
+    let others = ledger.busy_units.load(Ordering::SeqCst);
+    assert!(others > 1, "the record stayed dirty through the reconcile's flushes");
+    // Redis's unit, the fallback's, the other replica's and this one.
+    assert_eq!(consume(&a, &busy).await, 3 + others);
+    assert_eq!(consume(&a, &calm).await, 3);
+    assert!(a.flush(&busy).await.unwrap());
+    assert_eq!(ledger.read(&busy).await.unwrap().unwrap().used, Some(3 + others));
 }
 
 /// A load whose document was read before a fenced decision landed is refused, though the
@@ -561,15 +579,15 @@ async fn redis_renews_the_fence_of_a_slow_decision() {
 }
 
 #[tokio::test]
-async fn memory_recovers_beside_a_busy_record() {
+async fn memory_rebases_a_busy_record_at_the_recovery() {
     let (counters, ledger) = memory().await;
-    a_busy_record_does_not_stop_the_recovery(counters, ledger).await;
+    a_busy_record_is_rebased_at_the_recovery(counters, ledger).await;
 }
 
 #[tokio::test]
-async fn redis_recovers_beside_a_busy_record() {
+async fn redis_rebases_a_busy_record_at_the_recovery() {
     let (counters, ledger) = real().await;
-    a_busy_record_does_not_stop_the_recovery(counters, ledger).await;
+    a_busy_record_is_rebased_at_the_recovery(counters, ledger).await;
 }
 
 #[tokio::test]

@@ -46,6 +46,7 @@ static DIRTY: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("scri
 static FENCE: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("scripts/fence.lua")));
 static FENCED: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("scripts/fenced.lua")));
 static RENEW_FENCE: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("scripts/renew_fence.lua")));
+static REBASE: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("scripts/rebase.lua")));
 static UNFENCE: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("scripts/unfence.lua")));
 
 /// Redis-backed counters.
@@ -184,7 +185,9 @@ struct ReadJob {
 }
 
 /// The fields of a record hash that a read returns, in [`record_of`]'s order.
-const RECORD_FIELDS: [&str; 7] = ["used", "limit", "epoch", "base", "from", "ver", "synced"];
+const RECORD_FIELDS: [&str; 9] = [
+    "used", "limit", "epoch", "base", "from", "ver", "synced", "carried", "fromw",
+];
 
 /// What a plan-based check counts its attempts with.
 #[derive(PartialEq)]
@@ -443,6 +446,44 @@ impl Counters for RedisCounters {
         self.call(|mut conn| async move { invocation.invoke_async::<i64>(&mut conn).await })
             .await
             .map(|_| ())
+    }
+
+    async fn rebase(
+        &self,
+        provider: &ProviderId,
+        epoch: &str,
+        doc_used: i64,
+        doc_watermark: i64,
+        new_epoch: &str,
+        keys: &[KeyRecord],
+    ) -> Result<bool, StorageError> {
+        let mut invocation = REBASE.prepare_invoke();
+        invocation
+            .key(self.keys.record(provider))
+            .arg(epoch)
+            .arg(doc_used)
+            .arg(doc_watermark)
+            .arg(new_epoch);
+        for (id, entry) in keys {
+            let Some(entry) = IdempotencyEntry::parse(entry) else {
+                continue;
+            };
+            let d = entry.decision;
+            invocation
+                .key(self.keys.idempotency(provider, id))
+                .arg(format!(
+                    "{}:{}:{}:{}",
+                    entry.amount,
+                    u8::from(d.allowed),
+                    d.used,
+                    d.limit
+                ))
+                .arg(entry.expires_ms);
+        }
+        let done: i64 = self
+            .call(|mut conn| async move { invocation.invoke_async(&mut conn).await })
+            .await?;
+        Ok(done == 1)
     }
 
     async fn fence_held(&self, provider: &ProviderId) -> Result<bool, StorageError> {
@@ -791,6 +832,9 @@ fn record_of(reply: &Value) -> Result<Option<Record>, StorageError> {
             loaded_from: text(&v[4])?,
             version: u64::try_from(int(&v[5])?).ok()?,
             synced: u64::try_from(int(&v[6])?).ok()?,
+            // absent unless rebased
+            carried: int(&v[7]).unwrap_or(0),
+            from_watermark: int(&v[8]).unwrap_or(0),
         })
     };
     parse().map(Some).ok_or_else(|| bad_reply("record", v))

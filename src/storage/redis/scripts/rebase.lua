@@ -1,0 +1,18 @@
+-- Reloads a live record without dropping it (see Counters::rebase): if it is still of
+-- epoch ARGV[1], it becomes epoch ARGV[4] with base ARGV[2] (the document's usage) and
+-- carries what it holds above ARGV[3] (the document's watermark of ARGV[1], read with it).
+-- KEYS[1] record hash; KEYS[2..] idempotency keys the ledger recorded, with ARGV[5..] their
+-- answers and expiry (pairs: 'amount:allowed:used:limit', unix ms), set unless present
+-- Returns 1 when rebased, 0 when the record is gone or of another epoch.
+local v = redis.call('HMGET', KEYS[1], 'epoch', 'used', 'ver', 'synced')
+if v[1] ~= ARGV[1] then return 0 end
+local carried = tonumber(v[2]) - tonumber(ARGV[3])
+local dirty = tonumber(v[3]) > tonumber(v[4])
+redis.call('HSET', KEYS[1], 'epoch', ARGV[4], 'base', ARGV[2],
+  'used', string.format('%d', tonumber(ARGV[2]) + carried), 'from', ARGV[1],
+  'ver', dirty and '1' or '0', 'synced', '0',
+  'carried', string.format('%d', carried), 'fromw', ARGV[3])
+for i = 2, #KEYS do
+  redis.call('SET', KEYS[i], ARGV[2 * i + 1], 'PXAT', ARGV[2 * i + 2], 'NX')
+end
+return 1
