@@ -114,8 +114,7 @@ mod tests {
             loaded_from: "e1".into(),
             version,
             synced,
-            carried: 0,
-            from_watermark: 0,
+            from_watermark: None,
         }
     }
 

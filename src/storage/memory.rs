@@ -201,8 +201,7 @@ impl Counters for MemoryCounters {
             loaded_from: epoch.to_owned(),
             version: u64::from(dirty),
             synced: 0,
-            carried,
-            from_watermark: doc_watermark,
+            from_watermark: Some(doc_watermark),
         };
         state.import_keys(provider, keys);
         Ok(true)
@@ -431,8 +430,7 @@ impl Counters for MemoryCounters {
 
 fn record_of(seed: &Seed) -> Record {
     Record {
-        carried: 0,
-        from_watermark: 0,
+        from_watermark: None,
         used: seed.used,
         limit: seed.limit,
         epoch: seed.epoch.clone(),

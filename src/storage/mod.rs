@@ -52,11 +52,9 @@ pub struct Record {
     pub loaded_from: String,
     pub version: u64,
     pub synced: u64,
-    /// Set by a rebase ([`Counters::rebase`]; 0 for a plain load): the unsynced usage the
-    /// record carried over from its previous epoch, and the document's watermark of that
-    /// epoch when it was read.
-    pub carried: i64,
-    pub from_watermark: i64,
+    /// Set by a rebase ([`Counters::rebase`]; `None` after a plain load): the document's
+    /// watermark of the record's previous epoch when the rebase read it.
+    pub from_watermark: Option<i64>,
 }
 
 impl Record {
@@ -65,10 +63,12 @@ impl Record {
     }
 
     /// What this record's first write adds to a document still in the epoch it was loaded
-    /// (or rebased) from, whose watermark is now `doc_watermark`: its usage since then,
-    /// less what a late write of the previous epoch already added of what it carried.
+    /// (or rebased) from, whose watermark is now `doc_watermark`: its usage since then. A
+    /// rebased record carried the previous epoch's unwritten usage; the writes of that
+    /// epoch that landed after the rebase read the document added exactly the watermark's
+    /// move since (negative after refunds), so that much is already there.
     pub fn unsynced_since_load(&self, doc_watermark: i64) -> i64 {
-        let late = (doc_watermark - self.from_watermark).clamp(0, self.carried.max(0));
+        let late = self.from_watermark.map_or(0, |read| doc_watermark - read);
         self.used - self.base - late
     }
 }
@@ -455,8 +455,7 @@ mod tests {
             loaded_from: "e1".into(),
             version,
             synced: 0,
-            carried: 0,
-            from_watermark: 0,
+            from_watermark: None,
         }
     }
 

@@ -245,8 +245,7 @@ fn record(used: i64, base: i64, epoch: &str, loaded_from: &str, version: u64) ->
         loaded_from: loaded_from.into(),
         version,
         synced: 0,
-        carried: 0,
-        from_watermark: 0,
+        from_watermark: None,
     }
 }
 
@@ -594,6 +593,31 @@ async fn rebase_keeps_every_unit_once(counters: Arc<dyn Counters>, ledger: Arc<d
     assert_eq!(ledger.read(&id).await.unwrap().unwrap().used, Some(10));
     // A record not of the epoch named is left alone; a missing one too.
     assert!(!counters.rebase(&p("absent"), "e1", 0, 0, "e4", &[]).await.unwrap());
+
+    // After a refund the late write is negative, and so is what the record carries.
+    let id = p("rebased-refund");
+    counters.load(&id, &seed(0, 100), TTL).await.unwrap();
+    counters.apply(&id, &consume(5)).await.unwrap();
+    let synced = counters.read(&id).await.unwrap().unwrap();
+    ledger.write_record(&id, &synced, &[]).await.unwrap();
+    counters
+        .mark_synced(&id, "e1", synced.version, 100, TTL, &[])
+        .await
+        .unwrap();
+    let refund = Change {
+        op: Op::Refund,
+        amount: 1,
+        idempotency_key: None,
+    };
+    counters.apply(&id, &refund).await.unwrap(); // used 4
+    let in_flight = counters.read(&id).await.unwrap().unwrap();
+    ledger.decide(&id, &consume(2), 100, false).await.unwrap(); // the document: 7
+    assert!(counters.rebase(&id, "e1", 7, 5, "e2", &[]).await.unwrap());
+    let rebased = counters.read(&id).await.unwrap().unwrap();
+    assert_eq!(rebased.used, 6);
+    ledger.write_record(&id, &in_flight, &[]).await.unwrap(); // adds -1
+    ledger.write_record(&id, &rebased, &[]).await.unwrap(); // adds the rest: 0
+    assert_eq!(ledger.read(&id).await.unwrap().unwrap().used, Some(6));
 }
 
 #[tokio::test]

@@ -412,6 +412,12 @@ async fn a_busy_record_is_rebased_at_the_recovery(counters: Arc<dyn Counters>, l
     ledger.busy_units.fetch_add(1, Ordering::SeqCst);
     *ledger.busy.lock().unwrap() = Some((counters.clone(), busy.clone()));
     assert_eq!(a.reconcile().await.unwrap(), 2, "`calm` dropped, `busy` rebased");
+    let so_far = ledger.busy_units.load(Ordering::SeqCst);
+    assert_eq!(
+        counters.read(&busy).await.unwrap().unwrap().used,
+        2 + so_far,
+        "the rebased record holds the fallback's unit"
+    );
     a.redis_recovered();
     assert!(a.redis_is_up());
     *ledger.busy.lock().unwrap() = None;

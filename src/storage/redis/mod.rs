@@ -185,9 +185,7 @@ struct ReadJob {
 }
 
 /// The fields of a record hash that a read returns, in [`record_of`]'s order.
-const RECORD_FIELDS: [&str; 9] = [
-    "used", "limit", "epoch", "base", "from", "ver", "synced", "carried", "fromw",
-];
+const RECORD_FIELDS: [&str; 8] = ["used", "limit", "epoch", "base", "from", "ver", "synced", "fromw"];
 
 /// What a plan-based check counts its attempts with.
 #[derive(PartialEq)]
@@ -832,9 +830,7 @@ fn record_of(reply: &Value) -> Result<Option<Record>, StorageError> {
             loaded_from: text(&v[4])?,
             version: u64::try_from(int(&v[5])?).ok()?,
             synced: u64::try_from(int(&v[6])?).ok()?,
-            // absent unless rebased
-            carried: int(&v[7]).unwrap_or(0),
-            from_watermark: int(&v[8]).unwrap_or(0),
+            from_watermark: int(&v[7]), // absent unless rebased
         })
     };
     parse().map(Some).ok_or_else(|| bad_reply("record", v))

@@ -10,8 +10,7 @@ local carried = tonumber(v[2]) - tonumber(ARGV[3])
 local dirty = tonumber(v[3]) > tonumber(v[4])
 redis.call('HSET', KEYS[1], 'epoch', ARGV[4], 'base', ARGV[2],
   'used', string.format('%d', tonumber(ARGV[2]) + carried), 'from', ARGV[1],
-  'ver', dirty and '1' or '0', 'synced', '0',
-  'carried', string.format('%d', carried), 'fromw', ARGV[3])
+  'ver', dirty and '1' or '0', 'synced', '0', 'fromw', ARGV[3])
 for i = 2, #KEYS do
   redis.call('SET', KEYS[i], ARGV[2 * i + 1], 'PXAT', ARGV[2 * i + 2], 'NX')
 end
