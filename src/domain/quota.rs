@@ -347,15 +347,24 @@ impl QuotaService {
                         tokio::time::sleep(FENCE_POLL).await;
                     }
                 }
-                Applied::KeyReused => return Err(QuotaError::KeyReused),
-                Applied::Replayed(decision) => return Ok(Outcome::Replayed(decision)),
-                Applied::Decided(decision) => {
-                    if phase == Phase::DualWrite {
-                        self.writer.enqueue(provider.clone());
-                    }
-                    return Ok(Outcome::Decided(decision));
-                }
+                applied => return self.answer_of(provider, applied, phase),
             }
+        }
+    }
+
+    /// The answer to a change Redis took (not a miss); in `dual-write` and `firestore-only`
+    /// its usage goes to Firestore now (in `redis-primary`, with the sync).
+    fn answer_of(&self, provider: &ProviderId, applied: Applied, phase: Phase) -> Result<Outcome, QuotaError> {
+        match applied {
+            Applied::KeyReused => Err(QuotaError::KeyReused),
+            Applied::Replayed(decision) => Ok(Outcome::Replayed(decision)),
+            Applied::Decided(decision) => {
+                if phase != Phase::RedisPrimary {
+                    self.writer.enqueue(provider.clone());
+                }
+                Ok(Outcome::Decided(decision))
+            }
+            Applied::Miss => unreachable!("a miss is loaded, not answered"),
         }
     }
 
@@ -430,20 +439,9 @@ impl QuotaService {
                 // Deciding in Firestore beside it would let both admit: Redis decides.
                 match self.counters.apply(provider, change).await {
                     Ok(Applied::Miss) => {} // gone meanwhile: Firestore decides
-                    Ok(Applied::KeyReused) => {
+                    Ok(applied) => {
                         fence.release().await;
-                        return Err(QuotaError::KeyReused);
-                    }
-                    Ok(Applied::Replayed(decision)) => {
-                        fence.release().await;
-                        return Ok(Outcome::Replayed(decision));
-                    }
-                    Ok(Applied::Decided(decision)) => {
-                        if phase != Phase::RedisPrimary {
-                            self.writer.enqueue(provider.clone());
-                        }
-                        fence.release().await;
-                        return Ok(Outcome::Decided(decision));
+                        return self.answer_of(provider, applied, phase);
                     }
                     Err(err) if err.is_unavailable() => {
                         self.redis_failed(&err);

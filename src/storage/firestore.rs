@@ -15,8 +15,8 @@ use futures::StreamExt;
 use serde::{Deserialize, Serialize};
 
 use super::{
-    Change, Decision, DeltaPlan, Document, IDEMPOTENCY_TTL, IdempotencyEntry, KeyRecord, Ledger, LedgerDecision, Op,
-    Record, RecordWrite, StorageError, WriteOutcome, delta_for, idempotency_id, merge_keys,
+    Change, DeltaPlan, Document, IDEMPOTENCY_TTL, IdempotencyEntry, KeyRecord, Ledger, LedgerDecision, Record,
+    RecordWrite, StorageError, WriteOutcome, delta_for, idempotency_id, merge_keys,
 };
 use crate::domain::{Phase, ProviderId};
 
@@ -493,23 +493,7 @@ impl Ledger for FirestoreLedger {
                 }
                 let used = doc.aiCallsUsed.as_ref().map_or(0, num);
                 let limit = doc.aiCallsLimit.as_ref().map_or(default_limit, num);
-                let decision = match change.op {
-                    Op::Consume if used + change.amount > limit => Decision {
-                        allowed: false,
-                        used,
-                        limit,
-                    },
-                    Op::Consume => Decision {
-                        allowed: true,
-                        used: used + change.amount,
-                        limit,
-                    },
-                    Op::Refund => Decision {
-                        allowed: true,
-                        used: (used - change.amount).max(0),
-                        limit,
-                    },
-                };
+                let decision = super::decide(used, limit, change);
                 let mut write = ProviderWrite::default();
                 if decision.used != used {
                     write.aiCallsUsed = Some(decision.used);

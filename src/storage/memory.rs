@@ -12,33 +12,12 @@ use chrono::{DateTime, Utc};
 
 use super::{
     Applied, Change, Counters, Decision, DeltaPlan, Document, IDEMPOTENCY_TTL, IdempotencyEntry, KeyRecord, Ledger,
-    LedgerDecision, Op, Record, Seed, StorageError, WriteOutcome, delta_for, idempotency_id, merge_keys,
+    LedgerDecision, Record, Seed, StorageError, WriteOutcome, delta_for, idempotency_id, merge_keys,
 };
 use crate::domain::{
     Phase, ProviderId,
     ratelimit::{Anomaly, RateCheck, RateDecision, Twin},
 };
-
-/// Applies a change to `used`/`limit`: the decision rule shared by both memory adapters.
-fn decide(used: i64, limit: i64, change: &Change<'_>) -> Decision {
-    match change.op {
-        Op::Consume if used + change.amount > limit => Decision {
-            allowed: false,
-            used,
-            limit,
-        },
-        Op::Consume => Decision {
-            allowed: true,
-            used: used + change.amount,
-            limit,
-        },
-        Op::Refund => Decision {
-            allowed: true,
-            used: (used - change.amount).max(0),
-            limit,
-        },
-    }
-}
 
 fn now_ms() -> i64 {
     Utc::now().timestamp_millis()
@@ -237,7 +216,7 @@ impl Counters for MemoryCounters {
         let Some(record) = state.live(provider) else {
             return Ok(Applied::Miss);
         };
-        let decision = decide(record.used, record.limit, change);
+        let decision = super::decide(record.used, record.limit, change);
         // A keyed decision makes the record dirty too: its key travels to the ledger.
         let dirty = decision.used != record.used || id.is_some();
         record.used = decision.used;
@@ -550,7 +529,7 @@ impl Ledger for MemoryLedger {
             }
         }
         let used = doc.used.unwrap_or(0);
-        let decision = decide(used, doc.limit.unwrap_or(default_limit), change);
+        let decision = super::decide(used, doc.limit.unwrap_or(default_limit), change);
         if decision.used != used {
             state.docs.entry(provider.clone()).or_default().used = Some(decision.used);
             if mark_changed && !state.changed.contains(provider) {

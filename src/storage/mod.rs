@@ -412,6 +412,28 @@ pub trait Ledger: Send + Sync {
     async fn set_phase(&self, phase: Phase, since: chrono::DateTime<chrono::Utc>) -> Result<(), StorageError>;
 }
 
+/// The decision rule every store applies to `used`/`limit`: a consume is all-or-nothing
+/// within the limit, a refund never takes usage below zero.
+pub fn decide(used: i64, limit: i64, change: &Change<'_>) -> Decision {
+    match change.op {
+        Op::Consume if used + change.amount > limit => Decision {
+            allowed: false,
+            used,
+            limit,
+        },
+        Op::Consume => Decision {
+            allowed: true,
+            used: used + change.amount,
+            limit,
+        },
+        Op::Refund => Decision {
+            allowed: true,
+            used: (used - change.amount).max(0),
+            limit,
+        },
+    }
+}
+
 /// A fresh random epoch id.
 pub fn new_epoch() -> String {
     uuid::Uuid::new_v4().simple().to_string()

@@ -175,6 +175,12 @@ async fn consume(quotas: &QuotaService, provider: &ProviderId) -> i64 {
     }
 }
 
+/// [`consume`] in a task of its own.
+fn spawn_consume(quotas: &Arc<QuotaService>, provider: &ProviderId) -> tokio::task::JoinHandle<i64> {
+    let (quotas, provider) = (quotas.clone(), provider.clone());
+    tokio::spawn(async move { consume(&quotas, &provider).await })
+}
+
 fn service(counters: Arc<dyn Counters>, ledger: Arc<Gated>) -> Arc<QuotaService> {
     in_phase(counters, ledger, Phase::DualWrite)
 }
@@ -202,10 +208,7 @@ async fn a_fallback_in_flight_holds_its_provider(counters: Arc<dyn Counters>, le
 
     quotas.redis_down("test");
     ledger.hold_next.store(true, Ordering::SeqCst);
-    let first = tokio::spawn({
-        let (quotas, held) = (quotas.clone(), held.clone());
-        async move { consume(&quotas, &held).await }
-    });
+    let first = spawn_consume(&quotas, &held);
     ledger.entered.notified().await; // Firestore is deciding it, its mark not yet written
 
     // What the reconcile task does: nothing is marked yet, so Redis may decide again.
@@ -217,10 +220,7 @@ async fn a_fallback_in_flight_holds_its_provider(counters: Arc<dyn Counters>, le
     assert_eq!(consume(&quotas, &other).await, 1);
     assert!(counters.read(&other).await.unwrap().is_some(), "Redis decided it");
 
-    let second = tokio::spawn({
-        let (quotas, held) = (quotas.clone(), held.clone());
-        async move { consume(&quotas, &held).await }
-    });
+    let second = spawn_consume(&quotas, &held);
     until(
         || quotas.handover().waiting() == 1,
         "the second consume waits for the held provider",
@@ -259,10 +259,7 @@ async fn a_fallback_whose_mark_a_failed_reconcile_cleared_holds_its_provider(
     a.redis_down("test");
     ledger.mark_first.store(true, Ordering::SeqCst);
     ledger.hold_next.store(true, Ordering::SeqCst);
-    let first = tokio::spawn({
-        let (a, held) = (a.clone(), held.clone());
-        async move { consume(&a, &held).await }
-    });
+    let first = spawn_consume(&a, &held);
     ledger.entered.notified().await; // its mark is written, its transaction not yet
     ledger.note_changed_outside(&other).await.unwrap();
     *ledger.fail_clear.lock().unwrap() = Some(other.clone());
@@ -297,17 +294,11 @@ async fn redis_going_down_again_ends_the_wait(counters: Arc<dyn Counters>, ledge
     assert!(quotas.flush(&held).await.unwrap());
     quotas.redis_down("test");
     ledger.hold_next.store(true, Ordering::SeqCst);
-    let first = tokio::spawn({
-        let (quotas, held) = (quotas.clone(), held.clone());
-        async move { consume(&quotas, &held).await }
-    });
+    let first = spawn_consume(&quotas, &held);
     ledger.entered.notified().await;
     assert_eq!(quotas.reconcile().await.unwrap(), 0);
     quotas.redis_recovered();
-    let second = tokio::spawn({
-        let (quotas, held) = (quotas.clone(), held.clone());
-        async move { consume(&quotas, &held).await }
-    });
+    let second = spawn_consume(&quotas, &held);
     until(|| quotas.handover().waiting() == 1, "the second consume waits").await;
     quotas.redis_down("test again");
     assert_eq!(
@@ -328,10 +319,7 @@ async fn a_dropped_fallback_holds_its_provider_until_it_lands(counters: Arc<dyn 
     assert_eq!(consume(&quotas, &held).await, 1);
     quotas.redis_down("test");
     ledger.hold_next.store(true, Ordering::SeqCst);
-    let first = tokio::spawn({
-        let (quotas, held) = (quotas.clone(), held.clone());
-        async move { consume(&quotas, &held).await }
-    });
+    let first = spawn_consume(&quotas, &held);
     ledger.entered.notified().await;
     assert_eq!(quotas.reconcile().await.unwrap(), 0);
     quotas.redis_recovered();
@@ -359,10 +347,7 @@ async fn a_dead_holders_fence_expires(counters: Arc<dyn Counters>, ledger: Arc<G
     assert_eq!(consume(&a, &id).await, 1);
     assert!(a.flush(&id).await.unwrap());
     assert!(counters.fence(&id, "died", Duration::from_millis(800)).await.unwrap());
-    let waiting = tokio::spawn({
-        let (a, id) = (a.clone(), id.clone());
-        async move { consume(&a, &id).await }
-    });
+    let waiting = spawn_consume(&a, &id);
     until(|| a.fence_waiting() == 1, "the consume waits for the fence").await;
     assert_eq!(waiting.await.unwrap(), 2);
     assert_eq!(counters.read(&id).await.unwrap().unwrap().used, 2, "decided in Redis");
@@ -374,10 +359,7 @@ async fn a_slow_decision_keeps_its_fence(counters: Arc<dyn Counters>, ledger: Ar
     let b = in_phase(counters.clone(), ledger.clone(), Phase::FirestoreOnly);
     let id = p("slow");
     ledger.hold_next.store(true, Ordering::SeqCst);
-    let by_b = tokio::spawn({
-        let (b, id) = (b.clone(), id.clone());
-        async move { consume(&b, &id).await }
-    });
+    let by_b = spawn_consume(&b, &id);
     ledger.entered.notified().await;
     assert!(counters.fence_held(&id).await.unwrap());
     tokio::time::sleep(Duration::from_secs(7)).await; // past the fence's TTL (5 s)
@@ -438,10 +420,7 @@ async fn a_load_read_before_a_fenced_decision_is_refused(counters: Arc<dyn Count
     let b = in_phase(counters.clone(), ledger.clone(), Phase::FirestoreOnly);
     let id = p("read-early");
     ledger.hold_next_read.store(true, Ordering::SeqCst);
-    let by_a = tokio::spawn({
-        let (a, id) = (a.clone(), id.clone());
-        async move { consume(&a, &id).await }
-    });
+    let by_a = spawn_consume(&a, &id);
     ledger.entered.notified().await; // A's miss has read the document: used 0
     assert_eq!(consume(&b, &id).await, 1, "B decided (fenced) and released its fence");
     ledger.open.add_permits(1);
@@ -466,17 +445,9 @@ async fn decisions_wait_for_a_fence_then_go_back_to_redis(counters: Arc<dyn Coun
     assert_eq!(consume(&a, &id).await, 1);
     assert!(a.flush(&id).await.unwrap());
     ledger.hold_next.store(true, Ordering::SeqCst);
-    let by_b = tokio::spawn({
-        let (b, id) = (b.clone(), id.clone());
-        async move { consume(&b, &id).await }
-    });
+    let by_b = spawn_consume(&b, &id);
     ledger.entered.notified().await;
-    let by_a: Vec<_> = (0..20)
-        .map(|_| {
-            let (a, id) = (a.clone(), id.clone());
-            tokio::spawn(async move { consume(&a, &id).await })
-        })
-        .collect();
+    let by_a: Vec<_> = (0..20).map(|_| spawn_consume(&a, &id)).collect();
     until(|| a.fence_waiting() == 20, "A's 20 consumes wait for B's fence").await;
     ledger.open.add_permits(1);
     assert_eq!(by_b.await.unwrap(), 2);

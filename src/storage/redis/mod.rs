@@ -462,22 +462,7 @@ impl Counters for RedisCounters {
             .arg(doc_used)
             .arg(doc_watermark)
             .arg(new_epoch);
-        for (id, entry) in keys {
-            let Some(entry) = IdempotencyEntry::parse(entry) else {
-                continue;
-            };
-            let d = entry.decision;
-            invocation
-                .key(self.keys.idempotency(provider, id))
-                .arg(format!(
-                    "{}:{}:{}:{}",
-                    entry.amount,
-                    u8::from(d.allowed),
-                    d.used,
-                    d.limit
-                ))
-                .arg(entry.expires_ms);
-        }
+        self.with_ledger_keys(&mut invocation, provider, keys);
         let done: i64 = self
             .call(|mut conn| async move { invocation.invoke_async(&mut conn).await })
             .await?;
@@ -955,6 +940,32 @@ impl RedisCounters {
             .map_or(0, |offset| now_ms() + offset + deadline)
     }
 
+    /// Adds the ledger's idempotency records to a `load.lua` or `rebase.lua` call: each
+    /// key, with its answer `amount:allowed:used:limit` and expiry (unix ms) as arguments.
+    fn with_ledger_keys(
+        &self,
+        invocation: &mut ::redis::ScriptInvocation<'_>,
+        provider: &ProviderId,
+        keys: &[KeyRecord],
+    ) {
+        for (id, entry) in keys {
+            let Some(entry) = IdempotencyEntry::parse(entry) else {
+                continue;
+            };
+            let d = entry.decision;
+            invocation
+                .key(self.keys.idempotency(provider, id))
+                .arg(format!(
+                    "{}:{}:{}:{}",
+                    entry.amount,
+                    u8::from(d.allowed),
+                    d.used,
+                    d.limit
+                ))
+                .arg(entry.expires_ms);
+        }
+    }
+
     async fn write_seed(
         &self,
         provider: &ProviderId,
@@ -977,22 +988,7 @@ impl RedisCounters {
             .arg(provider.as_str())
             .arg(seed.fence);
         // The ledger's idempotency records come along, so Redis answers their retries.
-        for (id, entry) in &seed.keys {
-            let Some(entry) = IdempotencyEntry::parse(entry) else {
-                continue;
-            };
-            let d = entry.decision;
-            invocation
-                .key(self.keys.idempotency(provider, id))
-                .arg(format!(
-                    "{}:{}:{}:{}",
-                    entry.amount,
-                    u8::from(d.allowed),
-                    d.used,
-                    d.limit
-                ))
-                .arg(entry.expires_ms);
-        }
+        self.with_ledger_keys(&mut invocation, provider, &seed.keys);
         self.call(|mut conn| async move { invocation.invoke_async::<i64>(&mut conn).await })
             .await
     }
