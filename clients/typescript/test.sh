@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # Installs the locked dev dependencies, typechecks the examples and runs the tests of
-# @quotad/client against the real quotad release binary.
+# @quotad/client against the real quotad binary (QUOTAD_BIN, default the debug build).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")"
 
-bin="${QUOTAD_BIN:-../../target/release/quotad}"
+bin="${QUOTAD_BIN:-../../target/debug/quotad}"
 if [[ ! -x "$bin" ]]; then
-  echo "test.sh: quotad release binary not found (or not executable) at: $bin" >&2
-  echo "test.sh: build it first with 'cargo build --release' in the repository root, or set QUOTAD_BIN." >&2
+  echo "test.sh: quotad binary not found (or not executable) at: $bin" >&2
+  echo "test.sh: build it first with 'cargo build' in the repository root, or set QUOTAD_BIN." >&2
   exit 1
 fi
 export QUOTAD_BIN="$(cd "$(dirname "$bin")" && pwd)/$(basename "$bin")"
