@@ -1,4 +1,4 @@
-// Test support: starts the real quotad release binary and a small forwarding proxy.
+// Test support: starts the real quotad binary and a small forwarding proxy.
 // Lives outside test/ so `node --test test/` does not run it as a test file.
 import { spawn } from 'node:child_process';
 import { existsSync, mkdtempSync, writeFileSync, rmSync } from 'node:fs';
@@ -13,15 +13,15 @@ const packageDir = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '.
 export const TINY_PLAN = '[plans.tiny]\nlimit = 2\nwindow = "2s"\nalgorithm = "sliding-window"\n';
 export const ADMIN_TOKEN = 't';
 
-/** Path of the quotad binary: $QUOTAD_BIN or ../../target/release/quotad relative to the package. */
+/** Path of the quotad binary: $QUOTAD_BIN or ../../target/debug/quotad relative to the package. */
 export function quotadBin() {
   const bin = process.env.QUOTAD_BIN
     ? path.resolve(process.env.QUOTAD_BIN)
-    : path.resolve(packageDir, '../../target/release/quotad');
+    : path.resolve(packageDir, '../../target/debug/quotad');
   if (!existsSync(bin)) {
     throw new Error(
-      `quotad release binary not found at ${bin}. ` +
-        'Build it first with `cargo build --release` (in the repository root) or set QUOTAD_BIN to its path.',
+      `quotad binary not found at ${bin}. ` +
+        'Build it first with `cargo build` (in the repository root) or set QUOTAD_BIN to its path.',
     );
   }
   return bin;
