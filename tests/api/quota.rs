@@ -116,6 +116,38 @@ async fn concurrent_consumes_on_two_replicas_admit_exactly_the_limit() {
 }
 
 #[tokio::test]
+async fn concurrent_consumes_of_many_providers_on_two_replicas_admit_exactly_each_limit() {
+    // Many distinct providers at once: their changes go to Redis in several batches that
+    // are sent while others form (SEND_AT distinct items each).
+    let shared = Shared::real();
+    let (a, b) = (spawn_with(&shared, |_| {}).await, spawn_with(&shared, |_| {}).await);
+    let providers: Vec<String> = (0..40).map(|n| format!("many-{n}")).collect();
+    for provider in &providers {
+        shared.store().put(provider, Some(0), Some(3)).await;
+    }
+    let calls = (0..400).map(|i| {
+        let app = if i % 2 == 0 { &a } else { &b };
+        let provider = &providers[i % providers.len()];
+        async move { (provider, app.consume(provider, 1).await.status().as_u16()) }
+    });
+    let answers = join_all(calls).await;
+    for provider in &providers {
+        let admitted = answers.iter().filter(|(p, s)| *p == provider && *s == 200).count();
+        let denied = answers.iter().filter(|(p, s)| *p == provider && *s == 429).count();
+        assert_eq!((admitted, denied), (3, 7), "{provider}");
+        assert_eq!(a.quota(provider).await["used"], 3, "{provider}");
+    }
+    let store = shared.store();
+    for provider in &providers {
+        assert_eq!(
+            eventually(STORE_DEADLINE, Some(3), || store.used(provider)).await,
+            Some(3),
+            "{provider}"
+        );
+    }
+}
+
+#[tokio::test]
 async fn other_writers_increments_survive_dual_write() {
     let app = spawn_app().await;
     let store = app.shared.store();
