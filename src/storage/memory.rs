@@ -47,12 +47,32 @@ fn record_key(change: &Change<'_>, decision: Decision) -> String {
     .render()
 }
 
+/// A record with its expiry (`None` while dirty: dirty records never expire) and when it
+/// was loaded (or rebased) from the ledger: a record that turns clean lives the cache TTL
+/// from then, not from the moment it turned clean.
+struct Cached {
+    record: Record,
+    expiry: Option<Instant>,
+    loaded: Instant,
+}
+
+impl Cached {
+    fn new(record: Record, ttl: Duration) -> Self {
+        let loaded = Instant::now();
+        Self {
+            record,
+            expiry: Some(loaded + ttl),
+            loaded,
+        }
+    }
+}
+
 #[derive(Default)]
 struct CountersState {
     sentinel: Option<String>,
     sync_lock: Option<(String, Instant)>,
     sync_report: Option<String>,
-    records: HashMap<ProviderId, (Record, Option<Instant>)>,
+    records: HashMap<ProviderId, Cached>,
     /// Idempotency records by provider and key id.
     keys: HashMap<(ProviderId, String), String>,
     /// Those not yet handed to the ledger.
@@ -88,11 +108,14 @@ impl CountersState {
     }
 
     fn live(&mut self, provider: &ProviderId) -> Option<&mut Record> {
-        let expired = matches!(self.records.get(provider), Some((_, Some(at))) if *at <= Instant::now());
+        let expired = self
+            .records
+            .get(provider)
+            .is_some_and(|cached| cached.expiry.is_some_and(|at| at <= Instant::now()));
         if expired {
             self.records.remove(provider);
         }
-        self.records.get_mut(provider).map(|(r, _)| r)
+        self.records.get_mut(provider).map(|cached| &mut cached.record)
     }
 }
 
@@ -120,7 +143,7 @@ impl Counters for MemoryCounters {
         }
         state
             .records
-            .insert(provider.clone(), (record_of(seed), Some(Instant::now() + ttl)));
+            .insert(provider.clone(), Cached::new(record_of(seed), ttl));
         state.import_keys(provider, &seed.keys);
         Ok(true)
     }
@@ -182,6 +205,9 @@ impl Counters for MemoryCounters {
             synced: 0,
             from_watermark: Some(doc_watermark),
         };
+        if let Some(cached) = state.records.get_mut(provider) {
+            cached.loaded = Instant::now(); // it holds what the ledger held now
+        }
         state.import_keys(provider, keys);
         Ok(true)
     }
@@ -222,8 +248,8 @@ impl Counters for MemoryCounters {
         record.used = decision.used;
         if dirty {
             record.version += 1;
-            if let Some(entry) = state.records.get_mut(provider) {
-                entry.1 = None; // dirty records never expire
+            if let Some(cached) = state.records.get_mut(provider) {
+                cached.expiry = None; // dirty records never expire
             }
             state.dirty_since.entry(provider.clone()).or_insert_with(Instant::now);
         }
@@ -254,16 +280,18 @@ impl Counters for MemoryCounters {
                 pending.remove(id);
             }
         }
-        let Some((record, expiry)) = state.records.get_mut(provider) else {
+        let Some(cached) = state.records.get_mut(provider) else {
             return Ok(());
         };
-        if record.epoch != epoch {
+        if cached.record.epoch != epoch {
             return Ok(());
         }
-        record.synced = record.synced.max(version);
-        record.limit = limit;
-        if !record.is_dirty() {
-            *expiry = Some(Instant::now() + ttl);
+        cached.record.synced = cached.record.synced.max(version);
+        cached.record.limit = limit;
+        if !cached.record.is_dirty() {
+            // the TTL runs from the load: a busy provider still reloads what other
+            // writers added (an expiry already past drops the record now)
+            cached.expiry = Some(cached.loaded + ttl);
             state.dirty_since.remove(provider);
         }
         Ok(())
@@ -290,7 +318,11 @@ impl Counters for MemoryCounters {
 
     async fn forget(&self, provider: &ProviderId, epoch: &str) -> Result<(), StorageError> {
         let mut state = self.state.lock().unwrap();
-        if state.records.get(provider).is_some_and(|(r, _)| r.epoch == epoch) {
+        if state
+            .records
+            .get(provider)
+            .is_some_and(|cached| cached.record.epoch == epoch)
+        {
             state.records.remove(provider);
             state.dirty_since.remove(provider);
         }
@@ -306,7 +338,7 @@ impl Counters for MemoryCounters {
         }
         state
             .records
-            .insert(provider.clone(), (record_of(seed), Some(Instant::now() + ttl)));
+            .insert(provider.clone(), Cached::new(record_of(seed), ttl));
         state.dirty_since.remove(provider);
         state.import_keys(provider, &seed.keys);
         Ok(())

@@ -151,6 +151,47 @@ async fn counters_contract(counters: Arc<dyn Counters>) {
     assert!(counters.dirty(Duration::ZERO, 10).await.unwrap().is_empty());
     counters.ping().await.unwrap();
     fences_contract(counters.as_ref()).await;
+    ttl_from_load_contract(counters.as_ref()).await;
+}
+
+/// A record that turns clean lives the cache TTL from its load, not from the moment it
+/// turned clean: a busy provider, dirty and clean by turns, still reloads what other
+/// writers added to its document. (Time is what is under test here: the waits are for a
+/// 1 s TTL to run out.)
+async fn ttl_from_load_contract(counters: &dyn Counters) {
+    let ttl = Duration::from_secs(1);
+    let id = p("aged");
+    let loaded = tokio::time::Instant::now();
+    counters.load(&id, &seed(0, 100), ttl).await.unwrap();
+    counters.apply(&id, &consume(1)).await.unwrap();
+    counters.mark_synced(&id, "e1", 1, 100, ttl, &[]).await.unwrap();
+    assert!(
+        counters.read(&id).await.unwrap().is_some(),
+        "clean within its TTL: kept"
+    );
+    counters.apply(&id, &consume(1)).await.unwrap();
+    // dirty past the TTL: kept (dirty records never expire)
+    tokio::time::sleep_until(loaded + ttl + Duration::from_millis(100)).await;
+    let record = counters.read(&id).await.unwrap().expect("a dirty record is kept");
+    assert_eq!((record.used, record.version), (2, 2));
+    // clean now, loaded more than a TTL ago: gone at once
+    counters.mark_synced(&id, "e1", 2, 100, ttl, &[]).await.unwrap();
+    assert_eq!(counters.read(&id).await.unwrap(), None);
+    assert!(counters.dirty(Duration::ZERO, 10).await.unwrap().is_empty());
+
+    // A rebase counts as a load: the TTL runs from it.
+    let id = p("rebased");
+    counters.load(&id, &seed(0, 100), ttl).await.unwrap();
+    counters.apply(&id, &consume(1)).await.unwrap();
+    tokio::time::sleep(ttl).await;
+    let rebased = tokio::time::Instant::now();
+    assert!(counters.rebase(&id, "e1", 5, 0, "e2", &[]).await.unwrap());
+    counters.mark_synced(&id, "e2", 1, 100, ttl, &[]).await.unwrap();
+    let record = counters.read(&id).await.unwrap();
+    assert!(
+        record.is_some() || rebased.elapsed() >= ttl,
+        "clean within a TTL of its rebase: kept"
+    );
 }
 
 /// Fences: while one is held no record loads, nor after it if the document was read

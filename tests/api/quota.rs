@@ -147,6 +147,33 @@ async fn concurrent_consumes_of_many_providers_on_two_replicas_admit_exactly_eac
     }
 }
 
+/// A provider kept busy never sits clean for a whole TTL, yet its cached record still
+/// picks up what another writer (a legacy Cloud Function) added to the document: a record
+/// that turns clean lives the TTL from its load, not from its last write.
+#[tokio::test]
+async fn a_busy_provider_sees_other_writers_increments_within_the_cache_ttl() {
+    let shared = Shared::real();
+    let app = spawn_with(&shared, |c| c.cache_ttl = Duration::from_secs(1)).await;
+    let store = shared.store();
+    store.put("busy", Some(0), Some(1_000_000)).await;
+    ok(app.consume("busy", 1).await).await; // cached now
+    store.add_used("busy", 100).await; // behind the cache's back
+    let mut consumed = 1;
+    // one consume every ~100 ms (eventually's poll): written and clean in between
+    let seen = eventually(Duration::from_secs(10), true, || {
+        consumed += 1;
+        async { ok(app.consume("busy", 1).await).await["used"].as_i64().unwrap() > 100 }
+    })
+    .await;
+    assert!(seen, "the increment behind the cache was never seen");
+    // every unit once: the other writer's and each consume
+    let expected = 100 + consumed;
+    assert_eq!(
+        eventually(STORE_DEADLINE, Some(expected), || store.used("busy")).await,
+        Some(expected)
+    );
+}
+
 #[tokio::test]
 async fn other_writers_increments_survive_dual_write() {
     let app = spawn_app().await;

@@ -6,6 +6,8 @@
 -- id, ARGV[8] the fence generation read before the document; KEYS[5..] idempotency keys
 -- the ledger recorded, with ARGV[9..] their answers and expiry (pairs:
 -- 'amount:allowed:used:limit', unix ms), set unless present
+-- The record keeps its load time ('at', Redis ms): mark_synced gives a record that turns
+-- clean the cache TTL from then.
 -- Returns 1 when it wrote the record, 0 when one was there, 2 when it was refused: a fence
 -- is held (Firestore is deciding for the provider) or was taken since the document was
 -- read, so the document may miss a decision. A refused replacement drops the record (the
@@ -23,7 +25,7 @@ if redis.call('ZCOUNT', KEYS[3], '(' .. now_s, '+inf') > 0
 end
 redis.call('DEL', KEYS[1])
 redis.call('HSET', KEYS[1], 'used', ARGV[1], 'limit', ARGV[2], 'epoch', ARGV[3], 'base', ARGV[1],
-  'from', ARGV[4], 'ver', '0', 'synced', '0')
+  'from', ARGV[4], 'ver', '0', 'synced', '0', 'at', now_s)
 redis.call('EXPIRE', KEYS[1], ARGV[5])
 if ARGV[6] == '1' then redis.call('ZREM', KEYS[2], ARGV[7]) end
 for i = 5, #KEYS do

@@ -8,9 +8,11 @@ local v = redis.call('HMGET', KEYS[1], 'epoch', 'used', 'ver', 'synced')
 if v[1] ~= ARGV[1] then return 0 end
 local carried = tonumber(v[2]) - tonumber(ARGV[3])
 local dirty = tonumber(v[3]) > tonumber(v[4])
+local t = redis.call('TIME')
 redis.call('HSET', KEYS[1], 'epoch', ARGV[4], 'base', ARGV[2],
   'used', string.format('%d', tonumber(ARGV[2]) + carried), 'from', ARGV[1],
-  'ver', dirty and '1' or '0', 'synced', '0', 'fromw', ARGV[3])
+  'ver', dirty and '1' or '0', 'synced', '0', 'fromw', ARGV[3],
+  'at', string.format('%d', t[1] * 1000 + math.floor(t[2] / 1000))) -- loaded now (see load.lua)
 for i = 2, #KEYS do
   redis.call('SET', KEYS[i], ARGV[2 * i + 1], 'PXAT', ARGV[2 * i + 2], 'NX')
 end
