@@ -553,8 +553,18 @@ impl QuotaService {
                             &transferred,
                         )
                         .await?;
-                    if self.counters.read(provider).await?.is_none_or(|r| !r.is_dirty()) {
-                        return Ok(true);
+                    match self.counters.read(provider).await? {
+                        Some(record) if record.is_dirty() => {
+                            if self.outlived_ttl(&record) {
+                                // Kept dirty for longer than the cache TTL (a busy provider):
+                                // rebased, it takes in what other writers added meanwhile
+                                // (failing, it is tried again after the next write).
+                                if let Err(err) = self.rebase(provider).await {
+                                    tracing::warn!(%provider, error = %err, "rebase after the cache TTL failed");
+                                }
+                            }
+                        }
+                        _ => return Ok(true),
                     }
                 }
                 Ok(WriteOutcome::Stale) => {
@@ -673,7 +683,7 @@ impl QuotaService {
     /// Reloads a record that other replicas keep dirty without dropping it (see
     /// [`Counters::rebase`]): `false` when it cannot, because the document has not seen
     /// the record's epoch yet (it has never been written).
-    async fn rebase(&self, provider: &ProviderId) -> Result<bool, QuotaError> {
+    async fn rebase(&self, provider: &ProviderId) -> Result<bool, StorageError> {
         let Some(record) = self.counters.read(provider).await? else {
             return Ok(true); // gone: the next request loads it
         };
@@ -682,10 +692,19 @@ impl QuotaService {
             return Ok(false);
         }
         let (used, watermark) = (doc.used.unwrap_or(0), doc.watermark.unwrap_or(0));
-        Ok(self
-            .counters
+        self.counters
             .rebase(provider, &record.epoch, used, watermark, &new_epoch(), &doc.keys)
-            .await?)
+            .await
+    }
+
+    /// Whether the record was loaded (or rebased) longer than the cache TTL ago: a clean
+    /// record would have expired by now. Its load time is Redis's clock; a skew between it
+    /// and this replica's only moves the rebase a little.
+    fn outlived_ttl(&self, record: &crate::storage::Record) -> bool {
+        let ttl = i64::try_from(self.cache_ttl.as_millis()).unwrap_or(i64::MAX);
+        record
+            .loaded_ms
+            .is_some_and(|loaded| chrono::Utc::now().timestamp_millis().saturating_sub(loaded) >= ttl)
     }
 
     /// Drops the record for a reload or, when other replicas keep it dirty, rebases it.

@@ -115,6 +115,7 @@ mod tests {
             version,
             synced,
             from_watermark: None,
+            loaded_ms: None,
         }
     }
 

@@ -47,22 +47,19 @@ fn record_key(change: &Change<'_>, decision: Decision) -> String {
     .render()
 }
 
-/// A record with its expiry (`None` while dirty: dirty records never expire) and when it
-/// was loaded (or rebased) from the ledger: a record that turns clean lives the cache TTL
-/// from then, not from the moment it turned clean.
+/// A record with its expiry (`None` while dirty: dirty records never expire). A record
+/// that turns clean lives the cache TTL from its load (`Record::loaded_ms`), not from the
+/// moment it turned clean.
 struct Cached {
     record: Record,
     expiry: Option<Instant>,
-    loaded: Instant,
 }
 
 impl Cached {
     fn new(record: Record, ttl: Duration) -> Self {
-        let loaded = Instant::now();
         Self {
             record,
-            expiry: Some(loaded + ttl),
-            loaded,
+            expiry: Some(Instant::now() + ttl),
         }
     }
 }
@@ -204,10 +201,8 @@ impl Counters for MemoryCounters {
             version: u64::from(dirty),
             synced: 0,
             from_watermark: Some(doc_watermark),
+            loaded_ms: Some(now_ms()), // it holds what the ledger held now
         };
-        if let Some(cached) = state.records.get_mut(provider) {
-            cached.loaded = Instant::now(); // it holds what the ledger held now
-        }
         state.import_keys(provider, keys);
         Ok(true)
     }
@@ -291,7 +286,9 @@ impl Counters for MemoryCounters {
         if !cached.record.is_dirty() {
             // the TTL runs from the load: a busy provider still reloads what other
             // writers added (an expiry already past drops the record now)
-            cached.expiry = Some(cached.loaded + ttl);
+            let age = now_ms().saturating_sub(cached.record.loaded_ms.unwrap_or(i64::MAX));
+            let age = Duration::from_millis(u64::try_from(age).unwrap_or(0));
+            cached.expiry = Some(Instant::now() + ttl.saturating_sub(age));
             state.dirty_since.remove(provider);
         }
         Ok(())
@@ -442,6 +439,7 @@ impl Counters for MemoryCounters {
 fn record_of(seed: &Seed) -> Record {
     Record {
         from_watermark: None,
+        loaded_ms: Some(now_ms()),
         used: seed.used,
         limit: seed.limit,
         epoch: seed.epoch.clone(),

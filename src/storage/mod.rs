@@ -55,6 +55,9 @@ pub struct Record {
     /// Set by a rebase ([`Counters::rebase`]; `None` after a plain load): the document's
     /// watermark of the record's previous epoch when the rebase read it.
     pub from_watermark: Option<i64>,
+    /// When the record was loaded or rebased from the ledger (unix ms, by Redis's clock for
+    /// a Redis record; `None` for one an older quotad wrote): the cache TTL runs from then.
+    pub loaded_ms: Option<i64>,
 }
 
 impl Record {
@@ -478,6 +481,7 @@ mod tests {
             version,
             synced: 0,
             from_watermark: None,
+            loaded_ms: None,
         }
     }
 

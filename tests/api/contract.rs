@@ -287,6 +287,7 @@ fn record(used: i64, base: i64, epoch: &str, loaded_from: &str, version: u64) ->
         version,
         synced: 0,
         from_watermark: None,
+        loaded_ms: None,
     }
 }
 

@@ -413,6 +413,43 @@ async fn a_busy_record_is_rebased_at_the_recovery(counters: Arc<dyn Counters>, l
     assert_eq!(ledger.read(&busy).await.unwrap().unwrap().used, Some(3 + others));
 }
 
+/// A record that another replica keeps dirty never turns clean, so it never expires; once
+/// it has outlived the cache TTL, the writes that follow rebase it, and it takes in what
+/// other writers (a legacy Cloud Function) added to the document meanwhile.
+async fn a_record_kept_dirty_past_its_ttl_is_rebased(counters: Arc<dyn Counters>, ledger: Arc<Gated>) {
+    let ttl = Duration::from_secs(1);
+    let a = QuotaService::new(counters.clone(), ledger.clone(), 100, ttl, Phase::DualWrite);
+    let busy = p("busy");
+    assert_eq!(consume(&a, &busy).await, 1);
+    let loaded = tokio::time::Instant::now(); // the record was loaded before
+    assert!(a.flush(&busy).await.unwrap()); // the document is in the record's epoch
+    // another writer adds 50 to the document, behind the cache
+    let outside = quotad::storage::Change {
+        op: quotad::storage::Op::Consume,
+        amount: 50,
+        idempotency_key: None,
+    };
+    let added = ledger.inner.decide(&busy, &outside, 100, false).await.unwrap();
+    assert!(matches!(added, LedgerDecision::Decided(d) if d.allowed && d.used == 51));
+    // another replica consumes after every write: the record stays dirty
+    *ledger.busy.lock().unwrap() = Some((counters.clone(), busy.clone()));
+    consume(&a, &busy).await;
+    assert!(!a.flush(&busy).await.unwrap(), "kept dirty");
+    assert!(
+        counters.read(&busy).await.unwrap().unwrap().used < 50,
+        "within the TTL: as loaded"
+    );
+    tokio::time::sleep_until(loaded + ttl + Duration::from_millis(100)).await;
+    assert!(!a.flush(&busy).await.unwrap(), "still kept dirty");
+    let record = counters.read(&busy).await.unwrap().unwrap();
+    assert!(record.used > 50, "past the TTL: rebased onto the document ({record:?})");
+    // every unit once: two consumes here, the other writer's 50 and the other replica's
+    *ledger.busy.lock().unwrap() = None;
+    assert!(a.flush(&busy).await.unwrap());
+    let others = ledger.busy_units.load(Ordering::SeqCst);
+    assert_eq!(ledger.read(&busy).await.unwrap().unwrap().used, Some(52 + others));
+}
+
 /// A load whose document was read before a fenced decision landed is refused, though the
 /// fence is gone by the time the load reaches Redis.
 async fn a_load_read_before_a_fenced_decision_is_refused(counters: Arc<dyn Counters>, ledger: Arc<Gated>) {
@@ -565,6 +602,18 @@ async fn memory_rebases_a_busy_record_at_the_recovery() {
 async fn redis_rebases_a_busy_record_at_the_recovery() {
     let (counters, ledger) = real().await;
     a_busy_record_is_rebased_at_the_recovery(counters, ledger).await;
+}
+
+#[tokio::test]
+async fn memory_rebases_a_record_kept_dirty_past_its_ttl() {
+    let (counters, ledger) = memory().await;
+    a_record_kept_dirty_past_its_ttl_is_rebased(counters, ledger).await;
+}
+
+#[tokio::test]
+async fn redis_rebases_a_record_kept_dirty_past_its_ttl() {
+    let (counters, ledger) = real().await;
+    a_record_kept_dirty_past_its_ttl_is_rebased(counters, ledger).await;
 }
 
 #[tokio::test]

@@ -256,7 +256,7 @@ impl Batched for ReadJob {
 }
 
 /// The fields of a record hash that a read returns, in [`record_of`]'s order.
-const RECORD_FIELDS: [&str; 8] = ["used", "limit", "epoch", "base", "from", "ver", "synced", "fromw"];
+const RECORD_FIELDS: [&str; 9] = ["used", "limit", "epoch", "base", "from", "ver", "synced", "fromw", "at"];
 
 /// What a plan-based check counts its attempts with.
 #[derive(PartialEq)]
@@ -910,6 +910,7 @@ fn record_of(reply: &Value) -> Result<Option<Record>, StorageError> {
             version: u64::try_from(int(&v[5])?).ok()?,
             synced: u64::try_from(int(&v[6])?).ok()?,
             from_watermark: int(&v[7]), // absent unless rebased
+            loaded_ms: int(&v[8]),
         })
     };
     parse().map(Some).ok_or_else(|| bad_reply("record", v))
