@@ -527,7 +527,8 @@ impl QuotaService {
     }
 
     /// Writes a provider's unsynced usage to the ledger, exactly once. Returns `true` when
-    /// the record is clean afterwards (or there is none).
+    /// the record is clean afterwards (or there is none); `false` also after a last round
+    /// that rebased it (still dirty, in its new epoch: callers treat it as kept dirty).
     pub async fn flush(&self, provider: &ProviderId) -> Result<bool, StorageError> {
         for _ in 0..3 {
             let Some(record) = self.counters.read(provider).await? else {
@@ -697,14 +698,14 @@ impl QuotaService {
             .await
     }
 
-    /// Whether the record was loaded (or rebased) longer than the cache TTL ago: a clean
-    /// record would have expired by now. Its load time is Redis's clock; a skew between it
-    /// and this replica's only moves the rebase a little.
+    /// Whether the record was loaded (or rebased) longer than the cache TTL ago, by the
+    /// backend's clock: a clean record would have expired by now. A record without a load
+    /// time (an older quotad loaded it) counts as such: once rebased, it has one.
     fn outlived_ttl(&self, record: &crate::storage::Record) -> bool {
         let ttl = i64::try_from(self.cache_ttl.as_millis()).unwrap_or(i64::MAX);
         record
             .loaded_ms
-            .is_some_and(|loaded| chrono::Utc::now().timestamp_millis().saturating_sub(loaded) >= ttl)
+            .is_none_or(|loaded| self.counters.now_ms().saturating_sub(loaded) >= ttl)
     }
 
     /// Drops the record for a reload or, when other replicas keep it dirty, rebases it.

@@ -286,8 +286,9 @@ impl Counters for MemoryCounters {
         if !cached.record.is_dirty() {
             // the TTL runs from the load: a busy provider still reloads what other
             // writers added (an expiry already past drops the record now)
-            let age = now_ms().saturating_sub(cached.record.loaded_ms.unwrap_or(i64::MAX));
-            let age = Duration::from_millis(u64::try_from(age).unwrap_or(0));
+            // (a record without a load time gets the whole TTL, and its load time now)
+            let loaded = *cached.record.loaded_ms.get_or_insert_with(now_ms);
+            let age = Duration::from_millis(u64::try_from(now_ms() - loaded).unwrap_or(0));
             cached.expiry = Some(Instant::now() + ttl.saturating_sub(age));
             state.dirty_since.remove(provider);
         }

@@ -234,6 +234,12 @@ impl IdempotencyEntry {
 pub trait Counters: Send + Sync {
     /// `"redis"` or `"memory"`, for logs.
     fn kind(&self) -> &'static str;
+    /// The backend's clock, in unix ms, as far as this process knows it (Redis's `TIME`
+    /// less the offset measured against this process's clock): what times the backend
+    /// writes, such as [`Record::loaded_ms`], compare with.
+    fn now_ms(&self) -> i64 {
+        chrono::Utc::now().timestamp_millis()
+    }
     /// Answers when the backend is reachable.
     async fn ping(&self) -> Result<(), StorageError>;
     /// The cached record, if any.

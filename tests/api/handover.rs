@@ -616,6 +616,48 @@ async fn redis_rebases_a_record_kept_dirty_past_its_ttl() {
     a_record_kept_dirty_past_its_ttl_is_rebased(counters, ledger).await;
 }
 
+/// A record an older quotad loaded has no load time. Turned clean, it gets one (its TTL
+/// runs from then, not from each write); kept dirty, the next write rebases it (and so
+/// gives it one): a busy provider's record never stays without a reload for good.
+#[tokio::test]
+async fn redis_gives_a_record_of_an_older_quotad_its_load_time() {
+    let _ = emulator_host();
+    let redis = Arc::new(RedisCounters::new(&redis_url(), &(unique("h") + ":")).unwrap());
+    let ledger = Gated::new(Arc::new(FirestoreLedger::new(&unique("handover-"), "providers")));
+    let a = QuotaService::new(
+        redis.clone(),
+        ledger.clone(),
+        100,
+        Duration::from_secs(300),
+        Phase::DualWrite,
+    );
+    let id = p("old");
+    let as_an_older_quotad_wrote_it = || async {
+        let hdel = ::redis::cmd("HDEL").arg(redis.keys().record(&id)).arg("at").clone();
+        let removed: u64 = redis.query(hdel).await.unwrap();
+        assert_eq!(removed, 1);
+        assert_eq!(redis.read(&id).await.unwrap().unwrap().loaded_ms, None);
+    };
+    assert_eq!(consume(&a, &id).await, 1);
+    as_an_older_quotad_wrote_it().await;
+    assert!(a.flush(&id).await.unwrap());
+    let clean = redis.read(&id).await.unwrap().unwrap();
+    assert!(clean.loaded_ms.is_some(), "turned clean: {clean:?}");
+    assert_eq!(consume(&a, &id).await, 2);
+    as_an_older_quotad_wrote_it().await;
+    *ledger.busy.lock().unwrap() = Some((redis.clone(), id.clone()));
+    assert!(!a.flush(&id).await.unwrap(), "kept dirty");
+    *ledger.busy.lock().unwrap() = None;
+    let rebased = redis.read(&id).await.unwrap().unwrap();
+    assert!(
+        rebased.loaded_ms.is_some() && rebased.epoch != clean.epoch,
+        "rebased: {rebased:?}"
+    );
+    assert!(a.flush(&id).await.unwrap());
+    let others = ledger.busy_units.load(Ordering::SeqCst);
+    assert_eq!(ledger.read(&id).await.unwrap().unwrap().used, Some(2 + others));
+}
+
 #[tokio::test]
 async fn memory_refuses_a_load_read_before_a_fenced_decision() {
     let (counters, ledger) = memory().await;

@@ -125,7 +125,23 @@ impl<J: Batched + Send + 'static> Batches<J> {
         })))
     }
 
-    fn queue(&self, job: J) -> Queued<J> {
+    /// Queues `job`; `sender` makes the function that sends a batch, called only when this
+    /// job starts a batch or fills one.
+    fn queue<F, Fut>(&self, job: J, sender: impl FnOnce() -> F)
+    where
+        F: Fn(Vec<J>) -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = ()> + Send + 'static,
+    {
+        match self.enqueue(job) {
+            Queued::First => self.send_with(sender()),
+            Queued::Full(jobs) => {
+                tokio::spawn(in_calls(jobs, sender()));
+            }
+            Queued::Later => {}
+        }
+    }
+
+    fn enqueue(&self, job: J) -> Queued<J> {
         let mut queue = self.0.lock().unwrap();
         if !queue.jobs.last().is_some_and(|last| last.same_item(&job)) {
             queue.items += 1;
@@ -152,22 +168,31 @@ impl<J: Batched + Send + 'static> Batches<J> {
         let queue = self.0.clone();
         tokio::spawn(async move {
             tokio::task::yield_now().await;
-            let mut jobs = {
+            let jobs = {
                 let mut queue = queue.lock().unwrap();
                 queue.items = 0;
                 std::mem::take(&mut queue.jobs)
             };
-            if jobs.is_empty() {
-                return;
+            if !jobs.is_empty() {
+                in_calls(jobs, send).await;
             }
-            while jobs.len() > MAX_BATCH {
-                let rest = jobs.split_off(MAX_BATCH);
-                tokio::spawn(send(jobs));
-                jobs = rest;
-            }
-            send(jobs).await;
         });
     }
+}
+
+/// Sends `jobs` in calls of at most [`MAX_BATCH`]: each call but the last in a task of its
+/// own, the last in this one.
+async fn in_calls<J, F, Fut>(mut jobs: Vec<J>, send: F)
+where
+    F: Fn(Vec<J>) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    while jobs.len() > MAX_BATCH {
+        let rest = jobs.split_off(MAX_BATCH);
+        tokio::spawn(send(jobs));
+        jobs = rest;
+    }
+    send(jobs).await;
 }
 
 /// The answer a batched job waits for; a batch task that ended without answering (the
@@ -455,6 +480,10 @@ impl Counters for RedisCounters {
         "redis"
     }
 
+    fn now_ms(&self) -> i64 {
+        now_ms() + self.clock_offset_ms.read().unwrap().unwrap_or(0)
+    }
+
     /// `TIME`, which also measures the clock offset used by the apply deadline.
     async fn ping(&self) -> Result<(), StorageError> {
         let sent = now_ms();
@@ -473,16 +502,10 @@ impl Counters for RedisCounters {
             record: self.keys.record(provider),
             answer: answer_to,
         };
-        match self.reads.queue(job) {
-            Queued::First => {
-                let link = self.link.clone();
-                self.reads.send_with(move |jobs| send_reads(link.clone(), jobs));
-            }
-            Queued::Full(jobs) => {
-                tokio::spawn(send_reads(self.link.clone(), jobs));
-            }
-            Queued::Later => {}
-        }
+        self.reads.queue(job, || {
+            let link = self.link.clone();
+            move |jobs| send_reads(link.clone(), jobs)
+        });
         answer(answered).await
     }
 
@@ -585,22 +608,10 @@ impl Counters for RedisCounters {
             id,
             answer: answer_to,
         };
-        match self.applies.queue(job) {
-            Queued::First => {
-                let (link, dirty, deadline) = (self.link.clone(), self.keys.dirty(), self.apply_deadline_ms());
-                self.applies
-                    .send_with(move |jobs| send_applies(link.clone(), dirty.clone(), deadline, jobs));
-            }
-            Queued::Full(jobs) => {
-                tokio::spawn(send_applies(
-                    self.link.clone(),
-                    self.keys.dirty(),
-                    self.apply_deadline_ms(),
-                    jobs,
-                ));
-            }
-            Queued::Later => {}
-        }
+        self.applies.queue(job, || {
+            let (link, dirty, deadline) = (self.link.clone(), self.keys.dirty(), self.apply_deadline_ms());
+            move |jobs| send_applies(link.clone(), dirty.clone(), deadline, jobs)
+        });
         answer(answered).await
     }
 
@@ -754,17 +765,10 @@ impl Counters for RedisCounters {
             }),
             answer: answer_to,
         };
-        match self.checks.queue(job) {
-            Queued::First => {
-                let (link, anomalies) = (self.link.clone(), self.keys.anomalies());
-                self.checks
-                    .send_with(move |jobs| send_checks(link.clone(), anomalies.clone(), jobs));
-            }
-            Queued::Full(jobs) => {
-                tokio::spawn(send_checks(self.link.clone(), self.keys.anomalies(), jobs));
-            }
-            Queued::Later => {}
-        }
+        self.checks.queue(job, || {
+            let (link, anomalies) = (self.link.clone(), self.keys.anomalies());
+            move |jobs| send_checks(link.clone(), anomalies.clone(), jobs)
+        });
         answer(answered).await
     }
 
@@ -1102,25 +1106,44 @@ mod tests {
     #[test]
     fn a_batch_of_send_at_distinct_items_is_handed_back_and_identical_jobs_count_once() {
         let batches = Batches::new();
-        assert!(matches!(batches.queue(0_u32), Queued::First));
+        assert!(matches!(batches.enqueue(0_u32), Queued::First));
         // A hot provider's jobs: one item however many.
         for _ in 0..1000 {
-            assert!(matches!(batches.queue(0), Queued::Later));
+            assert!(matches!(batches.enqueue(0), Queued::Later));
         }
         for n in 1..SEND_AT - 1 {
-            assert!(matches!(batches.queue(n as u32), Queued::Later));
+            assert!(matches!(batches.enqueue(n as u32), Queued::Later));
         }
-        let Queued::Full(jobs) = batches.queue(999) else {
+        let Queued::Full(jobs) = batches.enqueue(999) else {
             panic!("the item that makes SEND_AT distinct items must fill the batch");
         };
         assert_eq!(jobs.len(), 1001 + SEND_AT - 1);
         assert_eq!(jobs[..1001], [0; 1001]);
         assert_eq!(jobs.last(), Some(&999));
         // The next job starts a new batch, counted afresh.
-        assert!(matches!(batches.queue(5), Queued::First));
+        assert!(matches!(batches.enqueue(5), Queued::First));
         for n in 0..SEND_AT - 2 {
-            assert!(matches!(batches.queue(100 + n as u32), Queued::Later));
+            assert!(matches!(batches.enqueue(100 + n as u32), Queued::Later));
         }
-        assert!(matches!(batches.queue(7), Queued::Full(jobs) if jobs.len() == SEND_AT));
+        assert!(matches!(batches.enqueue(7), Queued::Full(jobs) if jobs.len() == SEND_AT));
+    }
+
+    #[tokio::test]
+    async fn a_batch_goes_in_calls_of_at_most_max_batch_jobs_in_order() {
+        let (sent, mut calls) = tokio::sync::mpsc::unbounded_channel();
+        let jobs: Vec<u32> = (0..2 * MAX_BATCH as u32 + 44).collect();
+        in_calls(jobs, move |call: Vec<u32>| {
+            let sent = sent.clone();
+            async move { sent.send(call).unwrap() }
+        })
+        .await;
+        let mut got = Vec::new();
+        while let Some(call) = calls.recv().await {
+            assert!(call.len() <= MAX_BATCH);
+            got.push(call);
+        }
+        got.sort_by_key(|call| call[0]);
+        assert_eq!(got.iter().map(Vec::len).collect::<Vec<_>>(), [MAX_BATCH, MAX_BATCH, 44]);
+        assert_eq!(got.concat(), (0..2 * MAX_BATCH as u32 + 44).collect::<Vec<_>>());
     }
 }

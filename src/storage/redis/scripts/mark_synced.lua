@@ -3,7 +3,8 @@
 -- The TTL runs from the record's load ('at'), not from now: a busy provider, whose record
 -- turns dirty and clean over and over, still reloads what other writers added to its
 -- document (a record loaded longer than the TTL ago goes at once). A record written by an
--- older quotad, without 'at', gets the whole TTL from now.
+-- older quotad, without 'at', gets the whole TTL from now, and 'at' now: the TTL runs from
+-- here on (otherwise a provider that stays busy would never reload).
 -- KEYS[1] record hash, KEYS[2] dirty index, KEYS[3] idempotency records not yet in the ledger
 -- ARGV[1] epoch, ARGV[2] version, ARGV[3] limit, ARGV[4] TTL seconds, ARGV[5] provider id,
 -- ARGV[6..] ids of the idempotency records the ledger now holds
@@ -22,6 +23,8 @@ if synced >= tonumber(v[2]) then
   if at then
     redis.call('PEXPIREAT', KEYS[1], string.format('%d', at + tonumber(ARGV[4]) * 1000))
   else
+    local t = redis.call('TIME')
+    redis.call('HSET', KEYS[1], 'at', string.format('%d', t[1] * 1000 + math.floor(t[2] / 1000)))
     redis.call('EXPIRE', KEYS[1], ARGV[4])
   end
   redis.call('ZREM', KEYS[2], ARGV[5])
