@@ -284,9 +284,9 @@ impl Counters for MemoryCounters {
         cached.record.synced = cached.record.synced.max(version);
         cached.record.limit = limit;
         if !cached.record.is_dirty() {
-            // the TTL runs from the load: a busy provider still reloads what other
-            // writers added (an expiry already past drops the record now)
-            // (a record without a load time gets the whole TTL, and its load time now)
+            // the TTL runs from the load: a busy provider still reloads what other writers
+            // added (an expiry already past drops the record now); a record without a
+            // load time gets the whole TTL, and its load time now
             let loaded = *cached.record.loaded_ms.get_or_insert_with(now_ms);
             let age = Duration::from_millis(u64::try_from(now_ms() - loaded).unwrap_or(0));
             cached.expiry = Some(Instant::now() + ttl.saturating_sub(age));

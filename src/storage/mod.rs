@@ -234,9 +234,9 @@ impl IdempotencyEntry {
 pub trait Counters: Send + Sync {
     /// `"redis"` or `"memory"`, for logs.
     fn kind(&self) -> &'static str;
-    /// The backend's clock, in unix ms, as far as this process knows it (Redis's `TIME`
-    /// less the offset measured against this process's clock): what times the backend
-    /// writes, such as [`Record::loaded_ms`], compare with.
+    /// The backend's clock, in unix ms, as far as this process knows it (for Redis: this
+    /// process's clock plus the offset to Redis's `TIME` measured at the last ping): what
+    /// times the backend writes, such as [`Record::loaded_ms`], compare with.
     fn now_ms(&self) -> i64 {
         chrono::Utc::now().timestamp_millis()
     }
