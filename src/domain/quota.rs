@@ -166,6 +166,13 @@ impl QuotaService {
         self.redis_down(&err.to_string());
     }
 
+    /// A decision's Redis call failed: Redis is marked down and the decision goes to
+    /// Firestore (counted as a fallback).
+    fn decision_falls_back(&self, err: &StorageError) {
+        self.redis_failed(err);
+        metrics::counter!("quotad_fallbacks_total").increment(1);
+    }
+
     /// Marks Redis down (see `redis_failed`); the health task calls it when a probe fails.
     pub fn redis_down(&self, reason: &str) {
         if self.handover.go_down() {
@@ -275,8 +282,7 @@ impl QuotaService {
             match self.change_in_redis(provider, &change, phase).await {
                 Ok(outcome) => Ok(outcome),
                 Err(QuotaError::Unavailable(err)) if err.is_redis() => {
-                    self.redis_failed(&err);
-                    metrics::counter!("quotad_fallbacks_total").increment(1);
+                    self.decision_falls_back(&err);
                     self.in_firestore(provider, &change, phase, InFirestore::Fallback).await
                 }
                 Err(err) => Err(err),
@@ -444,8 +450,7 @@ impl QuotaService {
                         return self.answer_of(provider, applied, phase);
                     }
                     Err(err) if err.is_unavailable() => {
-                        self.redis_failed(&err);
-                        metrics::counter!("quotad_fallbacks_total").increment(1);
+                        self.decision_falls_back(&err);
                         marked = true;
                     }
                     Err(err) => {
@@ -455,8 +460,7 @@ impl QuotaService {
                 }
             }
             Err(QuotaError::Unavailable(err)) if err.is_redis() => {
-                self.redis_failed(&err);
-                metrics::counter!("quotad_fallbacks_total").increment(1);
+                self.decision_falls_back(&err);
                 marked = true;
             }
             Err(err) => {

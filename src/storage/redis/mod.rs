@@ -363,6 +363,14 @@ impl RedisCounters {
         self.link.call(f).await
     }
 
+    /// Runs one of the preloaded scripts (`EVALSHA`; on `NOSCRIPT` it loads it again).
+    async fn invoke<T: ::redis::FromRedisValue + Send>(
+        &self,
+        invocation: ::redis::ScriptInvocation<'_>,
+    ) -> Result<T, StorageError> {
+        self.link.invoke(invocation).await
+    }
+
     /// Runs an arbitrary command (tests and tools look inside Redis with it).
     pub async fn query<T: ::redis::FromRedisValue + Send>(&self, cmd: ::redis::Cmd) -> Result<T, StorageError> {
         self.call(|mut conn| async move { cmd.query_async(&mut conn).await })
@@ -448,6 +456,15 @@ impl Link {
         }
         result
     }
+
+    /// [`RedisCounters::invoke`], for the batch senders, which hold only the link.
+    async fn invoke<T: ::redis::FromRedisValue + Send>(
+        &self,
+        invocation: ::redis::ScriptInvocation<'_>,
+    ) -> Result<T, StorageError> {
+        self.call(|mut conn| async move { invocation.invoke_async(&mut conn).await })
+            .await
+    }
 }
 
 fn int(value: &Value) -> Option<i64> {
@@ -529,9 +546,7 @@ impl Counters for RedisCounters {
             .key(self.keys.fence_gen(provider))
             .arg(token)
             .arg(u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX));
-        let gone: i64 = self
-            .call(|mut conn| async move { invocation.invoke_async(&mut conn).await })
-            .await?;
+        let gone: i64 = self.invoke(invocation).await?;
         Ok(gone == 1)
     }
 
@@ -541,9 +556,7 @@ impl Counters for RedisCounters {
             .key(self.keys.fences(provider))
             .arg(token)
             .arg(u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX));
-        self.call(|mut conn| async move { invocation.invoke_async::<i64>(&mut conn).await })
-            .await
-            .map(|_| ())
+        self.invoke::<i64>(invocation).await.map(|_| ())
     }
 
     async fn rebase(
@@ -563,18 +576,14 @@ impl Counters for RedisCounters {
             .arg(doc_watermark)
             .arg(new_epoch);
         self.with_ledger_keys(&mut invocation, provider, keys);
-        let done: i64 = self
-            .call(|mut conn| async move { invocation.invoke_async(&mut conn).await })
-            .await?;
+        let done: i64 = self.invoke(invocation).await?;
         Ok(done == 1)
     }
 
     async fn fence_held(&self, provider: &ProviderId) -> Result<bool, StorageError> {
         let mut invocation = FENCED.prepare_invoke();
         invocation.key(self.keys.fences(provider));
-        let held: i64 = self
-            .call(|mut conn| async move { invocation.invoke_async(&mut conn).await })
-            .await?;
+        let held: i64 = self.invoke(invocation).await?;
         Ok(held > 0)
     }
 
@@ -584,9 +593,7 @@ impl Counters for RedisCounters {
             .key(self.keys.fences(provider))
             .key(self.keys.fence_gen(provider))
             .arg(token);
-        self.call(|mut conn| async move { invocation.invoke_async::<i64>(&mut conn).await })
-            .await
-            .map(|_| ())
+        self.invoke::<i64>(invocation).await.map(|_| ())
     }
 
     /// Sent with the changes ready at the same time, in one call (see [`Batches`]).
@@ -638,9 +645,7 @@ impl Counters for RedisCounters {
         for id in transferred {
             invocation.arg(id);
         }
-        self.call(|mut conn| async move { invocation.invoke_async::<i64>(&mut conn).await })
-            .await
-            .map(|_| ())
+        self.invoke::<i64>(invocation).await.map(|_| ())
     }
 
     async fn pending_keys(&self, provider: &ProviderId) -> Result<Vec<KeyRecord>, StorageError> {
@@ -652,9 +657,7 @@ impl Counters for RedisCounters {
     async fn evict_clean(&self, provider: &ProviderId) -> Result<bool, StorageError> {
         let mut invocation = EVICT_CLEAN.prepare_invoke();
         invocation.key(self.keys.record(provider));
-        let gone: i64 = self
-            .call(|mut conn| async move { invocation.invoke_async(&mut conn).await })
-            .await?;
+        let gone: i64 = self.invoke(invocation).await?;
         Ok(gone == 1)
     }
 
@@ -665,9 +668,7 @@ impl Counters for RedisCounters {
             .key(self.keys.dirty())
             .arg(epoch)
             .arg(provider.as_str());
-        self.call(|mut conn| async move { invocation.invoke_async::<i64>(&mut conn).await })
-            .await
-            .map(|_| ())
+        self.invoke::<i64>(invocation).await.map(|_| ())
     }
 
     async fn replace(&self, provider: &ProviderId, seed: &Seed, ttl: Duration) -> Result<(), StorageError> {
@@ -677,9 +678,7 @@ impl Counters for RedisCounters {
     async fn set_limit(&self, provider: &ProviderId, limit: i64) -> Result<(), StorageError> {
         let mut invocation = SET_LIMIT.prepare_invoke();
         invocation.key(self.keys.record(provider)).arg(limit);
-        self.call(|mut conn| async move { invocation.invoke_async::<i64>(&mut conn).await })
-            .await
-            .map(|_| ())
+        self.invoke::<i64>(invocation).await.map(|_| ())
     }
 
     async fn dirty(&self, min_age: Duration, max: usize) -> Result<Vec<ProviderId>, StorageError> {
@@ -688,9 +687,7 @@ impl Counters for RedisCounters {
             .key(self.keys.dirty())
             .arg(u64::try_from(min_age.as_millis()).unwrap_or(u64::MAX))
             .arg(max);
-        let ids: Vec<String> = self
-            .call(|mut conn| async move { invocation.invoke_async(&mut conn).await })
-            .await?;
+        let ids: Vec<String> = self.invoke(invocation).await?;
         Ok(ids.iter().filter_map(|id| ProviderId::parse(id).ok()).collect())
     }
 
@@ -822,9 +819,7 @@ async fn send_applies(link: Arc<Link>, dirty: String, deadline: i64, jobs: Vec<A
             .arg(&job.provider)
             .arg(&job.id);
     }
-    let reply: Result<Vec<Value>, StorageError> = link
-        .call(|mut conn| async move { invocation.invoke_async(&mut conn).await })
-        .await;
+    let reply: Result<Vec<Value>, StorageError> = link.invoke(invocation).await;
     let reply = reply.and_then(|values| match values.as_slice() {
         [late] if text(late).as_deref() == Some("late") => Err(unavailable("Redis ran the script after its deadline")),
         _ => Ok(values),
@@ -947,9 +942,7 @@ async fn send_checks(link: Arc<Link>, anomalies: String, jobs: Vec<CheckJob>) {
             None => invocation.arg(""),
         };
     }
-    let reply: Result<Vec<Value>, StorageError> = link
-        .call(|mut conn| async move { invocation.invoke_async(&mut conn).await })
-        .await;
+    let reply: Result<Vec<Value>, StorageError> = link.invoke(invocation).await;
     deliver(jobs, reply, 1, "rate-limit");
 }
 
@@ -1023,9 +1016,7 @@ impl RedisCounters {
             .arg(op)
             .arg(token)
             .arg(u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1));
-        let held: i64 = self
-            .call(|mut conn| async move { invocation.invoke_async(&mut conn).await })
-            .await?;
+        let held: i64 = self.invoke(invocation).await?;
         Ok(held == 1)
     }
 
@@ -1088,8 +1079,7 @@ impl RedisCounters {
             .arg(seed.fence);
         // The ledger's idempotency records come along, so Redis answers their retries.
         self.with_ledger_keys(&mut invocation, provider, &seed.keys);
-        self.call(|mut conn| async move { invocation.invoke_async::<i64>(&mut conn).await })
-            .await
+        self.invoke::<i64>(invocation).await
     }
 }
 
