@@ -548,7 +548,8 @@ impl QuotaService {
                 Ok(WriteOutcome::Written { limit }) => {
                     metrics::counter!("quotad_store_writes_total", "result" => "written").increment(1);
                     let transferred: Vec<String> = keys.into_iter().map(|(id, _)| id).collect();
-                    self.counters
+                    let outlived = self
+                        .counters
                         .mark_synced(
                             provider,
                             &record.epoch,
@@ -560,7 +561,7 @@ impl QuotaService {
                         .await?;
                     match self.counters.read(provider).await? {
                         Some(record) if record.is_dirty() => {
-                            if self.outlived_ttl(&record) {
+                            if outlived {
                                 // Kept dirty for longer than the cache TTL (a busy provider):
                                 // rebased, it takes in what other writers added meanwhile
                                 // (failing, it is tried again after the next write).
@@ -700,16 +701,6 @@ impl QuotaService {
         self.counters
             .rebase(provider, &record.epoch, used, watermark, &new_epoch(), &doc.keys)
             .await
-    }
-
-    /// Whether the record was loaded (or rebased) longer than the cache TTL ago, by the
-    /// backend's clock: a clean record would have expired by now. A record without a load
-    /// time (an older quotad loaded it) counts as such: once rebased, it has one.
-    fn outlived_ttl(&self, record: &crate::storage::Record) -> bool {
-        let ttl = i64::try_from(self.cache_ttl.as_millis()).unwrap_or(i64::MAX);
-        record
-            .loaded_ms
-            .is_none_or(|loaded| self.counters.now_ms().saturating_sub(loaded) >= ttl)
     }
 
     /// Drops the record for a reload or, when other replicas keep it dirty, rebases it.

@@ -268,7 +268,7 @@ impl Counters for MemoryCounters {
         limit: i64,
         ttl: Duration,
         transferred: &[String],
-    ) -> Result<(), StorageError> {
+    ) -> Result<bool, StorageError> {
         let mut state = self.state.lock().unwrap();
         if let Some(pending) = state.pending.get_mut(provider) {
             for id in transferred {
@@ -276,23 +276,24 @@ impl Counters for MemoryCounters {
             }
         }
         let Some(cached) = state.records.get_mut(provider) else {
-            return Ok(());
+            return Ok(false);
         };
         if cached.record.epoch != epoch {
-            return Ok(());
+            return Ok(false);
         }
         cached.record.synced = cached.record.synced.max(version);
         cached.record.limit = limit;
-        if !cached.record.is_dirty() {
-            // the TTL runs from the load: a busy provider still reloads what other writers
-            // added (an expiry already past drops the record now); a record without a
-            // load time gets the whole TTL, and its load time now
-            let loaded = *cached.record.loaded_ms.get_or_insert_with(now_ms);
-            let age = Duration::from_millis(u64::try_from(now_ms() - loaded).unwrap_or(0));
-            cached.expiry = Some(Instant::now() + ttl.saturating_sub(age));
-            state.dirty_since.remove(provider);
+        let age = |loaded| Duration::from_millis(u64::try_from(now_ms() - loaded).unwrap_or(0));
+        if cached.record.is_dirty() {
+            return Ok(cached.record.loaded_ms.is_none_or(|loaded| age(loaded) >= ttl));
         }
-        Ok(())
+        // the TTL runs from the load: a busy provider still reloads what other writers
+        // added (an expiry already past drops the record now); a record without a load
+        // time gets the whole TTL, and its load time now
+        let loaded = *cached.record.loaded_ms.get_or_insert_with(now_ms);
+        cached.expiry = Some(Instant::now() + ttl.saturating_sub(age(loaded)));
+        state.dirty_since.remove(provider);
+        Ok(false)
     }
 
     async fn pending_keys(&self, provider: &ProviderId) -> Result<Vec<KeyRecord>, StorageError> {

@@ -234,12 +234,6 @@ impl IdempotencyEntry {
 pub trait Counters: Send + Sync {
     /// `"redis"` or `"memory"`, for logs.
     fn kind(&self) -> &'static str;
-    /// The backend's clock, in unix ms, as far as this process knows it (for Redis: this
-    /// process's clock plus the offset to Redis's `TIME` measured at the last ping): what
-    /// times the backend writes, such as [`Record::loaded_ms`], compare with.
-    fn now_ms(&self) -> i64 {
-        chrono::Utc::now().timestamp_millis()
-    }
     /// Answers when the backend is reachable.
     async fn ping(&self) -> Result<(), StorageError>;
     /// The cached record, if any.
@@ -282,7 +276,10 @@ pub trait Counters: Send + Sync {
     async fn apply(&self, provider: &ProviderId, change: &Change<'_>) -> Result<Applied, StorageError>;
     /// Records that the ledger holds `version` of `epoch` (never lowers `synced`) and the
     /// idempotency records `transferred`; takes `limit` from the ledger; a record that
-    /// became clean gets the TTL again.
+    /// became clean gets the TTL counted from its load (or rebase). Returns whether the
+    /// record is still dirty and was loaded longer than `ttl` ago, by the backend's clock
+    /// (Redis `TIME`), or has no load time (an older quotad loaded it): it never expires,
+    /// so it is time to rebase it.
     async fn mark_synced(
         &self,
         provider: &ProviderId,
@@ -291,7 +288,7 @@ pub trait Counters: Send + Sync {
         limit: i64,
         ttl: Duration,
         transferred: &[String],
-    ) -> Result<(), StorageError>;
+    ) -> Result<bool, StorageError>;
     /// Idempotency records decided here and not yet in the ledger.
     async fn pending_keys(&self, provider: &ProviderId) -> Result<Vec<KeyRecord>, StorageError>;
     /// Drops a clean record. Returns `false` (and keeps it) when it is dirty.

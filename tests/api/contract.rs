@@ -164,18 +164,26 @@ async fn ttl_from_load_contract(counters: &dyn Counters) {
     let loaded = tokio::time::Instant::now();
     counters.load(&id, &seed(0, 100), ttl).await.unwrap();
     counters.apply(&id, &consume(1)).await.unwrap();
-    counters.mark_synced(&id, "e1", 1, 100, ttl, &[]).await.unwrap();
+    assert!(!counters.mark_synced(&id, "e1", 1, 100, ttl, &[]).await.unwrap());
     assert!(
         counters.read(&id).await.unwrap().is_some(),
         "clean within its TTL: kept"
     );
     counters.apply(&id, &consume(1)).await.unwrap();
+    assert!(
+        !counters.mark_synced(&id, "e1", 1, 100, ttl, &[]).await.unwrap(),
+        "dirty within its TTL: nothing to rebase"
+    );
     // dirty past the TTL: kept (dirty records never expire)
     tokio::time::sleep_until(loaded + ttl + Duration::from_millis(100)).await;
     let record = counters.read(&id).await.unwrap().expect("a dirty record is kept");
     assert_eq!((record.used, record.version), (2, 2));
+    assert!(
+        counters.mark_synced(&id, "e1", 1, 100, ttl, &[]).await.unwrap(),
+        "dirty past its TTL: time to rebase it"
+    );
     // clean now, loaded more than a TTL ago: gone at once
-    counters.mark_synced(&id, "e1", 2, 100, ttl, &[]).await.unwrap();
+    assert!(!counters.mark_synced(&id, "e1", 2, 100, ttl, &[]).await.unwrap());
     assert_eq!(counters.read(&id).await.unwrap(), None);
     assert!(counters.dirty(Duration::ZERO, 10).await.unwrap().is_empty());
 

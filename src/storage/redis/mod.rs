@@ -497,10 +497,6 @@ impl Counters for RedisCounters {
         "redis"
     }
 
-    fn now_ms(&self) -> i64 {
-        now_ms() + self.clock_offset_ms.read().unwrap().unwrap_or(0)
-    }
-
     /// `TIME`, which also measures the clock offset used by the apply deadline.
     async fn ping(&self) -> Result<(), StorageError> {
         let sent = now_ms();
@@ -631,7 +627,7 @@ impl Counters for RedisCounters {
         limit: i64,
         ttl: Duration,
         transferred: &[String],
-    ) -> Result<(), StorageError> {
+    ) -> Result<bool, StorageError> {
         let mut invocation = MARK_SYNCED.prepare_invoke();
         invocation
             .key(self.keys.record(provider))
@@ -645,7 +641,7 @@ impl Counters for RedisCounters {
         for id in transferred {
             invocation.arg(id);
         }
-        self.invoke::<i64>(invocation).await.map(|_| ())
+        self.invoke::<i64>(invocation).await.map(|status| status == 2)
     }
 
     async fn pending_keys(&self, provider: &ProviderId) -> Result<Vec<KeyRecord>, StorageError> {
