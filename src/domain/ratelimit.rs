@@ -239,11 +239,21 @@ enum State {
     Gcra { tat: u64 },
 }
 
+/// A key's anomaly attempt counter: it lives [`ANOMALY_SPAN_MS`] from its first attempt.
+#[derive(Debug, Clone, Copy)]
+struct Attempts {
+    count: u64,
+    since: u64,
+    /// This window's anomaly is recorded.
+    recorded: bool,
+}
+
 #[derive(Default)]
 struct Inner {
     /// Each counter with the time after which it no longer matters (its decision's reset).
     counters: HashMap<(String, String), (State, u64)>,
-    attempts: HashMap<(String, String), (u64, u64)>,
+    /// Each key's anomaly attempts, whatever its plans.
+    attempts: HashMap<String, Attempts>,
     anomalies: VecDeque<Anomaly>,
     checks: u64,
 }
@@ -275,7 +285,7 @@ impl Twin {
             inner.counters.retain(|_, (_, until)| *until > now);
             inner
                 .attempts
-                .retain(|_, (_, since)| since.saturating_add(ANOMALY_SPAN_MS) > now);
+                .retain(|_, tries| tries.since.saturating_add(ANOMALY_SPAN_MS) > now);
         }
         let id = (check.key.to_owned(), check.counter_id());
         let (state, until) = inner
@@ -286,20 +296,24 @@ impl Twin {
         // A window past the reset: the approximate window still weighs the previous one then.
         *until = decision.reset_ms.max(now) + check.policy.window.ms();
         if let Some((plan, threshold)) = check.anomaly_threshold() {
-            let entry = inner
-                .attempts
-                .entry((plan.to_owned(), check.key.to_owned()))
-                .or_insert((0, now));
-            if now >= entry.1 + ANOMALY_SPAN_MS {
-                *entry = (0, now);
+            let fresh = Attempts {
+                count: 0,
+                since: now,
+                recorded: false,
+            };
+            let tries = inner.attempts.entry(check.key.to_owned()).or_insert(fresh);
+            if now >= tries.since + ANOMALY_SPAN_MS {
+                *tries = fresh;
             }
-            entry.0 += 1;
-            if entry.0 == threshold + 1 {
-                decision.anomaly = Some(entry.0);
+            tries.count += 1;
+            // the first attempt above this plan's threshold: one anomaly per key and window
+            if !tries.recorded && tries.count > threshold {
+                tries.recorded = true;
+                decision.anomaly = Some(tries.count);
                 let anomaly = Anomaly {
                     key: check.key.to_owned(),
                     plan: plan.to_owned(),
-                    count: entry.0,
+                    count: tries.count,
                     threshold,
                     at: at_ms(now),
                 };

@@ -50,11 +50,12 @@ fn algorithm_strategy() -> impl Strategy<Value = Algorithm> {
 proptest! {
     #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
 
-    /// Random sequences of (time step, key, cost, planned) under a random policy decide the
+    /// Random sequences of (time step, key, cost, policy) under a random algorithm decide the
     /// same in the Lua script on a real Redis and in the in-process twin. Checks go to Redis
     /// in groups of `together` made ready at once, so they share one call (decided in order);
     /// a planned check counts attempts as well (it sends more keys and arguments than the
-    /// same policy given explicitly, so a call mixing the two must keep them apart).
+    /// same policy given explicitly, so a call mixing the two must keep them apart), in one
+    /// counter per key across its two plans, whose thresholds differ.
     #[test]
     fn the_lua_scripts_and_the_twin_decide_alike(
         algorithm in algorithm_strategy(),
@@ -63,7 +64,7 @@ proptest! {
         window_s in prop_oneof![3 => 1u64..5, 1 => 1u64..=2_592_000],
         // a step of 0 puts checks at the same ms (the exact window merges them into one member)
         steps in proptest::collection::vec(
-            (prop_oneof![1 => Just(0u64), 3 => 0u64..1500], 0usize..2, 0u64..4, proptest::bool::ANY),
+            (prop_oneof![1 => Just(0u64), 3 => 0u64..1500], 0usize..2, 0u64..4, 0usize..3),
             1..60,
         ),
         together in 1usize..6,
@@ -71,13 +72,17 @@ proptest! {
         let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
         let redis = RedisCounters::new(&redis_url(), &(unique("pt") + ":")).unwrap();
         let twin = Twin::default();
-        let policies = [explicit(limit, window_s, algorithm), planned("tiny", limit, window_s, algorithm)];
+        let policies = [
+            explicit(limit, window_s, algorithm),
+            planned("tiny", limit, window_s, algorithm),
+            planned("wide", limit + 3, window_s, algorithm),
+        ];
         let mut now = wall_ms();
         let checks: Vec<RateCheck> = steps
             .iter()
-            .map(|&(step, key, cost, planned)| {
+            .map(|&(step, key, cost, policy)| {
                 now += step;
-                let policy = &policies[usize::from(planned)];
+                let policy = &policies[policy];
                 RateCheck { key: ["a", "b"][key], policy, cost: cost.min(limit), now_ms: Some(now) }
             })
             .collect();
@@ -294,14 +299,16 @@ async fn an_anomaly_is_recorded_once_per_key_and_window_and_sent_to_the_webhook(
     let shared = Shared::real();
     let app = spawn_with(&shared, |c| {
         c.anomaly_webhook = Some(url);
-        c.plans.insert(
-            "tiny".into(),
-            quotad::config::PlanConfig {
-                limit: 2,
-                window: toml::Value::String("1h".into()),
-                algorithm: "sliding-window".into(),
-            },
-        );
+        for (name, limit) in [("tiny", 2), ("small", 3)] {
+            c.plans.insert(
+                name.into(),
+                quotad::config::PlanConfig {
+                    limit,
+                    window: toml::Value::String("1h".into()),
+                    algorithm: "sliding-window".into(),
+                },
+            );
+        }
     })
     .await;
     for _ in 0..12 {
@@ -335,6 +342,32 @@ async fn an_anomaly_is_recorded_once_per_key_and_window_and_sent_to_the_webhook(
         .await;
         assert_eq!(all["anomalies"].as_array().unwrap().len(), 1);
     }
+
+    // The attempt counter is the key's, across its plans: creator:1's window has had its
+    // anomaly, whatever plan it tries next; creator:2 exceeds tiny's threshold (4) only with
+    // the attempts it made under small (threshold 6), and that attempt records it.
+    for _ in 0..8 {
+        check(&app, json!({"key": "creator:1", "plan": "small"})).await;
+    }
+    for plan in ["tiny", "tiny", "tiny", "small", "small", "small", "tiny", "tiny"] {
+        check(&app, json!({"key": "creator:2", "plan": plan})).await;
+    }
+    let body = ok(app.admin(reqwest::Method::GET, "/admin/anomalies", None).await).await;
+    let seen: Vec<(&str, &str, u64, u64)> = body["anomalies"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| {
+            let text = |name: &str| a[name].as_str().unwrap();
+            let number = |name: &str| a[name].as_u64().unwrap();
+            (text("key"), text("plan"), number("count"), number("threshold"))
+        })
+        .collect();
+    assert_eq!(
+        seen,
+        [("creator:2", "tiny", 7, 4), ("creator:1", "tiny", 5, 4)],
+        "{body}"
+    );
 }
 
 #[tokio::test]

@@ -85,9 +85,10 @@ impl Keys {
         join(&[&self.prefix, "rl:{", key, "}:", counter, ":sum"])
     }
 
-    /// A key's anomaly attempt counter for its plan (lives 5 minutes from the first attempt).
-    pub fn attempts(&self, key: &str, plan: &str) -> String {
-        join(&[&self.prefix, "rl:{", key, "}:attempts:", plan])
+    /// A key's anomaly attempt counter, whatever its plan (lives 5 minutes from the first
+    /// attempt). It holds 2 x attempts, plus 1 once the window's anomaly is recorded.
+    pub fn attempts(&self, key: &str) -> String {
+        join(&[&self.prefix, "rl:{", key, "}:tries"])
     }
 
     /// The bounded list of recorded anomalies, newest first.
@@ -119,6 +120,6 @@ mod tests {
         assert_eq!(keys.pending_keys(&p), "t:idemq:{creator:1@x}");
         assert_eq!(keys.rate_counter("ip:1", "tbu60000"), "t:rl:{ip:1}:tbu60000");
         assert_eq!(keys.rate_sum("ip:1", "sw60000"), "t:rl:{ip:1}:sw60000:sum");
-        assert_eq!(keys.attempts("ip:1", "pro"), "t:rl:{ip:1}:attempts:pro");
+        assert_eq!(keys.attempts("ip:1"), "t:rl:{ip:1}:tries");
     }
 }

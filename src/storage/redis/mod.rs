@@ -286,7 +286,7 @@ const RECORD_FIELDS: [&str; 9] = ["used", "limit", "epoch", "base", "from", "ver
 /// What a plan-based check counts its attempts with.
 #[derive(PartialEq)]
 struct AnomalyCount {
-    /// The key's attempt counter for the plan.
+    /// The key's attempt counter (one for all its plans).
     attempts: String,
     plan: String,
     threshold: u64,
@@ -751,7 +751,7 @@ impl Counters for RedisCounters {
             cost: check.cost,
             now_ms: check.now_ms,
             anomaly: check.anomaly_threshold().map(|(plan, threshold)| AnomalyCount {
-                attempts: self.keys.attempts(check.key, plan),
+                attempts: self.keys.attempts(check.key),
                 plan: plan.to_owned(),
                 threshold,
                 key: check.key.to_owned(),

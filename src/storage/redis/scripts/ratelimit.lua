@@ -11,7 +11,9 @@
 --         the key's expiry time (start + window, start + 2 windows), or the theoretical
 --         arrival time in µs (tbu);
 -- then, for sw only, the sliding window's running sum and sequence (hash);
--- then, for a plan-based check only, the key's anomaly attempt counter for its plan
+-- then, for a plan-based check only, the key's anomaly attempt counter (one per key, for
+--         all its plans; it lives 5 minutes from its first attempt and holds 2 x attempts,
+--         plus 1 once that window's anomaly is recorded)
 -- ARGV[1] anomaly list length
 -- per item (n identical checks in a row: a hot key's checks of one call are one item, whose
 -- arguments are read and converted once), from ARGV[a] (a = 2 for the first): ARGV[a] n; ARGV[a + 1]
@@ -52,7 +54,9 @@ local strings = {}
 -- pending = {score, member, ...} not yet added, low = the lowest pending score, px,
 -- pend_at, pend_seq, pend_cost = the newest pending member's score, sequence and cost}
 local windows = {}
--- anomaly attempt counters: key -> {n = count, added = counted since the INCR}
+-- anomaly attempt counters: key -> {n = attempts, recorded = this window's anomaly is,
+-- add = what the end adds to the key (2 an attempt since the INCRBY, 1 for the record),
+-- queued = the end writes it}
 local tries = {}
 -- the keys to write at the end, each kind in the order first written
 local put_strings, put_windows, put_tries = {}, {}, {}
@@ -138,18 +142,29 @@ local function check(counter, sums, attempts_key, algo, limit, window, cost, now
   -- changed its counter (a check answered 'err' consumes nothing)
   local anomaly = 0
   if plan ~= '' then
-    local attempts
     local t = tries[attempts_key]
-    if t then -- counted once with INCR already: the rest of the call's attempts add up here
-      t.n, t.added = t.n + 1, t.added + 1
-      if t.added == 1 then put_tries[#put_tries + 1] = attempts_key end
-      attempts = t.n
+    if t then -- counted once with INCRBY already: the rest of the call's attempts add up here
+      t.n, t.add = t.n + 1, t.add + 2
+      if not t.queued then
+        t.queued = true
+        put_tries[#put_tries + 1] = attempts_key
+      end
     else
-      attempts = redis.call('INCR', attempts_key)
-      if attempts == 1 then redis.call('PEXPIRE', attempts_key, 300000) end
-      tries[attempts_key] = {n = attempts, added = 0}
+      local v = redis.call('INCRBY', attempts_key, 2)
+      if v == 2 then redis.call('PEXPIRE', attempts_key, 300000) end
+      t = {n = math.floor(v / 2), recorded = v % 2 == 1, add = 0}
+      tries[attempts_key] = t
     end
-    if attempts == tonumber(threshold) + 1 then
+    local attempts = t.n
+    -- the first attempt above this plan's threshold records the window's anomaly (one per
+    -- key and window, whichever of its plans the attempts were made under); marked before
+    -- the list is written, so a broken list fails this check only
+    if not t.recorded and attempts > tonumber(threshold) then
+      t.recorded, t.add = true, t.add + 1
+      if not t.queued then
+        t.queued = true
+        put_tries[#put_tries + 1] = attempts_key
+      end
       anomaly = attempts
       redis.call('LPUSH', KEYS[1], cjson.encode({key = key, plan = plan, count = f(attempts),
         threshold = threshold, atMs = f(now)}))
@@ -382,6 +397,6 @@ for _, key in ipairs(put_windows) do
   end
 end
 for _, key in ipairs(put_tries) do
-  redis.call('INCRBY', key, tries[key].added)
+  redis.call('INCRBY', key, tries[key].add)
 end
 return out
