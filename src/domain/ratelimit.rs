@@ -285,7 +285,7 @@ impl Twin {
             inner.counters.retain(|_, (_, until)| *until > now);
             inner
                 .attempts
-                .retain(|_, tries| tries.since.saturating_add(ANOMALY_SPAN_MS) > now);
+                .retain(|_, tries| tries.since.saturating_add(ANOMALY_SPAN_MS) >= now);
         }
         let id = (check.key.to_owned(), check.counter_id());
         let (state, until) = inner
@@ -302,7 +302,8 @@ impl Twin {
                 recorded: false,
             };
             let tries = inner.attempts.entry(check.key.to_owned()).or_insert(fresh);
-            if now >= tries.since + ANOMALY_SPAN_MS {
+            // Redis keeps a key up to its expiry ms, inclusive
+            if now > tries.since + ANOMALY_SPAN_MS {
                 *tries = fresh;
             }
             tries.count += 1;
@@ -613,8 +614,16 @@ mod tests {
         let found = limiter.anomalies(50);
         assert_eq!(found.len(), 1);
         assert_eq!((found[0].count, found[0].threshold), (5, 4));
+        // the window runs from the first attempt, up to its expiry ms inclusive (as a Redis
+        // key does): this is its 11th attempt
         check_at(&limiter, "k", &p, 1, 1_000 + ANOMALY_SPAN_MS);
         assert_eq!(limiter.anomalies(50).len(), 1);
+        // 1 ms later a new window counts afresh, although the last attempt was 1 ms ago
+        for i in 1..=5 {
+            let d = check_at(&limiter, "k", &p, 1, 1_000 + ANOMALY_SPAN_MS + i);
+            assert_eq!(d.anomaly, (i == 5).then_some(5));
+        }
+        assert_eq!(limiter.anomalies(50).len(), 2);
     }
 
     proptest! {

@@ -922,8 +922,8 @@ async fn redis_fails_one_check_of_an_item_alone() {
         assert_eq!(attempts, 2 * 6 + 1, "{algorithm:?}");
     }
     // a failing check that its counter would have admitted leaves the counter untouched:
-    // the key has tried 20 times already (say, under another replica's twin), so its next
-    // attempt is the anomaly's
+    // the key has tried 20 times already in this window (its counter holds 2 x attempts),
+    // so its next attempt is the anomaly's
     for algorithm in [Algorithm::FixedWindow, Algorithm::SlidingWindow, Algorithm::TokenBucket] {
         let policy = planned("tiny", 10, 60, algorithm);
         let key = format!("free-{algorithm:?}");

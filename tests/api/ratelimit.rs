@@ -212,6 +212,71 @@ async fn every_counter_a_check_writes_expires() {
     }
 }
 
+/// The anomaly attempt counter lives five minutes from the key's first attempt, not from
+/// its last (as the legacy `INCR` + `EXPIRE 300`): later attempts, even once Redis's clock has
+/// moved on, leave its expiry time as the first set it. Once it has expired, a new window
+/// counts afresh and records its own anomaly.
+#[tokio::test]
+async fn the_anomaly_window_runs_from_the_first_attempt() {
+    let redis = RedisCounters::new(&redis_url(), &(unique("aw") + ":")).unwrap();
+    let policy = planned("tiny", 2, 60, Algorithm::FixedWindow);
+    let check = RateCheck {
+        key: "k",
+        policy: &policy,
+        cost: 1,
+        now_ms: None,
+    };
+    let tries = redis.keys().attempts("k");
+    let expiry = || async {
+        redis
+            .query::<i64>(::redis::cmd("PEXPIRETIME").arg(&tries).clone())
+            .await
+            .unwrap()
+    };
+    let first = redis.rate_check(&check).await.unwrap();
+    let set_at_first = expiry().await;
+    assert_eq!(set_at_first, i64::try_from(first.now_ms).unwrap() + 300_000);
+    // attempts 2..=5, each its own call: the fifth records; then more until Redis's clock
+    // has moved past the first attempt's ms
+    let mut last = first;
+    for _ in 0..4 {
+        last = redis.rate_check(&check).await.unwrap();
+    }
+    assert_eq!(last.anomaly, Some(5));
+    while last.now_ms == first.now_ms {
+        last = redis.rate_check(&check).await.unwrap();
+    }
+    assert_eq!(expiry().await, set_at_first);
+    let recorded = |found: Vec<quotad::domain::ratelimit::Anomaly>| found.iter().filter(|a| a.key == "k").count();
+    assert_eq!(recorded(redis.anomalies(50).await.unwrap()), 1);
+
+    // the window ends (its expiry brought forward to now), and the next one records anew
+    let _: () = redis
+        .query(::redis::cmd("PEXPIRE").arg(&tries).arg(1).clone())
+        .await
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while redis
+        .query::<i64>(::redis::cmd("EXISTS").arg(&tries).clone())
+        .await
+        .unwrap()
+        == 1
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the attempt counter did not expire"
+        );
+        tokio::task::yield_now().await;
+    }
+    let counts: Vec<Option<u64>> = join_all((0..6).map(|_| redis.rate_check(&check)))
+        .await
+        .into_iter()
+        .map(|d| d.unwrap().anomaly)
+        .collect();
+    assert_eq!(counts, [None, None, None, None, Some(5), None]);
+    assert_eq!(recorded(redis.anomalies(50).await.unwrap()), 2);
+}
+
 async fn check(app: &crate::helpers::TestApp, body: Value) -> reqwest::Response {
     app.post("/ratelimit/check", body).await
 }
@@ -368,6 +433,9 @@ async fn an_anomaly_is_recorded_once_per_key_and_window_and_sent_to_the_webhook(
         [("creator:2", "tiny", 7, 4), ("creator:1", "tiny", 5, 4)],
         "{body}"
     );
+    let delivered = eventually(Duration::from_secs(10), 2, || async { received.lock().await.len() }).await;
+    assert_eq!(delivered, 2);
+    assert_eq!(received.lock().await[1]["key"], "creator:2");
 }
 
 #[tokio::test]

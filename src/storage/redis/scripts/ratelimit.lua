@@ -151,6 +151,8 @@ local function check(counter, sums, attempts_key, algo, limit, window, cost, now
       end
     else
       local v = redis.call('INCRBY', attempts_key, 2)
+      -- a value no attempts could reach (set by hand) fails here, not in the end's INCRBY
+      if v > 2 ^ 52 then error('ERR the attempt counter ' .. attempts_key .. ' is out of range') end
       if v == 2 then redis.call('PEXPIRE', attempts_key, 300000) end
       t = {n = math.floor(v / 2), recorded = v % 2 == 1, add = 0}
       tries[attempts_key] = t
