@@ -212,6 +212,37 @@ async fn every_counter_a_check_writes_expires() {
     }
 }
 
+/// A denied or read-only token-bucket check leaves its key as it is: a key denied over and
+/// over (abuse, the case a limiter is for) costs Redis a read per call and no write. A
+/// `WATCH` of the key on another connection sees any write: its `EXEC` would then abort.
+#[tokio::test]
+async fn a_denied_token_bucket_check_writes_nothing() {
+    let redis = RedisCounters::new(&redis_url(), &(unique("tbw") + ":")).unwrap();
+    let policy = explicit(1, 3600, Algorithm::TokenBucket);
+    let check = |cost| RateCheck {
+        key: "k",
+        policy: &policy,
+        cost,
+        now_ms: None,
+    };
+    assert!(redis.rate_check(&check(1)).await.unwrap().allowed);
+    let key = redis.keys().rate_counter("k", &check(1).counter_id());
+    let client = ::redis::Client::open(redis_url()).unwrap();
+    let mut watcher = client.get_multiplexed_async_connection().await.unwrap();
+    for cost in [1, 1, 0] {
+        let _: () = ::redis::cmd("WATCH").arg(&key).query_async(&mut watcher).await.unwrap();
+        assert!(!redis.rate_check(&check(cost)).await.unwrap().allowed);
+        let exec: Option<Vec<i64>> = ::redis::pipe()
+            .atomic()
+            .cmd("EXISTS")
+            .arg(&key)
+            .query_async(&mut watcher)
+            .await
+            .unwrap();
+        assert_eq!(exec, Some(vec![1]), "cost {cost}: the check wrote its key");
+    }
+}
+
 /// The anomaly attempt counter lives five minutes from the key's first attempt, not from
 /// its last (as the legacy `INCR` + `EXPIRE 300`): later attempts, even once Redis's clock has
 /// moved on, leave its expiry time as the first set it. Once it has expired, a new window

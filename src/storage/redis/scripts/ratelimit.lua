@@ -314,9 +314,10 @@ local function check(counter, sums, attempts_key, algo, limit, window, cost, now
     remaining = math.min(limit, math.floor(span_ms * limit / window))
     reset = ceil_ms(level)
     retry = ceil_ms(allow_at - now_us)
+    -- a denied or read-only check leaves an existing TAT, and its expiry, as they are
     if level > now_us then
-      put(counter, e, tat, 'px', ceil_ms(level - now_us))
-    else
+      if tat ~= e.v then put(counter, e, tat, 'px', ceil_ms(level - now_us)) end
+    elseif e.v then -- a TAT already past: the key goes
       put(counter, e, false, 'del')
     end
   end
