@@ -215,23 +215,36 @@ async fn every_counter_a_check_writes_expires() {
 /// A denied or read-only token-bucket check leaves its key as it is: a key denied over and
 /// over (abuse, the case a limiter is for) costs Redis a read per call and no write. A
 /// `WATCH` of the key on another connection sees any write: its `EXEC` would then abort.
+/// A key without an expiry time (written by hand, or restored) gets one from any check.
 #[tokio::test]
 async fn a_denied_token_bucket_check_writes_nothing() {
     let redis = RedisCounters::new(&redis_url(), &(unique("tbw") + ":")).unwrap();
-    let policy = explicit(1, 3600, Algorithm::TokenBucket);
+    let policy = explicit(2, 3600, Algorithm::TokenBucket);
     let check = |cost| RateCheck {
         key: "k",
         policy: &policy,
         cost,
         now_ms: None,
     };
-    assert!(redis.rate_check(&check(1)).await.unwrap().allowed);
     let key = redis.keys().rate_counter("k", &check(1).counter_id());
     let client = ::redis::Client::open(redis_url()).unwrap();
     let mut watcher = client.get_multiplexed_async_connection().await.unwrap();
-    for cost in [1, 1, 0] {
+    // (cost, admitted, whether it writes): the first admitted check sets the TAT half an
+    // hour ahead; a read-only check then admits without writing; the second admitted check
+    // empties the bucket; denied and read-only checks after it write nothing
+    for (cost, admitted, writes) in [
+        (1, true, true),
+        (0, true, false),
+        (1, true, true),
+        (1, false, false),
+        (0, false, false),
+    ] {
         let _: () = ::redis::cmd("WATCH").arg(&key).query_async(&mut watcher).await.unwrap();
-        assert!(!redis.rate_check(&check(cost)).await.unwrap().allowed);
+        assert_eq!(
+            redis.rate_check(&check(cost)).await.unwrap().allowed,
+            admitted,
+            "cost {cost}"
+        );
         let exec: Option<Vec<i64>> = ::redis::pipe()
             .atomic()
             .cmd("EXISTS")
@@ -239,7 +252,13 @@ async fn a_denied_token_bucket_check_writes_nothing() {
             .query_async(&mut watcher)
             .await
             .unwrap();
-        assert_eq!(exec, Some(vec![1]), "cost {cost}: the check wrote its key");
+        assert_eq!(exec.is_none(), writes, "cost {cost}, admitted {admitted}: {exec:?}");
+    }
+    for cost in [1, 0] {
+        let _: () = redis.query(::redis::cmd("PERSIST").arg(&key).clone()).await.unwrap();
+        assert!(!redis.rate_check(&check(cost)).await.unwrap().allowed);
+        let ttl: i64 = redis.query(::redis::cmd("PTTL").arg(&key).clone()).await.unwrap();
+        assert!(ttl > 0 && ttl <= 3_600_000, "cost {cost}: PTTL {ttl}");
     }
 }
 

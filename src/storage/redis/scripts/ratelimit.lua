@@ -78,6 +78,12 @@ local function get(key)
   return e
 end
 
+-- whether a token bucket's key, as read, has no expiry time (asked once a call)
+local function lacks_expiry(key, e)
+  if e.expiry == nil then e.expiry = e.mode and 0 or redis.call('PEXPIRETIME', key) end
+  return e.expiry == -1
+end
+
 -- a windowed counter (fw, swa), whose window start its expiry time implies. When the
 -- counter's (current) window still runs `margin` ms after `now`, the first read adds `cost`
 -- at once (INCRBY keeps the expiry) and returns the value from before: an admitted check
@@ -153,7 +159,8 @@ local function check(counter, sums, attempts_key, algo, limit, window, cost, now
       local v = redis.call('INCRBY', attempts_key, 2)
       -- a value no attempts could reach (set by hand) fails here, not in the end's INCRBY
       if v > 2 ^ 52 then error('ERR the attempt counter ' .. attempts_key .. ' is out of range') end
-      if v == 2 then redis.call('PEXPIRE', attempts_key, 300000) end
+      -- the window starts at the ms this check is decided at, as the twin's does
+      if v == 2 then redis.call('PEXPIREAT', attempts_key, f(now + 300000)) end
       t = {n = math.floor(v / 2), recorded = v % 2 == 1, add = 0}
       tries[attempts_key] = t
     end
@@ -314,9 +321,10 @@ local function check(counter, sums, attempts_key, algo, limit, window, cost, now
     remaining = math.min(limit, math.floor(span_ms * limit / window))
     reset = ceil_ms(level)
     retry = ceil_ms(allow_at - now_us)
-    -- a denied or read-only check leaves an existing TAT, and its expiry, as they are
+    -- a denied or read-only check leaves an existing TAT, and its expiry, as they are (a
+    -- key without one, written by hand or restored, gets it)
     if level > now_us then
-      if tat ~= e.v then put(counter, e, tat, 'px', ceil_ms(level - now_us)) end
+      if tat ~= e.v or lacks_expiry(counter, e) then put(counter, e, tat, 'px', ceil_ms(level - now_us)) end
     elseif e.v then -- a TAT already past: the key goes
       put(counter, e, false, 'del')
     end
