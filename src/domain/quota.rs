@@ -12,7 +12,8 @@ use super::{
     writer::Writer,
 };
 use crate::storage::{
-    Applied, Change, Counters, Decision, Ledger, LedgerDecision, Op, Seed, StorageError, WriteOutcome, new_epoch,
+    Applied, Change, Counters, Decision, Ledger, LedgerDecision, Op, Seed, StorageError, Synced, WriteOutcome,
+    new_epoch,
 };
 use crate::telemetry::Cached;
 
@@ -531,8 +532,9 @@ impl QuotaService {
     }
 
     /// Writes a provider's unsynced usage to the ledger, exactly once. Returns `true` when
-    /// the record is clean afterwards (or there is none); `false` also after a last round
-    /// that rebased it (still dirty, in its new epoch: callers treat it as kept dirty).
+    /// the record is clean afterwards (or there is none); `false` when each of its three
+    /// rounds found it changed again, replaced or rebased (callers treat it as kept dirty).
+    /// A round that writes reads the record once: `mark_synced` says what it left.
     pub async fn flush(&self, provider: &ProviderId) -> Result<bool, StorageError> {
         for _ in 0..3 {
             let Some(record) = self.counters.read(provider).await? else {
@@ -548,7 +550,7 @@ impl QuotaService {
                 Ok(WriteOutcome::Written { limit }) => {
                     metrics::counter!("quotad_store_writes_total", "result" => "written").increment(1);
                     let transferred: Vec<String> = keys.into_iter().map(|(id, _)| id).collect();
-                    let outlived = self
+                    let synced = self
                         .counters
                         .mark_synced(
                             provider,
@@ -559,18 +561,18 @@ impl QuotaService {
                             &transferred,
                         )
                         .await?;
-                    match self.counters.read(provider).await? {
-                        Some(record) if record.is_dirty() => {
-                            if outlived {
-                                // Kept dirty for longer than the cache TTL (a busy provider):
-                                // rebased, it takes in what other writers added meanwhile
-                                // (failing, it is tried again after the next write).
-                                if let Err(err) = self.rebase(provider).await {
-                                    tracing::warn!(%provider, error = %err, "rebase after the cache TTL failed");
-                                }
+                    match synced {
+                        Synced::Clean => return Ok(true),
+                        // Kept dirty for longer than the cache TTL (a busy provider): rebased,
+                        // it takes in what other writers added meanwhile (failing, it is tried
+                        // again after the next write).
+                        Synced::Outlived => {
+                            if let Err(err) = self.rebase(provider).await {
+                                tracing::warn!(%provider, error = %err, "rebase after the cache TTL failed");
                             }
                         }
-                        _ => return Ok(true),
+                        // changed meanwhile, or replaced: the next round reads what is there
+                        Synced::Dirty | Synced::Replaced => {}
                     }
                 }
                 Ok(WriteOutcome::Stale) => {

@@ -12,7 +12,7 @@ use chrono::{DateTime, Utc};
 
 use super::{
     Applied, Change, Counters, Decision, DeltaPlan, Document, IDEMPOTENCY_TTL, IdempotencyEntry, KeyRecord, Ledger,
-    LedgerDecision, Record, Seed, StorageError, WriteOutcome, delta_for, idempotency_id, merge_keys,
+    LedgerDecision, Record, Seed, StorageError, Synced, WriteOutcome, delta_for, idempotency_id, merge_keys,
 };
 use crate::domain::{
     Phase, ProviderId,
@@ -268,7 +268,7 @@ impl Counters for MemoryCounters {
         limit: i64,
         ttl: Duration,
         transferred: &[String],
-    ) -> Result<bool, StorageError> {
+    ) -> Result<Synced, StorageError> {
         let mut state = self.state.lock().unwrap();
         if let Some(pending) = state.pending.get_mut(provider) {
             for id in transferred {
@@ -276,16 +276,18 @@ impl Counters for MemoryCounters {
             }
         }
         let Some(cached) = state.records.get_mut(provider) else {
-            return Ok(false);
+            state.dirty_since.remove(provider);
+            return Ok(Synced::Clean);
         };
         if cached.record.epoch != epoch {
-            return Ok(false);
+            return Ok(Synced::Replaced);
         }
         cached.record.synced = cached.record.synced.max(version);
         cached.record.limit = limit;
         let age = |loaded| Duration::from_millis(u64::try_from(now_ms() - loaded).unwrap_or(0));
         if cached.record.is_dirty() {
-            return Ok(cached.record.loaded_ms.is_none_or(|loaded| age(loaded) >= ttl));
+            let outlived = cached.record.loaded_ms.is_none_or(|loaded| age(loaded) >= ttl);
+            return Ok(if outlived { Synced::Outlived } else { Synced::Dirty });
         }
         // the TTL runs from the load: a busy provider still reloads what other writers
         // added (an expiry already past drops the record now); a record without a load
@@ -293,7 +295,7 @@ impl Counters for MemoryCounters {
         let loaded = *cached.record.loaded_ms.get_or_insert_with(now_ms);
         cached.expiry = Some(Instant::now() + ttl.saturating_sub(age(loaded)));
         state.dirty_since.remove(provider);
-        Ok(false)
+        Ok(Synced::Clean)
     }
 
     async fn pending_keys(&self, provider: &ProviderId) -> Result<Vec<KeyRecord>, StorageError> {

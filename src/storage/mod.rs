@@ -137,6 +137,21 @@ pub enum Applied {
     KeyReused,
 }
 
+/// What [`Counters::mark_synced`] left of a record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Synced {
+    /// Clean now (it lives the cache TTL from its load), or there is no record.
+    Clean,
+    /// Still dirty (changed since the version written), loaded within the cache TTL.
+    Dirty,
+    /// Still dirty, and loaded longer than the cache TTL ago by the backend's clock (Redis
+    /// `TIME`), or with no load time (an older quotad loaded it): it never expires, so it is
+    /// time to rebase it.
+    Outlived,
+    /// The provider's record is of another epoch now: this one was replaced.
+    Replaced,
+}
+
 /// How long idempotency keys are remembered.
 pub const IDEMPOTENCY_TTL: Duration = Duration::from_secs(24 * 60 * 60);
 
@@ -276,10 +291,8 @@ pub trait Counters: Send + Sync {
     async fn apply(&self, provider: &ProviderId, change: &Change<'_>) -> Result<Applied, StorageError>;
     /// Records that the ledger holds `version` of `epoch` (never lowers `synced`) and the
     /// idempotency records `transferred`; takes `limit` from the ledger; a record that
-    /// became clean gets the TTL counted from its load (or rebase). Returns whether the
-    /// record is still dirty and was loaded longer than `ttl` ago, by the backend's clock
-    /// (Redis `TIME`), or has no load time (an older quotad loaded it): it never expires,
-    /// so it is time to rebase it.
+    /// became clean gets the TTL counted from its load (or rebase). Says what is left (so
+    /// the caller need not read the record again).
     async fn mark_synced(
         &self,
         provider: &ProviderId,
@@ -288,7 +301,7 @@ pub trait Counters: Send + Sync {
         limit: i64,
         ttl: Duration,
         transferred: &[String],
-    ) -> Result<bool, StorageError>;
+    ) -> Result<Synced, StorageError>;
     /// Idempotency records decided here and not yet in the ledger.
     async fn pending_keys(&self, provider: &ProviderId) -> Result<Vec<KeyRecord>, StorageError>;
     /// Drops a clean record. Returns `false` (and keeps it) when it is dirty.

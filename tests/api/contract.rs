@@ -7,7 +7,7 @@ use chrono::Utc;
 use quotad::{
     domain::{Phase, ProviderId},
     storage::{
-        Applied, Change, Counters, Decision, Ledger, LedgerDecision, Op, Record, Seed, WriteOutcome,
+        Applied, Change, Counters, Decision, Ledger, LedgerDecision, Op, Record, Seed, Synced, WriteOutcome,
         firestore::FirestoreLedger, memory, redis::RedisCounters,
     },
 };
@@ -93,22 +93,26 @@ async fn counters_contract(counters: Arc<dyn Counters>) {
     };
     assert_eq!(counters.apply(&id, &refund_key).await.unwrap(), decided(true, 0));
 
-    // Synced up to an older version: still dirty; up to the latest: clean.
+    // Synced up to an older version: still dirty; of another epoch: left alone; up to the
+    // latest: clean. Each time it says so, as the record read afterwards does.
     let record = counters.read(&id).await.unwrap().unwrap();
-    counters
+    let synced = counters
         .mark_synced(&id, "e1", record.version - 1, 7, TTL, &[])
         .await
         .unwrap();
+    assert_eq!(synced, Synced::Dirty);
     assert!(counters.read(&id).await.unwrap().unwrap().is_dirty());
-    counters
+    let synced = counters
         .mark_synced(&id, "other-epoch", record.version, 7, TTL, &[])
         .await
         .unwrap();
+    assert_eq!(synced, Synced::Replaced);
     assert!(counters.read(&id).await.unwrap().unwrap().is_dirty());
-    counters
+    let synced = counters
         .mark_synced(&id, "e1", record.version, 7, TTL, &[])
         .await
         .unwrap();
+    assert_eq!(synced, Synced::Clean);
     let clean = counters.read(&id).await.unwrap().unwrap();
     assert!(!clean.is_dirty());
     assert_eq!(clean.limit, 7, "the ledger's limit is taken");
@@ -164,26 +168,34 @@ async fn ttl_from_load_contract(counters: &dyn Counters) {
     let loaded = tokio::time::Instant::now();
     counters.load(&id, &seed(0, 100), ttl).await.unwrap();
     counters.apply(&id, &consume(1)).await.unwrap();
-    assert!(!counters.mark_synced(&id, "e1", 1, 100, ttl, &[]).await.unwrap());
+    assert_eq!(
+        counters.mark_synced(&id, "e1", 1, 100, ttl, &[]).await.unwrap(),
+        Synced::Clean
+    );
     assert!(
         counters.read(&id).await.unwrap().is_some(),
         "clean within its TTL: kept"
     );
     counters.apply(&id, &consume(1)).await.unwrap();
-    assert!(
-        !counters.mark_synced(&id, "e1", 1, 100, ttl, &[]).await.unwrap(),
+    assert_eq!(
+        counters.mark_synced(&id, "e1", 1, 100, ttl, &[]).await.unwrap(),
+        Synced::Dirty,
         "dirty within its TTL: nothing to rebase"
     );
     // dirty past the TTL: kept (dirty records never expire)
     tokio::time::sleep_until(loaded + ttl + Duration::from_millis(100)).await;
     let record = counters.read(&id).await.unwrap().expect("a dirty record is kept");
     assert_eq!((record.used, record.version), (2, 2));
-    assert!(
+    assert_eq!(
         counters.mark_synced(&id, "e1", 1, 100, ttl, &[]).await.unwrap(),
+        Synced::Outlived,
         "dirty past its TTL: time to rebase it"
     );
     // clean now, loaded more than a TTL ago: gone at once
-    assert!(!counters.mark_synced(&id, "e1", 2, 100, ttl, &[]).await.unwrap());
+    assert_eq!(
+        counters.mark_synced(&id, "e1", 2, 100, ttl, &[]).await.unwrap(),
+        Synced::Clean
+    );
     assert_eq!(counters.read(&id).await.unwrap(), None);
     assert!(counters.dirty(Duration::ZERO, 10).await.unwrap().is_empty());
 

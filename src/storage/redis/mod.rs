@@ -17,7 +17,7 @@ use tokio::sync::oneshot;
 pub use self::keys::Keys;
 use super::{
     Applied, Change, Counters, Decision, IDEMPOTENCY_TTL, IdempotencyEntry, KeyRecord, Op, Record, Seed, StorageError,
-    idempotency_id,
+    Synced, idempotency_id,
 };
 use crate::domain::{
     ProviderId,
@@ -627,7 +627,7 @@ impl Counters for RedisCounters {
         limit: i64,
         ttl: Duration,
         transferred: &[String],
-    ) -> Result<bool, StorageError> {
+    ) -> Result<Synced, StorageError> {
         let mut invocation = MARK_SYNCED.prepare_invoke();
         invocation
             .key(self.keys.record(provider))
@@ -641,7 +641,13 @@ impl Counters for RedisCounters {
         for id in transferred {
             invocation.arg(id);
         }
-        self.invoke::<i64>(invocation).await.map(|status| status == 2)
+        match self.invoke::<i64>(invocation).await? {
+            0 => Ok(Synced::Dirty),
+            1 => Ok(Synced::Clean),
+            2 => Ok(Synced::Outlived),
+            3 => Ok(Synced::Replaced),
+            other => Err(bad_reply("mark_synced", &[Value::Int(other)])),
+        }
     }
 
     async fn pending_keys(&self, provider: &ProviderId) -> Result<Vec<KeyRecord>, StorageError> {

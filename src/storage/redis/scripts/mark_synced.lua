@@ -8,16 +8,17 @@
 -- KEYS[1] record hash, KEYS[2] dirty index, KEYS[3] idempotency records not yet in the ledger
 -- ARGV[1] epoch, ARGV[2] version, ARGV[3] limit, ARGV[4] TTL seconds, ARGV[5] provider id,
 -- ARGV[6..] ids of the idempotency records the ledger now holds
--- Returns 1 when the record is clean now; 2 when it is still dirty and was loaded more than
--- the TTL ago (or has no 'at'): it never expires, so the caller rebases it to take in what
--- other writers added; 0 otherwise.
+-- Returns 1 when the record is clean now (or gone); 0 when it is still dirty; 2 when it is
+-- still dirty and was loaded more than the TTL ago (or has no 'at'): it never expires, so
+-- the caller rebases it to take in what other writers added; 3 when the provider's record
+-- is of another epoch.
 for i = 6, #ARGV do redis.call('HDEL', KEYS[3], ARGV[i]) end
 local v = redis.call('HMGET', KEYS[1], 'epoch', 'ver', 'synced', 'at')
 if not v[1] then
   redis.call('ZREM', KEYS[2], ARGV[5])
   return 1
 end
-if v[1] ~= ARGV[1] then return 0 end
+if v[1] ~= ARGV[1] then return 3 end
 local synced = math.max(tonumber(v[3]), tonumber(ARGV[2]))
 redis.call('HSET', KEYS[1], 'synced', string.format('%d', synced), 'limit', ARGV[3])
 local at, ttl_ms = tonumber(v[4]), tonumber(ARGV[4]) * 1000
