@@ -216,20 +216,14 @@ struct ApplyJob {
 }
 
 impl Batched for ApplyJob {
+    /// The same change, and neither carries an idempotency key (a keyed change is one of a
+    /// kind).
     fn same_item(&self, next: &Self) -> bool {
-        self.same_change(next)
-    }
-}
-
-impl ApplyJob {
-    /// Whether `other` is the same change and neither carries an idempotency key (a keyed
-    /// change is one of a kind).
-    fn same_change(&self, other: &Self) -> bool {
         self.keyed.is_none()
-            && other.keyed.is_none()
-            && self.record == other.record
-            && self.op == other.op
-            && self.amount == other.amount
+            && next.keyed.is_none()
+            && self.record == next.record
+            && self.op == next.op
+            && self.amount == next.amount
     }
 }
 
@@ -250,21 +244,15 @@ struct CheckJob {
 }
 
 impl Batched for CheckJob {
+    /// The same check: it would be decided alike in `next`'s place.
     fn same_item(&self, next: &Self) -> bool {
-        self.same_check(next)
-    }
-}
-
-impl CheckJob {
-    /// Whether `other` is the same check: it would be decided alike in its place.
-    fn same_check(&self, other: &Self) -> bool {
-        self.counter == other.counter
-            && self.algorithm == other.algorithm
-            && self.limit == other.limit
-            && self.window_ms == other.window_ms
-            && self.cost == other.cost
-            && self.now_ms == other.now_ms
-            && self.anomaly == other.anomaly
+        self.counter == next.counter
+            && self.algorithm == next.algorithm
+            && self.limit == next.limit
+            && self.window_ms == next.window_ms
+            && self.cost == next.cost
+            && self.now_ms == next.now_ms
+            && self.anomaly == next.anomaly
     }
 }
 
@@ -807,7 +795,7 @@ fn now_ms() -> i64 {
 async fn send_applies(link: Arc<Link>, dirty: String, deadline: i64, jobs: Vec<ApplyJob>) {
     let mut invocation = APPLY.prepare_invoke();
     invocation.key(dirty).arg(deadline).arg(IDEMPOTENCY_TTL.as_secs());
-    for item in jobs.chunk_by(ApplyJob::same_change) {
+    for item in jobs.chunk_by(ApplyJob::same_item) {
         let job = &item[0];
         invocation.key(&job.record);
         if let Some((idempotency, pending_keys)) = &job.keyed {
@@ -923,7 +911,7 @@ fn record_of(reply: &Value) -> Result<Option<Record>, StorageError> {
 async fn send_checks(link: Arc<Link>, anomalies: String, jobs: Vec<CheckJob>) {
     let mut invocation = RATE_LIMIT.prepare_invoke();
     invocation.key(anomalies).arg(ANOMALIES_KEPT);
-    for item in jobs.chunk_by(CheckJob::same_check) {
+    for item in jobs.chunk_by(CheckJob::same_item) {
         let job = &item[0];
         invocation.key(&job.counter);
         if let Some(sums) = &job.sums {
