@@ -392,7 +392,7 @@ ALGORITHMS=(sliding-window sliding-window-approx fixed-window token-bucket)
 code_of() {
   case $1 in
     sliding-window) echo sw ;; sliding-window-approx) echo swa ;;
-    fixed-window) echo fw ;; token-bucket) echo tbu ;;
+    fixed-window) echo fw ;; token-bucket) echo gcra ;;
   esac
 }
 WINDOW_MS=3600000 # "1h"

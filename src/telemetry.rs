@@ -104,4 +104,21 @@ fn describe() {
         "Migration phase changes seen by this replica"
     );
     metrics::describe_counter!("quotad_sync_runs_total", "Batch sync runs");
+    metrics::describe_counter!(
+        "quotad_ratelimit_fallbacks_total",
+        "Times rate limits went to the in-process twin because Redis was unavailable"
+    );
+    metrics::describe_counter!(
+        "quotad_ratelimit_script_errors_total",
+        "Rate-limit checks decided in-process because the script failed for their key"
+    );
+    metrics::describe_counter!("quotad_anomalies_total", "Rate-limit anomalies recorded, by plan");
+    metrics::describe_counter!(
+        "quotad_webhook_deliveries_total",
+        "Anomaly webhook deliveries by result (delivered, failed)"
+    );
+    metrics::describe_counter!(
+        "quotad_webhook_dropped_total",
+        "Anomalies not sent to the webhook because its queue was full"
+    );
 }

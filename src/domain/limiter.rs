@@ -58,7 +58,15 @@ impl RateLimiter {
                     return decision;
                 }
                 Err(err) if err.is_unavailable() => self.quotas.redis_down(&err.to_string()),
-                Err(err) => tracing::error!(error = %err, "rate-limit script failed; deciding in-process"),
+                Err(err) => {
+                    // This key's counter is broken (a key of another type, written by hand):
+                    // Redis is up, so the others stay on it; this check is decided here.
+                    tracing::error!(key, error = %err, "rate-limit script failed for this key; deciding it in-process");
+                    metrics::counter!("quotad_ratelimit_script_errors_total").increment(1);
+                    let decision = self.twin.check(&check);
+                    self.report(&check, &decision);
+                    return decision;
+                }
             }
         }
         if !self.in_fallback.swap(true, Ordering::Relaxed) {

@@ -44,9 +44,9 @@ impl Algorithm {
             Self::SlidingWindow => "sw",
             Self::SlidingWindowApprox => "swa",
             Self::FixedWindow => "fw",
-            // "tbu": its state is in µs since ms resolution capped the rate; keys named apart
-            // from the ms-state "tb" ones, so quotad versions side by side never misread them.
-            Self::TokenBucket => "tbu",
+            // "gcra": its state is exact (in 1/limit ms); keys named apart from the earlier
+            // "tb" (ms) and "tbu" (µs) ones, so quotad versions side by side never misread them.
+            Self::TokenBucket => "gcra",
         }
     }
 
@@ -143,11 +143,13 @@ pub struct Policy {
 
 impl Policy {
     /// Identifies the counter together with the key: the plan, or algorithm and window.
-    /// Short, because it is part of every counter key in Redis.
+    /// Short, because it is part of every counter key in Redis. A plan's counter is named
+    /// with its algorithm too: each algorithm keeps another kind of state, so a plan whose
+    /// algorithm is changed in the config starts counting afresh instead of misreading the
+    /// old state (or failing on a key of another type).
     fn counter_id(&self) -> String {
         match &self.plan {
-            Some(plan) if self.algorithm == Algorithm::TokenBucket => format!("p:{plan}:tbu"),
-            Some(plan) => format!("p:{plan}"),
+            Some(plan) => format!("p:{plan}:{}", self.algorithm.code()),
             None => format!("{}{}", self.algorithm.code(), self.window.ms()),
         }
     }
@@ -235,8 +237,10 @@ enum State {
     Fixed { start: u64, count: u64 },
     /// Current window start, previous and current counts.
     Approx { start: u64, prev: u64, curr: u64 },
-    /// GCRA theoretical arrival time, in µs.
-    Gcra { tat: u64 },
+    /// GCRA, as the Redis key holds it: the ms the bucket is full again (the key's expiry;
+    /// 0: never written), and the limit it was written at with the gap, in 1/limit ms,
+    /// from the exact theoretical arrival time up to that ms.
+    Gcra { full_at: u64, limit: u64, gap: u64 },
 }
 
 /// A key's anomaly attempt counter: it lives [`ANOMALY_SPAN_MS`] from its first attempt.
@@ -291,7 +295,7 @@ impl Twin {
         let (state, until) = inner
             .counters
             .entry(id)
-            .or_insert_with(|| (initial(check.policy.algorithm, now), now));
+            .or_insert_with(|| (initial(check.policy.algorithm), now));
         let mut decision = decide(state, check.policy, check.cost, now);
         // A window past the reset: the approximate window still weighs the previous one then.
         *until = decision.reset_ms.max(now) + check.policy.window.ms();
@@ -349,25 +353,23 @@ pub fn anomaly_at(key: String, plan: String, count: u64, threshold: u64, at: u64
     }
 }
 
-fn initial(algorithm: Algorithm, now: u64) -> State {
+/// A counter nothing was admitted on yet (as a missing Redis key: only an admitted cost
+/// writes one, so the window counters' counts and the bucket's `full_at` are never 0 after).
+fn initial(algorithm: Algorithm) -> State {
     match algorithm {
         Algorithm::SlidingWindow => State::Log(VecDeque::new()),
-        Algorithm::FixedWindow => State::Fixed { start: now, count: 0 },
+        Algorithm::FixedWindow => State::Fixed { start: 0, count: 0 },
         Algorithm::SlidingWindowApprox => State::Approx {
-            start: now,
+            start: 0,
             prev: 0,
             curr: 0,
         },
-        Algorithm::TokenBucket => State::Gcra { tat: now * 1000 },
+        Algorithm::TokenBucket => State::Gcra {
+            full_at: 0,
+            limit: 1,
+            gap: 0,
+        },
     }
-}
-
-/// The time `n` units take at `limit` per `window_us`, rounded up: ceil(n * window_us /
-/// limit), computed as the Lua twin does, where every value stays below 2^53 (exact in a
-/// double): with window_us = q * limit + r and n <= limit <= 10^6, n * r < 10^12.
-fn emission_us(n: u64, window_us: u64, limit: u64) -> u64 {
-    let (q, r) = (window_us / limit, window_us % limit);
-    n * q + (n * r).div_ceil(limit)
 }
 
 /// The decision rule of every algorithm (the Lua script `ratelimit.lua` is its twin).
@@ -402,50 +404,57 @@ fn decide(state: &mut State, policy: &Policy, cost: u64, now: u64) -> RateDecisi
             }
             (allowed, limit.saturating_sub(used), reset, retry)
         }
+        // The window counters and the bucket change their state only for an admitted cost:
+        // a read (cost 0) or a denied request leaves it as it was, so a read never starts a
+        // window (as the script writes nothing then). Rolling a window over is computed on
+        // each check alike, so leaving it unwritten decides nothing differently.
         State::Fixed { start, count } => {
-            // A window starts with the first request after the last one ended (as the
-            // Redis key expiring at the window's end does).
-            if now >= *start + window {
-                *start = now;
-                *count = 0;
+            // A window starts with the first admitted request after the last one ended (as
+            // the Redis key expiring at the window's end does).
+            let (mut s, mut c) = (*start, *count);
+            if c == 0 || now >= s + window {
+                (s, c) = (now, 0);
             }
-            let allowed = *count + need <= limit;
-            if allowed {
-                *count += cost;
+            let allowed = c + need <= limit;
+            if allowed && cost > 0 {
+                c += cost;
+                (*start, *count) = (s, c);
             }
-            let finish = *start + window;
-            let reset = if *count > 0 { finish } else { now };
-            (allowed, limit.saturating_sub(*count), reset, finish.saturating_sub(now))
+            let finish = s + window;
+            let reset = if c > 0 { finish } else { now };
+            (allowed, limit.saturating_sub(c), reset, finish.saturating_sub(now))
         }
         State::Approx { start, prev, curr } => {
-            if now >= *start + 2 * window {
-                // Both windows are over (the Redis key has expired): start afresh.
-                (*start, *prev, *curr) = (now, 0, 0);
-            } else if now >= *start + window {
-                (*start, *prev, *curr) = (*start + window, *curr, 0);
+            let (mut s, mut p, mut c) = (*start, *prev, *curr);
+            if (p == 0 && c == 0) || now >= s + 2 * window {
+                // Nothing counted, or both windows over (the Redis key has expired): afresh.
+                (s, p, c) = (now, 0, 0);
+            } else if now >= s + window {
+                (s, p, c) = (s + window, c, 0);
             }
-            let elapsed = now.saturating_sub(*start).min(window);
+            let elapsed = now.saturating_sub(s).min(window);
             let fits = |p: u64, c: u64, e: u64| p * (window - e) / window + c + need <= limit;
-            let mut estimate = *prev * (window - elapsed) / window + *curr;
+            let mut estimate = p * (window - elapsed) / window + c;
             let allowed = estimate + need <= limit;
-            if allowed {
-                *curr += cost;
+            if allowed && cost > 0 {
+                c += cost;
                 estimate += cost;
+                (*start, *prev, *curr) = (s, p, c);
             }
-            let reset = if *curr > 0 {
-                *start + 2 * window
-            } else if *prev > 0 {
-                *start + window
+            let reset = if c > 0 {
+                s + 2 * window
+            } else if p > 0 {
+                s + window
             } else {
                 now
             };
             let mut retry = 0;
             if !allowed {
                 // The earliest offset into a window at which a request of this cost fits.
-                let (p, c, base, mut lo) = if *curr + need > limit {
-                    (*curr, 0, *start + window, 0)
+                let (p, c, base, mut lo) = if c + need > limit {
+                    (c, 0, s + window, 0)
                 } else {
-                    (*prev, *curr, *start, elapsed)
+                    (p, c, s, elapsed)
                 };
                 let mut hi = window;
                 while lo < hi {
@@ -460,21 +469,30 @@ fn decide(state: &mut State, policy: &Policy, cost: u64, now: u64) -> RateDecisi
             }
             (allowed, limit.saturating_sub(estimate), reset, retry)
         }
-        State::Gcra { tat } => {
-            // In µs: at ms resolution every request would cost at least 1 ms, capping a
-            // key at 1000 requests a second whatever its policy.
-            let (now_us, window_us) = (now * 1000, window * 1000);
-            let base = (*tat).max(now_us);
-            let allow_at = (base + emission_us(need, window_us, limit)).saturating_sub(window_us);
-            let allowed = now_us >= allow_at;
+        State::Gcra {
+            full_at,
+            limit: written_at,
+            gap,
+        } => {
+            // The bucket's debt, in units of 1/limit ms: a request costs `window` of them at
+            // any limit, so the debt counts requests (debt / window), and a changed limit
+            // applies to the requests already counted. Exact: every value stays below 2^53
+            // (limit * window <= 10^6 * 2.6 * 10^9), as in the script's doubles.
+            let mut debt = if *full_at > now {
+                ((*full_at - now) * *written_at).saturating_sub(*gap)
+            } else {
+                0
+            };
+            let room = (limit - need) * window;
+            let allowed = debt <= room;
             if allowed && cost > 0 {
-                *tat = base + emission_us(cost, window_us, limit);
+                debt += cost * window;
+                let ahead = debt.div_ceil(limit);
+                (*full_at, *written_at, *gap) = (now + ahead, limit, ahead * limit - debt);
             }
-            let level = (*tat).max(now_us);
-            let span_ms = (now_us + window_us).saturating_sub(level) / 1000;
-            let remaining = (span_ms * limit / window).min(limit);
-            let retry = allow_at.saturating_sub(now_us).div_ceil(1000);
-            (allowed, remaining, level.div_ceil(1000), retry)
+            let remaining = limit.saturating_sub(debt.div_ceil(window));
+            let retry = debt.saturating_sub(room).div_ceil(limit);
+            (allowed, remaining, now + debt.div_ceil(limit), retry)
         }
     };
     RateDecision {
@@ -603,6 +621,23 @@ mod tests {
         }
     }
 
+    /// A changed limit applies to the requests already counted, in every algorithm: 2 of 3
+    /// used leaves 3 of 5 (the token bucket too: its debt counts requests, not time).
+    #[test]
+    fn a_changed_limit_applies_to_the_requests_counted() {
+        for algorithm in ALL {
+            let limiter = Twin::default();
+            let t0 = 1_000_000;
+            for _ in 0..2 {
+                assert!(check_at(&limiter, "k", &policy(algorithm, 3, 10), 1, t0).allowed);
+            }
+            let raised = check_at(&limiter, "k", &policy(algorithm, 5, 10), 1, t0);
+            assert_eq!((raised.allowed, raised.remaining), (true, 2), "{algorithm:?}");
+            let lowered = check_at(&limiter, "k", &policy(algorithm, 3, 10), 0, t0);
+            assert_eq!((lowered.allowed, lowered.remaining), (false, 0), "{algorithm:?}");
+        }
+    }
+
     #[test]
     fn anomalies_are_recorded_once_per_window() {
         let limiter = Twin::default();
@@ -676,6 +711,54 @@ mod tests {
                 }
                 let span: u64 = admitted.iter().filter(|(t, _)| t + 5000 > now).map(|(_, c)| c).sum();
                 prop_assert!(span <= 2 * limit);
+            }
+        }
+
+        /// A token bucket's burst is exactly its limit, whatever the window: a fresh bucket
+        /// admits `limit` checks at one ms, `remaining` counting down to 0, then denies; and
+        /// `Retry-After` is honest to the ms (denied 1 ms before it, admitted at it).
+        #[test]
+        fn token_bucket_bursts_exactly_its_limit(limit in 1u64..50, window_ms in 1000u64..100_000) {
+            let limiter = Twin::default();
+            let p = Policy { window: Window(window_ms), ..policy(Algorithm::TokenBucket, limit, 1) };
+            let t0 = 1_000_000;
+            for n in 1..=limit {
+                let d = check_at(&limiter, "k", &p, 1, t0);
+                prop_assert!(d.allowed);
+                prop_assert_eq!(d.remaining, limit - n);
+            }
+            let denied = check_at(&limiter, "k", &p, 1, t0);
+            prop_assert!(!denied.allowed);
+            prop_assert_eq!(denied.retry_after_ms, window_ms.div_ceil(limit));
+            prop_assert_eq!(denied.reset_ms, t0 + window_ms);
+            let retry = denied.retry_after_ms;
+            prop_assert!(!check_at(&limiter, "k", &p, 0, t0 + retry - 1).allowed);
+            prop_assert!(check_at(&limiter, "k", &p, 1, t0 + retry).allowed);
+        }
+
+        /// A read (cost 0) changes nothing, in any algorithm: the decisions of the costed
+        /// checks of a sequence are the same with the reads between them or without.
+        #[test]
+        fn reads_change_no_later_decision(
+            algorithm in prop_oneof![
+                Just(Algorithm::SlidingWindow),
+                Just(Algorithm::SlidingWindowApprox),
+                Just(Algorithm::FixedWindow),
+                Just(Algorithm::TokenBucket),
+            ],
+            steps in proptest::collection::vec((0u64..3000, 0u64..3), 1..100),
+            limit in 1u64..6,
+        ) {
+            let (with_reads, without) = (Twin::default(), Twin::default());
+            let p = policy(algorithm, limit, 5);
+            let mut now = 1_000_000;
+            for (step, cost) in steps {
+                now += step;
+                let cost = cost.min(limit);
+                let d = check_at(&with_reads, "k", &p, cost, now);
+                if cost > 0 {
+                    prop_assert_eq!(d, check_at(&without, "k", &p, cost, now), "at {}", now);
+                }
             }
         }
 

@@ -55,7 +55,8 @@ proptest! {
     /// in groups of `together` made ready at once, so they share one call (decided in order);
     /// a planned check counts attempts as well (it sends more keys and arguments than the
     /// same policy given explicitly, so a call mixing the two must keep them apart), in one
-    /// counter per key across its two plans, whose thresholds differ.
+    /// counter per key across its two plans, whose thresholds differ; and the explicit policy
+    /// comes with a second limit too, which applies to the same counter.
     #[test]
     fn the_lua_scripts_and_the_twin_decide_alike(
         algorithm in algorithm_strategy(),
@@ -64,7 +65,7 @@ proptest! {
         window_s in prop_oneof![3 => 1u64..5, 1 => 1u64..=2_592_000],
         // a step of 0 puts checks at the same ms (the exact window merges them into one member)
         steps in proptest::collection::vec(
-            (prop_oneof![1 => Just(0u64), 3 => 0u64..1500], 0usize..2, 0u64..4, 0usize..3),
+            (prop_oneof![1 => Just(0u64), 3 => 0u64..1500], 0usize..2, 0u64..4, 0usize..4),
             1..60,
         ),
         together in 1usize..6,
@@ -76,6 +77,7 @@ proptest! {
             explicit(limit, window_s, algorithm),
             planned("tiny", limit, window_s, algorithm),
             planned("wide", limit + 3, window_s, algorithm),
+            explicit(limit + 2, window_s, algorithm),
         ];
         let mut now = wall_ms();
         let checks: Vec<RateCheck> = steps
@@ -83,7 +85,7 @@ proptest! {
             .map(|&(step, key, cost, policy)| {
                 now += step;
                 let policy = &policies[policy];
-                RateCheck { key: ["a", "b"][key], policy, cost: cost.min(limit), now_ms: Some(now) }
+                RateCheck { key: ["a", "b"][key], policy, cost: cost.min(policy.limit), now_ms: Some(now) }
             })
             .collect();
         for group in checks.chunks(together) {
@@ -212,54 +214,132 @@ async fn every_counter_a_check_writes_expires() {
     }
 }
 
-/// A denied or read-only token-bucket check leaves its key as it is: a key denied over and
-/// over (abuse, the case a limiter is for) costs Redis a read per call and no write. A
-/// `WATCH` of the key on another connection sees any write: its `EXEC` would then abort.
-/// A key without an expiry time (written by hand, or restored) gets one from any check.
+/// A key's keys in Redis as they are: each one's value (`DUMP`) and expiry time.
+async fn snapshot(redis: &RedisCounters, keys: &[String]) -> Vec<(Option<Vec<u8>>, i64)> {
+    let mut found = Vec::new();
+    for key in keys {
+        let dump: Option<Vec<u8>> = redis.query(::redis::cmd("DUMP").arg(key).clone()).await.unwrap();
+        let expiry: i64 = redis.query(::redis::cmd("PEXPIRETIME").arg(key).clone()).await.unwrap();
+        found.push((dump, expiry));
+    }
+    found
+}
+
+/// A read (cost 0) only reads, in every algorithm: on a fresh key it writes none (it must
+/// not start a window), and on a counted one it writes nothing; a denied check leaves the
+/// counter as it was. A `WATCH` of the keys on another connection sees any write: its
+/// `EXEC` then aborts. (A denied check of a running fixed or approximate window does write:
+/// its first read added the cost, and it takes it back. A key denied over and over under the
+/// other two, the case a limiter is for, costs Redis reads and no write.)
 #[tokio::test]
-async fn a_denied_token_bucket_check_writes_nothing() {
-    let redis = RedisCounters::new(&redis_url(), &(unique("tbw") + ":")).unwrap();
-    let policy = explicit(2, 3600, Algorithm::TokenBucket);
-    let check = |cost| RateCheck {
-        key: "k",
-        policy: &policy,
-        cost,
-        now_ms: None,
-    };
-    let key = redis.keys().rate_counter("k", &check(1).counter_id());
+async fn reads_and_denied_checks_leave_counters_as_they_were() {
+    let redis = RedisCounters::new(&redis_url(), &(unique("ro") + ":")).unwrap();
     let client = ::redis::Client::open(redis_url()).unwrap();
     let mut watcher = client.get_multiplexed_async_connection().await.unwrap();
-    // (cost, admitted, whether it writes): the first admitted check sets the TAT half an
-    // hour ahead; a read-only check then admits without writing; the second admitted check
-    // empties the bucket; denied and read-only checks after it write nothing
-    for (cost, admitted, writes) in [
-        (1, true, true),
-        (0, true, false),
-        (1, true, true),
-        (1, false, false),
-        (0, false, false),
+    for algorithm in [
+        Algorithm::SlidingWindow,
+        Algorithm::SlidingWindowApprox,
+        Algorithm::FixedWindow,
+        Algorithm::TokenBucket,
     ] {
-        let _: () = ::redis::cmd("WATCH").arg(&key).query_async(&mut watcher).await.unwrap();
-        assert_eq!(
-            redis.rate_check(&check(cost)).await.unwrap().allowed,
-            admitted,
-            "cost {cost}"
-        );
-        let exec: Option<Vec<i64>> = ::redis::pipe()
-            .atomic()
-            .cmd("EXISTS")
-            .arg(&key)
-            .query_async(&mut watcher)
-            .await
-            .unwrap();
-        assert_eq!(exec.is_none(), writes, "cost {cost}, admitted {admitted}: {exec:?}");
+        let policy = explicit(2, 3600, algorithm);
+        let check = |cost| RateCheck {
+            key: "k",
+            policy: &policy,
+            cost,
+            now_ms: None,
+        };
+        let counter = check(1).counter_id();
+        let mut keys = vec![redis.keys().rate_counter("k", &counter)];
+        if algorithm == Algorithm::SlidingWindow {
+            keys.push(redis.keys().rate_sum("k", &counter));
+        }
+        let denied_writes = matches!(algorithm, Algorithm::FixedWindow | Algorithm::SlidingWindowApprox);
+        // (cost, admitted, whether it writes)
+        for (cost, admitted, writes) in [
+            (0, true, false),
+            (1, true, true),
+            (0, true, false),
+            (1, true, true),
+            (1, false, denied_writes),
+            (0, false, false),
+        ] {
+            let before = snapshot(&redis, &keys).await;
+            let _: () = ::redis::cmd("WATCH")
+                .arg(&keys)
+                .query_async(&mut watcher)
+                .await
+                .unwrap();
+            let decision = redis.rate_check(&check(cost)).await.unwrap();
+            assert_eq!(decision.allowed, admitted, "{algorithm:?} cost {cost}");
+            let exec: Option<Vec<i64>> = ::redis::pipe()
+                .atomic()
+                .cmd("EXISTS")
+                .arg(&keys)
+                .query_async(&mut watcher)
+                .await
+                .unwrap();
+            assert_eq!(
+                exec.is_none(),
+                writes,
+                "{algorithm:?} cost {cost}, admitted {admitted}: {exec:?}"
+            );
+            if cost == 0 || !admitted {
+                assert_eq!(snapshot(&redis, &keys).await, before, "{algorithm:?} cost {cost}");
+            }
+        }
     }
-    for cost in [1, 0] {
+}
+
+/// A window counter's or a bucket's expiry time is part of its state: such a key without
+/// one (written by hand, or restored) holds nothing and would never go. A read deletes it;
+/// a costed check counts afresh and writes it with an expiry.
+#[tokio::test]
+async fn a_counter_without_an_expiry_time_counts_afresh() {
+    let redis = RedisCounters::new(&redis_url(), &(unique("persist") + ":")).unwrap();
+    for algorithm in [
+        Algorithm::SlidingWindowApprox,
+        Algorithm::FixedWindow,
+        Algorithm::TokenBucket,
+    ] {
+        let policy = explicit(2, 3600, algorithm);
+        let check = |cost| RateCheck {
+            key: "k",
+            policy: &policy,
+            cost,
+            now_ms: None,
+        };
+        let key = redis.keys().rate_counter("k", &check(1).counter_id());
+        assert!(redis.rate_check(&check(2)).await.unwrap().allowed);
         let _: () = redis.query(::redis::cmd("PERSIST").arg(&key).clone()).await.unwrap();
-        assert!(!redis.rate_check(&check(cost)).await.unwrap().allowed);
+        assert!(redis.rate_check(&check(0)).await.unwrap().allowed, "{algorithm:?}");
+        let exists: i64 = redis.query(::redis::cmd("EXISTS").arg(&key).clone()).await.unwrap();
+        assert_eq!(exists, 0, "{algorithm:?}: the read deletes it");
+        assert!(redis.rate_check(&check(2)).await.unwrap().allowed);
+        let _: () = redis.query(::redis::cmd("PERSIST").arg(&key).clone()).await.unwrap();
+        let decision = redis.rate_check(&check(1)).await.unwrap();
+        assert_eq!((decision.allowed, decision.remaining), (true, 1), "{algorithm:?}");
         let ttl: i64 = redis.query(::redis::cmd("PTTL").arg(&key).clone()).await.unwrap();
-        assert!(ttl > 0 && ttl <= 3_600_000, "cost {cost}: PTTL {ttl}");
+        assert!(ttl > 0 && ttl <= 7_200_000, "{algorithm:?}: PTTL {ttl}");
     }
+}
+
+/// The token bucket on Redis bursts exactly its limit when the window is no multiple of
+/// it (3 per 2 s: a request every 666.67 ms), in one call at one ms, as the twin does.
+#[tokio::test]
+async fn the_token_bucket_bursts_exactly_its_limit() {
+    let redis = RedisCounters::new(&redis_url(), &(unique("burst") + ":")).unwrap();
+    let policy = explicit(3, 2, Algorithm::TokenBucket);
+    let t0 = wall_ms();
+    let checks: Vec<_> = (0..4).map(|_| at(&policy, t0, 1)).collect();
+    let decided: Vec<_> = join_all(checks.iter().map(|c| redis.rate_check(c)))
+        .await
+        .into_iter()
+        .map(Result::unwrap)
+        .collect();
+    let answers: Vec<_> = decided.iter().map(|d| (d.allowed, d.remaining)).collect();
+    assert_eq!(answers, [(true, 2), (true, 1), (true, 0), (false, 0)]);
+    assert_eq!((decided[3].retry_after_ms, decided[3].reset_ms), (667, t0 + 2000));
 }
 
 /// The anomaly attempt counter lives five minutes from the key's first attempt, not from
@@ -510,6 +590,50 @@ async fn a_failing_webhook_harms_nothing() {
     assert_eq!(statuses.iter().filter(|s| **s == 429).count(), 5);
     let body = ok(app.admin(reqwest::Method::GET, "/admin/anomalies", None).await).await;
     assert_eq!(body["anomalies"].as_array().unwrap().len(), 1);
+}
+
+/// A plan whose algorithm is changed in the config (a rolling deploy: replicas with the old
+/// and the new config side by side) counts afresh under the new algorithm, exactly across
+/// replicas, while the old one keeps its own count: each algorithm keeps another kind of
+/// state, which the other must not read (a sorted set read as a string failed the script,
+/// and each replica then counted on its own).
+#[tokio::test]
+async fn a_plan_whose_algorithm_changes_counts_afresh_exactly() {
+    let plan = |algorithm: &str| quotad::config::PlanConfig {
+        limit: 3,
+        window: toml::Value::String("1h".into()),
+        algorithm: algorithm.into(),
+    };
+    for changed_to in ["fixed-window", "sliding-window-approx", "token-bucket"] {
+        let shared = Shared::real();
+        let old = spawn_with(&shared, |c| {
+            c.plans.insert("p".into(), plan("sliding-window"));
+        })
+        .await;
+        let new = [
+            spawn_with(&shared, |c| {
+                c.plans.insert("p".into(), plan(changed_to));
+            })
+            .await,
+            spawn_with(&shared, |c| {
+                c.plans.insert("p".into(), plan(changed_to));
+            })
+            .await,
+        ];
+        let body = json!({"key": "k", "plan": "p"});
+        for _ in 0..2 {
+            assert_eq!(check(&old, body.clone()).await.status(), 200);
+        }
+        let mut admitted = 0;
+        for i in 0..8 {
+            if check(&new[i % 2], body.clone()).await.status() == 200 {
+                admitted += 1;
+            }
+        }
+        assert_eq!(admitted, 3, "{changed_to}: the new counter's limit over both replicas");
+        assert_eq!(check(&old, body.clone()).await.status(), 200, "{changed_to}");
+        assert_eq!(check(&old, body.clone()).await.status(), 429, "{changed_to}");
+    }
 }
 
 /// A sliding-window member written by a writer that does not keep the newest score (an

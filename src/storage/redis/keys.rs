@@ -118,7 +118,7 @@ mod tests {
         assert_eq!(keys.record(&p), "t:q:{creator:1@x}");
         assert_eq!(keys.idempotency(&p, "r:00ff"), "t:idem:{creator:1@x}:r:00ff");
         assert_eq!(keys.pending_keys(&p), "t:idemq:{creator:1@x}");
-        assert_eq!(keys.rate_counter("ip:1", "tbu60000"), "t:rl:{ip:1}:tbu60000");
+        assert_eq!(keys.rate_counter("ip:1", "gcra60000"), "t:rl:{ip:1}:gcra60000");
         assert_eq!(keys.rate_sum("ip:1", "sw60000"), "t:rl:{ip:1}:sw60000:sum");
         assert_eq!(keys.attempts("ip:1"), "t:rl:{ip:1}:tries");
     }

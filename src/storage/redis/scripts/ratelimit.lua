@@ -8,8 +8,9 @@
 -- its counter: sorted set of admitted requests (sw; member 'ms:seq:cost', score ms; the
 --         checks of one call at one ms share a member), or one integer, as small as a key can
 --         be: the count (fw) or prev * 2^21 + curr (swa), whose window start is implied by
---         the key's expiry time (start + window, start + 2 windows), or the theoretical
---         arrival time in µs (tbu);
+--         the key's expiry time (start + window, start + 2 windows), or the token bucket's
+--         limit * 2^20 + gap (gcra), whose expiry time is the ms the bucket is full again
+--         and gap the 1/limit ms from the exact theoretical arrival time up to that ms;
 -- then, for sw only, the sliding window's running sum and sequence (hash);
 -- then, for a plan-based check only, the key's anomaly attempt counter (one per key, for
 --         all its plans; it lives 5 minutes from its first attempt and holds 2 x attempts,
@@ -17,7 +18,7 @@
 -- ARGV[1] anomaly list length
 -- per item (n identical checks in a row: a hot key's checks of one call are one item, whose
 -- arguments are read and converted once), from ARGV[a] (a = 2 for the first): ARGV[a] n; ARGV[a + 1]
--- algorithm: sw | swa | fw | tbu; ARGV[a + 2] limit; ARGV[a + 3] window ms; ARGV[a + 4]
+-- algorithm: sw | swa | fw | gcra; ARGV[a + 2] limit; ARGV[a + 3] window ms; ARGV[a + 4]
 -- cost; ARGV[a + 5] now in ms ('': Redis TIME, read once per call; tests pass a time);
 -- ARGV[a + 6] plan ('': no anomaly counting, and the item's last argument); with a plan,
 -- ARGV[a + 7] anomaly threshold and ARGV[a + 8] key
@@ -46,13 +47,15 @@ local function time_now()
 end
 
 
--- string counters (fw, swa, tbu): key -> {v = number | false, base = the value in Redis,
--- rat = its expiry time in Redis (ms; windowed counters only), at = the expiry time to
--- write, mode = nil | 'pxat' | 'px' | 'del', px = ms}
+-- string counters (fw, swa, gcra): key -> {v = number | false, base = the value in Redis,
+-- rat = its expiry time in Redis (ms; -1: none, -2: no key), at = the expiry time to
+-- write, mode = nil | 'pxat' | 'del'}. Only an admitted cost writes a counter: a read
+-- (cost 0) or a denied check leaves it as it was (a read never starts a window).
 local strings = {}
 -- exact windows: counter key -> {sums, sum, seq, last, trimmed = the cutoff applied,
 -- pending = {score, member, ...} not yet added, low = the lowest pending score, px,
--- pend_at, pend_seq, pend_cost = the newest pending member's score, sequence and cost}
+-- pend_at, pend_seq, pend_cost = the newest pending member's score, sequence and cost,
+-- changed = members were trimmed or added (or the newest looked up): the end writes it}
 local windows = {}
 -- anomaly attempt counters: key -> {n = attempts, recorded = this window's anomaly is,
 -- add = what the end adds to the key (2 an attempt since the INCRBY, 1 for the record),
@@ -67,25 +70,9 @@ local function number_of(key, v)
   return n or false
 end
 
--- a token bucket's counter
-local function get(key)
-  local e = strings[key]
-  if not e then
-    local n = number_of(key, redis.call('GET', key))
-    e = {v = n, base = n}
-    strings[key] = e
-  end
-  return e
-end
-
--- whether a token bucket's key, as read, has no expiry time (asked once a call)
-local function lacks_expiry(key, e)
-  if e.expiry == nil then e.expiry = e.mode and 0 or redis.call('PEXPIRETIME', key) end
-  return e.expiry == -1
-end
-
--- a windowed counter (fw, swa), whose window start its expiry time implies. When the
--- counter's (current) window still runs `margin` ms after `now`, the first read adds `cost`
+-- a counter whose expiry time is part of its state: a window counter's (fw, swa) implies
+-- its window start, a bucket's (gcra) when it is full again. When a window counter's
+-- (current) window still runs `margin` ms after `now`, the first read adds `cost`
 -- at once (INCRBY keeps the expiry) and returns the value from before: an admitted check
 -- then leaves nothing to write, and a denied one writes the difference back at the end.
 local function get_windowed(key, now, cost, margin)
@@ -95,7 +82,7 @@ local function get_windowed(key, now, cost, margin)
     e = {rat = t, at = t}
     if t == -2 then -- no such key
       e.v, e.base = false, false
-    elseif cost > 0 and now + margin < t then
+    elseif margin and cost > 0 and now + margin < t then
       local n = redis.call('INCRBY', key, cost)
       e.v, e.base = n - cost, n
     else
@@ -107,20 +94,33 @@ local function get_windowed(key, now, cost, margin)
   return e
 end
 
--- a token bucket's emission interval of n requests, ceil(n * window_us / limit), from
--- window_us = q * limit + r
-local function emission(n, q, r, limit) return n * q + math.ceil(n * r / limit) end
+-- floor(n / d) and the remainder, exactly for 0 <= n < 2^53
+local function divmod(n, d)
+  local r = math.fmod(n, d)
+  return (n - r) / d, r
+end
 
--- µs up to whole ms (0 for none)
-local function ceil_ms(us)
-  if us <= 0 then return 0 end
-  return (us + 999 - math.fmod(us + 999, 1000)) / 1000
+local function ceil_div(n, d)
+  local q, r = divmod(n, d)
+  if r > 0 then return q + 1 end
+  return q
 end
 
 local function put(key, e, value, mode, t)
   if not e.mode then put_strings[#put_strings + 1] = key end
-  e.v, e.mode = value, mode
-  if mode == 'pxat' then e.at = t else e.at, e.px = nil, t end
+  e.v, e.mode, e.at = value, mode, t
+end
+
+-- a check that admitted no cost leaves its window counter as it was read, and a read
+-- that added its cost (see get_windowed) has the end take it back
+local function take_back(key, e)
+  if e.v ~= e.base and not e.mode then put(key, e, e.v, 'pxat', e.at) end
+end
+
+-- a counter without an expiry time (set by hand, or restored) holds no state (its expiry
+-- is part of it) and would never go: unless a check wrote it, it is deleted
+local function forget_immortal(key, e)
+  if e.rat == -1 and not e.mode then put(key, e, false, 'del') end
 end
 
 local function window_state(counter, sums)
@@ -194,11 +194,15 @@ local function check(counter, sums, attempts_key, algo, limit, window, cost, now
       add_pending(counter, w)
       local expired = redis.call('ZRANGEBYSCORE', counter, '-inf', f(cutoff))
       for _, m in ipairs(expired) do w.sum = w.sum - tonumber(string.match(m, ':(%d+)$')) end
-      if #expired > 0 then redis.call('ZREMRANGEBYSCORE', counter, '-inf', f(cutoff)) end
+      if #expired > 0 then
+        redis.call('ZREMRANGEBYSCORE', counter, '-inf', f(cutoff))
+        w.changed = true
+      end
       if not w.trimmed or cutoff > w.trimmed then w.trimmed = cutoff end
     end
     if w.sum > 0 and not w.last then
       w.last = tonumber(redis.call('ZRANGE', counter, -1, -1, 'WITHSCORES')[2])
+      w.changed = true -- kept for the next calls
     end
     if w.sum + need <= limit then
       allowed = 1
@@ -218,6 +222,7 @@ local function check(counter, sums, attempts_key, algo, limit, window, cost, now
         end
         if not w.low or now < w.low then w.low = now end
         w.sum = w.sum + cost
+        w.changed = true
         if not w.last or now > w.last then w.last = now end
       end
     end
@@ -238,7 +243,9 @@ local function check(counter, sums, attempts_key, algo, limit, window, cost, now
       end
     end
     if sum > 0 and reset > now then
-      if not w.listed then
+      -- a read or a denied check that trimmed nothing leaves both keys as they are: their
+      -- expiry, one window after the newest member, is where the last write set it
+      if w.changed and not w.listed then
         w.listed = true
         put_windows[#put_windows + 1] = counter
       end
@@ -250,10 +257,11 @@ local function check(counter, sums, attempts_key, algo, limit, window, cost, now
   elseif algo == 'fw' then
     local start, count = now, 0
     local e = get_windowed(counter, now, cost, 0)
-    if e.v then
+    if e.v and e.v > 0 then
       start, count = e.at - window, e.v
     end
-    if now >= start + window then -- a window starts with the first request after the last ended
+    -- a window starts with the first admitted request after the last window ended
+    if now >= start + window then
       start = now
       count = 0
     end
@@ -265,11 +273,12 @@ local function check(counter, sums, attempts_key, algo, limit, window, cost, now
     if count > 0 then reset = finish end
     retry = math.max(0, finish - now)
     remaining = math.max(0, limit - count)
-    put(counter, e, count, 'pxat', finish)
+    if allowed == 1 and cost > 0 then put(counter, e, count, 'pxat', finish) else take_back(counter, e) end
+    forget_immortal(counter, e)
   elseif algo == 'swa' then
     local start, prev, curr = now, 0, 0
     local e = get_windowed(counter, now, cost, window)
-    if e.v then
+    if e.v and e.v > 0 then
       local packed = e.v
       start = e.at - 2 * window
       prev, curr = math.floor(packed / 2097152), packed % 2097152
@@ -299,35 +308,38 @@ local function check(counter, sums, attempts_key, algo, limit, window, cost, now
       retry = base + lo - now
     end
     remaining = math.max(0, limit - estimate)
-    put(counter, e, prev * 2097152 + curr, 'pxat', start + 2 * window)
-  else -- tbu: GCRA, one theoretical arrival time per key (in µs), burst = limit
-    -- µs, not ms: at ms resolution a request would cost at least 1 ms (1000/s at most)
-    local now_us, window_us = now * 1000, window * 1000
-    -- ceil(n * window_us / limit) with every value below 2^53 (exact in a double):
-    -- window_us = q * limit + r, and n * r < 10^12 for n <= limit <= 10^6
-    local r = math.fmod(window_us, limit)
-    local q = (window_us - r) / limit
-    local e = get(counter)
-    local tat = e.v or now_us
-    local base = math.max(tat, now_us)
-    local allow_at = base + emission(need, q, r, limit) - window_us
-    if now_us >= allow_at then
+    if allowed == 1 and cost > 0 then
+      put(counter, e, prev * 2097152 + curr, 'pxat', start + 2 * window)
+    else
+      take_back(counter, e)
+    end
+    forget_immortal(counter, e)
+  else -- gcra: GCRA, burst = limit
+    -- the debt, in units of 1/limit ms: a request costs `window` of them at any limit, so
+    -- the debt counts requests (debt / window) and a changed limit applies to the requests
+    -- counted. Exact in doubles: every value stays below 2^53 (limit * window <= 2.6e15).
+    local e = get_windowed(counter, now, 0, nil)
+    local debt = 0
+    if e.v and e.at > now then
+      local written_at, gap = divmod(e.v, 1048576)
+      if written_at < 1 or written_at > 1000000 or gap >= written_at then
+        error('ERR the counter ' .. counter .. ' does not hold a token bucket')
+      end
+      debt = math.max(0, (e.at - now) * written_at - gap)
+    end
+    local room = (limit - need) * window
+    if debt <= room then
       allowed = 1
-      if cost > 0 then tat = base + emission(cost, q, r, limit) end
+      if cost > 0 then
+        debt = debt + cost * window
+        local ahead = ceil_div(debt, limit)
+        put(counter, e, limit * 1048576 + ahead * limit - debt, 'pxat', now + ahead)
+      end
     end
-    local level = math.max(tat, now_us)
-    local span = math.max(0, now_us + window_us - level)
-    local span_ms = (span - math.fmod(span, 1000)) / 1000
-    remaining = math.min(limit, math.floor(span_ms * limit / window))
-    reset = ceil_ms(level)
-    retry = ceil_ms(allow_at - now_us)
-    -- a denied or read-only check leaves an existing TAT, and its expiry, as they are (a
-    -- key without one, written by hand or restored, gets it)
-    if level > now_us then
-      if tat ~= e.v or lacks_expiry(counter, e) then put(counter, e, tat, 'px', ceil_ms(level - now_us)) end
-    elseif e.v then -- a TAT already past: the key goes
-      put(counter, e, false, 'del')
-    end
+    forget_immortal(counter, e)
+    remaining = math.max(0, limit - ceil_div(debt, window))
+    reset = now + ceil_div(debt, limit)
+    retry = ceil_div(math.max(0, debt - room), limit)
   end
 
   if reset < now then reset = now end
@@ -388,8 +400,6 @@ for _, key in ipairs(put_strings) do
     else
       redis.call('SET', key, f(e.v), 'PXAT', f(e.at))
     end
-  elseif e.mode == 'px' then
-    redis.call('SET', key, f(e.v), 'PX', f(e.px))
   else
     redis.call('DEL', key)
   end
