@@ -222,3 +222,49 @@ async fn a_retry_after_redis_died_is_answered_from_firestore_not_charged_again()
     )
     .await;
 }
+
+/// The sync lock is not taken for a caller that gave up: an acquire queued in a hung Redis
+/// runs when it resumes, after its sender's wait ended (it answered `409 sync_incomplete`
+/// or `503`), and would then hold the lock for up to its TTL with nobody syncing. It
+/// carries a deadline, after which it changes nothing.
+#[tokio::test]
+async fn a_sync_lock_acquire_that_ran_too_late_takes_nothing() {
+    use quotad::storage::{Counters, redis::RedisCounters};
+
+    let redis = RedisServer::start().await;
+    let counters = RedisCounters::new(&redis.url(), "late:").unwrap();
+    counters.ping().await.unwrap(); // measures the clock offset the deadline is counted in
+    let calls = |info: String| {
+        info.lines()
+            .find_map(|l| l.strip_prefix("cmdstat_evalsha:calls="))
+            .map_or(0, |rest| rest.split(',').next().unwrap().parse::<u64>().unwrap())
+    };
+    let stats = || async {
+        let info: String = counters
+            .query(::redis::cmd("INFO").arg("commandstats").clone())
+            .await
+            .unwrap();
+        calls(info)
+    };
+    let before = stats().await;
+
+    redis.pause(true);
+    let attempt = counters.acquire_sync_lock("gave-up", Duration::from_secs(30)).await;
+    assert!(attempt.is_err(), "a hung Redis answers nothing: {attempt:?}");
+    redis.pause(false);
+    // the queued acquire has run once Redis counts its EVALSHA (the lock script is the only
+    // one this test sends)
+    let ran = eventually(DEADLINE, true, || async { stats().await > before }).await;
+    assert!(ran);
+    let holder: Option<String> = counters
+        .query(::redis::cmd("GET").arg(counters.keys().sync_lock()).clone())
+        .await
+        .unwrap();
+    assert_eq!(holder, None);
+    assert!(
+        counters
+            .acquire_sync_lock("next", Duration::from_secs(30))
+            .await
+            .unwrap()
+    );
+}

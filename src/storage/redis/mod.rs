@@ -1005,7 +1005,8 @@ impl RedisCounters {
             .key(self.keys.sync_lock())
             .arg(op)
             .arg(token)
-            .arg(u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1));
+            .arg(u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1))
+            .arg(self.deadline_ms(CALL_TIMEOUT));
         let held: i64 = self.invoke(invocation).await?;
         Ok(held == 1)
     }
@@ -1013,11 +1014,18 @@ impl RedisCounters {
     /// The Redis time after which an apply sent now must not change anything (0: none,
     /// while the offset is unmeasured).
     fn apply_deadline_ms(&self) -> i64 {
-        let deadline = i64::try_from(APPLY_DEADLINE.as_millis()).unwrap_or(250);
+        self.deadline_ms(APPLY_DEADLINE)
+    }
+
+    /// The Redis time `within` from now (0: none, while the offset is unmeasured): a call
+    /// Redis runs after it has outlived its sender's wait (a hung Redis runs what it had
+    /// queued once it resumes).
+    fn deadline_ms(&self, within: Duration) -> i64 {
+        let within = i64::try_from(within.as_millis()).unwrap_or(i64::MAX / 4);
         self.clock_offset_ms
             .read()
             .unwrap()
-            .map_or(0, |offset| now_ms() + offset + deadline)
+            .map_or(0, |offset| now_ms() + offset + within)
     }
 
     /// Adds the ledger's idempotency records to a `load.lua` or `rebase.lua` call: each
