@@ -3,8 +3,10 @@
 //!
 //! Provider documents stay compatible with the legacy ones (`aiCallsUsed`, `aiCallsLimit`);
 //! quotad adds `quotadEpoch`, `quotadWatermark` and `quotadVersion`. Its own documents live
-//! outside the provider collection: `quotad/phase` and
-//! `quotad_changed/*` (providers decided by Firestore while Redis was away).
+//! outside the provider collection: `quotad/phase`, `quotad/redis-sentinel` and
+//! `quotad_changed/*` (providers decided by Firestore while Redis was away); in
+//! `quotad_internal` and `quotad_internal_changed` when the provider collection is named
+//! `quotad` or `quotad_changed`.
 
 use std::{collections::BTreeMap, sync::RwLock, time::Duration};
 
@@ -20,8 +22,17 @@ use super::{
 };
 use crate::domain::{Phase, ProviderId};
 
-const META: &str = "quotad";
-const CHANGED: &str = "quotad_changed";
+/// The collection of quotad's own documents, and the one of its change markers (another
+/// pair when the provider collection has one of these names: every document in that one
+/// is a provider's).
+fn own_collections(providers: &str) -> (String, String) {
+    let base = if ["quotad", "quotad_changed"].contains(&providers) {
+        "quotad_internal"
+    } else {
+        "quotad"
+    };
+    (base.to_owned(), format!("{base}_changed"))
+}
 /// A single read or write.
 const CALL_TIMEOUT: Duration = Duration::from_secs(10);
 /// A read-modify-write, retries on contention included.
@@ -156,6 +167,10 @@ struct ChangedDoc {
 pub struct FirestoreLedger {
     project: String,
     collection: String,
+    /// quotad's own documents (`phase`, `redis-sentinel`), outside `collection`.
+    meta: String,
+    /// Change markers, outside `collection`.
+    changed: String,
     db: RwLock<Option<FirestoreDb>>,
     connect_lock: tokio::sync::Mutex<()>,
     /// Update times of the change markers last listed (see `clear_changed_outside`).
@@ -315,9 +330,12 @@ impl FirestoreLedger {
     }
 
     pub fn new(project: &str, collection: &str) -> Self {
+        let (meta, changed) = own_collections(collection);
         Self {
             project: project.to_owned(),
             collection: collection.to_owned(),
+            meta,
+            changed,
             db: RwLock::new(None),
             connect_lock: tokio::sync::Mutex::new(()),
             listed_changes: std::sync::Mutex::default(),
@@ -364,7 +382,7 @@ impl Ledger for FirestoreLedger {
         self.timed(Duration::from_secs(3), async move {
             db.fluent()
                 .select()
-                .by_id_in(META)
+                .by_id_in(&self.meta)
                 .obj::<PhaseDoc>()
                 .one("phase")
                 .await
@@ -585,7 +603,7 @@ impl Ledger for FirestoreLedger {
                 CALL_TIMEOUT,
                 db.fluent()
                     .select()
-                    .from(CHANGED)
+                    .from(self.changed.as_str())
                     .limit(u32::try_from(max).unwrap_or(u32::MAX))
                     .query(),
             )
@@ -620,7 +638,7 @@ impl Ledger for FirestoreLedger {
             CALL_TIMEOUT,
             db.fluent()
                 .update()
-                .in_col(CHANGED)
+                .in_col(&self.changed)
                 .document_id(provider.as_str())
                 .object(&doc)
                 .execute::<ChangedDoc>(),
@@ -634,7 +652,7 @@ impl Ledger for FirestoreLedger {
     async fn clear_changed_outside(&self, provider: &ProviderId) -> Result<(), StorageError> {
         let db = self.db().await?;
         let listed_at = self.listed_changes.lock().unwrap().remove(provider);
-        let delete = db.fluent().delete().from(CHANGED);
+        let delete = db.fluent().delete().from(self.changed.as_str());
         let delete = match listed_at {
             Some(at) => delete.precondition(FirestoreWritePrecondition::UpdateTime(at)),
             None => delete,
@@ -650,7 +668,7 @@ impl Ledger for FirestoreLedger {
     async fn meta(&self, name: &str) -> Result<Option<String>, StorageError> {
         let db = self.db().await?;
         let doc: Option<MetaDoc> = self
-            .timed(CALL_TIMEOUT, db.fluent().select().by_id_in(META).obj().one(name))
+            .timed(CALL_TIMEOUT, db.fluent().select().by_id_in(&self.meta).obj().one(name))
             .await?;
         Ok(doc.map(|d| d.value))
     }
@@ -664,7 +682,7 @@ impl Ledger for FirestoreLedger {
             CALL_TIMEOUT,
             db.fluent()
                 .update()
-                .in_col(META)
+                .in_col(&self.meta)
                 .document_id(name)
                 .object(&doc)
                 .execute::<MetaDoc>(),
@@ -676,7 +694,10 @@ impl Ledger for FirestoreLedger {
     async fn phase(&self) -> Result<Option<(Phase, DateTime<Utc>)>, StorageError> {
         let db = self.db().await?;
         let doc: Option<PhaseDoc> = self
-            .timed(CALL_TIMEOUT, db.fluent().select().by_id_in(META).obj().one("phase"))
+            .timed(
+                CALL_TIMEOUT,
+                db.fluent().select().by_id_in(&self.meta).obj().one("phase"),
+            )
             .await?;
         Ok(doc.and_then(|d| Phase::parse(&d.phase).map(|p| (p, d.since))))
     }
@@ -691,7 +712,7 @@ impl Ledger for FirestoreLedger {
             CALL_TIMEOUT,
             db.fluent()
                 .update()
-                .in_col(META)
+                .in_col(&self.meta)
                 .document_id("phase")
                 .object(&doc)
                 .execute::<PhaseDoc>(),

@@ -279,3 +279,23 @@ async fn a_sync_held_by_another_replica_is_409_until_its_lock_expires() {
     let status = ok(second.admin(Method::GET, "/admin/sync", None).await).await;
     assert!(status["last"]["runId"].is_string(), "{status}");
 }
+
+/// Every document in the provider collection is a provider's, whatever the collection's
+/// name: one named as quotad's own collections (`quotad`, `quotad_changed`) moves those
+/// elsewhere (the phase flag, the Redis sentinel and the change markers).
+#[tokio::test]
+async fn a_provider_collection_named_like_quotads_own_holds_only_providers() {
+    for collection in ["quotad", "quotad_changed"] {
+        let shared = Shared::real();
+        let app = spawn_with(&shared, |c| collection.clone_into(&mut c.collection)).await;
+        ok(app.consume("p1", 1).await).await;
+        ok(app.set_phase(Phase::RedisPrimary).await).await;
+        ok(app.consume("p1", 1).await).await;
+        ok(app.admin(Method::POST, "/admin/sync", None).await).await;
+        let store = shared.store().in_collection(collection);
+        assert_eq!(store.ids().await, ["p1"], "{collection}");
+        assert_eq!(store.used("p1").await, Some(2));
+        let phase = ok(app.admin(Method::GET, "/admin/phase", None).await).await;
+        assert_eq!(phase["phase"], "redis-primary");
+    }
+}

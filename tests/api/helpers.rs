@@ -271,6 +271,35 @@ impl Store {
         }
     }
 
+    /// The same project's documents in another provider collection.
+    pub fn in_collection(mut self, collection: &str) -> Self {
+        collection.clone_into(&mut self.collection);
+        self
+    }
+
+    /// The ids of every document in the collection.
+    pub async fn ids(&self) -> Vec<String> {
+        let resp = self
+            .http
+            .get(format!("{}/{}", self.base(), self.collection))
+            .bearer_auth("owner")
+            .query(&[("pageSize", "1000")])
+            .send()
+            .await
+            .unwrap();
+        let body: Value = resp.json().await.unwrap();
+        let mut ids: Vec<String> = body["documents"]
+            .as_array()
+            .map(|docs| {
+                docs.iter()
+                    .map(|d| d["name"].as_str().unwrap().rsplit('/').next().unwrap().to_owned())
+                    .collect()
+            })
+            .unwrap_or_default();
+        ids.sort();
+        ids
+    }
+
     fn base(&self) -> String {
         format!(
             "http://{}/v1/projects/{}/databases/(default)/documents",
