@@ -667,12 +667,15 @@ impl QuotaService {
     /// Drops the cached record, writing its unsynced usage first: invalidation never loses
     /// usage.
     pub async fn invalidate(&self, provider: &ProviderId) -> Result<(), QuotaError> {
-        if self.try_invalidate(provider).await? {
+        // Dropped; or, when other requests keep it dirty (a busy provider), rebased on what
+        // the document holds after its usage was written there: either way the next decision
+        // starts from the store, and the usage not yet written comes along.
+        if self.reload(provider).await? {
             return Ok(());
         }
         Err(QuotaError::Unavailable(StorageError::Other {
             backend: "redis",
-            message: "the record stayed dirty".into(),
+            message: "the record stayed dirty and the document has not seen it".into(),
         }))
     }
 

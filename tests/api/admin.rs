@@ -299,3 +299,62 @@ async fn a_provider_collection_named_like_quotads_own_holds_only_providers() {
         assert_eq!(phase["phase"], "redis-primary");
     }
 }
+
+/// Invalidation answers `200` while other requests keep the provider busy (two replicas
+/// consuming all along), in the phases that cache: the record, dirty again as soon as it
+/// is written, is rebased on the document instead of dropped. Nothing is lost or counted
+/// twice: the document ends at exactly what was admitted, and a legacy writer's increment
+/// made before the invalidations is in it too.
+#[tokio::test]
+async fn invalidation_under_concurrent_consumes_answers_200_and_loses_nothing() {
+    use std::sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    };
+    for phase in [Phase::DualWrite, Phase::RedisPrimary] {
+        let shared = Shared::real();
+        let apps = Arc::new([spawn_with(&shared, |_| {}).await, spawn_with(&shared, |_| {}).await]);
+        ok(apps[0].set_phase(phase).await).await;
+        let store = shared.store();
+        store.put("p1", Some(0), Some(1_000_000)).await;
+        ok(apps[1].consume("p1", 1).await).await;
+        ok(apps[0].consume("p1", 1).await).await; // both replicas follow the phase
+        store.add_used("p1", 100).await; // a legacy writer
+        let (stop, admitted) = (Arc::new(AtomicBool::new(false)), Arc::new(AtomicU64::new(2)));
+        let loops: Vec<_> = (0..4)
+            .map(|i| {
+                let (apps, stop, admitted) = (apps.clone(), stop.clone(), admitted.clone());
+                tokio::spawn(async move {
+                    while !stop.load(Ordering::Relaxed) {
+                        if apps[i % 2].consume("p1", 1).await.status() == 200 {
+                            admitted.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                })
+            })
+            .collect();
+        let mut statuses = Vec::new();
+        for i in 0..8 {
+            let resp = apps[i % 2]
+                .admin(Method::POST, "/admin/quota/p1/invalidate", None)
+                .await;
+            statuses.push(resp.status().as_u16());
+        }
+        stop.store(true, Ordering::Relaxed);
+        for handle in loops {
+            handle.await.unwrap();
+        }
+        assert_eq!(statuses, [200; 8], "{phase:?}");
+        let expected = 100 + admitted.load(Ordering::Relaxed);
+        if phase == Phase::RedisPrimary {
+            ok(apps[0].admin(Method::POST, "/admin/sync", None).await).await;
+        }
+        let used = eventually(Duration::from_secs(30), Some(i64::try_from(expected).unwrap()), || {
+            store.used("p1")
+        })
+        .await;
+        assert_eq!(used, Some(i64::try_from(expected).unwrap()), "{phase:?}");
+        let view = ok(apps[1].get("/quota/p1").await).await;
+        assert_eq!(view["used"].as_u64(), Some(expected), "{phase:?}");
+    }
+}
