@@ -112,6 +112,10 @@ fn describe() {
         "quotad_ratelimit_script_errors_total",
         "Rate-limit checks decided in-process because the script failed for their key"
     );
+    metrics::describe_counter!(
+        "quotad_idempotency_settled_total",
+        "Idempotency keys decided both by Redis and by the Firestore fallback, counted once"
+    );
     metrics::describe_counter!("quotad_anomalies_total", "Rate-limit anomalies recorded, by plan");
     metrics::describe_counter!(
         "quotad_webhook_deliveries_total",

@@ -18,7 +18,7 @@ use serde::{Deserialize, Serialize};
 
 use super::{
     Change, DeltaPlan, Document, IDEMPOTENCY_TTL, IdempotencyEntry, KeyRecord, Ledger, LedgerDecision, Record,
-    RecordWrite, StorageError, WriteOutcome, delta_for, idempotency_id, merge_keys,
+    RecordWrite, StorageError, WriteOutcome, delta_for, idempotency_id, merge_keys, settle_twice_decided,
 };
 use crate::domain::{Phase, ProviderId};
 
@@ -248,21 +248,23 @@ fn plan_record_write(
             .map_or(0, |v| u64::try_from(v.get()).unwrap_or(0)),
     );
     let mut write = ProviderWrite::default();
-    match plan {
-        DeltaPlan::Stale => return (WriteOutcome::Stale, None),
-        DeltaPlan::AlreadyThere => {}
-        DeltaPlan::Add(delta) => {
-            write.aiCallsUsed = Some(doc.aiCallsUsed.as_ref().map_or(0, num) + delta);
-            write.quotadEpoch = Some(record.epoch.clone());
-            write.quotadWatermark = Some(record.used);
-            write.quotadVersion = Some(i64::try_from(record.version).unwrap_or(i64::MAX));
-        }
+    if plan == DeltaPlan::Stale {
+        return (WriteOutcome::Stale, None);
     }
-    let known = doc.quotadKeys.clone().unwrap_or_default();
-    if keys.iter().any(|(id, _)| !known.contains_key(id)) {
-        let mut merged = known;
-        merge_keys(&mut merged, keys, now);
-        write.quotadKeys = Some(merged);
+    let mut known = doc.quotadKeys.clone().unwrap_or_default();
+    let correction = settle_twice_decided(&mut known, keys, now);
+    let used = doc.aiCallsUsed.as_ref().map_or(0, num);
+    if let DeltaPlan::Add(delta) = plan {
+        write.aiCallsUsed = Some((used + delta + correction).max(0));
+        write.quotadEpoch = Some(record.epoch.clone());
+        write.quotadWatermark = Some(record.used);
+        write.quotadVersion = Some(i64::try_from(record.version).unwrap_or(i64::MAX));
+    } else if correction != 0 {
+        write.aiCallsUsed = Some((used + correction).max(0));
+    }
+    if correction != 0 || keys.iter().any(|(id, _)| !known.contains_key(id)) {
+        merge_keys(&mut known, keys, now);
+        write.quotadKeys = Some(known);
     }
     let changes = !write.mask().is_empty();
     (WriteOutcome::Written { limit }, changes.then_some(write))

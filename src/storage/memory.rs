@@ -13,6 +13,7 @@ use chrono::{DateTime, Utc};
 use super::{
     Applied, Change, Counters, Decision, DeltaPlan, Document, IDEMPOTENCY_TTL, IdempotencyEntry, KeyRecord, Ledger,
     LedgerDecision, Record, Seed, StorageError, Synced, WriteOutcome, delta_for, idempotency_id, merge_keys,
+    settle_twice_decided,
 };
 use crate::domain::{
     Phase, ProviderId,
@@ -531,12 +532,16 @@ impl Ledger for MemoryLedger {
         ) {
             return Ok(WriteOutcome::Stale);
         }
+        let correction = settle_twice_decided(&mut doc.keys, keys, now_ms());
         merge_keys(&mut doc.keys, keys, now_ms());
         match delta_for(record, doc.epoch.as_deref(), doc.watermark, doc.version) {
             DeltaPlan::Stale => return Ok(WriteOutcome::Stale),
+            DeltaPlan::AlreadyThere if correction != 0 => {
+                doc.used = Some((doc.used.unwrap_or(0) + correction).max(0));
+            }
             DeltaPlan::AlreadyThere => {}
             DeltaPlan::Add(delta) => {
-                doc.used = Some(doc.used.unwrap_or(0) + delta);
+                doc.used = Some((doc.used.unwrap_or(0) + delta + correction).max(0));
                 doc.epoch = Some(record.epoch.clone());
                 doc.watermark = record.used;
                 doc.version = record.version;

@@ -206,6 +206,45 @@ pub fn merge_keys(map: &mut std::collections::BTreeMap<String, String>, new: &[K
     }
 }
 
+/// Settles keys decided twice before `keys` (records Redis decided, on their way to the
+/// ledger) join a document's map `known`: a key the document already holds with another
+/// answer was also decided by the Firestore fallback (while Redis was away it could not
+/// see Redis's unsynced records), so its change is in the document twice, once through
+/// that decision and once through the record's delta. Redis's answer stands (Redis
+/// replays it): the fallback's change is taken out of the document, and the map takes
+/// Redis's answer, so a later write of the same key finds nothing to settle. Returns what
+/// to add to the document's usage. (A fallback refund that left usage at 0 may have given
+/// back less than its amount: it is left as it is.)
+pub fn settle_twice_decided(
+    known: &mut std::collections::BTreeMap<String, String>,
+    keys: &[KeyRecord],
+    now_ms: i64,
+) -> i64 {
+    let mut correction = 0;
+    for (id, entry) in keys {
+        let Some(prior) = known.get(id).filter(|prior| *prior != entry) else {
+            continue;
+        };
+        let (Some(theirs), Some(_)) = (IdempotencyEntry::parse(prior), IdempotencyEntry::parse(entry)) else {
+            continue;
+        };
+        if theirs.expires_ms <= now_ms {
+            continue;
+        }
+        let undo = match (theirs.decision.allowed, id.starts_with("r:")) {
+            (false, _) => 0,
+            (true, false) => -theirs.amount,
+            (true, true) if theirs.decision.used > 0 => theirs.amount,
+            (true, true) => continue,
+        };
+        tracing::warn!(key = %id, undo, "an idempotency key was decided twice (Redis and the Firestore fallback): counted once");
+        metrics::counter!("quotad_idempotency_settled_total").increment(1);
+        correction += undo;
+        known.insert(id.clone(), entry.clone());
+    }
+    correction
+}
+
 /// A recorded first answer: `amount:allowed:used:limit:expiresMs`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct IdempotencyEntry {

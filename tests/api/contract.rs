@@ -8,7 +8,7 @@ use quotad::{
     domain::{Phase, ProviderId},
     storage::{
         Applied, Change, Counters, Decision, Ledger, LedgerDecision, Op, Record, Seed, Synced, WriteOutcome,
-        firestore::FirestoreLedger, memory, redis::RedisCounters,
+        firestore::FirestoreLedger, idempotency_id, memory, redis::RedisCounters,
     },
 };
 
@@ -440,6 +440,8 @@ async fn ledger_contract(ledger: Arc<dyn Ledger>) {
     assert_eq!(ledger.read(&p("b1")).await.unwrap().unwrap().used, Some(4));
     assert_eq!(ledger.read(&p("b2")).await.unwrap().unwrap().used, Some(7));
 
+    twice_decided_keys_count_once(ledger.as_ref()).await;
+
     assert_eq!(ledger.phase().await.unwrap(), None);
     let since = Utc::now();
     ledger.set_phase(Phase::RedisPrimary, since).await.unwrap();
@@ -447,6 +449,87 @@ async fn ledger_contract(ledger: Arc<dyn Ledger>) {
     assert_eq!(phase, Phase::RedisPrimary);
     assert!((stored - since).num_milliseconds().abs() < 1);
     ledger.ping().await.unwrap();
+}
+
+/// A key Redis decided, and the Firestore fallback decided again while Redis was away
+/// (the record's change not written yet), is counted once when the record's write carries
+/// it: Redis's answer stands, the fallback's change is taken out. A write carrying it again
+/// settles nothing more. A refund the same way; a denied fallback decision took nothing.
+async fn twice_decided_keys_count_once(ledger: &dyn Ledger) {
+    let id = p("twice");
+    // Redis's answers expire later than the fallback's (Redis decided first, but the fallback
+    // decides at least a call timeout after Redis stopped answering)
+    let expires = Utc::now().timestamp_millis() + 86_400_000 + 1000;
+    let keyed = |op, amount, key| Change {
+        op,
+        amount,
+        idempotency_key: Some(key),
+    };
+    ledger
+        .write_record(&id, &record(10, 0, "e1", "", 1), &[])
+        .await
+        .unwrap();
+    // Redis: consume 1, then "k" consumes 4 (used 15), not written yet; Redis hangs and the
+    // fallback decides the retry of "k" from the document (10 + 4)
+    let fallback = ledger
+        .decide(&id, &keyed(Op::Consume, 4, "k"), 100, true)
+        .await
+        .unwrap();
+    assert!(
+        matches!(fallback, LedgerDecision::Decided(d) if d.allowed && d.used == 14),
+        "{fallback:?}"
+    );
+    let from_redis = (idempotency_id(Op::Consume, "k"), format!("4:1:15:100:{expires}"));
+    for version in [2, 2] {
+        ledger
+            .write_record(
+                &id,
+                &record(15, 0, "e1", "", version),
+                std::slice::from_ref(&from_redis),
+            )
+            .await
+            .unwrap();
+        let doc = ledger.read(&id).await.unwrap().unwrap();
+        assert_eq!(doc.used, Some(15), "version {version}");
+        assert!(doc.keys.contains(&from_redis), "Redis's answer stands: {:?}", doc.keys);
+    }
+    ledger
+        .write_record(&id, &record(16, 0, "e1", "", 3), std::slice::from_ref(&from_redis))
+        .await
+        .unwrap();
+    assert_eq!(ledger.read(&id).await.unwrap().unwrap().used, Some(16));
+
+    // a refund of 3 decided by Redis (16 -> 13) and again by the fallback (16 -> 13 in the
+    // document, whose usage already holds Redis's 16)
+    let fallback = ledger.decide(&id, &keyed(Op::Refund, 3, "r"), 100, true).await.unwrap();
+    assert!(
+        matches!(fallback, LedgerDecision::Decided(d) if d.used == 13),
+        "{fallback:?}"
+    );
+    let refund = (idempotency_id(Op::Refund, "r"), format!("3:1:13:100:{expires}"));
+    ledger
+        .write_record(&id, &record(13, 0, "e1", "", 4), std::slice::from_ref(&refund))
+        .await
+        .unwrap();
+    assert_eq!(ledger.read(&id).await.unwrap().unwrap().used, Some(13));
+
+    // a consume Redis admitted (13 -> 63) and the fallback denied (the document's limit was
+    // lowered to 40 meanwhile): the denial took nothing, so nothing is taken out
+    ledger.set_quota(&id, None, Some(40), "unused").await.unwrap();
+    let fallback = ledger
+        .decide(&id, &keyed(Op::Consume, 50, "d"), 100, true)
+        .await
+        .unwrap();
+    assert!(
+        matches!(fallback, LedgerDecision::Decided(d) if !d.allowed),
+        "{fallback:?}"
+    );
+    let admitted = (idempotency_id(Op::Consume, "d"), format!("50:1:63:100:{expires}"));
+    ledger
+        .write_record(&id, &record(63, 0, "e1", "", 5), std::slice::from_ref(&admitted))
+        .await
+        .unwrap();
+    assert_eq!(ledger.read(&id).await.unwrap().unwrap().used, Some(63));
 }
 
 /// Changes made ready together (the Redis adapter sends them in one call) are decided as if

@@ -268,3 +268,42 @@ async fn a_sync_lock_acquire_that_ran_too_late_takes_nothing() {
             .unwrap()
     );
 }
+
+/// In `redis-primary` a keyed consume that Redis decided (not synced yet) is decided again
+/// by the Firestore fallback when its retry comes while Redis hangs: the document does not
+/// know the key. Once Redis is back, the record's write settles the key decided twice: the
+/// call is charged once, and its replays give Redis's first answer.
+#[tokio::test]
+async fn a_keyed_retry_decided_again_while_redis_hangs_is_charged_once() {
+    let redis = RedisServer::start().await;
+    let shared = Shared {
+        redis_url: Some(redis.url()),
+        ..Shared::real()
+    };
+    let app = spawn_with(&shared, |_| {}).await;
+    ok(app.set_phase(Phase::RedisPrimary).await).await;
+    let store = shared.store();
+    store.put("p1", Some(10), Some(100)).await;
+    assert_eq!(ok(app.consume("p1", 1).await).await["used"], 11);
+    let first = ok(app.consume_with_key("p1", 4, "retry-me").await).await;
+    assert_eq!(first["used"], 15);
+
+    redis.pause(true);
+    ok(app.consume_with_key("p1", 4, "retry-me").await).await; // the fallback charges it again
+    redis.pause(false);
+    let up = json!({"redis": "ok", "firestore": "ok"});
+    assert_eq!(
+        eventually(Duration::from_secs(10), up.clone(), || readiness(&app)).await,
+        up
+    );
+    ok(app.admin(reqwest::Method::POST, "/admin/sync", None).await).await;
+    assert_eq!(store.used("p1").await, Some(15));
+    assert_eq!(app.quota("p1").await["used"], 15);
+    assert_eq!(ok(app.consume_with_key("p1", 4, "retry-me").await).await, first);
+    ok(app
+        .admin(reqwest::Method::POST, "/admin/quota/p1/invalidate", None)
+        .await)
+    .await;
+    assert_eq!(ok(app.consume_with_key("p1", 4, "retry-me").await).await, first);
+    assert_eq!(app.quota("p1").await["used"], 15);
+}
