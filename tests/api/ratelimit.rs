@@ -32,6 +32,23 @@ fn at(policy: &Policy, now_ms: u64, cost: u64) -> RateCheck<'_> {
     }
 }
 
+/// A check of key "k" at Redis's time.
+fn live(policy: &Policy, cost: u64) -> RateCheck<'_> {
+    RateCheck {
+        key: "k",
+        policy,
+        cost,
+        now_ms: None,
+    }
+}
+
+const EVERY_ALGORITHM: [Algorithm; 4] = [
+    Algorithm::SlidingWindow,
+    Algorithm::SlidingWindowApprox,
+    Algorithm::FixedWindow,
+    Algorithm::TokenBucket,
+];
+
 /// The wall clock in ms: counters keep their window start in the key's expiry time, which
 /// must lie in the future, so simulated times start here and only run ahead.
 fn wall_ms() -> u64 {
@@ -179,12 +196,7 @@ async fn the_exact_window_merges_one_calls_checks_at_one_time() {
 async fn every_counter_a_check_writes_expires() {
     let prefix = unique("ttl") + ":";
     let redis = RedisCounters::new(&redis_url(), &prefix).unwrap();
-    for algorithm in [
-        Algorithm::SlidingWindow,
-        Algorithm::SlidingWindowApprox,
-        Algorithm::FixedWindow,
-        Algorithm::TokenBucket,
-    ] {
+    for algorithm in EVERY_ALGORITHM {
         for policy in [&explicit(2, 60, algorithm), &planned("tiny", 2, 60, algorithm)] {
             for cost in [1, 1, 1, 0] {
                 // a key per algorithm: a plan's counter is the plan's, whatever the algorithm
@@ -236,19 +248,9 @@ async fn reads_and_denied_checks_leave_counters_as_they_were() {
     let redis = RedisCounters::new(&redis_url(), &(unique("ro") + ":")).unwrap();
     let client = ::redis::Client::open(redis_url()).unwrap();
     let mut watcher = client.get_multiplexed_async_connection().await.unwrap();
-    for algorithm in [
-        Algorithm::SlidingWindow,
-        Algorithm::SlidingWindowApprox,
-        Algorithm::FixedWindow,
-        Algorithm::TokenBucket,
-    ] {
+    for algorithm in EVERY_ALGORITHM {
         let policy = explicit(2, 3600, algorithm);
-        let check = |cost| RateCheck {
-            key: "k",
-            policy: &policy,
-            cost,
-            now_ms: None,
-        };
+        let check = |cost| live(&policy, cost);
         let counter = check(1).counter_id();
         let mut keys = vec![redis.keys().rate_counter("k", &counter)];
         if algorithm == Algorithm::SlidingWindow {
@@ -303,12 +305,7 @@ async fn a_counter_without_an_expiry_time_counts_afresh() {
         Algorithm::TokenBucket,
     ] {
         let policy = explicit(2, 3600, algorithm);
-        let check = |cost| RateCheck {
-            key: "k",
-            policy: &policy,
-            cost,
-            now_ms: None,
-        };
+        let check = |cost| live(&policy, cost);
         let key = redis.keys().rate_counter("k", &check(1).counter_id());
         assert!(redis.rate_check(&check(2)).await.unwrap().allowed);
         let _: () = redis.query(::redis::cmd("PERSIST").arg(&key).clone()).await.unwrap();
