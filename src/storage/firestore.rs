@@ -18,7 +18,8 @@ use serde::{Deserialize, Serialize};
 
 use super::{
     Change, DeltaPlan, Document, IDEMPOTENCY_TTL, IdempotencyEntry, KeyRecord, Ledger, LedgerDecision, Record,
-    RecordWrite, StorageError, WriteOutcome, delta_for, idempotency_id, merge_keys, settle_twice_decided,
+    RecordWrite, StorageError, WriteOutcome, delta_for, fallback_key_entry, idempotency_id, merge_keys,
+    settle_twice_decided,
 };
 use crate::domain::{Phase, ProviderId};
 
@@ -252,7 +253,7 @@ fn plan_record_write(
         return (WriteOutcome::Stale, None);
     }
     let mut known = doc.quotadKeys.clone().unwrap_or_default();
-    let correction = settle_twice_decided(&mut known, keys, now);
+    let correction = settle_twice_decided(&mut known, keys, doc.quotadEpoch.as_deref(), now);
     let used = doc.aiCallsUsed.as_ref().map_or(0, num);
     if let DeltaPlan::Add(delta) = plan {
         write.aiCallsUsed = Some((used + delta + correction).max(0));
@@ -525,7 +526,11 @@ impl Ledger for FirestoreLedger {
                         decision,
                         expires_ms: now + ttl,
                     };
-                    merge_keys(&mut keys, &[(field, entry.render())], now);
+                    merge_keys(
+                        &mut keys,
+                        &[(field, fallback_key_entry(&entry, doc.quotadEpoch.as_deref()))],
+                        now,
+                    );
                     write.quotadKeys = Some(keys);
                 }
                 let changes = write.aiCallsUsed.is_some() || write.quotadKeys.is_some();

@@ -12,8 +12,8 @@ use chrono::{DateTime, Utc};
 
 use super::{
     Applied, Change, Counters, Decision, DeltaPlan, Document, IDEMPOTENCY_TTL, IdempotencyEntry, KeyRecord, Ledger,
-    LedgerDecision, Record, Seed, StorageError, Synced, WriteOutcome, delta_for, idempotency_id, merge_keys,
-    settle_twice_decided,
+    LedgerDecision, Record, Seed, StorageError, Synced, WriteOutcome, delta_for, fallback_key_entry, idempotency_id,
+    merge_keys, settle_twice_decided,
 };
 use crate::domain::{
     Phase, ProviderId,
@@ -38,14 +38,17 @@ fn replay(entry: Option<&String>, amount: i64) -> Option<Result<Decision, ()>> {
 }
 
 /// A new idempotency record for `decision`, expiring after the TTL.
-fn record_key(change: &Change<'_>, decision: Decision) -> String {
+fn new_key_entry(change: &Change<'_>, decision: Decision) -> IdempotencyEntry {
     let ttl = i64::try_from(IDEMPOTENCY_TTL.as_millis()).unwrap_or(i64::MAX);
     IdempotencyEntry {
         amount: change.amount,
         decision,
         expires_ms: now_ms() + ttl,
     }
-    .render()
+}
+
+fn record_key(change: &Change<'_>, decision: Decision) -> String {
+    new_key_entry(change, decision).render()
 }
 
 /// A record with its expiry (`None` while dirty: dirty records never expire). A record
@@ -532,7 +535,7 @@ impl Ledger for MemoryLedger {
         ) {
             return Ok(WriteOutcome::Stale);
         }
-        let correction = settle_twice_decided(&mut doc.keys, keys, now_ms());
+        let correction = settle_twice_decided(&mut doc.keys, keys, doc.epoch.as_deref(), now_ms());
         merge_keys(&mut doc.keys, keys, now_ms());
         match delta_for(record, doc.epoch.as_deref(), doc.watermark, doc.version) {
             DeltaPlan::Stale => return Ok(WriteOutcome::Stale),
@@ -576,7 +579,7 @@ impl Ledger for MemoryLedger {
             }
         }
         if let Some(id) = id {
-            let entry = record_key(change, decision);
+            let entry = fallback_key_entry(&new_key_entry(change, decision), doc.epoch.as_deref());
             merge_keys(
                 &mut state.docs.entry(provider.clone()).or_default().keys,
                 &[(id, entry)],

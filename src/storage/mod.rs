@@ -206,29 +206,46 @@ pub fn merge_keys(map: &mut std::collections::BTreeMap<String, String>, new: &[K
     }
 }
 
+/// How a ledger records a key the Firestore fallback decided: the answer, then the epoch
+/// the document was at (`-`: none). The epoch tells [`settle_twice_decided`] whether the
+/// fallback's change is still in the document's usage (an operator's `used` starts another
+/// epoch and replaces it); readers of the answer ignore it.
+pub fn fallback_key_entry(entry: &IdempotencyEntry, doc_epoch: Option<&str>) -> String {
+    format!("{}:{}", entry.render(), doc_epoch.unwrap_or("-"))
+}
+
 /// Settles keys decided twice before `keys` (records Redis decided, on their way to the
-/// ledger) join a document's map `known`: a key the document already holds with another
-/// answer was also decided by the Firestore fallback (while Redis was away it could not
-/// see Redis's unsynced records), so its change is in the document twice, once through
-/// that decision and once through the record's delta. Redis's answer stands (Redis
-/// replays it): the fallback's change is taken out of the document, and the map takes
-/// Redis's answer, so a later write of the same key finds nothing to settle. Returns what
-/// to add to the document's usage. (A fallback refund that left usage at 0 may have given
-/// back less than its amount: it is left as it is.)
+/// ledger with the record's write) join a document's map `known`. A key the Firestore
+/// fallback recorded in the document's current epoch `doc_epoch` with another answer, while
+/// Redis's answer was still alive (their expiry times less than a key's life apart), was
+/// decided twice: while Redis was away the fallback could not see Redis's unsynced records.
+/// Its change is then in the document twice, once through that decision and once through
+/// the record's delta. Redis's answer stands (Redis replays it): the fallback's change is
+/// taken out of the document, and the map takes Redis's answer, so a later write of the
+/// same key finds nothing to settle. Returns what to add to the document's usage. (A
+/// fallback refund that left usage at 0 may have given back less than its amount: it is
+/// left as it is.)
 pub fn settle_twice_decided(
     known: &mut std::collections::BTreeMap<String, String>,
     keys: &[KeyRecord],
+    doc_epoch: Option<&str>,
     now_ms: i64,
 ) -> i64 {
+    let life = i64::try_from(IDEMPOTENCY_TTL.as_millis()).unwrap_or(i64::MAX);
     let mut correction = 0;
     for (id, entry) in keys {
         let Some(prior) = known.get(id).filter(|prior| *prior != entry) else {
             continue;
         };
-        let (Some(theirs), Some(_)) = (IdempotencyEntry::parse(prior), IdempotencyEntry::parse(entry)) else {
+        // only the fallback's decisions carry an epoch, and only one of this epoch is in
+        // the document's usage
+        if prior.splitn(6, ':').nth(5) != Some(doc_epoch.unwrap_or("-")) {
+            continue;
+        }
+        let (Some(theirs), Some(ours)) = (IdempotencyEntry::parse(prior), IdempotencyEntry::parse(entry)) else {
             continue;
         };
-        if theirs.expires_ms <= now_ms {
+        if theirs.expires_ms <= now_ms || (theirs.expires_ms - ours.expires_ms).abs() >= life {
             continue;
         }
         let undo = match (theirs.decision.allowed, id.starts_with("r:")) {

@@ -530,6 +530,50 @@ async fn twice_decided_keys_count_once(ledger: &dyn Ledger) {
         .await
         .unwrap();
     assert_eq!(ledger.read(&id).await.unwrap().unwrap().used, Some(63));
+
+    // The fallback's change is no longer in the document once an operator set `used` (a new
+    // epoch): a key Redis decided before, carried by a later record's write (its own record
+    // was dropped as stale, its pending answers stayed), settles nothing.
+    let id = p("twice-reset");
+    ledger
+        .write_record(&id, &record(10, 0, "e1", "", 1), &[])
+        .await
+        .unwrap();
+    let fallback = ledger
+        .decide(&id, &keyed(Op::Consume, 4, "k"), 100, true)
+        .await
+        .unwrap();
+    assert!(
+        matches!(fallback, LedgerDecision::Decided(d) if d.used == 14),
+        "{fallback:?}"
+    );
+    ledger.set_quota(&id, Some(0), None, "e3").await.unwrap();
+    let stale = (idempotency_id(Op::Consume, "k"), format!("4:1:15:100:{expires}"));
+    ledger
+        .write_record(&id, &record(1, 0, "e4", "e3", 1), std::slice::from_ref(&stale))
+        .await
+        .unwrap();
+    assert_eq!(ledger.read(&id).await.unwrap().unwrap().used, Some(1));
+    // nor does a key Redis decided again after the fallback's answer had run its life: their
+    // expiry times are a key's life apart (clocks may disagree about the moment)
+    let id = p("twice-later");
+    ledger
+        .write_record(&id, &record(10, 0, "e1", "", 1), &[])
+        .await
+        .unwrap();
+    ledger
+        .decide(&id, &keyed(Op::Consume, 4, "k"), 100, true)
+        .await
+        .unwrap();
+    let later = (
+        idempotency_id(Op::Consume, "k"),
+        format!("4:1:15:100:{}", expires + 86_400_000),
+    );
+    ledger
+        .write_record(&id, &record(15, 0, "e1", "", 2), std::slice::from_ref(&later))
+        .await
+        .unwrap();
+    assert_eq!(ledger.read(&id).await.unwrap().unwrap().used, Some(19));
 }
 
 /// Changes made ready together (the Redis adapter sends them in one call) are decided as if
