@@ -451,6 +451,31 @@ async fn ledger_contract(ledger: Arc<dyn Ledger>) {
     ledger.ping().await.unwrap();
 }
 
+/// Writes `record` carrying Redis's answer `key`; the document's usage after.
+async fn write_carrying(ledger: &dyn Ledger, id: &ProviderId, record: &Record, key: &(String, String)) -> Option<i64> {
+    ledger
+        .write_record(id, record, std::slice::from_ref(key))
+        .await
+        .unwrap();
+    ledger.read(id).await.unwrap().unwrap().used
+}
+
+/// A document at 10 (record epoch "e1" written), then the Firestore fallback's consume of 4
+/// with key "k": 14.
+async fn fallback_charged(ledger: &dyn Ledger, id: &ProviderId) {
+    ledger.write_record(id, &record(10, 0, "e1", "", 1), &[]).await.unwrap();
+    let change = Change {
+        op: Op::Consume,
+        amount: 4,
+        idempotency_key: Some("k"),
+    };
+    let fallback = ledger.decide(id, &change, 100, true).await.unwrap();
+    assert!(
+        matches!(fallback, LedgerDecision::Decided(d) if d.allowed && d.used == 14),
+        "{fallback:?}"
+    );
+}
+
 /// A key Redis decided, and the Firestore fallback decided again while Redis was away
 /// (the record's change not written yet), is counted once when the record's write carries
 /// it: Redis's answer stands, the fallback's change is taken out. A write carrying it again
@@ -465,20 +490,9 @@ async fn twice_decided_keys_count_once(ledger: &dyn Ledger) {
         amount,
         idempotency_key: Some(key),
     };
-    ledger
-        .write_record(&id, &record(10, 0, "e1", "", 1), &[])
-        .await
-        .unwrap();
     // Redis: consume 1, then "k" consumes 4 (used 15), not written yet; Redis hangs and the
     // fallback decides the retry of "k" from the document (10 + 4)
-    let fallback = ledger
-        .decide(&id, &keyed(Op::Consume, 4, "k"), 100, true)
-        .await
-        .unwrap();
-    assert!(
-        matches!(fallback, LedgerDecision::Decided(d) if d.allowed && d.used == 14),
-        "{fallback:?}"
-    );
+    fallback_charged(ledger, &id).await;
     let from_redis = (idempotency_id(Op::Consume, "k"), format!("4:1:15:100:{expires}"));
     for version in [2, 2] {
         ledger
@@ -493,11 +507,10 @@ async fn twice_decided_keys_count_once(ledger: &dyn Ledger) {
         assert_eq!(doc.used, Some(15), "version {version}");
         assert!(doc.keys.contains(&from_redis), "Redis's answer stands: {:?}", doc.keys);
     }
-    ledger
-        .write_record(&id, &record(16, 0, "e1", "", 3), std::slice::from_ref(&from_redis))
-        .await
-        .unwrap();
-    assert_eq!(ledger.read(&id).await.unwrap().unwrap().used, Some(16));
+    assert_eq!(
+        write_carrying(ledger, &id, &record(16, 0, "e1", "", 3), &from_redis).await,
+        Some(16)
+    );
 
     // a refund of 3 decided by Redis (16 -> 13) and again by the fallback (16 -> 13 in the
     // document, whose usage already holds Redis's 16)
@@ -507,11 +520,10 @@ async fn twice_decided_keys_count_once(ledger: &dyn Ledger) {
         "{fallback:?}"
     );
     let refund = (idempotency_id(Op::Refund, "r"), format!("3:1:13:100:{expires}"));
-    ledger
-        .write_record(&id, &record(13, 0, "e1", "", 4), std::slice::from_ref(&refund))
-        .await
-        .unwrap();
-    assert_eq!(ledger.read(&id).await.unwrap().unwrap().used, Some(13));
+    assert_eq!(
+        write_carrying(ledger, &id, &record(13, 0, "e1", "", 4), &refund).await,
+        Some(13)
+    );
 
     // a consume Redis admitted (13 -> 63) and the fallback denied (the document's limit was
     // lowered to 40 meanwhile): the denial took nothing, so nothing is taken out
@@ -525,55 +537,34 @@ async fn twice_decided_keys_count_once(ledger: &dyn Ledger) {
         "{fallback:?}"
     );
     let admitted = (idempotency_id(Op::Consume, "d"), format!("50:1:63:100:{expires}"));
-    ledger
-        .write_record(&id, &record(63, 0, "e1", "", 5), std::slice::from_ref(&admitted))
-        .await
-        .unwrap();
-    assert_eq!(ledger.read(&id).await.unwrap().unwrap().used, Some(63));
+    assert_eq!(
+        write_carrying(ledger, &id, &record(63, 0, "e1", "", 5), &admitted).await,
+        Some(63)
+    );
 
     // The fallback's change is no longer in the document once an operator set `used` (a new
     // epoch): a key Redis decided before, carried by a later record's write (its own record
     // was dropped as stale, its pending answers stayed), settles nothing.
     let id = p("twice-reset");
-    ledger
-        .write_record(&id, &record(10, 0, "e1", "", 1), &[])
-        .await
-        .unwrap();
-    let fallback = ledger
-        .decide(&id, &keyed(Op::Consume, 4, "k"), 100, true)
-        .await
-        .unwrap();
-    assert!(
-        matches!(fallback, LedgerDecision::Decided(d) if d.used == 14),
-        "{fallback:?}"
-    );
+    fallback_charged(ledger, &id).await;
     ledger.set_quota(&id, Some(0), None, "e3").await.unwrap();
     let stale = (idempotency_id(Op::Consume, "k"), format!("4:1:15:100:{expires}"));
-    ledger
-        .write_record(&id, &record(1, 0, "e4", "e3", 1), std::slice::from_ref(&stale))
-        .await
-        .unwrap();
-    assert_eq!(ledger.read(&id).await.unwrap().unwrap().used, Some(1));
+    assert_eq!(
+        write_carrying(ledger, &id, &record(1, 0, "e4", "e3", 1), &stale).await,
+        Some(1)
+    );
     // nor does a key Redis decided again after the fallback's answer had run its life: their
     // expiry times are a key's life apart (clocks may disagree about the moment)
     let id = p("twice-later");
-    ledger
-        .write_record(&id, &record(10, 0, "e1", "", 1), &[])
-        .await
-        .unwrap();
-    ledger
-        .decide(&id, &keyed(Op::Consume, 4, "k"), 100, true)
-        .await
-        .unwrap();
+    fallback_charged(ledger, &id).await;
     let later = (
         idempotency_id(Op::Consume, "k"),
         format!("4:1:15:100:{}", expires + 86_400_000),
     );
-    ledger
-        .write_record(&id, &record(15, 0, "e1", "", 2), std::slice::from_ref(&later))
-        .await
-        .unwrap();
-    assert_eq!(ledger.read(&id).await.unwrap().unwrap().used, Some(19));
+    assert_eq!(
+        write_carrying(ledger, &id, &record(15, 0, "e1", "", 2), &later).await,
+        Some(19)
+    );
 }
 
 /// Changes made ready together (the Redis adapter sends them in one call) are decided as if
