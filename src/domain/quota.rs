@@ -669,13 +669,15 @@ impl QuotaService {
     pub async fn invalidate(&self, provider: &ProviderId) -> Result<(), QuotaError> {
         // Dropped; or, when other requests keep it dirty (a busy provider), rebased on what
         // the document holds after its usage was written there: either way the next decision
-        // starts from the store, and the usage not yet written comes along. (A rebase fails
-        // while the document has not seen the record's epoch, e.g. one another invalidation
-        // has just rebased: the next round writes it first.)
-        for _ in 0..3 {
-            if self.reload(provider).await? {
-                return Ok(());
-            }
+        // starts from the store, and the usage not yet written comes along.
+        if self.reload(provider).await? {
+            return Ok(());
+        }
+        // A rebase fails while the document has not seen the record's epoch (another
+        // invalidation has just rebased it): written once more, the document has.
+        self.flush(provider).await?;
+        if self.rebase(provider).await? {
+            return Ok(());
         }
         Err(QuotaError::Unavailable(StorageError::Other {
             backend: "redis",
