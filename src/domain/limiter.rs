@@ -63,9 +63,7 @@ impl RateLimiter {
                     // Redis is up, so the others stay on it; this check is decided here.
                     tracing::error!(key, error = %err, "rate-limit script failed for this key; deciding it in-process");
                     metrics::counter!("quotad_ratelimit_script_errors_total").increment(1);
-                    let decision = self.twin.check(&check);
-                    self.report(&check, &decision);
-                    return decision;
+                    return self.decide_in_process(&check);
                 }
             }
         }
@@ -73,8 +71,12 @@ impl RateLimiter {
             tracing::warn!("Redis unavailable: rate limits are decided in-process (approximate across replicas)");
             metrics::counter!("quotad_ratelimit_fallbacks_total").increment(1);
         }
-        let decision = self.twin.check(&check);
-        self.report(&check, &decision);
+        self.decide_in_process(&check)
+    }
+
+    fn decide_in_process(&self, check: &RateCheck<'_>) -> RateDecision {
+        let decision = self.twin.check(check);
+        self.report(check, &decision);
         decision
     }
 

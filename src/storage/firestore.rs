@@ -17,9 +17,8 @@ use futures::StreamExt;
 use serde::{Deserialize, Serialize};
 
 use super::{
-    Change, DeltaPlan, Document, IDEMPOTENCY_TTL, IdempotencyEntry, KeyRecord, Ledger, LedgerDecision, Record,
-    RecordWrite, StorageError, WriteOutcome, delta_for, fallback_key_entry, idempotency_id, merge_keys,
-    settle_twice_decided,
+    Change, DeltaPlan, Document, IdempotencyEntry, KeyRecord, Ledger, LedgerDecision, Record, RecordWrite,
+    StorageError, WriteOutcome, delta_for, fallback_key_entry, idempotency_id, merge_keys, settle_twice_decided,
 };
 use crate::domain::{Phase, ProviderId};
 
@@ -520,12 +519,7 @@ impl Ledger for FirestoreLedger {
                     write.aiCallsUsed = Some(decision.used);
                 }
                 if let Some(field) = key_field.clone() {
-                    let ttl = i64::try_from(IDEMPOTENCY_TTL.as_millis()).unwrap_or(i64::MAX);
-                    let entry = IdempotencyEntry {
-                        amount: change.amount,
-                        decision,
-                        expires_ms: now + ttl,
-                    };
+                    let entry = IdempotencyEntry::new(change.amount, decision, now);
                     merge_keys(
                         &mut keys,
                         &[(field, fallback_key_entry(&entry, doc.quotadEpoch.as_deref()))],

@@ -11,9 +11,9 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 
 use super::{
-    Applied, Change, Counters, Decision, DeltaPlan, Document, IDEMPOTENCY_TTL, IdempotencyEntry, KeyRecord, Ledger,
-    LedgerDecision, Record, Seed, StorageError, Synced, WriteOutcome, delta_for, fallback_key_entry, idempotency_id,
-    merge_keys, settle_twice_decided,
+    Applied, Change, Counters, Decision, DeltaPlan, Document, IdempotencyEntry, KeyRecord, Ledger, LedgerDecision,
+    Record, Seed, StorageError, Synced, WriteOutcome, delta_for, fallback_key_entry, idempotency_id, merge_keys,
+    settle_twice_decided,
 };
 use crate::domain::{
     Phase, ProviderId,
@@ -39,16 +39,7 @@ fn replay(entry: Option<&String>, amount: i64) -> Option<Result<Decision, ()>> {
 
 /// A new idempotency record for `decision`, expiring after the TTL.
 fn new_key_entry(change: &Change<'_>, decision: Decision) -> IdempotencyEntry {
-    let ttl = i64::try_from(IDEMPOTENCY_TTL.as_millis()).unwrap_or(i64::MAX);
-    IdempotencyEntry {
-        amount: change.amount,
-        decision,
-        expires_ms: now_ms() + ttl,
-    }
-}
-
-fn record_key(change: &Change<'_>, decision: Decision) -> String {
-    new_key_entry(change, decision).render()
+    IdempotencyEntry::new(change.amount, decision, now_ms())
 }
 
 /// A record with its expiry (`None` while dirty: dirty records never expire). A record
@@ -253,7 +244,7 @@ impl Counters for MemoryCounters {
             state.dirty_since.entry(provider.clone()).or_insert_with(Instant::now);
         }
         if let Some(id) = id {
-            let entry = record_key(change, decision);
+            let entry = new_key_entry(change, decision).render();
             state
                 .pending
                 .entry(provider.clone())
@@ -537,18 +528,18 @@ impl Ledger for MemoryLedger {
         }
         let correction = settle_twice_decided(&mut doc.keys, keys, doc.epoch.as_deref(), now_ms());
         merge_keys(&mut doc.keys, keys, now_ms());
-        match delta_for(record, doc.epoch.as_deref(), doc.watermark, doc.version) {
+        let delta = match delta_for(record, doc.epoch.as_deref(), doc.watermark, doc.version) {
             DeltaPlan::Stale => return Ok(WriteOutcome::Stale),
-            DeltaPlan::AlreadyThere if correction != 0 => {
-                doc.used = Some((doc.used.unwrap_or(0) + correction).max(0));
-            }
-            DeltaPlan::AlreadyThere => {}
+            DeltaPlan::AlreadyThere => None,
             DeltaPlan::Add(delta) => {
-                doc.used = Some((doc.used.unwrap_or(0) + delta + correction).max(0));
                 doc.epoch = Some(record.epoch.clone());
                 doc.watermark = record.used;
                 doc.version = record.version;
+                Some(delta)
             }
+        };
+        if delta.is_some() || correction != 0 {
+            doc.used = Some((doc.used.unwrap_or(0) + delta.unwrap_or(0) + correction).max(0));
         }
         Ok(WriteOutcome::Written { limit: doc.limit })
     }

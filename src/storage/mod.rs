@@ -214,6 +214,11 @@ pub fn fallback_key_entry(entry: &IdempotencyEntry, doc_epoch: Option<&str>) -> 
     format!("{}:{}", entry.render(), doc_epoch.unwrap_or("-"))
 }
 
+/// The document epoch a [`fallback_key_entry`] was recorded at (`None`: not the fallback's).
+fn fallback_epoch(raw: &str) -> Option<&str> {
+    raw.splitn(6, ':').nth(5)
+}
+
 /// Settles keys decided twice before `keys` (records Redis decided, on their way to the
 /// ledger with the record's write) join a document's map `known`. A key the Firestore
 /// fallback recorded in the document's current epoch `doc_epoch` with another answer, while
@@ -231,7 +236,6 @@ pub fn settle_twice_decided(
     doc_epoch: Option<&str>,
     now_ms: i64,
 ) -> i64 {
-    let life = i64::try_from(IDEMPOTENCY_TTL.as_millis()).unwrap_or(i64::MAX);
     let mut correction = 0;
     for (id, entry) in keys {
         let Some(prior) = known.get(id).filter(|prior| *prior != entry) else {
@@ -239,13 +243,13 @@ pub fn settle_twice_decided(
         };
         // only the fallback's decisions carry an epoch, and only one of this epoch is in
         // the document's usage
-        if prior.splitn(6, ':').nth(5) != Some(doc_epoch.unwrap_or("-")) {
+        if fallback_epoch(prior) != Some(doc_epoch.unwrap_or("-")) {
             continue;
         }
         let (Some(theirs), Some(ours)) = (IdempotencyEntry::parse(prior), IdempotencyEntry::parse(entry)) else {
             continue;
         };
-        if theirs.expires_ms <= now_ms || (theirs.expires_ms - ours.expires_ms).abs() >= life {
+        if theirs.expires_ms <= now_ms || (theirs.expires_ms - ours.expires_ms).abs() >= idempotency_ttl_ms() {
             continue;
         }
         let undo = match (theirs.decision.allowed, id.starts_with("r:")) {
@@ -271,7 +275,21 @@ pub struct IdempotencyEntry {
     pub expires_ms: i64,
 }
 
+/// How long idempotency keys are remembered, in ms.
+fn idempotency_ttl_ms() -> i64 {
+    i64::try_from(IDEMPOTENCY_TTL.as_millis()).unwrap_or(i64::MAX)
+}
+
 impl IdempotencyEntry {
+    /// The answer to a change decided at `now_ms`, remembered for [`IDEMPOTENCY_TTL`].
+    pub fn new(amount: i64, decision: Decision, now_ms: i64) -> Self {
+        Self {
+            amount,
+            decision,
+            expires_ms: now_ms + idempotency_ttl_ms(),
+        }
+    }
+
     pub fn parse(raw: &str) -> Option<Self> {
         let mut parts = raw.split(':').map(str::parse::<i64>);
         let mut next = || parts.next()?.ok();

@@ -75,7 +75,7 @@ end
 -- (current) window still runs `margin` ms after `now`, the first read adds `cost`
 -- at once (INCRBY keeps the expiry) and returns the value from before: an admitted check
 -- then leaves nothing to write, and a denied one writes the difference back at the end.
-local function get_windowed(key, now, cost, margin)
+local function get_expiring(key, now, cost, margin)
   local e = strings[key]
   if not e then
     local t = redis.call('PEXPIRETIME', key)
@@ -112,7 +112,7 @@ local function put(key, e, value, mode, t)
 end
 
 -- a check that admitted no cost leaves its window counter as it was read, and a read
--- that added its cost (see get_windowed) has the end take it back
+-- that added its cost (see get_expiring) has the end take it back
 local function take_back(key, e)
   if e.v ~= e.base and not e.mode then put(key, e, e.v, 'pxat', e.at) end
 end
@@ -256,7 +256,7 @@ local function check(counter, sums, attempts_key, algo, limit, window, cost, now
     end
   elseif algo == 'fw' then
     local start, count = now, 0
-    local e = get_windowed(counter, now, cost, 0)
+    local e = get_expiring(counter, now, cost, 0)
     if e.v and e.v > 0 then
       start, count = e.at - window, e.v
     end
@@ -277,7 +277,7 @@ local function check(counter, sums, attempts_key, algo, limit, window, cost, now
     forget_immortal(counter, e)
   elseif algo == 'swa' then
     local start, prev, curr = now, 0, 0
-    local e = get_windowed(counter, now, cost, window)
+    local e = get_expiring(counter, now, cost, window)
     if e.v and e.v > 0 then
       local packed = e.v
       start = e.at - 2 * window
@@ -318,7 +318,7 @@ local function check(counter, sums, attempts_key, algo, limit, window, cost, now
     -- the debt, in units of 1/limit ms: a request costs `window` of them at any limit, so
     -- the debt counts requests (debt / window) and a changed limit applies to the requests
     -- counted. Exact in doubles: every value stays below 2^53 (limit * window <= 2.6e15).
-    local e = get_windowed(counter, now, 0, nil)
+    local e = get_expiring(counter, now, 0, nil)
     local debt = 0
     if e.v and e.at > now then
       local written_at, gap = divmod(e.v, 1048576)
