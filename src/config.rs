@@ -268,6 +268,7 @@ mod tests {
         assert_eq!(config.plans["tiny"].limit, 3);
         assert!(config.plans.contains_key("pro"));
         let config = from(&[("QUOTAD_CONFIG", path), ("QUOTAD_DEFAULT_LIMIT", "9")]).unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
         assert_eq!(config.default_limit, 9);
     }
 
