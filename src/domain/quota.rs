@@ -12,7 +12,7 @@ use super::{
     writer::Writer,
 };
 use crate::storage::{
-    Applied, Change, Counters, Decision, Ledger, LedgerDecision, Op, Seed, StorageError, Synced, WriteOutcome,
+    Applied, Change, Counters, Decision, Ledger, LedgerDecision, Op, Seed, StorageError, Synced, WriteOutcome, exact,
     new_epoch,
 };
 use crate::telemetry::Cached;
@@ -200,7 +200,7 @@ impl QuotaService {
     }
 
     fn limit_of(&self, stored: Option<i64>) -> i64 {
-        stored.unwrap_or(self.default_limit)
+        exact(stored.unwrap_or(self.default_limit))
     }
 
     /// A lookup: Redis first (read-through, in every phase), Firestore on a miss or while
@@ -241,7 +241,7 @@ impl QuotaService {
         }
         let doc = self.ledger.read(provider).await?.unwrap_or_default();
         Ok(QuotaView {
-            used: doc.used.unwrap_or(0),
+            used: doc.used(),
             limit: self.limit_of(doc.limit),
             source: Source::Store,
         })
@@ -254,7 +254,7 @@ impl QuotaService {
         let fence = self.counters.fence_gen(provider).await?;
         let doc = self.ledger.read(provider).await?.unwrap_or_default();
         let seed = Seed {
-            used: doc.used.unwrap_or(0),
+            used: doc.used(),
             limit: self.limit_of(doc.limit),
             epoch: new_epoch(),
             loaded_from: doc.epoch.unwrap_or_default(),
@@ -709,7 +709,7 @@ impl QuotaService {
         if doc.epoch.as_deref() != Some(record.epoch.as_str()) {
             return Ok(false);
         }
-        let (used, watermark) = (doc.used.unwrap_or(0), doc.watermark.unwrap_or(0));
+        let (used, watermark) = (doc.used(), doc.watermark.unwrap_or(0));
         self.counters
             .rebase(provider, &record.epoch, used, watermark, &new_epoch(), &doc.keys)
             .await
@@ -752,7 +752,7 @@ impl QuotaService {
         let epoch = new_epoch();
         let doc = self.ledger.set_quota(provider, used, limit, &epoch).await?;
         let view = QuotaView {
-            used: doc.used.unwrap_or(0),
+            used: doc.used(),
             limit: self.limit_of(doc.limit),
             source: Source::Store,
         };

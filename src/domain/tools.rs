@@ -81,8 +81,8 @@ pub async fn backfill(
         let (docs, next) = quotas.ledger().list_documents(page, 500).await?;
         for (provider, doc) in docs {
             let seed = Seed {
-                used: doc.used.unwrap_or(0),
-                limit: doc.limit.unwrap_or(default_limit),
+                used: doc.used(),
+                limit: doc.limit_or(default_limit),
                 epoch: new_epoch(),
                 loaded_from: doc.epoch.unwrap_or_default(),
                 keys: doc.keys,

@@ -255,12 +255,12 @@ fn plan_record_write(
     let correction = settle_twice_decided(&mut known, keys, doc.quotadEpoch.as_deref(), now);
     let used = doc.aiCallsUsed.as_ref().map_or(0, num);
     if let DeltaPlan::Add(delta) = plan {
-        write.aiCallsUsed = Some((used + delta + correction).max(0));
+        write.aiCallsUsed = Some(used.saturating_add(delta).saturating_add(correction).max(0));
         write.quotadEpoch = Some(record.epoch.clone());
         write.quotadWatermark = Some(record.used);
         write.quotadVersion = Some(i64::try_from(record.version).unwrap_or(i64::MAX));
     } else if correction != 0 {
-        write.aiCallsUsed = Some((used + correction).max(0));
+        write.aiCallsUsed = Some(used.saturating_add(correction).max(0));
     }
     if correction != 0 || keys.iter().any(|(id, _)| !known.contains_key(id)) {
         merge_keys(&mut known, keys, now);
@@ -513,10 +513,10 @@ impl Ledger for FirestoreLedger {
                 }
                 let used = doc.aiCallsUsed.as_ref().map_or(0, num);
                 let limit = doc.aiCallsLimit.as_ref().map_or(default_limit, num);
-                let decision = super::decide(used, limit, change);
+                let (decision, stored) = super::decide_stored(used, limit, change);
                 let mut write = ProviderWrite::default();
-                if decision.used != used {
-                    write.aiCallsUsed = Some(decision.used);
+                if stored != used {
+                    write.aiCallsUsed = Some(stored);
                 }
                 if let Some(field) = key_field.clone() {
                     let entry = IdempotencyEntry::new(change.amount, decision, now);

@@ -562,9 +562,9 @@ impl Ledger for MemoryLedger {
             }
         }
         let used = doc.used.unwrap_or(0);
-        let decision = super::decide(used, doc.limit.unwrap_or(default_limit), change);
-        if decision.used != used {
-            state.docs.entry(provider.clone()).or_default().used = Some(decision.used);
+        let (decision, stored) = super::decide_stored(used, doc.limit.unwrap_or(default_limit), change);
+        if stored != used {
+            state.docs.entry(provider.clone()).or_default().used = Some(stored);
             if mark_changed && !state.changed.contains(provider) {
                 state.changed.push(provider.clone());
             }

@@ -421,6 +421,18 @@ pub struct Document {
     pub keys: Vec<KeyRecord>,
 }
 
+impl Document {
+    /// Its usage as quotad counts it ([`exact`]); 0 when it stores none.
+    pub fn used(&self) -> i64 {
+        exact(self.used.unwrap_or(0))
+    }
+
+    /// Its limit as quotad counts it ([`exact`]), or `default` when it stores none.
+    pub fn limit_or(&self, default: i64) -> i64 {
+        exact(self.limit.unwrap_or(default))
+    }
+}
+
 /// What a [`Ledger::write_record`] did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum WriteOutcome {
@@ -505,8 +517,22 @@ pub trait Ledger: Send + Sync {
     async fn set_phase(&self, phase: Phase, since: chrono::DateTime<chrono::Utc>) -> Result<(), StorageError>;
 }
 
+/// The largest count quotad holds exactly: Redis scripts count in doubles, exact up to
+/// 2^53 - 1 (JavaScript's `Number.MAX_SAFE_INTEGER`, what a dashboard can show exactly).
+pub const EXACT_MAX: i64 = (1 << 53) - 1;
+
+/// A document's count as quotad counts it: within ±[`EXACT_MAX`]. Only another writer can
+/// store more (an "unlimited" `aiCallsLimit` of 2^63 - 1, say): a limit beyond it is more
+/// than any usage reaches, and a usage beyond it is over every limit. Changes go to the
+/// document as deltas (or, in a ledger transaction, from its own stored value), so the
+/// bound never loses what the document holds.
+pub fn exact(count: i64) -> i64 {
+    count.clamp(-EXACT_MAX, EXACT_MAX)
+}
+
 /// The decision rule every store applies to `used`/`limit`: a consume is all-or-nothing
-/// within the limit, a refund never takes usage below zero.
+/// within the limit, a refund never takes usage below zero. Both are within
+/// [`EXACT_MAX`] (see [`exact`]), so nothing overflows.
 pub fn decide(used: i64, limit: i64, change: &Change<'_>) -> Decision {
     match change.op {
         Op::Consume if used + change.amount > limit => Decision {
@@ -525,6 +551,20 @@ pub fn decide(used: i64, limit: i64, change: &Change<'_>) -> Decision {
             limit,
         },
     }
+}
+
+/// A ledger transaction's decision on a document's stored values, which may lie beyond
+/// [`EXACT_MAX`]: decided and answered on [`exact`] values, like Redis decides; returns the
+/// document's new `aiCallsUsed`, computed from what it stores.
+pub fn decide_stored(used: i64, limit: i64, change: &Change<'_>) -> (Decision, i64) {
+    let decision = decide(exact(used), exact(limit), change);
+    let stored = match change.op {
+        // admitted: `used` was below the limit, so within the bound
+        Op::Consume if decision.allowed => used + change.amount,
+        Op::Consume => used,
+        Op::Refund => used.saturating_sub(change.amount).max(0),
+    };
+    (decision, stored)
 }
 
 /// A fresh random epoch id.
@@ -585,6 +625,28 @@ mod tests {
         assert_eq!(delta_for(&record(15, 5), Some("e2"), 12, 3), DeltaPlan::Add(3));
         assert_eq!(delta_for(&record(15, 5), Some("e2"), 15, 5), DeltaPlan::AlreadyThere);
         assert_eq!(delta_for(&record(14, 4), Some("e2"), 15, 5), DeltaPlan::AlreadyThere);
+    }
+
+    proptest::proptest! {
+        /// Any stored 64-bit counts: no overflow, the answer within the exact bound, and
+        /// the document changed by what was decided (exactly, while it was within it).
+        #[test]
+        fn stored_counts_of_any_size_are_decided_without_overflow(
+            used in proptest::prelude::any::<i64>(),
+            limit in proptest::prelude::any::<i64>(),
+            refund in proptest::prelude::any::<bool>(),
+            amount in 1i64..=1_000_000,
+        ) {
+            let op = if refund { Op::Refund } else { Op::Consume };
+            let change = Change { op, amount, idempotency_key: None };
+            let (decision, stored) = decide_stored(used, limit, &change);
+            proptest::prop_assert_eq!(decision, decide(exact(used), exact(limit), &change));
+            proptest::prop_assert!(decision.used.abs() <= EXACT_MAX && decision.limit.abs() <= EXACT_MAX);
+            proptest::prop_assert!(stored >= 0 || stored == used || (decision.allowed && !refund));
+            if used == exact(used) {
+                proptest::prop_assert_eq!(stored - used, decision.used - used);
+            }
+        }
     }
 
     #[test]

@@ -254,7 +254,10 @@ async fn firestore_only_decides_with_exact_transactions() {
     assert_eq!(b.quota("p1").await["source"], "cache");
     ok(b.refund("p1", 1).await).await;
     let after = a.quota("p1").await;
-    assert_eq!((after["used"].as_i64(), after["source"].as_str()), (Some(9), Some("store")));
+    assert_eq!(
+        (after["used"].as_i64(), after["source"].as_str()),
+        (Some(9), Some("store"))
+    );
     ok(a.consume("p1", 1).await).await;
     // Idempotency holds in this phase too.
     ok(a.refund("p1", 10).await).await;
@@ -375,4 +378,47 @@ async fn in_redis_primary_other_writers_survive_the_sync_and_a_limit_edit_is_pic
         40,
         "the edited limit is picked up by the sync"
     );
+}
+
+/// Another writer may store any 64-bit count. quotad counts within ±(2^53 - 1) (what its
+/// Redis scripts and a JavaScript dashboard hold exactly): a limit beyond is more than any
+/// usage reaches, a usage beyond is over every limit, and the document's own value changes
+/// exactly by what was decided, in every phase.
+#[tokio::test]
+async fn counts_beyond_two_to_the_53_decide_alike_in_every_phase_and_change_the_document_exactly() {
+    const EXACT_MAX: i64 = (1 << 53) - 1;
+    for phase in Phase::ALL {
+        let shared = Shared::real();
+        let app = spawn_with(&shared, |c| c.initial_phase = phase).await;
+        let store = shared.store();
+        store.put("unlimited", Some(4), Some(i64::MAX)).await;
+        store.put("over", Some(i64::MAX), Some(20)).await;
+        store.put("above", Some((1 << 53) + 1), Some(1 << 60)).await;
+
+        let body = ok(app.consume("unlimited", 1).await).await;
+        let answer = (&body["used"], &body["limit"], &body["remaining"]);
+        assert_eq!(answer, (&json!(5), &json!(EXACT_MAX), &json!(EXACT_MAX - 5)), "{phase}");
+        assert_eq!(app.quota("unlimited").await["limit"], EXACT_MAX, "{phase}");
+
+        let denied = problem(app.consume("over", 1).await, 429, "quota_exceeded").await;
+        assert_eq!(
+            (&denied["used"], &denied["limit"]),
+            (&json!(EXACT_MAX), &json!(20)),
+            "{phase}"
+        );
+        let refunded = ok(app.refund("over", 1).await).await;
+        assert_eq!(refunded["used"], EXACT_MAX - 1, "{phase}");
+
+        problem(app.consume("above", 1).await, 429, "quota_exceeded").await;
+        ok(app.refund("above", 2).await).await;
+
+        if phase == Phase::RedisPrimary {
+            ok(app.admin(reqwest::Method::POST, "/admin/sync", None).await).await;
+        }
+        let expected = [("unlimited", 5), ("over", i64::MAX - 1), ("above", (1 << 53) - 1)];
+        for (provider, used) in expected {
+            let stored = eventually(STORE_DEADLINE, Some(used), || store.used(provider)).await;
+            assert_eq!(stored, Some(used), "{provider} in {phase}");
+        }
+    }
 }
