@@ -688,7 +688,7 @@ impl QuotaService {
 
     /// [`QuotaService::invalidate`], but `false` when the record stayed dirty: other
     /// replicas keep changing it faster than it can be written.
-    async fn try_invalidate(&self, provider: &ProviderId) -> Result<bool, QuotaError> {
+    async fn try_invalidate(&self, provider: &ProviderId) -> Result<bool, StorageError> {
         for _ in 0..5 {
             if self.counters.evict_clean(provider).await? {
                 return Ok(true);
@@ -716,7 +716,7 @@ impl QuotaService {
     }
 
     /// Drops the record for a reload or, when other replicas keep it dirty, rebases it.
-    async fn reload(&self, provider: &ProviderId) -> Result<bool, QuotaError> {
+    async fn reload(&self, provider: &ProviderId) -> Result<bool, StorageError> {
         Ok(self.try_invalidate(provider).await? || self.rebase(provider).await?)
     }
 
@@ -767,13 +767,26 @@ impl QuotaService {
             };
             self.counters.replace(provider, &seed, self.cache_ttl).await
         } else {
-            self.counters.set_limit(provider, view.limit).await
+            // The document may hold what other writers added since the record was loaded:
+            // the record is reloaded (dropped, or rebased while other replicas keep it
+            // dirty) so that store and cache agree. Failing that, it takes the new limit.
+            match self.reload(provider).await {
+                Ok(true) => Ok(()),
+                Ok(false) => {
+                    Self::reload_deferred(provider, "a limit was set");
+                    self.counters.set_limit(provider, view.limit).await
+                }
+                Err(err) => {
+                    let _ = self.counters.set_limit(provider, view.limit).await;
+                    Err(err)
+                }
+            }
         };
         if let Err(err) = cached {
             // Redis will reload this provider before it decides for it again.
             tracing::warn!(%provider, error = %err, "quota set in Firestore; the cache will be reloaded");
             self.ledger.note_changed_outside(provider).await?;
-            if err.is_unavailable() {
+            if err.is_unavailable() && err.is_redis() {
                 self.redis_failed(&err);
             }
         }
@@ -831,22 +844,10 @@ impl QuotaService {
                 return Ok(done);
             }
             for provider in &changed {
-                match self.reload(provider).await {
-                    Ok(true) => {}
-                    Ok(false) => {
-                        Self::reload_deferred(provider, "reconcile");
-                        deferred.insert(provider.clone());
-                        continue;
-                    }
-                    Err(QuotaError::Unavailable(err) | QuotaError::Internal(err)) => {
-                        return Err(err);
-                    }
-                    Err(err) => {
-                        return Err(StorageError::Other {
-                            backend: "redis",
-                            message: err.to_string(),
-                        });
-                    }
+                if !self.reload(provider).await? {
+                    Self::reload_deferred(provider, "reconcile");
+                    deferred.insert(provider.clone());
+                    continue;
                 }
                 self.ledger.clear_changed_outside(provider).await?;
                 done += 1;
@@ -872,7 +873,7 @@ impl QuotaService {
                     self.handover.reloaded(&provider);
                     released += 1;
                 }
-                Err(QuotaError::Unavailable(err)) if err.is_redis() && err.is_unavailable() => {
+                Err(err) if err.is_redis() && err.is_unavailable() => {
                     // Held until Redis is back and reconciled.
                     self.redis_failed(&err);
                     return released;

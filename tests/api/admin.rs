@@ -49,6 +49,29 @@ async fn put_quota_writes_through_and_both_replicas_agree() {
     assert_eq!(store.get("p1").await, Some((Some(6), Some(6))));
 }
 
+/// "store and cache agree when it answers", also when only the limit is set and another
+/// writer added to the document behind the cached record.
+#[tokio::test]
+async fn setting_only_the_limit_answers_and_caches_what_the_document_holds_in_every_phase() {
+    for phase in Phase::ALL {
+        let shared = Shared::real();
+        let app = spawn_with(&shared, |c| c.initial_phase = phase).await;
+        let store = shared.store();
+        store.put("p1", Some(7), Some(20)).await;
+        assert_eq!(app.quota("p1").await["used"], 7);
+        store.add_used("p1", 3).await;
+        let body = ok(app
+            .admin(Method::PUT, "/admin/quota/p1", Some(json!({"limit": 50})))
+            .await)
+        .await;
+        assert_eq!(store.get("p1").await, Some((Some(10), Some(50))), "{phase}");
+        assert_eq!((&body["used"], &body["limit"]), (&json!(10), &json!(50)), "{phase}");
+        let after = app.quota("p1").await;
+        assert_eq!((&after["used"], &after["limit"]), (&json!(10), &json!(50)), "{phase}");
+        assert_eq!(ok(app.consume("p1", 1).await).await["used"], 11, "{phase}");
+    }
+}
+
 #[tokio::test]
 async fn put_quota_refuses_bad_values() {
     let app = spawn_app().await;
