@@ -98,7 +98,10 @@ impl Application {
         let cancel = CancellationToken::new();
         let tasks = TaskTracker::new();
         tasks.spawn(writer::run(self.app.quotas.clone(), cancel.clone()));
-        probe(&self.app).await; // readiness is known before the first request
+        // Readiness is known before the first request, and so is a stored phase.
+        if probe(&self.app).await.1 {
+            adopt_stored_phase(&self.app.quotas).await;
+        }
         tasks.spawn(watch_health(self.app.clone(), cancel.clone()));
         tasks.spawn(reconcile(self.app.clone(), cancel.clone()));
         tasks.spawn(hand_back(self.app.clone(), cancel.clone()));
@@ -246,6 +249,18 @@ async fn hand_back(app: Arc<App>, cancel: CancellationToken) {
             () = tokio::time::sleep(Duration::from_millis(500)) => {}
         }
         app.quotas.hand_back().await;
+    }
+}
+
+/// Adopts the stored phase before serving: `QUOTAD_PHASE` is only the phase when none is
+/// stored. Bounded, as quotad serves even while Firestore hangs at start
+/// ([`follow_phase`] adopts it once Firestore answers).
+async fn adopt_stored_phase(quotas: &QuotaService) {
+    match tokio::time::timeout(Duration::from_millis(1500), quotas.ledger().phase()).await {
+        Ok(Ok(Some((phase, since)))) => quotas.follow_phase(phase, since),
+        Ok(Ok(None)) => {}
+        Ok(Err(err)) => tracing::warn!(error = %err, "could not read the stored phase at start"),
+        Err(_) => tracing::warn!("reading the stored phase at start timed out"),
     }
 }
 
