@@ -133,11 +133,24 @@ impl Config {
         if let Some(addr) = var("QUOTAD_ADDR").or(file.addr) {
             config.addr = addr;
         }
+        let port_ok = |port: &str| port.parse::<u16>().is_ok_and(|p| p > 0);
+        match config.addr.rsplit_once(':') {
+            Some((host, port)) if !host.is_empty() && port_ok(port) => {}
+            _ => bail!(
+                "QUOTAD_ADDR: expected host:port (e.g. 127.0.0.1:8080), got {:?}",
+                config.addr
+            ),
+        }
         let host_port = |host: Option<String>, port: Option<String>| {
             host.map(|h| format!("redis://{h}:{}/", port.as_deref().unwrap_or("6379")))
         };
         // REDIS_URL wins; then the legacy REDIS_HOST/REDIS_PORT (each from the environment
         // if set there, else from the file); then the file's redis_url and host/port.
+        if let Some(port) = var("REDIS_PORT")
+            && !port_ok(port.trim())
+        {
+            bail!("REDIS_PORT: not a port (1..=65535): {port:?}");
+        }
         let env_host_port = var("REDIS_HOST").is_some() || var("REDIS_PORT").is_some();
         let file_port = file.redis_port.map(|p| p.to_string());
         config.redis_url = var("REDIS_URL")
@@ -151,6 +164,10 @@ impl Config {
             })
             .or(file.redis_url)
             .or_else(|| host_port(file.redis_host, file_port));
+        if let Some(url) = &config.redis_url {
+            redis::IntoConnectionInfo::into_connection_info(url.as_str())
+                .with_context(|| format!("REDIS_URL (or REDIS_HOST/REDIS_PORT): not a Redis URL: {url:?}"))?;
+        }
         config.firestore_project_id = var("FIRESTORE_PROJECT_ID").or(file.firestore_project_id);
         if let Some(phase) = var("QUOTAD_PHASE").or(file.phase) {
             config.initial_phase =
@@ -206,13 +223,34 @@ impl Config {
         if let Some(schedule) = var("QUOTAD_SYNC_SCHEDULE").or(file.sync_schedule) {
             config.sync_schedule = schedule;
         }
-        crate::domain::schedule::Schedule::parse(&config.sync_schedule)
+        let schedule = crate::domain::schedule::Schedule::parse(&config.sync_schedule)
             .with_context(|| format!("QUOTAD_SYNC_SCHEDULE: {:?}", config.sync_schedule))?;
+        if schedule.next_after(chrono::Utc::now()).is_none() {
+            bail!("QUOTAD_SYNC_SCHEDULE: {:?} never fires", config.sync_schedule);
+        }
         config.anomaly_webhook = var("QUOTAD_ANOMALY_WEBHOOK").or(file.anomaly_webhook);
+        if let Some(url) = &config.anomaly_webhook {
+            match reqwest::Url::parse(url) {
+                Ok(parsed) if matches!(parsed.scheme(), "http" | "https") && parsed.has_host() => {}
+                _ => bail!("QUOTAD_ANOMALY_WEBHOOK: not an http(s) URL: {url:?}"),
+            }
+        }
         if let Some(collection) = var("QUOTAD_COLLECTION").or(file.collection) {
             config.collection = collection;
         }
+        // Firestore's rules for a collection id.
+        let c = &config.collection;
+        if c.len() > 1500 || c.contains('/') || c == "." || c == ".." || (c.starts_with("__") && c.ends_with("__")) {
+            bail!("QUOTAD_COLLECTION: not a Firestore collection id: {c:?}");
+        }
         for (name, plan) in file.plans {
+            // Plan names go into the RateLimit headers as structured-field strings.
+            let printable = name
+                .bytes()
+                .all(|b| (0x20..=0x7e).contains(&b) && b != b'"' && b != b'\\');
+            if name.is_empty() || name.len() > 128 || !printable {
+                bail!("plans: a plan name is 1..=128 printable ASCII characters, without '\"' or '\\': {name:?}");
+            }
             config.plans.insert(name, plan);
         }
         Ok(config)
@@ -279,6 +317,49 @@ mod tests {
         assert!(from(&[("QUOTAD_PHASE", "sideways")]).is_err());
         assert!(from(&[("QUOTAD_CACHE_TTL", "0")]).is_err());
         assert!(from(&[("QUOTAD_SYNC_SCHEDULE", "every day")]).is_err());
+        // Each message names the variable to fix.
+        for (vars, names) in [
+            (&[("QUOTAD_SYNC_SCHEDULE", "0 0 30 2 *")][..], "QUOTAD_SYNC_SCHEDULE"),
+            (&[("QUOTAD_ADDR", "bogus")][..], "QUOTAD_ADDR"),
+            (&[("QUOTAD_ADDR", "127.0.0.1:0x50")][..], "QUOTAD_ADDR"),
+            (&[("REDIS_HOST", "127.0.0.1"), ("REDIS_PORT", "abc")][..], "REDIS_PORT"),
+            (&[("REDIS_PORT", "70000")][..], "REDIS_PORT"),
+            (&[("REDIS_URL", "http://127.0.0.1:6379")][..], "REDIS_URL"),
+            (&[("QUOTAD_ANOMALY_WEBHOOK", "not a url")][..], "QUOTAD_ANOMALY_WEBHOOK"),
+            (
+                &[("QUOTAD_ANOMALY_WEBHOOK", "ftp://example.com/x")][..],
+                "QUOTAD_ANOMALY_WEBHOOK",
+            ),
+            (&[("QUOTAD_COLLECTION", "a/b")][..], "QUOTAD_COLLECTION"),
+            (&[("QUOTAD_COLLECTION", "__x__")][..], "QUOTAD_COLLECTION"),
+            (&[("QUOTAD_COLLECTION", "..")][..], "QUOTAD_COLLECTION"),
+        ] {
+            let message = format!("{:#}", from(vars).unwrap_err());
+            assert!(message.contains(names), "{vars:?}: {message}");
+        }
+        let fine = from(&[
+            ("QUOTAD_ADDR", "localhost:9000"),
+            ("QUOTAD_ANOMALY_WEBHOOK", "https://hooks.example.com/quotad"),
+            ("QUOTAD_COLLECTION", "providers_v2"),
+            ("REDIS_HOST", "redis.internal"),
+            ("REDIS_PORT", "6380"),
+        ]);
+        assert!(fine.is_ok(), "{fine:?}");
+    }
+
+    #[test]
+    fn plan_names_fit_a_structured_field_string() {
+        for name in ["a\\\"b", "été", "a\\\\b", ""] {
+            let file = format!("[plans.\"{name}\"]\nlimit = 3\nwindow = \"10s\"\n");
+            let dir = std::env::temp_dir().join(format!("quotad-config-{}", uuid::Uuid::new_v4()));
+            std::fs::create_dir_all(&dir).unwrap();
+            let path = dir.join("quotad.toml");
+            std::fs::write(&path, file).unwrap();
+            let result = from(&[("QUOTAD_CONFIG", path.to_str().unwrap())]);
+            std::fs::remove_dir_all(&dir).unwrap();
+            let message = format!("{:#}", result.unwrap_err());
+            assert!(message.contains("plan name"), "{name:?}: {message}");
+        }
     }
 
     #[test]
