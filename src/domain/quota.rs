@@ -203,12 +203,11 @@ impl QuotaService {
         exact(stored.unwrap_or(self.default_limit))
     }
 
-    /// A lookup: Redis first (read-through, in every phase), Firestore on a miss or while
-    /// Redis is away. In `firestore-only` a cached record is as fresh as in the other
-    /// phases: each Firestore decision drops it under its fence (see
-    /// [`QuotaService::change_fenced`]), and the next lookup loads it again.
+    /// A lookup: Redis first (read-through), Firestore on a miss, in `firestore-only` or
+    /// while Redis is away.
     pub async fn get(&self, provider: &ProviderId) -> Result<QuotaView, QuotaError> {
-        if self.redis_is_up() {
+        let (phase, _) = self.phase();
+        if self.use_redis(phase) {
             match self.counters.read(provider).await {
                 Ok(Some(record)) => {
                     CACHE

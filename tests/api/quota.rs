@@ -249,16 +249,8 @@ async fn firestore_only_decides_with_exact_transactions() {
     let statuses = join_all(calls).await;
     assert_eq!(statuses.iter().filter(|s| **s == 200).count(), 10, "{statuses:?}");
     assert_eq!(store.used("p1").await, Some(10)); // written by the transaction itself
-    // Lookups are read-through in this phase too, and a decision drops the cached record.
     assert_eq!(a.quota("p1").await["source"], "store");
-    assert_eq!(b.quota("p1").await["source"], "cache");
-    ok(b.refund("p1", 1).await).await;
-    let after = a.quota("p1").await;
-    assert_eq!(
-        (after["used"].as_i64(), after["source"].as_str()),
-        (Some(9), Some("store"))
-    );
-    ok(a.consume("p1", 1).await).await;
+    assert_eq!(b.quota("p1").await["source"], "store");
     // Idempotency holds in this phase too.
     ok(a.refund("p1", 10).await).await;
     let first = ok(a.consume_with_key("p1", 3, "k").await).await;
