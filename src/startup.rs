@@ -1,6 +1,10 @@
 //! Wiring: configuration → adapters → domain → HTTP, and the background tasks.
 
-use std::{future::Future, sync::Arc, time::Duration};
+use std::{
+    future::Future,
+    sync::{Arc, atomic::Ordering},
+    time::Duration,
+};
 
 use anyhow::Context;
 use tokio::net::TcpListener;
@@ -99,7 +103,7 @@ impl Application {
         let tasks = TaskTracker::new();
         tasks.spawn(writer::run(self.app.quotas.clone(), cancel.clone()));
         // Readiness is known before the first request, and so is a stored phase.
-        if probe(&self.app).await.1 {
+        if probe(&self.app, true).await.1 {
             adopt_stored_phase(&self.app.quotas).await;
         }
         tasks.spawn(watch_health(self.app.clone(), cancel.clone()));
@@ -185,7 +189,7 @@ async fn tick(cancel: &CancellationToken, period: Duration) -> bool {
 }
 
 /// Probes both dependencies once, each bounded so a hung one cannot hold the caller.
-async fn probe(app: &App) -> (bool, bool) {
+async fn probe(app: &App, first: bool) -> (bool, bool) {
     let quotas = &app.quotas;
     let bound = Duration::from_millis(1500);
     let (redis, firestore) = tokio::join!(
@@ -193,6 +197,24 @@ async fn probe(app: &App) -> (bool, bool) {
         tokio::time::timeout(bound, quotas.ledger().ping())
     );
     let (redis_ok, firestore_ok) = (matches!(redis, Ok(Ok(()))), matches!(firestore, Ok(Ok(()))));
+    // Each change is logged once, with why a dependency is down (`/readyz` only names it).
+    let health = &app.health;
+    for (name, was, result) in [
+        ("redis", health.redis.load(Ordering::Relaxed), redis),
+        ("firestore", health.firestore.load(Ordering::Relaxed), firestore),
+    ] {
+        match result {
+            Ok(Ok(())) if !was => tracing::info!(dependency = name, "dependency is ready"),
+            Ok(Ok(())) => {}
+            Ok(Err(err)) if was || first => tracing::warn!(dependency = name, error = %err, "dependency is down"),
+            Err(_) if was || first => tracing::warn!(
+                dependency = name,
+                error = "no answer within 1.5 s",
+                "dependency is down"
+            ),
+            _ => {}
+        }
+    }
     app.health.set(redis_ok, firestore_ok);
     if redis_ok
         && firestore_ok
@@ -209,7 +231,7 @@ async fn probe(app: &App) -> (bool, bool) {
 /// Probes both dependencies every second for `/readyz` (a change shows within 10 s).
 async fn watch_health(app: Arc<App>, cancel: CancellationToken) {
     while tick(&cancel, Duration::from_secs(1)).await {
-        probe(&app).await;
+        probe(&app, false).await;
     }
 }
 
