@@ -246,12 +246,12 @@ impl QuotaService {
         })
     }
 
-    /// Reads the document and caches it (unless another replica cached it first). The
-    /// flag is `false` when Redis refused it: a Firestore decision for the provider was
-    /// fenced meanwhile (see [`QuotaService::change_fenced`]).
-    async fn load(&self, provider: &ProviderId) -> Result<(Seed, bool), QuotaError> {
+    /// Reads the document and caches it (unless another replica cached it first); see
+    /// [`Loaded`].
+    async fn load(&self, provider: &ProviderId) -> Result<(Seed, Loaded), QuotaError> {
         let fence = self.counters.fence_gen(provider).await?;
         let doc = self.ledger.read(provider).await?.unwrap_or_default();
+        let beyond = doc.used.is_some_and(|used| used != exact(used));
         let seed = Seed {
             used: doc.used(),
             limit: self.limit_of(doc.limit),
@@ -260,8 +260,11 @@ impl QuotaService {
             keys: doc.keys,
             fence,
         };
+        if beyond {
+            return Ok((seed, Loaded::Beyond));
+        }
         let loaded = self.counters.load(provider, &seed, self.cache_ttl).await?;
-        Ok((seed, loaded))
+        Ok((seed, if loaded { Loaded::Cached } else { Loaded::Fenced }))
     }
 
     /// Consumes or refunds `amount` (see API.md "Quotas").
@@ -327,15 +330,22 @@ impl QuotaService {
             match self.counters.apply(provider, change).await? {
                 Applied::Miss => {
                     metrics::counter!("quotad_cache_total", "result" => "miss").increment(1);
-                    if self.load(provider).await?.1 {
-                        loads += 1;
-                        if loads == 3 {
-                            // Gone between load and apply three times over: fenced decisions
-                            // keep dropping it, or Redis evicts under memory pressure.
-                            // Firestore decides this one (Redis itself answers).
+                    match self.load(provider).await?.1 {
+                        Loaded::Cached => {
+                            loads += 1;
+                            if loads == 3 {
+                                // Gone between load and apply three times over: fenced
+                                // decisions keep dropping it, or Redis evicts under memory
+                                // pressure. Firestore decides this one (Redis itself answers).
+                                return self.in_firestore(provider, change, phase, InFirestore::Fenced).await;
+                            }
+                            continue;
+                        }
+                        // Firestore decides for it, exactly, as in `firestore-only`.
+                        Loaded::Beyond => {
                             return self.in_firestore(provider, change, phase, InFirestore::Fenced).await;
                         }
-                        continue;
+                        Loaded::Fenced => {}
                     }
                     // Firestore is deciding for it (another replica's decision in a phase
                     // switch): wait for that to land, then load. Deciding in Firestore at
@@ -705,7 +715,9 @@ impl QuotaService {
             return Ok(true); // gone: the next request loads it
         };
         let doc = self.ledger.read(provider).await?.unwrap_or_default();
-        if doc.epoch.as_deref() != Some(record.epoch.as_str()) {
+        // Not before the document has seen the record's epoch; and never onto a usage
+        // beyond what Redis counts exactly (the record is dropped instead, when it can be).
+        if doc.epoch.as_deref() != Some(record.epoch.as_str()) || doc.used.is_some_and(|u| u != exact(u)) {
             return Ok(false);
         }
         let (used, watermark) = (doc.used(), doc.watermark.unwrap_or(0));
@@ -899,6 +911,19 @@ const FENCE_WAIT: Duration = Duration::from_secs(6);
 
 /// How often a decision that met a fence looks again.
 const FENCE_POLL: Duration = Duration::from_millis(5);
+
+/// What [`QuotaService::load`] did with the document it read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Loaded {
+    /// Cached (or another replica had cached it first).
+    Cached,
+    /// Refused by Redis: a Firestore decision for the provider was fenced meanwhile (see
+    /// [`QuotaService::change_fenced`]).
+    Fenced,
+    /// Not cached: its usage lies beyond what Redis counts exactly ([`exact`]), so that
+    /// Firestore decides for it in every phase, by one rule.
+    Beyond,
+}
 
 /// How a decision goes to Firestore.
 #[derive(Debug, Clone, Copy)]

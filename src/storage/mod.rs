@@ -554,16 +554,18 @@ pub fn decide(used: i64, limit: i64, change: &Change<'_>) -> Decision {
 }
 
 /// A ledger transaction's decision on a document's stored values, which may lie beyond
-/// [`EXACT_MAX`]: decided and answered on [`exact`] values, like Redis decides; returns the
+/// [`EXACT_MAX`]: decided on [`exact`] values (a usage beyond the bound is over every
+/// limit); returns the answer, which shows the new usage as [`exact`] too, and the
 /// document's new `aiCallsUsed`, computed from what it stores.
 pub fn decide_stored(used: i64, limit: i64, change: &Change<'_>) -> (Decision, i64) {
-    let decision = decide(exact(used), exact(limit), change);
+    let mut decision = decide(exact(used), exact(limit), change);
     let stored = match change.op {
         // admitted: `used` was below the limit, so within the bound
         Op::Consume if decision.allowed => used + change.amount,
         Op::Consume => used,
         Op::Refund => used.saturating_sub(change.amount).max(0),
     };
+    decision.used = exact(stored);
     (decision, stored)
 }
 
@@ -640,11 +642,17 @@ mod tests {
             let op = if refund { Op::Refund } else { Op::Consume };
             let change = Change { op, amount, idempotency_key: None };
             let (decision, stored) = decide_stored(used, limit, &change);
-            proptest::prop_assert_eq!(decision, decide(exact(used), exact(limit), &change));
-            proptest::prop_assert!(decision.used.abs() <= EXACT_MAX && decision.limit.abs() <= EXACT_MAX);
-            proptest::prop_assert!(stored >= 0 || stored == used || (decision.allowed && !refund));
+            let rule = decide(exact(used), exact(limit), &change);
+            proptest::prop_assert_eq!((decision.allowed, decision.limit), (rule.allowed, rule.limit));
+            // the answer shows what the document holds now
+            proptest::prop_assert_eq!(decision.used, exact(stored));
+            match (refund, decision.allowed) {
+                (false, true) => proptest::prop_assert_eq!(stored, used + amount),
+                (false, false) => proptest::prop_assert_eq!(stored, used),
+                (true, _) => proptest::prop_assert_eq!(stored, (i128::from(used) - i128::from(amount)).max(0) as i64),
+            }
             if used == exact(used) {
-                proptest::prop_assert_eq!(stored - used, decision.used - used);
+                proptest::prop_assert_eq!(decision, rule);
             }
         }
     }

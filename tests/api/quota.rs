@@ -392,22 +392,36 @@ async fn counts_beyond_two_to_the_53_decide_alike_in_every_phase_and_change_the_
         assert_eq!(answer, (&json!(5), &json!(EXACT_MAX), &json!(EXACT_MAX - 5)), "{phase}");
         assert_eq!(app.quota("unlimited").await["limit"], EXACT_MAX, "{phase}");
 
+        // A usage beyond is over every limit, also after a refund that leaves it beyond;
+        // every answer shows the document's usage as the bound.
         let denied = problem(app.consume("over", 1).await, 429, "quota_exceeded").await;
         assert_eq!(
             (&denied["used"], &denied["limit"]),
             (&json!(EXACT_MAX), &json!(20)),
             "{phase}"
         );
-        let refunded = ok(app.refund("over", 1).await).await;
-        assert_eq!(refunded["used"], EXACT_MAX - 1, "{phase}");
+        assert_eq!(ok(app.refund("over", 1).await).await["used"], EXACT_MAX, "{phase}");
+        problem(app.consume("over", 1).await, 429, "quota_exceeded").await;
+        assert_eq!(app.quota("over").await["used"], EXACT_MAX, "{phase}");
 
         problem(app.consume("above", 1).await, 429, "quota_exceeded").await;
-        ok(app.refund("above", 2).await).await;
+        assert_eq!(ok(app.refund("above", 1).await).await["used"], EXACT_MAX, "{phase}");
+        problem(app.consume("above", 1).await, 429, "quota_exceeded").await;
+        ok(app.refund("above", 1).await).await; // now at the bound: Redis may count it
+        problem(app.consume("above", 1).await, 429, "quota_exceeded").await;
+        assert_eq!(ok(app.refund("above", 1).await).await["used"], EXACT_MAX - 1, "{phase}");
+        let admitted = ok(app.consume("above", 1).await).await;
+        assert_eq!(
+            (&admitted["used"], &admitted["remaining"]),
+            (&json!(EXACT_MAX), &json!(0)),
+            "{phase}"
+        );
+        problem(app.consume("above", 1).await, 429, "quota_exceeded").await;
 
         if phase == Phase::RedisPrimary {
             ok(app.admin(reqwest::Method::POST, "/admin/sync", None).await).await;
         }
-        let expected = [("unlimited", 5), ("over", i64::MAX - 1), ("above", (1 << 53) - 1)];
+        let expected = [("unlimited", 5), ("over", i64::MAX - 1), ("above", EXACT_MAX)];
         for (provider, used) in expected {
             let stored = eventually(STORE_DEADLINE, Some(used), || store.used(provider)).await;
             assert_eq!(stored, Some(used), "{provider} in {phase}");
