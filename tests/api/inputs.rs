@@ -297,3 +297,49 @@ async fn rate_limit_bodies_answer_alike_on_both_paths() {
         assert_eq!(typed, general, "{body} against {repeated}");
     }
 }
+
+/// A request refused before its handler reads the body (admin `401`, `invalid_id`, `404`),
+/// whose body arrives after its head, still leaves the connection usable: the next
+/// request on it is answered. (Refused at once, the unread body made hyper close it.)
+#[tokio::test]
+async fn a_request_refused_before_its_body_arrived_keeps_the_connection() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let app = spawn_app().await;
+    let addr = app.base.trim_start_matches("http://").to_owned();
+    for (method, path) in [
+        ("PUT", "/admin/phase"),
+        ("POST", "/quota/__x__/consume"),
+        ("POST", "/no/such/route"),
+    ] {
+        let mut conn = tokio::net::TcpStream::connect(&addr).await.unwrap();
+        conn.set_nodelay(true).unwrap();
+        let body = r#"{"phase":"redis-primary"}"#;
+        let head = format!(
+            "{method} {path} HTTP/1.1\r\nhost: q\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n",
+            body.len()
+        );
+        conn.write_all(head.as_bytes()).await.unwrap();
+        // The body follows once the service has seen the head (and could have answered).
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        conn.write_all(body.as_bytes()).await.unwrap();
+        conn.write_all(b"GET /healthz HTTP/1.1\r\nhost: q\r\n\r\n")
+            .await
+            .unwrap();
+        let mut seen = Vec::new();
+        let mut buf = [0u8; 4096];
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+        while !String::from_utf8_lossy(&seen).contains("HTTP/1.1 200") {
+            let read = tokio::time::timeout_at(deadline, conn.read(&mut buf)).await;
+            let n = read.expect("both answers within 10 s").unwrap_or(0);
+            assert!(
+                n > 0,
+                "{method} {path}: the connection closed after: {}",
+                String::from_utf8_lossy(&seen)
+            );
+            seen.extend_from_slice(&buf[..n]);
+        }
+        let text = String::from_utf8_lossy(&seen);
+        assert!(text.starts_with("HTTP/1.1 4"), "{method} {path}: {text}");
+    }
+}
