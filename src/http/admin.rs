@@ -10,7 +10,7 @@ use serde_json::{Value, json};
 use super::{
     AppState,
     error::ApiError,
-    extract::{Fields, JsonObject, NoFields, ProviderPath},
+    extract::{Checked, Fields, JsonObject, NoFields, ProviderPath},
 };
 use crate::domain::{
     Phase, QuotaValue,
@@ -20,8 +20,7 @@ use crate::domain::{
 
 pub async fn invalidate(
     State(app): State<AppState>,
-    ProviderPath(provider): ProviderPath,
-    _: NoFields,
+    Checked(ProviderPath(provider), _): Checked<ProviderPath, NoFields>,
 ) -> Result<impl IntoResponse, ApiError> {
     app.quotas.invalidate(&provider).await?;
     Ok(Json(json!({"provider": provider.as_str(), "invalidated": true})))
@@ -29,8 +28,7 @@ pub async fn invalidate(
 
 pub async fn set_quota(
     State(app): State<AppState>,
-    ProviderPath(provider): ProviderPath,
-    body: JsonObject,
+    Checked(ProviderPath(provider), body): Checked<ProviderPath, JsonObject>,
 ) -> Result<impl IntoResponse, ApiError> {
     let fields = Fields::new(body, &["limit", "used"])?;
     let value = |name: &'static str| {

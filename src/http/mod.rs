@@ -103,8 +103,15 @@ pub fn router(app: AppState) -> Router {
     caller
         .merge(admin)
         .merge(ops)
-        .fallback(|| async { ApiError::NotFound })
-        .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
+        // (bodies are read first: see [`extract::Checked`])
+        .fallback(|body: axum::body::Body| async {
+            extract::discard(body).await;
+            ApiError::NotFound
+        })
+        .method_not_allowed_fallback(|body: axum::body::Body| async {
+            extract::discard(body).await;
+            ApiError::MethodNotAllowed
+        })
         .layer(record::RecordLayer) // per route: it labels by the matched route
         .with_state(app)
 }
@@ -133,65 +140,7 @@ fn outer_layers(
             ApiError::Internal("a handler panicked".into()).into_response()
         }))
         .layer(DefaultBodyLimit::max(extract::MAX_BODY))
-        .service(ReadBodyFirst(router))
-}
-
-/// Reads a request's body (up to [`extract::MAX_BODY`]) before routing it. A request
-/// refused before its handler read the body (`401`, `invalid_id`, `404`) would otherwise
-/// leave body bytes that had not arrived yet unread, and hyper would close the connection
-/// after the answer: a client that reused it at once lost its next request ("server
-/// disconnected", seen about once in 4000 such requests on a loaded machine). A declared
-/// length over the limit is left to the extractors' `413`.
-#[derive(Clone)]
-struct ReadBodyFirst<S>(S);
-
-impl<S> tower::Service<Request> for ReadBodyFirst<S>
-where
-    S: tower::Service<Request, Response = Response, Error = Infallible> + Clone + Send + 'static,
-    S::Future: Send + 'static,
-{
-    type Response = Response;
-    type Error = Infallible;
-    type Future = futures::future::Either<S::Future, futures::future::BoxFuture<'static, Result<Response, Infallible>>>;
-
-    fn poll_ready(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<Result<(), Infallible>> {
-        self.0.poll_ready(cx)
-    }
-
-    fn call(&mut self, request: Request) -> Self::Future {
-        use axum::body::HttpBody;
-        let declared = request.body().size_hint().exact();
-        if request.body().is_end_stream() || declared.is_some_and(|n| n > extract::MAX_BODY as u64) {
-            return futures::future::Either::Left(self.0.call(request));
-        }
-        // the service polled ready goes with this request; a fresh clone stays for the next
-        let fresh = self.0.clone();
-        let mut inner = std::mem::replace(&mut self.0, fresh);
-        futures::future::Either::Right(Box::pin(async move {
-            let (parts, body) = request.into_parts();
-            let mut chunks = body.into_data_stream();
-            let (mut bytes, mut more) = (axum::body::Bytes::new(), Vec::new());
-            while let Some(chunk) = futures::StreamExt::next(&mut chunks).await {
-                let Ok(chunk) = chunk else {
-                    return Ok(ApiError::InvalidJson("the body could not be read".into()).into_response());
-                };
-                if bytes.len() + more.len() + chunk.len() > extract::MAX_BODY {
-                    return Ok(ApiError::PayloadTooLarge.into_response());
-                }
-                if bytes.is_empty() && more.is_empty() {
-                    bytes = chunk; // the usual case: one chunk, not copied
-                } else {
-                    more.extend_from_slice(&chunk);
-                }
-            }
-            if !more.is_empty() {
-                bytes = [bytes.as_ref(), &more].concat().into();
-            }
-            inner
-                .call(Request::from_parts(parts, axum::body::Body::from(bytes)))
-                .await
-        }))
-    }
+        .service(router)
 }
 
 /// The bearer token of a request, if it has one.
@@ -230,13 +179,15 @@ impl FromRequestParts<AppState> for Caller {
 }
 
 async fn require_admin(State(app): State<AppState>, request: Request, next: Next) -> Response {
-    let Some(expected) = &app.admin_token else {
-        return ApiError::AdminDisabled.into_response();
+    let refused = match &app.admin_token {
+        None => ApiError::AdminDisabled,
+        Some(expected) if !bearer(request.headers()).is_some_and(|token| secret_matches(token, expected)) => {
+            ApiError::Unauthorized
+        }
+        Some(_) => return next.run(request).await,
     };
-    if !bearer(request.headers()).is_some_and(|token| secret_matches(token, expected)) {
-        return ApiError::Unauthorized.into_response();
-    }
-    next.run(request).await
+    extract::discard(request.into_body()).await; // see [`extract::Checked`]
+    refused.into_response()
 }
 
 #[cfg(test)]

@@ -5,7 +5,7 @@ use axum::{Json, extract::State, response::IntoResponse};
 use super::{
     AppState, Caller,
     error::ApiError,
-    extract::{ChangeRequest, Idempotency, ProviderPath},
+    extract::{ChangeRequest, Checked, Idempotency, ProviderPath},
 };
 use crate::{
     domain::{Outcome, ProviderId, Source},
@@ -55,22 +55,19 @@ struct ChangeBody<'a> {
     remaining: i64,
 }
 
+/// What a consume or refund is checked for before its body (see [`Checked`]).
+type ChangeChecked = Checked<(Caller, ProviderPath, Idempotency), ChangeRequest>;
+
 pub async fn consume(
-    _: Caller,
     state: State<AppState>,
-    provider: ProviderPath,
-    key: Idempotency,
-    body: ChangeRequest,
+    Checked((_, provider, key), body): ChangeChecked,
 ) -> Result<impl IntoResponse, ApiError> {
     change(state, provider, key, body, Op::Consume).await
 }
 
 pub async fn refund(
-    _: Caller,
     state: State<AppState>,
-    provider: ProviderPath,
-    key: Idempotency,
-    body: ChangeRequest,
+    Checked((_, provider, key), body): ChangeChecked,
 ) -> Result<impl IntoResponse, ApiError> {
     change(state, provider, key, body, Op::Refund).await
 }

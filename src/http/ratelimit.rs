@@ -11,7 +11,7 @@ use serde_json::{Map, Value, json};
 use super::{
     AppState, Caller,
     error::ApiError,
-    extract::{Fields, JsonBytes},
+    extract::{Checked, Fields, JsonBytes},
 };
 use crate::domain::{
     InvalidInput, ProviderId,
@@ -130,7 +130,10 @@ impl<'a> CheckInput<'a> {
     }
 }
 
-pub async fn check(_: Caller, State(app): State<AppState>, JsonBytes(body): JsonBytes) -> Result<Response, ApiError> {
+pub async fn check(
+    State(app): State<AppState>,
+    Checked(_, JsonBytes(body)): Checked<Caller, JsonBytes>,
+) -> Result<Response, ApiError> {
     let general: Fields;
     let input = match body.as_deref() {
         None => CheckInput::default(),

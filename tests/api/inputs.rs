@@ -3,7 +3,7 @@
 use reqwest::Method;
 use serde_json::{Value, json};
 
-use crate::helpers::{ok, problem, spawn_app};
+use crate::helpers::{ok, problem, spawn_app, spawn_with};
 
 #[tokio::test]
 async fn invalid_provider_ids_are_400_and_nothing_is_written() {
@@ -298,20 +298,24 @@ async fn rate_limit_bodies_answer_alike_on_both_paths() {
     }
 }
 
-/// A request refused before its handler reads the body (admin `401`, `invalid_id`, `404`),
-/// whose body arrives after its head, still leaves the connection usable: the next
+/// A request refused before its handler reads the body (admin `401`, `invalid_id`, `404`,
+/// `405`), whose body arrives after its head, still leaves the connection usable: the next
 /// request on it is answered. (Refused at once, the unread body made hyper close it.)
 #[tokio::test]
 async fn a_request_refused_before_its_body_arrived_keeps_the_connection() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-    let app = spawn_app().await;
-    let addr = app.base.trim_start_matches("http://").to_owned();
-    for (method, path) in [
-        ("PUT", "/admin/phase"),
-        ("POST", "/quota/__x__/consume"),
-        ("POST", "/no/such/route"),
+    let open = spawn_app().await;
+    let keyed = spawn_with(&open.shared, |c| c.api_keys = Some(vec!["k1".into()])).await;
+    for (app, method, path) in [
+        (&open, "PUT", "/admin/phase"),
+        (&open, "POST", "/quota/__x__/consume"),
+        (&open, "POST", "/no/such/route"),
+        (&open, "DELETE", "/quota/p1/consume"),
+        (&keyed, "POST", "/quota/p1/consume"),
+        (&keyed, "POST", "/ratelimit/check"),
     ] {
+        let addr = app.base.trim_start_matches("http://");
         let mut conn = tokio::net::TcpStream::connect(&addr).await.unwrap();
         conn.set_nodelay(true).unwrap();
         let body = r#"{"phase":"redis-primary"}"#;
