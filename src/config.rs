@@ -133,9 +133,9 @@ impl Config {
         if let Some(addr) = var("QUOTAD_ADDR").or(file.addr) {
             config.addr = addr;
         }
-        let port_ok = |port: &str| port.parse::<u16>().is_ok_and(|p| p > 0);
+        // (port 0: any free port)
         match config.addr.rsplit_once(':') {
-            Some((host, port)) if !host.is_empty() && port_ok(port) => {}
+            Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok() => {}
             _ => bail!(
                 "QUOTAD_ADDR: expected host:port (e.g. 127.0.0.1:8080), got {:?}",
                 config.addr
@@ -146,12 +146,15 @@ impl Config {
         };
         // REDIS_URL wins; then the legacy REDIS_HOST/REDIS_PORT (each from the environment
         // if set there, else from the file); then the file's redis_url and host/port.
-        if let Some(port) = var("REDIS_PORT")
-            && !port_ok(port.trim())
-        {
-            bail!("REDIS_PORT: not a port (1..=65535): {port:?}");
-        }
-        let env_host_port = var("REDIS_HOST").is_some() || var("REDIS_PORT").is_some();
+        // REDIS_PORT is read (and checked) only when REDIS_URL is unset: Kubernetes sets
+        // REDIS_PORT=tcp://... in every pod of a namespace with a Service named redis.
+        let env_port = match var("REDIS_PORT").map(|p| p.trim().to_owned()) {
+            Some(port) if var("REDIS_URL").is_none() && !port.parse::<u16>().is_ok_and(|p| p > 0) => {
+                bail!("REDIS_PORT: not a port (1..=65535): {port:?}")
+            }
+            port => port,
+        };
+        let env_host_port = var("REDIS_HOST").is_some() || env_port.is_some();
         let file_port = file.redis_port.map(|p| p.to_string());
         config.redis_url = var("REDIS_URL")
             .or_else(|| {
@@ -159,7 +162,7 @@ impl Config {
                     let host = var("REDIS_HOST")
                         .or(file.redis_host.clone())
                         .unwrap_or_else(|| "127.0.0.1".into());
-                    host_port(Some(host), var("REDIS_PORT").or(file_port.clone()))
+                    host_port(Some(host), env_port.clone().or(file_port.clone()))
                 })?
             })
             .or(file.redis_url)
@@ -240,7 +243,8 @@ impl Config {
         }
         // Firestore's rules for a collection id.
         let c = &config.collection;
-        if c.len() > 1500 || c.contains('/') || c == "." || c == ".." || (c.starts_with("__") && c.ends_with("__")) {
+        let reserved = c.len() >= 4 && c.starts_with("__") && c.ends_with("__");
+        if c.is_empty() || c.len() > 1500 || c.contains('/') || c == "." || c == ".." || reserved {
             bail!("QUOTAD_COLLECTION: not a Firestore collection id: {c:?}");
         }
         for (name, plan) in file.plans {
@@ -337,14 +341,18 @@ mod tests {
             let message = format!("{:#}", from(vars).unwrap_err());
             assert!(message.contains(names), "{vars:?}: {message}");
         }
+        // REDIS_URL wins: a REDIS_PORT it makes unused is not read (Kubernetes service links)
+        let linked = from(&[("REDIS_URL", "redis://a:1/2"), ("REDIS_PORT", "tcp://10.0.0.9:6379")]);
+        assert_eq!(linked.unwrap().redis_url.as_deref(), Some("redis://a:1/2"));
+        assert!(from(&[("QUOTAD_ADDR", "127.0.0.1:0")]).is_ok()); // any free port
         let fine = from(&[
             ("QUOTAD_ADDR", "localhost:9000"),
             ("QUOTAD_ANOMALY_WEBHOOK", "https://hooks.example.com/quotad"),
             ("QUOTAD_COLLECTION", "providers_v2"),
             ("REDIS_HOST", "redis.internal"),
-            ("REDIS_PORT", "6380"),
+            ("REDIS_PORT", " 6380"),
         ]);
-        assert!(fine.is_ok(), "{fine:?}");
+        assert_eq!(fine.unwrap().redis_url.as_deref(), Some("redis://redis.internal:6380/"));
     }
 
     #[test]

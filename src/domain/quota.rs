@@ -12,8 +12,8 @@ use super::{
     writer::Writer,
 };
 use crate::storage::{
-    Applied, Change, Counters, Decision, Ledger, LedgerDecision, Op, Seed, StorageError, Synced, WriteOutcome, exact,
-    new_epoch,
+    Applied, Change, Counters, Decision, EXACT_MAX, Ledger, LedgerDecision, Op, Seed, StorageError, Synced,
+    WriteOutcome, exact, new_epoch,
 };
 use crate::telemetry::Cached;
 
@@ -717,10 +717,11 @@ impl QuotaService {
         let doc = self.ledger.read(provider).await?.unwrap_or_default();
         // Not before the document has seen the record's epoch; and never onto a usage
         // beyond what Redis counts exactly (the record is dropped instead, when it can be).
-        if doc.epoch.as_deref() != Some(record.epoch.as_str()) || doc.used.is_some_and(|u| u != exact(u)) {
+        let (used, watermark) = (doc.used(), doc.watermark.unwrap_or(0));
+        let rebased = i128::from(doc.used.unwrap_or(0)) + i128::from(record.used) - i128::from(watermark);
+        if doc.epoch.as_deref() != Some(record.epoch.as_str()) || rebased.abs() > i128::from(EXACT_MAX) {
             return Ok(false);
         }
-        let (used, watermark) = (doc.used(), doc.watermark.unwrap_or(0));
         self.counters
             .rebase(provider, &record.epoch, used, watermark, &new_epoch(), &doc.keys)
             .await
@@ -781,12 +782,22 @@ impl QuotaService {
             // The document may hold what other writers added since the record was loaded:
             // the record is reloaded (dropped, or rebased while other replicas keep it
             // dirty) so that store and cache agree. Failing that, it takes the new limit.
-            match self.reload(provider).await {
+            // Without Redis it is only marked (below), for the reload when Redis is back.
+            let reloaded = if redis { self.reload(provider).await } else { Ok(false) };
+            match reloaded {
                 Ok(true) => Ok(()),
-                Ok(false) => {
-                    Self::reload_deferred(provider, "a limit was set");
-                    self.counters.set_limit(provider, view.limit).await
+                Ok(false) if redis => {
+                    // marked for the reconcile, which retries the reload
+                    let _ = self.counters.set_limit(provider, view.limit).await;
+                    Err(StorageError::Other {
+                        backend: "redis",
+                        message: "other replicas keep the record dirty".into(),
+                    })
                 }
+                Ok(false) => Err(StorageError::Other {
+                    backend: "redis",
+                    message: "Redis is away".into(),
+                }),
                 Err(err) => {
                     let _ = self.counters.set_limit(provider, view.limit).await;
                     Err(err)

@@ -42,7 +42,7 @@ pub fn compare(provider: &str, record: &Record, doc: Option<&Document>) -> Drift
         cached: record.used,
         stored,
         unsynced,
-        drift: stored + unsynced - record.used,
+        drift: stored.saturating_add(unsynced).saturating_sub(record.used),
         stale,
     }
 }

@@ -225,15 +225,21 @@ where
                 Err(refused) => Err(refused.into_response()),
             },
             Err(refused) => {
-                discard(body).await;
+                discard(&parts.headers, body).await;
                 Err(refused)
             }
         }
     }
 }
 
-/// Reads a refused request's body to its end (up to [`MAX_BODY`]), so that the connection
-/// stays usable (see [`Checked`]).
-pub async fn discard(body: axum::body::Body) {
-    let _ = axum::body::to_bytes(body, MAX_BODY).await;
+/// Reads a refused request's body to its end, so that the connection stays usable (see
+/// [`Checked`]); for at most a second, and not when it is declared over [`MAX_BODY`] or the
+/// client waits for `100 Continue` (reading would invite the upload): the connection
+/// closes after the refusal then, as it did before.
+pub async fn discard(headers: &axum::http::HeaderMap, body: axum::body::Body) {
+    use axum::body::HttpBody;
+    if body.is_end_stream() || body.size_hint().lower() > MAX_BODY as u64 || headers.contains_key(header::EXPECT) {
+        return;
+    }
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(1), axum::body::to_bytes(body, MAX_BODY)).await;
 }

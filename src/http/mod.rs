@@ -104,12 +104,14 @@ pub fn router(app: AppState) -> Router {
         .merge(admin)
         .merge(ops)
         // (bodies are read first: see [`extract::Checked`])
-        .fallback(|body: axum::body::Body| async {
-            extract::discard(body).await;
+        .fallback(|request: Request| async move {
+            let (parts, body) = request.into_parts();
+            extract::discard(&parts.headers, body).await;
             ApiError::NotFound
         })
-        .method_not_allowed_fallback(|body: axum::body::Body| async {
-            extract::discard(body).await;
+        .method_not_allowed_fallback(|request: Request| async move {
+            let (parts, body) = request.into_parts();
+            extract::discard(&parts.headers, body).await;
             ApiError::MethodNotAllowed
         })
         .layer(record::RecordLayer) // per route: it labels by the matched route
@@ -186,7 +188,8 @@ async fn require_admin(State(app): State<AppState>, request: Request, next: Next
         }
         Some(_) => return next.run(request).await,
     };
-    extract::discard(request.into_body()).await; // see [`extract::Checked`]
+    let (parts, body) = request.into_parts();
+    extract::discard(&parts.headers, body).await; // see [`extract::Checked`]
     refused.into_response()
 }
 

@@ -539,7 +539,8 @@ impl Ledger for MemoryLedger {
             }
         };
         if delta.is_some() || correction != 0 {
-            doc.used = Some((doc.used.unwrap_or(0) + delta.unwrap_or(0) + correction).max(0));
+            let used = doc.used.unwrap_or(0).saturating_add(delta.unwrap_or(0));
+            doc.used = Some(used.saturating_add(correction).max(0));
         }
         Ok(WriteOutcome::Written { limit: doc.limit })
     }

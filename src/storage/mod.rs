@@ -560,7 +560,8 @@ pub fn decide(used: i64, limit: i64, change: &Change<'_>) -> Decision {
 pub fn decide_stored(used: i64, limit: i64, change: &Change<'_>) -> (Decision, i64) {
     let mut decision = decide(exact(used), exact(limit), change);
     let stored = match change.op {
-        // admitted: `used` was below the limit, so within the bound
+        // admitted: `used` was below the limit, so at most the bound (or below -bound:
+        // adding a positive amount cannot overflow)
         Op::Consume if decision.allowed => used + change.amount,
         Op::Consume => used,
         Op::Refund => used.saturating_sub(change.amount).max(0),
@@ -629,13 +630,29 @@ mod tests {
         assert_eq!(delta_for(&record(14, 4), Some("e2"), 15, 5), DeltaPlan::AlreadyThere);
     }
 
+    /// Counts within the bound, anywhere, and at the edges (each about as often).
+    fn counts() -> impl proptest::strategy::Strategy<Value = i64> {
+        use proptest::prelude::*;
+        prop_oneof![
+            -EXACT_MAX..=EXACT_MAX,
+            any::<i64>(),
+            prop_oneof![
+                Just(i64::MAX),
+                Just(i64::MIN),
+                Just(EXACT_MAX),
+                Just(-EXACT_MAX),
+                Just(0)
+            ],
+        ]
+    }
+
     proptest::proptest! {
         /// Any stored 64-bit counts: no overflow, the answer within the exact bound, and
         /// the document changed by what was decided (exactly, while it was within it).
         #[test]
         fn stored_counts_of_any_size_are_decided_without_overflow(
-            used in proptest::prelude::any::<i64>(),
-            limit in proptest::prelude::any::<i64>(),
+            used in counts(),
+            limit in counts(),
             refund in proptest::prelude::any::<bool>(),
             amount in 1i64..=1_000_000,
         ) {
