@@ -59,16 +59,18 @@ async fn setting_only_the_limit_answers_and_caches_what_the_document_holds_in_ev
         let store = shared.store();
         store.put("p1", Some(7), Some(20)).await;
         assert_eq!(app.quota("p1").await["used"], 7);
+        // in redis-primary not yet in the document: the PUT writes it first
+        assert_eq!(ok(app.consume("p1", 1).await).await["used"], 8, "{phase}");
         store.add_used("p1", 3).await;
         let body = ok(app
             .admin(Method::PUT, "/admin/quota/p1", Some(json!({"limit": 50})))
             .await)
         .await;
-        assert_eq!(store.get("p1").await, Some((Some(10), Some(50))), "{phase}");
-        assert_eq!((&body["used"], &body["limit"]), (&json!(10), &json!(50)), "{phase}");
+        assert_eq!(store.get("p1").await, Some((Some(11), Some(50))), "{phase}");
+        assert_eq!((&body["used"], &body["limit"]), (&json!(11), &json!(50)), "{phase}");
         let after = app.quota("p1").await;
-        assert_eq!((&after["used"], &after["limit"]), (&json!(10), &json!(50)), "{phase}");
-        assert_eq!(ok(app.consume("p1", 1).await).await["used"], 11, "{phase}");
+        assert_eq!((&after["used"], &after["limit"]), (&json!(11), &json!(50)), "{phase}");
+        assert_eq!(ok(app.consume("p1", 1).await).await["used"], 12, "{phase}");
     }
 }
 
