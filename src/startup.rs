@@ -107,10 +107,13 @@ impl Application {
         let cancel = CancellationToken::new();
         let tasks = TaskTracker::new();
         tasks.spawn(writer::run(self.app.quotas.clone(), cancel.clone()));
-        // Readiness is known before the first request, and so is a stored phase.
-        if probe(&self.app, true).await.1 {
+        // Readiness is known before the first request, and so is a stored phase (which a
+        // loss of Redis's data found now is recorded under).
+        let health = probe(&self.app, true).await;
+        if health.1 {
             adopt_stored_phase(&self.app.quotas).await;
         }
+        check_data(&self.app, health).await;
         tasks.spawn(watch_health(self.app.clone(), cancel.clone()));
         tasks.spawn(reconcile(self.app.clone(), cancel.clone()));
         tasks.spawn(hand_back(self.app.clone(), cancel.clone()));
@@ -221,22 +224,28 @@ async fn probe(app: &App, first: bool) -> (bool, bool) {
         }
     }
     app.health.set(redis_ok, firestore_ok);
-    if redis_ok
-        && firestore_ok
-        && let Err(err) = quotas.check_redis_data().await
-    {
-        tracing::debug!(error = %err, "could not check Redis's data set");
-    }
     if !redis_ok && quotas.redis_is_up() {
         quotas.redis_down("health probe failed");
     }
     (redis_ok, firestore_ok)
 }
 
+/// Whether Redis lost its data set, once both dependencies answer (see
+/// [`QuotaService::check_redis_data`]).
+async fn check_data(app: &App, (redis, firestore): (bool, bool)) {
+    if redis
+        && firestore
+        && let Err(err) = app.quotas.check_redis_data().await
+    {
+        tracing::debug!(error = %err, "could not check Redis's data set");
+    }
+}
+
 /// Probes both dependencies every second for `/readyz` (a change shows within 10 s).
 async fn watch_health(app: Arc<App>, cancel: CancellationToken) {
     while tick(&cancel, Duration::from_secs(1)).await {
-        probe(&app, false).await;
+        let health = probe(&app, false).await;
+        check_data(&app, health).await;
     }
 }
 
