@@ -31,7 +31,10 @@ pub const CALL_TIMEOUT: Duration = Duration::from_millis(800);
 /// A consume or refund script that Redis runs later than this after it was sent (by Redis
 /// time) changes nothing: its sender has given up by then (after [`CALL_TIMEOUT`]) and
 /// decided from Firestore, so a hung Redis that wakes up must not apply it a second time.
-/// The gap between the two bounds the transit time of a late reply.
+/// The gap between the two bounds the transit time of a late reply (and the error of the
+/// measured clock offset). Sync-lock acquires and renewals keep the same deadline: one
+/// run at the sender's timeout, whose reply came too late, held the lock with nobody
+/// syncing (seen once in a clean-clone CI run).
 pub const APPLY_DEADLINE: Duration = Duration::from_millis(250);
 
 static APPLY: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("scripts/apply.lua")));
@@ -1006,7 +1009,7 @@ impl RedisCounters {
             .arg(op)
             .arg(token)
             .arg(u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1))
-            .arg(self.deadline_ms(CALL_TIMEOUT));
+            .arg(self.deadline_ms(APPLY_DEADLINE));
         let held: i64 = self.invoke(invocation).await?;
         Ok(held == 1)
     }
