@@ -226,11 +226,8 @@ impl Config {
         if let Some(schedule) = var("QUOTAD_SYNC_SCHEDULE").or(file.sync_schedule) {
             config.sync_schedule = schedule;
         }
-        let schedule = crate::domain::schedule::Schedule::parse(&config.sync_schedule)
+        crate::domain::schedule::Schedule::parse(&config.sync_schedule)
             .with_context(|| format!("QUOTAD_SYNC_SCHEDULE: {:?}", config.sync_schedule))?;
-        if schedule.next_after(chrono::Utc::now()).is_none() {
-            bail!("QUOTAD_SYNC_SCHEDULE: {:?} never fires", config.sync_schedule);
-        }
         config.anomaly_webhook = var("QUOTAD_ANOMALY_WEBHOOK").or(file.anomaly_webhook);
         if let Some(url) = &config.anomaly_webhook {
             match reqwest::Url::parse(url) {
@@ -241,11 +238,11 @@ impl Config {
         if let Some(collection) = var("QUOTAD_COLLECTION").or(file.collection) {
             config.collection = collection;
         }
-        // Firestore's rules for a collection id.
-        let c = &config.collection;
-        let reserved = c.len() >= 4 && c.starts_with("__") && c.ends_with("__");
-        if c.is_empty() || c.len() > 1500 || c.contains('/') || c == "." || c == ".." || reserved {
-            bail!("QUOTAD_COLLECTION: not a Firestore collection id: {c:?}");
+        if !crate::domain::ids::is_firestore_id(&config.collection) {
+            bail!(
+                "QUOTAD_COLLECTION: not a Firestore collection id: {:?}",
+                config.collection
+            );
         }
         for (name, plan) in file.plans {
             // Plan names go into the RateLimit headers as structured-field strings.

@@ -58,11 +58,6 @@ impl Application {
         }
         let plans = ratelimit::plans_from_config(&config.plans)?;
         let schedule = Schedule::parse(&config.sync_schedule)?;
-        anyhow::ensure!(
-            schedule.next_after(chrono::Utc::now()).is_some(),
-            "QUOTAD_SYNC_SCHEDULE: {:?} never fires",
-            config.sync_schedule
-        );
         let quotas = QuotaService::new(
             counters.clone(),
             ledger,

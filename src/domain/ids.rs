@@ -8,6 +8,13 @@ use std::fmt;
 #[error("invalid {0}")]
 pub struct InvalidInput(pub &'static str);
 
+/// Whether Firestore accepts `raw` as a document or collection id: 1..=1500 bytes, no `/`,
+/// not `.` or `..`, not `__*__` (reserved).
+pub fn is_firestore_id(raw: &str) -> bool {
+    let reserved = raw.len() >= 4 && raw.starts_with("__") && raw.ends_with("__");
+    !raw.is_empty() && raw.len() <= 1500 && !raw.contains('/') && raw != "." && raw != ".." && !reserved
+}
+
 /// A provider id or rate-limit key: 1..=128 bytes of `[A-Za-z0-9_.:@-]`, not `.` or `..`,
 /// not `__*__` (Firestore reserves those document ids).
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -16,8 +23,7 @@ pub struct ProviderId(String);
 impl ProviderId {
     pub fn parse(raw: &str) -> Result<Self, InvalidInput> {
         let allowed = |b: u8| b.is_ascii_alphanumeric() || b"_.:@-".contains(&b);
-        let reserved = raw.len() >= 4 && raw.starts_with("__") && raw.ends_with("__");
-        if raw.is_empty() || raw.len() > 128 || !raw.bytes().all(allowed) || raw == "." || raw == ".." || reserved {
+        if raw.len() > 128 || !raw.bytes().all(allowed) || !is_firestore_id(raw) {
             return Err(InvalidInput("id"));
         }
         Ok(Self(raw.to_owned()))

@@ -251,7 +251,7 @@ impl QuotaService {
     async fn load(&self, provider: &ProviderId) -> Result<(Seed, Loaded), QuotaError> {
         let fence = self.counters.fence_gen(provider).await?;
         let doc = self.ledger.read(provider).await?.unwrap_or_default();
-        let beyond = doc.used.is_some_and(|used| used != exact(used));
+        let beyond = doc.used_beyond_exact();
         let seed = Seed {
             used: doc.used(),
             limit: self.limit_of(doc.limit),
@@ -677,16 +677,7 @@ impl QuotaService {
     /// Drops the cached record, writing its unsynced usage first: invalidation never loses
     /// usage.
     pub async fn invalidate(&self, provider: &ProviderId) -> Result<(), QuotaError> {
-        // Dropped; or, when other requests keep it dirty (a busy provider), rebased on what
-        // the document holds after its usage was written there: either way the next decision
-        // starts from the store, and the usage not yet written comes along.
-        if self.reload(provider).await? {
-            return Ok(());
-        }
-        // A rebase fails while the document has not seen the record's epoch (another
-        // invalidation has just rebased it): written once more, the document has.
-        self.flush(provider).await?;
-        if self.rebase(provider).await? {
+        if self.reload_written(provider).await? {
             return Ok(());
         }
         Err(QuotaError::Unavailable(StorageError::Other {
@@ -730,6 +721,20 @@ impl QuotaService {
     /// Drops the record for a reload or, when other replicas keep it dirty, rebases it.
     async fn reload(&self, provider: &ProviderId) -> Result<bool, StorageError> {
         Ok(self.try_invalidate(provider).await? || self.rebase(provider).await?)
+    }
+
+    /// [`QuotaService::reload`] for an operator (invalidation, a new limit): dropped; or,
+    /// when other requests keep it dirty (a busy provider), rebased on what the document
+    /// holds after its usage was written there. Either way the next decision starts from
+    /// the store, and the usage not yet written comes along. A rebase fails while the
+    /// document has not seen the record's epoch (another invalidation has just rebased
+    /// it): written once more, the document has. `false` when it still could not.
+    async fn reload_written(&self, provider: &ProviderId) -> Result<bool, StorageError> {
+        if self.reload(provider).await? {
+            return Ok(true);
+        }
+        self.flush(provider).await?;
+        self.rebase(provider).await
     }
 
     /// A record that could not be reloaded because other replicas keep it dirty: they
@@ -780,29 +785,23 @@ impl QuotaService {
             self.counters.replace(provider, &seed, self.cache_ttl).await
         } else {
             // The document may hold what other writers added since the record was loaded:
-            // the record is reloaded (dropped, or rebased while other replicas keep it
-            // dirty) so that store and cache agree. Failing that, it takes the new limit.
-            // Without Redis it is only marked (below), for the reload when Redis is back.
-            let reloaded = if redis { self.reload(provider).await } else { Ok(false) };
-            match reloaded {
-                Ok(true) => Ok(()),
-                Ok(false) if redis => {
-                    // marked for the reconcile, which retries the reload
-                    let _ = self.counters.set_limit(provider, view.limit).await;
-                    Err(StorageError::Other {
-                        backend: "redis",
-                        message: "other replicas keep the record dirty".into(),
-                    })
-                }
-                Ok(false) => Err(StorageError::Other {
-                    backend: "redis",
-                    message: "Redis is away".into(),
-                }),
-                Err(err) => {
-                    let _ = self.counters.set_limit(provider, view.limit).await;
-                    Err(err)
-                }
+            // the record is reloaded as an invalidation reloads it, so that store and cache
+            // agree. Failing that (or without Redis), it is marked below for the reconcile,
+            // and meanwhile takes the new limit.
+            let reloaded = if redis {
+                self.reload_written(provider).await
+            } else {
+                Ok(false)
+            };
+            if !matches!(reloaded, Ok(true)) && redis {
+                let _ = self.counters.set_limit(provider, view.limit).await;
             }
+            reloaded.and_then(|done| {
+                done.then_some(()).ok_or_else(|| StorageError::Other {
+                    backend: "redis",
+                    message: "the record could not be reloaded".into(),
+                })
+            })
         };
         if let Err(err) = cached {
             // Redis will reload this provider before it decides for it again.

@@ -14,7 +14,11 @@ impl Schedule {
         if !expression.trim_start().starts_with('@') && expression.split_whitespace().count() != 5 {
             anyhow::bail!("expected 5 fields: minute hour day-of-month month day-of-week (or @hourly, @daily, ...)");
         }
-        Ok(Self(croner::Cron::from_str(expression)?))
+        let schedule = Self(croner::Cron::from_str(expression)?);
+        if schedule.next_after(Utc::now()).is_none() {
+            anyhow::bail!("it never fires");
+        }
+        Ok(schedule)
     }
 
     /// The first run strictly after `after`.
@@ -49,5 +53,6 @@ mod tests {
         assert!(Schedule::parse("@reboot").is_err());
         assert!(Schedule::parse("@daily 3").is_err());
         assert!(Schedule::parse("* * * * * *").is_err());
+        assert!(Schedule::parse("0 0 30 2 *").is_err()); // never fires
     }
 }

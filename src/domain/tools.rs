@@ -2,7 +2,7 @@
 //! cached record with its document.
 
 use super::QuotaService;
-use crate::storage::{Document, Record, Seed, StorageError, exact, new_epoch};
+use crate::storage::{Document, Record, Seed, StorageError, new_epoch};
 
 /// How one cached record compares with its document.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -80,7 +80,7 @@ pub async fn backfill(
     loop {
         let (docs, next) = quotas.ledger().list_documents(page, 500).await?;
         for (provider, doc) in docs {
-            if doc.used.is_some_and(|used| used != exact(used)) {
+            if doc.used_beyond_exact() {
                 continue; // Firestore decides for it (see `QuotaService::load`)
             }
             let seed = Seed {

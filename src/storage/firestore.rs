@@ -255,12 +255,12 @@ fn plan_record_write(
     let correction = settle_twice_decided(&mut known, keys, doc.quotadEpoch.as_deref(), now);
     let used = doc.aiCallsUsed.as_ref().map_or(0, num);
     if let DeltaPlan::Add(delta) = plan {
-        write.aiCallsUsed = Some(used.saturating_add(delta).saturating_add(correction).max(0));
+        write.aiCallsUsed = Some(super::usage_after_write(used, delta, correction));
         write.quotadEpoch = Some(record.epoch.clone());
         write.quotadWatermark = Some(record.used);
         write.quotadVersion = Some(i64::try_from(record.version).unwrap_or(i64::MAX));
     } else if correction != 0 {
-        write.aiCallsUsed = Some(used.saturating_add(correction).max(0));
+        write.aiCallsUsed = Some(super::usage_after_write(used, 0, correction));
     }
     if correction != 0 || keys.iter().any(|(id, _)| !known.contains_key(id)) {
         merge_keys(&mut known, keys, now);

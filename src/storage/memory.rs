@@ -539,8 +539,11 @@ impl Ledger for MemoryLedger {
             }
         };
         if delta.is_some() || correction != 0 {
-            let used = doc.used.unwrap_or(0).saturating_add(delta.unwrap_or(0));
-            doc.used = Some(used.saturating_add(correction).max(0));
+            doc.used = Some(super::usage_after_write(
+                doc.used.unwrap_or(0),
+                delta.unwrap_or(0),
+                correction,
+            ));
         }
         Ok(WriteOutcome::Written { limit: doc.limit })
     }

@@ -427,6 +427,12 @@ impl Document {
         exact(self.used.unwrap_or(0))
     }
 
+    /// Whether its stored usage lies beyond [`EXACT_MAX`]: Redis does not cache it, and
+    /// Firestore decides for it in every phase.
+    pub fn used_beyond_exact(&self) -> bool {
+        self.used.is_some_and(|used| used != exact(used))
+    }
+
     /// Its limit as quotad counts it ([`exact`]), or `default` when it stores none.
     pub fn limit_or(&self, default: i64) -> i64 {
         exact(self.limit.unwrap_or(default))
@@ -568,6 +574,13 @@ pub fn decide_stored(used: i64, limit: i64, change: &Change<'_>) -> (Decision, i
     };
     decision.used = exact(stored);
     (decision, stored)
+}
+
+/// A document's `aiCallsUsed` after a record's write adds `delta` and the settlement of
+/// keys decided twice adds `correction` (see [`settle_twice_decided`]): never below 0, and
+/// saturating at the ends of i64 (another writer may store anything).
+pub fn usage_after_write(stored: i64, delta: i64, correction: i64) -> i64 {
+    stored.saturating_add(delta).saturating_add(correction).max(0)
 }
 
 /// A fresh random epoch id.

@@ -1009,22 +1009,16 @@ impl RedisCounters {
             .arg(op)
             .arg(token)
             .arg(u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1))
-            .arg(self.deadline_ms(APPLY_DEADLINE));
+            .arg(self.apply_deadline_ms());
         let held: i64 = self.invoke(invocation).await?;
         Ok(held == 1)
     }
 
-    /// The Redis time after which an apply sent now must not change anything (0: none,
-    /// while the offset is unmeasured).
+    /// The Redis time after which an apply or sync-lock call sent now must not change
+    /// anything (0: none, while the offset is unmeasured): a hung Redis runs what it had
+    /// queued once it resumes, after its sender stopped waiting.
     fn apply_deadline_ms(&self) -> i64 {
-        self.deadline_ms(APPLY_DEADLINE)
-    }
-
-    /// The Redis time `within` from now (0: none, while the offset is unmeasured): a call
-    /// Redis runs after it has outlived its sender's wait (a hung Redis runs what it had
-    /// queued once it resumes).
-    fn deadline_ms(&self, within: Duration) -> i64 {
-        let within = i64::try_from(within.as_millis()).unwrap_or(i64::MAX / 4);
+        let within = i64::try_from(APPLY_DEADLINE.as_millis()).unwrap_or(250);
         self.clock_offset_ms
             .read()
             .unwrap()
