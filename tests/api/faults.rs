@@ -18,11 +18,7 @@ async fn readiness(app: &crate::helpers::TestApp) -> Value {
 
 #[tokio::test]
 async fn redis_killed_and_restarted_mid_test_keeps_decisions_exact() {
-    let mut redis = RedisServer::start().await;
-    let shared = Shared {
-        redis_url: Some(redis.url()),
-        ..Shared::real()
-    };
+    let (shared, mut redis) = Shared::with_own_redis().await;
     let app = spawn_with(&shared, |_| {}).await;
     let store = shared.store();
     store.put("p1", Some(0), Some(6)).await;
@@ -55,11 +51,7 @@ async fn redis_killed_and_restarted_mid_test_keeps_decisions_exact() {
 
 #[tokio::test]
 async fn a_hung_redis_sends_decisions_to_firestore_and_its_stale_data_is_reloaded() {
-    let redis = RedisServer::start().await;
-    let shared = Shared {
-        redis_url: Some(redis.url()),
-        ..Shared::real()
-    };
+    let (shared, redis) = Shared::with_own_redis().await;
     let app = spawn_with(&shared, |_| {}).await;
     let store = shared.store();
     store.put("p1", Some(0), Some(5)).await;
@@ -201,11 +193,7 @@ async fn embedded_backends_run_without_redis_or_firestore() {
 
 #[tokio::test]
 async fn a_retry_after_redis_died_is_answered_from_firestore_not_charged_again() {
-    let mut redis = RedisServer::start().await;
-    let shared = Shared {
-        redis_url: Some(redis.url()),
-        ..Shared::real()
-    };
+    let (shared, mut redis) = Shared::with_own_redis().await;
     let app = spawn_with(&shared, |_| {}).await;
     let store = shared.store();
     store.put("p1", Some(0), Some(10)).await;
@@ -275,11 +263,7 @@ async fn a_sync_lock_acquire_that_ran_too_late_takes_nothing() {
 /// call is charged once, and its replays give Redis's first answer.
 #[tokio::test]
 async fn a_keyed_retry_decided_again_while_redis_hangs_is_charged_once() {
-    let redis = RedisServer::start().await;
-    let shared = Shared {
-        redis_url: Some(redis.url()),
-        ..Shared::real()
-    };
+    let (shared, redis) = Shared::with_own_redis().await;
     let app = spawn_with(&shared, |_| {}).await;
     ok(app.set_phase(Phase::RedisPrimary).await).await;
     let store = shared.store();

@@ -71,6 +71,16 @@ pub struct Shared {
 }
 
 impl Shared {
+    /// The emulator and a private redis-server (for tests that stop, kill or pause it).
+    pub async fn with_own_redis() -> (Self, RedisServer) {
+        let redis = RedisServer::start().await;
+        let shared = Self {
+            redis_url: Some(redis.url()),
+            ..Self::real()
+        };
+        (shared, redis)
+    }
+
     /// Real Redis and the emulator, isolated by prefix and project.
     pub fn real() -> Self {
         Self {
