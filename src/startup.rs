@@ -287,9 +287,8 @@ async fn hand_back(app: Arc<App>, cancel: CancellationToken) {
 /// stored. Bounded, as quotad serves even while Firestore hangs at start
 /// ([`follow_phase`] adopts it once Firestore answers).
 async fn adopt_stored_phase(quotas: &QuotaService) {
-    match tokio::time::timeout(Duration::from_millis(1500), quotas.ledger().phase()).await {
-        Ok(Ok(Some((phase, since)))) => quotas.follow_phase(phase, since),
-        Ok(Ok(None)) => {}
+    match tokio::time::timeout(Duration::from_millis(1500), quotas.refresh_phase()).await {
+        Ok(Ok(_)) => {}
         Ok(Err(err)) => tracing::warn!(error = %err, "could not read the stored phase at start"),
         Err(_) => tracing::warn!("reading the stored phase at start timed out"),
     }
@@ -298,9 +297,8 @@ async fn adopt_stored_phase(quotas: &QuotaService) {
 /// Follows the phase stored in the ledger (every replica within a second or two).
 async fn follow_phase(app: Arc<App>, cancel: CancellationToken) {
     loop {
-        match app.quotas.ledger().phase().await {
-            Ok(Some((phase, since))) => app.quotas.follow_phase(phase, since),
-            Ok(None) => {}
+        match app.quotas.refresh_phase().await {
+            Ok(_) => {}
             Err(err) => tracing::debug!(error = %err, "reading the phase failed"),
         }
         if !tick(&cancel, Duration::from_secs(1)).await {

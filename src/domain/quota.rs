@@ -61,11 +61,11 @@ impl From<StorageError> for QuotaError {
     }
 }
 
-/// Shared state of one replica's quota decisions.
 /// Quota decisions by op, phase and outcome; cache lookups that hit.
 static DECISIONS: Cached<metrics::Counter, 18> = Cached::new();
 static CACHE: Cached<metrics::Counter, 1> = Cached::new();
 
+/// Shared state of one replica's quota decisions.
 pub struct QuotaService {
     counters: Arc<dyn Counters>,
     ledger: Arc<dyn Ledger>,
@@ -79,6 +79,8 @@ pub struct QuotaService {
     known_sentinel: std::sync::Mutex<Option<String>>,
     /// Decisions waiting for a fence to lift (see `change_in_redis`).
     fence_waiting: std::sync::atomic::AtomicUsize,
+    /// Providers whose record a fallback is marking outdated (one mark in flight each).
+    marking: std::sync::Mutex<std::collections::HashSet<ProviderId>>,
     /// This service, for the tasks Firestore decisions run in.
     me: std::sync::Weak<QuotaService>,
 }
@@ -102,6 +104,7 @@ impl QuotaService {
             writer: Writer::default(),
             known_sentinel: std::sync::Mutex::new(None),
             fence_waiting: std::sync::atomic::AtomicUsize::new(0),
+            marking: std::sync::Mutex::default(),
             me: me.clone(),
         })
     }
@@ -141,7 +144,16 @@ impl QuotaService {
         });
     }
 
-    /// Stores a new phase durably and adopts it.
+    /// Reads the stored phase and adopts it (none stored: this replica's own stays).
+    pub async fn refresh_phase(&self) -> Result<(Phase, DateTime<Utc>), StorageError> {
+        if let Some((phase, since)) = self.ledger.phase().await? {
+            self.follow_phase(phase, since);
+        }
+        Ok(self.phase())
+    }
+
+    /// Stores a new phase durably and adopts it. The caller has refreshed the phase: this
+    /// replica's view may be a poll behind the stored one.
     pub async fn set_phase(&self, phase: Phase) -> Result<(Phase, DateTime<Utc>), QuotaError> {
         let (current, since) = self.phase();
         if current == phase {
@@ -209,6 +221,8 @@ impl QuotaService {
         let (phase, _) = self.phase();
         if self.use_redis(phase) {
             match self.counters.read(provider).await {
+                // An outdated record is not used: the store answers, below.
+                Ok(Some(record)) if record.outdated => {}
                 Ok(Some(record)) => {
                     CACHE
                         .get(0, || metrics::counter!("quotad_cache_total", "result" => "hit"))
@@ -364,6 +378,9 @@ impl QuotaService {
                         tokio::time::sleep(FENCE_POLL).await;
                     }
                 }
+                // Firestore decided for it while this replica could not see (another replica
+                // could not reach Redis): Firestore decides, under a fence that drops it.
+                Applied::Outdated => return self.in_firestore(provider, change, phase, InFirestore::Fenced).await,
                 applied => return self.answer_of(provider, applied, phase),
             }
         }
@@ -381,7 +398,7 @@ impl QuotaService {
                 }
                 Ok(Outcome::Decided(decision))
             }
-            Applied::Miss => unreachable!("a miss is loaded, not answered"),
+            Applied::Miss | Applied::Outdated => unreachable!("a miss is loaded, an outdated record fenced"),
         }
     }
 
@@ -455,7 +472,7 @@ impl QuotaService {
                 // made while Redis was away are reloaded once it is not this busy).
                 // Deciding in Firestore beside it would let both admit: Redis decides.
                 match self.counters.apply(provider, change).await {
-                    Ok(Applied::Miss) => {} // gone meanwhile: Firestore decides
+                    Ok(Applied::Miss | Applied::Outdated) => {} // gone or outdated: Firestore decides
                     Ok(applied) => {
                         fence.release().await;
                         return self.answer_of(provider, applied, phase);
@@ -530,6 +547,9 @@ impl QuotaService {
         tracing::debug!(%phase, fallback, "deciding with a Firestore transaction");
         // Counted until it lands: Redis may not decide for the provider meanwhile.
         let _in_flight = fallback.then(|| self.handover.begin(provider));
+        if fallback {
+            self.mark_outdated_later(provider);
+        }
         match self
             .ledger
             .decide(provider, change, self.default_limit, fallback)
@@ -539,6 +559,28 @@ impl QuotaService {
             LedgerDecision::Replayed(decision) => Ok(Outcome::Replayed(decision)),
             LedgerDecision::KeyReused => Err(QuotaError::KeyReused),
         }
+    }
+
+    /// A fallback decides in Firestore: its provider's record in Redis is marked outdated
+    /// whenever Redis takes the call, so that replicas that reach Redis do not decide from
+    /// it before it is reloaded (this one holds it back itself, see [`Handover`]). A hung
+    /// Redis runs the mark when it wakes, before anything sent after; an unreachable one
+    /// never does: the reconciliation reloads the record. The call is not waited for; one
+    /// runs at a time per provider.
+    fn mark_outdated_later(&self, provider: &ProviderId) {
+        let Some(me) = self.me.upgrade() else {
+            return;
+        };
+        if !self.marking.lock().unwrap().insert(provider.clone()) {
+            return;
+        }
+        let provider = provider.clone();
+        tokio::spawn(async move {
+            if let Err(err) = me.counters.mark_outdated(&provider).await {
+                tracing::debug!(%provider, error = %err, "could not mark the record outdated");
+            }
+            me.marking.lock().unwrap().remove(&provider);
+        });
     }
 
     /// Writes a provider's unsynced usage to the ledger, exactly once. Returns `true` when

@@ -81,7 +81,10 @@ impl SyncJob {
     /// Switches every replica to `target`. Leaving `redis-primary` first writes all usage
     /// to Firestore (waiting up to 60 s for a running sync) and refuses while any is left.
     pub async fn switch_phase(&self, target: Phase) -> Result<(Phase, DateTime<Utc>), SwitchError> {
-        let (current, _) = self.service.phase();
+        // From the stored phase, not this replica's view of it, which follows a poll behind:
+        // a replica that has not yet seen another's switch to redis-primary must still sync
+        // before leaving it (and must not take the stored phase for the one it already has).
+        let (current, _) = self.service.refresh_phase().await.map_err(super::QuotaError::from)?;
         if current == Phase::RedisPrimary && target != Phase::RedisPrimary {
             // API.md: the answer comes within 60 s even when Firestore is unreachable.
             let deadline = tokio::time::Instant::now() + Duration::from_secs(55);

@@ -119,6 +119,7 @@ mod tests {
             synced,
             from_watermark: None,
             loaded_ms: None,
+            outdated: false,
         }
     }
 

@@ -197,6 +197,7 @@ impl Counters for MemoryCounters {
             synced: 0,
             from_watermark: Some(doc_watermark),
             loaded_ms: Some(now_ms()), // it holds what the ledger held now
+            outdated: false,
         };
         state.import_keys(provider, keys);
         Ok(true)
@@ -232,6 +233,9 @@ impl Counters for MemoryCounters {
         let Some(record) = state.live(provider) else {
             return Ok(Applied::Miss);
         };
+        if record.outdated {
+            return Ok(Applied::Outdated);
+        }
         let decision = super::decide(record.used, record.limit, change);
         // A keyed decision makes the record dirty too: its key travels to the ledger.
         let dirty = decision.used != record.used || id.is_some();
@@ -300,6 +304,13 @@ impl Counters for MemoryCounters {
             .get(provider)
             .map(|p| p.clone().into_iter().collect())
             .unwrap_or_default())
+    }
+
+    async fn mark_outdated(&self, provider: &ProviderId) -> Result<(), StorageError> {
+        if let Some(record) = self.state.lock().unwrap().live(provider) {
+            record.outdated = true;
+        }
+        Ok(())
     }
 
     async fn evict_clean(&self, provider: &ProviderId) -> Result<bool, StorageError> {
@@ -446,6 +457,7 @@ fn record_of(seed: &Seed) -> Record {
         loaded_from: seed.loaded_from.clone(),
         version: 0,
         synced: 0,
+        outdated: false,
     }
 }
 

@@ -58,6 +58,10 @@ pub struct Record {
     /// When the record was loaded or rebased from the ledger (unix ms, by Redis's clock for
     /// a Redis record; `None` for one an older quotad wrote): the cache TTL runs from then.
     pub loaded_ms: Option<i64>,
+    /// Firestore may have decided for the provider since this record was loaded (a replica
+    /// that could not reach Redis did, see [`Counters::mark_outdated`]): no decision or
+    /// lookup uses it until it is reloaded.
+    pub outdated: bool,
 }
 
 impl Record {
@@ -129,6 +133,9 @@ pub struct Decision {
 pub enum Applied {
     /// No record: load it from the ledger, then apply again.
     Miss,
+    /// The record is outdated ([`Record::outdated`]): nothing was applied; Firestore decides,
+    /// and the record is reloaded.
+    Outdated,
     /// Decided now.
     Decided(Decision),
     /// The idempotency key was used before with this amount: its first answer.
@@ -378,6 +385,10 @@ pub trait Counters: Send + Sync {
     ) -> Result<Synced, StorageError>;
     /// Idempotency records decided here and not yet in the ledger.
     async fn pending_keys(&self, provider: &ProviderId) -> Result<Vec<KeyRecord>, StorageError>;
+    /// Marks the record outdated ([`Record::outdated`]), if there is one: a replica that
+    /// decided for the provider in Firestore while it could not reach Redis says so, for the
+    /// replicas that still can. A load or a rebase clears the mark.
+    async fn mark_outdated(&self, provider: &ProviderId) -> Result<(), StorageError>;
     /// Drops a clean record. Returns `false` (and keeps it) when it is dirty.
     async fn evict_clean(&self, provider: &ProviderId) -> Result<bool, StorageError>;
     /// Drops the record if it is still of `epoch`, dirty or not (its document was reset).
@@ -628,6 +639,7 @@ mod tests {
             synced: 0,
             from_watermark: None,
             loaded_ms: None,
+            outdated: false,
         }
     }
 

@@ -155,7 +155,46 @@ async fn counters_contract(counters: Arc<dyn Counters>) {
     assert!(counters.dirty(Duration::ZERO, 10).await.unwrap().is_empty());
     counters.ping().await.unwrap();
     fences_contract(counters.as_ref()).await;
+    outdated_contract(counters.as_ref()).await;
     ttl_from_load_contract(counters.as_ref()).await;
+}
+
+/// A record marked outdated (a replica decided for its provider in Firestore without
+/// reaching Redis) is decided from by no one until a load or a rebase replaces it; a mark
+/// without a record creates none.
+async fn outdated_contract(counters: &dyn Counters) {
+    let id = p("outdated");
+    counters.mark_outdated(&id).await.unwrap();
+    assert_eq!(counters.read(&id).await.unwrap(), None, "no record made");
+    assert!(counters.load(&id, &seed(1, 5), TTL).await.unwrap());
+    counters.apply(&id, &consume(1)).await.unwrap();
+    counters.mark_outdated(&id).await.unwrap();
+    let marked = counters.read(&id).await.unwrap().unwrap();
+    assert!(marked.outdated && marked.used == 2 && marked.is_dirty(), "{marked:?}");
+    assert_eq!(counters.apply(&id, &consume(1)).await.unwrap(), Applied::Outdated);
+    let keyed = Change {
+        idempotency_key: Some("k-outdated"),
+        ..consume(1)
+    };
+    assert_eq!(counters.apply(&id, &keyed).await.unwrap(), Applied::Outdated);
+    assert_eq!(counters.read(&id).await.unwrap().unwrap(), marked, "nothing applied");
+    assert!(counters.pending_keys(&id).await.unwrap().is_empty(), "no key recorded");
+    // A rebase holds what the document holds now: the mark goes.
+    assert!(counters.rebase(&id, "e1", 7, 1, "e2", &[]).await.unwrap());
+    let rebased = counters.read(&id).await.unwrap().unwrap();
+    assert!(!rebased.outdated && rebased.used == 8, "{rebased:?}");
+    assert_eq!(
+        counters.apply(&id, &consume(1)).await.unwrap(),
+        Applied::Decided(Decision {
+            allowed: false,
+            used: 8,
+            limit: 5
+        })
+    );
+    // So does a replacing load (an operator's quota).
+    counters.mark_outdated(&id).await.unwrap();
+    counters.replace(&id, &seed(0, 5), TTL).await.unwrap();
+    assert!(!counters.read(&id).await.unwrap().unwrap().outdated);
 }
 
 /// A record that turns clean lives the cache TTL from its load, not from the moment it
@@ -308,6 +347,7 @@ fn record(used: i64, base: i64, epoch: &str, loaded_from: &str, version: u64) ->
         synced: 0,
         from_watermark: None,
         loaded_ms: None,
+        outdated: false,
     }
 }
 

@@ -77,6 +77,67 @@ async fn a_hung_redis_sends_decisions_to_firestore_and_its_stale_data_is_reloade
     assert_eq!(eventually(DEADLINE, Some(5), || store.used("p1")).await, Some(5));
 }
 
+/// A replica that decided in Firestore while Redis hung (and another writer beside it) must
+/// not leave a replica that never saw the hang deciding from Redis's old record once Redis
+/// wakes: the call that timed out, run late, marks the record outdated, and so do the
+/// marks the fallback sent, queued behind it. In both phases where Redis decides.
+#[tokio::test]
+async fn after_a_hang_another_replica_decides_from_what_firestore_decided_meanwhile() {
+    for phase in [Phase::DualWrite, Phase::RedisPrimary] {
+        let (shared, redis) = Shared::with_own_redis().await;
+        let (a, b) = (
+            spawn_with(&shared, |c| c.initial_phase = phase).await,
+            spawn_with(&shared, |c| c.initial_phase = phase).await,
+        );
+        let store = shared.store();
+        store.put("p1", Some(0), Some(10)).await;
+        ok(a.consume("p1", 1).await).await;
+        ok(b.consume("p1", 1).await).await;
+        if phase == Phase::RedisPrimary {
+            ok(a.admin(reqwest::Method::POST, "/admin/sync", None).await).await;
+        }
+        assert_eq!(eventually(DEADLINE, Some(2), || store.used("p1")).await, Some(2));
+
+        redis.pause(true);
+        for used in 3..=5 {
+            assert_eq!(
+                ok(a.consume("p1", 1).await).await["used"],
+                used,
+                "{phase}: A decides in Firestore"
+            );
+        }
+        store.add_used("p1", 3).await; // a legacy writer: 8 of 10
+        redis.pause(false);
+
+        // B never saw Redis hang: its lookup and its decisions follow the store at once.
+        let seen = ok(b.get("/quota/p1").await).await;
+        assert_eq!(
+            (seen["used"].clone(), seen["source"].clone()),
+            (json!(8), json!("store")),
+            "{phase}"
+        );
+        let mut admitted = 0;
+        while b.consume("p1", 1).await.status() == 200 {
+            admitted += 1;
+            assert!(admitted <= 10, "{phase}: B keeps admitting");
+        }
+        assert_eq!(admitted, 2, "{phase}: 8 of 10 were used");
+        if phase == Phase::RedisPrimary {
+            ok(b.admin(reqwest::Method::POST, "/admin/sync", None).await).await;
+        }
+        assert_eq!(
+            eventually(DEADLINE, Some(10), || store.used("p1")).await,
+            Some(10),
+            "{phase}"
+        );
+        // A, deciding in Firestore or back on Redis by now, sees all of it too.
+        problem(a.consume("p1", 1).await, 429, "quota_exceeded").await;
+        assert_eq!(store.used("p1").await, Some(10), "{phase}");
+        a.stop().await;
+        b.stop().await;
+    }
+}
+
 #[tokio::test]
 async fn a_failed_firestore_write_is_retried_until_it_lands_once() {
     let redis = RedisServer::start().await;

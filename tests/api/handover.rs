@@ -17,8 +17,8 @@ use chrono::{DateTime, Utc};
 use quotad::{
     domain::{Outcome, Phase, ProviderId, QuotaService},
     storage::{
-        Change, Counters, Document, KeyRecord, Ledger, LedgerDecision, Record, RecordWrite, StorageError, WriteOutcome,
-        firestore::FirestoreLedger, memory, redis::RedisCounters,
+        Applied, Change, Counters, Document, KeyRecord, Ledger, LedgerDecision, Record, RecordWrite, StorageError,
+        WriteOutcome, firestore::FirestoreLedger, memory, redis::RedisCounters,
     },
 };
 use tokio::sync::{Notify, Semaphore};
@@ -372,10 +372,12 @@ async fn a_slow_decision_keeps_its_fence(counters: Arc<dyn Counters>, ledger: Ar
     assert!(!counters.fence_held(&id).await.unwrap(), "released once it landed");
 }
 
-/// A record that other replicas keep dirty cannot be dropped for its reload: the
-/// reconcile rebases it in place instead, so it takes in the fallback it missed, and the
-/// recovery goes on.
-async fn a_busy_record_is_rebased_at_the_recovery(counters: Arc<dyn Counters>, ledger: Arc<Gated>) {
+/// A fallback marks its provider's record outdated as soon as Redis takes the call (here at
+/// once: this replica only believes Redis is away): another replica that reaches Redis then
+/// decides for it in Firestore too, not from a record that misses the fallback, and the
+/// reconcile reloads it. (A record that other replicas keep dirty, its mark lost, is rebased
+/// in place instead: `a_record_kept_dirty_past_its_ttl_is_rebased`, and the contract's.)
+async fn a_fallback_marks_the_record_outdated_until_the_recovery(counters: Arc<dyn Counters>, ledger: Arc<Gated>) {
     let a = service(counters.clone(), ledger.clone());
     let (busy, calm) = (p("busy"), p("calm"));
     assert_eq!(consume(&a, &busy).await, 1);
@@ -384,33 +386,34 @@ async fn a_busy_record_is_rebased_at_the_recovery(counters: Arc<dyn Counters>, l
     a.redis_down("test");
     assert_eq!(consume(&a, &busy).await, 2, "a fallback: Firestore decides");
     assert_eq!(consume(&a, &calm).await, 1, "Firestore has not seen Redis's unit yet");
-    // Another replica (Redis answers it) decides `busy` in Redis, and keeps doing so.
+    for id in [&busy, &calm] {
+        let mut marked = false;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while !marked {
+            assert!(tokio::time::Instant::now() < deadline, "{id} never marked");
+            tokio::time::sleep(Duration::from_millis(2)).await;
+            marked = counters.read(id).await.unwrap().is_some_and(|r| r.outdated);
+        }
+    }
+    // Another replica (Redis answers it) is not let decide from it.
     let by_other = quotad::storage::Change {
         op: quotad::storage::Op::Consume,
         amount: 1,
         idempotency_key: None,
     };
-    counters.apply(&busy, &by_other).await.unwrap();
-    ledger.busy_units.fetch_add(1, Ordering::SeqCst);
-    *ledger.busy.lock().unwrap() = Some((counters.clone(), busy.clone()));
-    assert_eq!(a.reconcile().await.unwrap(), 2, "`calm` dropped, `busy` rebased");
-    let so_far = ledger.busy_units.load(Ordering::SeqCst);
-    assert_eq!(
-        counters.read(&busy).await.unwrap().unwrap().used,
-        2 + so_far,
-        "the rebased record holds the fallback's unit"
-    );
+    assert_eq!(counters.apply(&busy, &by_other).await.unwrap(), Applied::Outdated);
+    assert_eq!(a.reconcile().await.unwrap(), 2, "both reloaded");
+    for id in [&busy, &calm] {
+        assert!(counters.read(id).await.unwrap().is_none_or(|r| !r.outdated), "{id}");
+    }
     a.redis_recovered();
     assert!(a.redis_is_up());
-    *ledger.busy.lock().unwrap() = None;
     assert_eq!(a.hand_back().await, 2);
-    let others = ledger.busy_units.load(Ordering::SeqCst);
-    assert!(others > 1, "the record stayed dirty through the reconcile's flushes");
-    // Redis's unit, the fallback's, the other replica's and this one.
-    assert_eq!(consume(&a, &busy).await, 3 + others);
+    // Redis's unit and the fallback's, then this one.
+    assert_eq!(consume(&a, &busy).await, 3);
     assert_eq!(consume(&a, &calm).await, 3);
     assert!(a.flush(&busy).await.unwrap());
-    assert_eq!(ledger.read(&busy).await.unwrap().unwrap().used, Some(3 + others));
+    assert_eq!(ledger.read(&busy).await.unwrap().unwrap().used, Some(3));
 }
 
 /// A record that another replica keeps dirty never turns clean, so it never expires; once
@@ -518,6 +521,40 @@ async fn a_firestore_only_decision_meeting_a_busy_record_decides_in_redis(
     assert_eq!(ledger.read(&id).await.unwrap().unwrap().used, Some(17));
 }
 
+/// A replica asked to leave `redis-primary` before it has followed another's switch into it
+/// (its view is a poll behind) still syncs first: it decides from the stored phase.
+async fn leaving_a_phase_not_yet_followed_still_syncs_first(counters: Arc<dyn Counters>, ledger: Arc<Gated>) {
+    let a = service(counters.clone(), ledger.clone()); // in dual-write, and following nothing
+    let id = p("unsynced");
+    assert_eq!(consume(&a, &id).await, 1);
+    assert!(a.flush(&id).await.unwrap());
+    ledger.set_phase(Phase::RedisPrimary, Utc::now()).await.unwrap(); // another replica's switch
+    let by_other = quotad::storage::Change {
+        op: quotad::storage::Op::Consume,
+        amount: 2,
+        idempotency_key: None,
+    };
+    assert!(matches!(counters.apply(&id, &by_other).await.unwrap(), Applied::Decided(d) if d.used == 3));
+    assert_eq!(a.phase().0, Phase::DualWrite, "not followed yet");
+    let sync = quotad::domain::sync::SyncJob::new(a.clone());
+    let (phase, _) = sync.switch_phase(Phase::FirestoreOnly).await.unwrap();
+    assert_eq!(phase, Phase::FirestoreOnly);
+    assert_eq!(ledger.phase().await.unwrap().unwrap().0, Phase::FirestoreOnly);
+    assert_eq!(ledger.read(&id).await.unwrap().unwrap().used, Some(3), "synced first");
+}
+
+#[tokio::test]
+async fn memory_leaving_a_phase_not_yet_followed_still_syncs_first() {
+    let (counters, ledger) = memory().await;
+    leaving_a_phase_not_yet_followed_still_syncs_first(counters, ledger).await;
+}
+
+#[tokio::test]
+async fn redis_leaving_a_phase_not_yet_followed_still_syncs_first() {
+    let (counters, ledger) = real().await;
+    leaving_a_phase_not_yet_followed_still_syncs_first(counters, ledger).await;
+}
+
 async fn memory() -> (Arc<dyn Counters>, Arc<Gated>) {
     (
         Arc::new(memory::MemoryCounters::default()),
@@ -593,15 +630,15 @@ async fn redis_renews_the_fence_of_a_slow_decision() {
 }
 
 #[tokio::test]
-async fn memory_rebases_a_busy_record_at_the_recovery() {
+async fn memory_marks_a_fallbacks_record_outdated_until_the_recovery() {
     let (counters, ledger) = memory().await;
-    a_busy_record_is_rebased_at_the_recovery(counters, ledger).await;
+    a_fallback_marks_the_record_outdated_until_the_recovery(counters, ledger).await;
 }
 
 #[tokio::test]
-async fn redis_rebases_a_busy_record_at_the_recovery() {
+async fn redis_marks_a_fallbacks_record_outdated_until_the_recovery() {
     let (counters, ledger) = real().await;
-    a_busy_record_is_rebased_at_the_recovery(counters, ledger).await;
+    a_fallback_marks_the_record_outdated_until_the_recovery(counters, ledger).await;
 }
 
 #[tokio::test]

@@ -50,6 +50,7 @@ static FENCE: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("scri
 static FENCED: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("scripts/fenced.lua")));
 static RENEW_FENCE: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("scripts/renew_fence.lua")));
 static REBASE: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("scripts/rebase.lua")));
+static MARK_OUTDATED: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("scripts/mark_outdated.lua")));
 static UNFENCE: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("scripts/unfence.lua")));
 
 /// Redis-backed counters.
@@ -272,7 +273,9 @@ impl Batched for ReadJob {
 }
 
 /// The fields of a record hash that a read returns, in [`record_of`]'s order.
-const RECORD_FIELDS: [&str; 9] = ["used", "limit", "epoch", "base", "from", "ver", "synced", "fromw", "at"];
+const RECORD_FIELDS: [&str; 10] = [
+    "used", "limit", "epoch", "base", "from", "ver", "synced", "fromw", "at", "outdated",
+];
 
 /// What a plan-based check counts its attempts with.
 #[derive(PartialEq)]
@@ -647,6 +650,12 @@ impl Counters for RedisCounters {
         self.query(cmd).await
     }
 
+    async fn mark_outdated(&self, provider: &ProviderId) -> Result<(), StorageError> {
+        let mut invocation = MARK_OUTDATED.prepare_invoke();
+        invocation.key(self.keys.record(provider));
+        self.invoke::<i64>(invocation).await.map(|_| ())
+    }
+
     async fn evict_clean(&self, provider: &ProviderId) -> Result<bool, StorageError> {
         let mut invocation = EVICT_CLEAN.prepare_invoke();
         invocation.key(self.keys.record(provider));
@@ -903,6 +912,7 @@ fn record_of(reply: &Value) -> Result<Option<Record>, StorageError> {
             synced: u64::try_from(int(&v[6])?).ok()?,
             from_watermark: int(&v[7]), // absent unless rebased
             loaded_ms: int(&v[8]),
+            outdated: !matches!(v[9], Value::Nil),
         })
     };
     parse().map(Some).ok_or_else(|| bad_reply("record", v))
@@ -994,6 +1004,7 @@ fn applied(reply: &[Value]) -> Result<Applied, StorageError> {
             message: format!("apply failed: {}", text(&reply[1]).unwrap_or_default()),
         }),
         (Some("miss"), _) => Ok(Applied::Miss),
+        (Some("outdated"), _) => Ok(Applied::Outdated),
         (Some("reused"), _) => Ok(Applied::KeyReused),
         (Some("replay"), Some(d)) => Ok(Applied::Replayed(d)),
         (Some("ok"), Some(d)) => Ok(Applied::Decided(d)),

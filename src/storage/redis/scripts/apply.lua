@@ -29,12 +29,25 @@
 -- itself, in order, before it changes the record's state in the call, and everything that
 -- can fail comes before that: a change answered 'err' has changed nothing. The writes at the
 -- end cannot fail (the dirty index's type is checked first; each record was read as a hash).
--- Returns {'late'}, or four values per change: 'miss' | 'reused' | 'replay' | 'ok' | 'err',
--- then allowed 0/1, used, limit (zeros after 'miss' and 'reused'; the error after 'err').
+-- A call run after its deadline changes nothing and marks every record it names outdated
+-- (see mark_outdated.lua): its sender has decided from Firestore instead, and Redis runs it
+-- only now because Redis hung meanwhile. Other replicas, which may reach Redis again before
+-- the sender's reconciliation has reloaded the records, must not decide from them.
+-- A change of an outdated record is answered 'outdated' and changes nothing.
+-- Returns {'late'}, or four values per change: 'miss' | 'outdated' | 'reused' | 'replay' |
+-- 'ok' | 'err', then allowed 0/1, used, limit (zeros after 'miss', 'outdated' and 'reused';
+-- the error after 'err').
 local function s(n) return string.format('%d', n) end
 local t = redis.call('TIME')
 local now_ms = t[1] * 1000 + math.floor(t[2] / 1000)
-if ARGV[1] ~= '0' and now_ms > tonumber(ARGV[1]) then return {'late'} end
+if ARGV[1] ~= '0' and now_ms > tonumber(ARGV[1]) then
+  local k = 2
+  for a = 3, #ARGV, 6 do
+    if redis.call('TYPE', KEYS[k])['ok'] == 'hash' then redis.call('HSET', KEYS[k], 'outdated', '1') end
+    k = k + (ARGV[a + 3] == '1' and 3 or 1)
+  end
+  return {'late'}
+end
 local now_s = s(now_ms)
 local ttl = ARGV[2]
 local ttl_ms_s = s(tonumber(ttl) * 1000)
@@ -69,8 +82,9 @@ local function change(record, idem, pending, op, amount_s, provider, id)
   end
   local r = records[record]
   if not r then
-    local v = redis.call('HMGET', record, 'used', 'limit', 'ver', 'synced')
+    local v = redis.call('HMGET', record, 'used', 'limit', 'ver', 'synced', 'outdated')
     if not v[1] then return 'miss', 0, 0, 0 end
+    if v[5] then return 'outdated', 0, 0, 0 end -- read again by each change: it stays outdated
     local used, limit, ver = tonumber(v[1]), tonumber(v[2]), tonumber(v[3])
     if not (used and limit and ver) then error('ERR the record ' .. record .. ' is incomplete') end
     r = {used = used, limit = limit, ver = ver, read_ver = ver, synced = tonumber(v[4]), provider = provider}

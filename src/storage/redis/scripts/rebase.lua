@@ -13,6 +13,7 @@ redis.call('HSET', KEYS[1], 'epoch', ARGV[4], 'base', ARGV[2],
   'used', string.format('%d', tonumber(ARGV[2]) + carried), 'from', ARGV[1],
   'ver', dirty and '1' or '0', 'synced', '0', 'fromw', ARGV[3],
   'at', string.format('%d', t[1] * 1000 + math.floor(t[2] / 1000))) -- loaded now (see load.lua)
+redis.call('HDEL', KEYS[1], 'outdated') -- it holds what the document holds now
 for i = 2, #KEYS do
   redis.call('SET', KEYS[i], ARGV[2 * i + 1], 'PXAT', ARGV[2 * i + 2], 'NX')
 end
