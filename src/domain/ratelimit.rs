@@ -373,6 +373,13 @@ fn initial(algorithm: Algorithm) -> State {
 }
 
 /// The decision rule of every algorithm (the Lua script `ratelimit.lua` is its twin).
+/// How far into a window a previous window's `count` (> 0) weighs less than 1 in the
+/// approximate window's estimate, `count * (window - e) / window` rounded down: from
+/// `e = floor(window * (count - 1) / count) + 1` on.
+fn empty_after(count: u64, window: u64) -> u64 {
+    window * (count - 1) / count + 1
+}
+
 fn decide(state: &mut State, policy: &Policy, cost: u64, now: u64) -> RateDecision {
     let (limit, window) = (policy.limit, policy.window.ms());
     // A read (cost 0) answers whether a cost-1 request would be admitted.
@@ -441,10 +448,12 @@ fn decide(state: &mut State, policy: &Policy, cost: u64, now: u64) -> RateDecisi
                 estimate += cost;
                 (*start, *prev, *curr) = (s, p, c);
             }
+            // Full again once the estimate is 0: the current count has become the previous
+            // window's and weighs less than 1 (see `empty_after`).
             let reset = if c > 0 {
-                s + 2 * window
+                s + window + empty_after(c, window)
             } else if p > 0 {
-                s + window
+                s + empty_after(p, window)
             } else {
                 now
             };
@@ -483,16 +492,21 @@ fn decide(state: &mut State, policy: &Policy, cost: u64, now: u64) -> RateDecisi
             } else {
                 0
             };
+            // The debt drains at the rate of the limit it was written at (`written_at` per
+            // ms) until an admitted request writes it at its own: `reset` and `retry` follow
+            // what the bucket will do, whatever limit a read or a denied check names.
+            let mut rate = if debt > 0 { *written_at } else { limit };
             let room = (limit - need) * window;
             let allowed = debt <= room;
             if allowed && cost > 0 {
                 debt += cost * window;
                 let ahead = debt.div_ceil(limit);
                 (*full_at, *written_at, *gap) = (now + ahead, limit, ahead * limit - debt);
+                rate = limit;
             }
             let remaining = limit.saturating_sub(debt.div_ceil(window));
-            let retry = debt.saturating_sub(room).div_ceil(limit);
-            (allowed, remaining, now + debt.div_ceil(limit), retry)
+            let retry = debt.saturating_sub(room).div_ceil(rate);
+            (allowed, remaining, now + debt.div_ceil(rate), retry)
         }
     };
     RateDecision {
@@ -758,6 +772,42 @@ mod tests {
                 let d = check_at(&with_reads, "k", &p, cost, now);
                 if cost > 0 {
                     prop_assert_eq!(d, check_at(&without, "k", &p, cost, now), "at {}", now);
+                }
+            }
+        }
+
+        /// `reset` is when the key is back to its full limit (API.md), and `retryAfter` when
+        /// the request would be admitted, in every algorithm, also when each check names
+        /// another limit (a changed limit applies to the same counter): a read at that ms
+        /// finds the key full (admits the request), a read 1 ms before does not.
+        #[test]
+        fn reset_and_retry_are_when_they_say(
+            algorithm in prop_oneof![
+                Just(Algorithm::SlidingWindow),
+                Just(Algorithm::SlidingWindowApprox),
+                Just(Algorithm::FixedWindow),
+                Just(Algorithm::TokenBucket),
+            ],
+            steps in proptest::collection::vec((0u64..3000, 0u64..4, 1u64..8), 1..60),
+            window_s in 1u64..6,
+        ) {
+            let mut state = initial(algorithm);
+            let mut now = 1_000_000;
+            for (step, cost, limit) in steps {
+                now += step;
+                let p = policy(algorithm, limit, window_s);
+                let cost = cost.min(limit);
+                let d = decide(&mut state, &p, cost, now);
+                let read = |at: u64| decide(&mut state.clone(), &p, 0, at);
+                prop_assert_eq!(read(d.reset_ms).remaining, limit, "full at reset ({:?})", d);
+                if d.reset_ms > now {
+                    prop_assert!(read(d.reset_ms - 1).remaining < limit, "not before ({:?})", d);
+                }
+                if !d.allowed {
+                    let need = cost.max(1);
+                    let fits = |at: u64| decide(&mut state.clone(), &p, need, at).allowed;
+                    prop_assert!(fits(now + d.retry_after_ms), "admitted at retry ({:?})", d);
+                    prop_assert!(!fits(now + d.retry_after_ms - 1), "not before ({:?})", d);
                 }
             }
         }

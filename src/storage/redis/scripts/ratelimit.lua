@@ -295,7 +295,13 @@ local function check(counter, sums, attempts_key, algo, limit, window, cost, now
       curr = curr + cost
       estimate = estimate + cost
     end
-    if curr > 0 then reset = start + 2 * window elseif prev > 0 then reset = start + window end
+    -- full again once the estimate is 0: the current count has become the previous window's
+    -- and weighs less than 1, from floor(window * (count - 1) / count) + 1 into that window
+    if curr > 0 then
+      reset = start + window + divmod(window * (curr - 1), curr) + 1
+    elseif prev > 0 then
+      reset = start + divmod(window * (prev - 1), prev) + 1
+    end
     if allowed == 0 then
       -- the earliest offset into a window at which a request of this cost fits
       local p, c, base, lo = prev, curr, start, elapsed
@@ -318,14 +324,17 @@ local function check(counter, sums, attempts_key, algo, limit, window, cost, now
     -- the debt, in units of 1/limit ms: a request costs `window` of them at any limit, so
     -- the debt counts requests (debt / window) and a changed limit applies to the requests
     -- counted. Exact in doubles: every value stays below 2^53 (limit * window <= 2.6e15).
+    -- It drains at the rate of the limit it was written at until an admitted request writes
+    -- it at its own: reset and retry follow what the bucket will do.
     local e = get_expiring(counter, now, 0, nil)
-    local debt = 0
+    local debt, rate = 0, limit
     if e.v and e.at > now then
       local written_at, gap = divmod(e.v, 1048576)
       if written_at < 1 or written_at > 1000000 or gap >= written_at then
         error('ERR the counter ' .. counter .. ' does not hold a token bucket')
       end
       debt = math.max(0, (e.at - now) * written_at - gap)
+      if debt > 0 then rate = written_at end
     end
     local room = (limit - need) * window
     if debt <= room then
@@ -334,12 +343,13 @@ local function check(counter, sums, attempts_key, algo, limit, window, cost, now
         debt = debt + cost * window
         local ahead = ceil_div(debt, limit)
         put(counter, e, limit * 1048576 + ahead * limit - debt, 'pxat', now + ahead)
+        rate = limit
       end
     end
     forget_immortal(counter, e)
     remaining = math.max(0, limit - ceil_div(debt, window))
-    reset = now + ceil_div(debt, limit)
-    retry = ceil_div(math.max(0, debt - room), limit)
+    reset = now + ceil_div(debt, rate)
+    retry = ceil_div(math.max(0, debt - room), rate)
   end
 
   if reset < now then reset = now end
