@@ -535,6 +535,15 @@ mod tests {
         })
     }
 
+    fn any_algorithm() -> impl Strategy<Value = Algorithm> {
+        prop_oneof![
+            Just(Algorithm::SlidingWindow),
+            Just(Algorithm::SlidingWindowApprox),
+            Just(Algorithm::FixedWindow),
+            Just(Algorithm::TokenBucket),
+        ]
+    }
+
     fn policy(algorithm: Algorithm, limit: u64, window_s: u64) -> Policy {
         Policy {
             name: "custom".into(),
@@ -754,12 +763,7 @@ mod tests {
         /// checks of a sequence are the same with the reads between them or without.
         #[test]
         fn reads_change_no_later_decision(
-            algorithm in prop_oneof![
-                Just(Algorithm::SlidingWindow),
-                Just(Algorithm::SlidingWindowApprox),
-                Just(Algorithm::FixedWindow),
-                Just(Algorithm::TokenBucket),
-            ],
+            algorithm in any_algorithm(),
             steps in proptest::collection::vec((0u64..3000, 0u64..3), 1..100),
             limit in 1u64..6,
         ) {
@@ -782,12 +786,7 @@ mod tests {
         /// finds the key full (admits the request), a read 1 ms before does not.
         #[test]
         fn reset_and_retry_are_when_they_say(
-            algorithm in prop_oneof![
-                Just(Algorithm::SlidingWindow),
-                Just(Algorithm::SlidingWindowApprox),
-                Just(Algorithm::FixedWindow),
-                Just(Algorithm::TokenBucket),
-            ],
+            algorithm in any_algorithm(),
             steps in proptest::collection::vec((0u64..3000, 0u64..4, 1u64..8), 1..60),
             window_s in 1u64..6,
         ) {
