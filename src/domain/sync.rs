@@ -84,7 +84,20 @@ impl SyncJob {
         // From the stored phase, not this replica's view of it, which follows a poll behind:
         // a replica that has not yet seen another's switch to redis-primary must still sync
         // before leaving it (and must not take the stored phase for the one it already has).
-        let (current, _) = self.service.refresh_phase().await.map_err(super::QuotaError::from)?;
+        // With Firestore away, its own view: leaving redis-primary then answers that the
+        // sync is incomplete (API.md), and any other switch cannot be stored either.
+        let refreshed = tokio::time::timeout(Duration::from_secs(3), self.service.refresh_phase()).await;
+        let (current, _) = match refreshed {
+            Ok(Ok(phase)) => phase,
+            Ok(Err(err)) => {
+                tracing::warn!(error = %err, "could not read the stored phase; deciding from this replica's");
+                self.service.phase()
+            }
+            Err(_) => {
+                tracing::warn!("reading the stored phase timed out; deciding from this replica's");
+                self.service.phase()
+            }
+        };
         if current == Phase::RedisPrimary && target != Phase::RedisPrimary {
             // API.md: the answer comes within 60 s even when Firestore is unreachable.
             let deadline = tokio::time::Instant::now() + Duration::from_secs(55);
