@@ -236,9 +236,23 @@ async fn check_data(app: &App, (redis, firestore): (bool, bool)) {
     }
 }
 
-/// Probes both dependencies every second for `/readyz` (a change shows within 10 s).
+/// While Redis is away (for this replica's decisions), how often it is probed and the
+/// reconcile tried: the sooner it is back, the sooner the records Firestore changed are
+/// reloaded, and other replicas, which may never have lost Redis, stop deciding from them.
+const RECOVERY_TICK: Duration = Duration::from_millis(200);
+
+/// Probes both dependencies every second for `/readyz` (a change shows within 10 s), and
+/// every [`RECOVERY_TICK`] while Redis is away.
 async fn watch_health(app: Arc<App>, cancel: CancellationToken) {
-    while tick(&cancel, Duration::from_secs(1)).await {
+    loop {
+        let period = if app.quotas.redis_is_up() {
+            Duration::from_secs(1)
+        } else {
+            RECOVERY_TICK
+        };
+        if !tick(&cancel, period).await {
+            return;
+        }
         let health = probe(&app, false).await;
         check_data(&app, health).await;
     }
@@ -249,14 +263,22 @@ async fn watch_health(app: Arc<App>, cancel: CancellationToken) {
 /// marked.
 async fn reconcile(app: Arc<App>, cancel: CancellationToken) {
     let quotas = &app.quotas;
-    let mut rounds = 0u64;
-    while tick(&cancel, Duration::from_millis(500)).await {
-        rounds += 1;
+    let mut last_round = tokio::time::Instant::now();
+    loop {
+        let period = if quotas.redis_is_up() {
+            Duration::from_millis(500)
+        } else {
+            RECOVERY_TICK
+        };
+        if !tick(&cancel, period).await {
+            return;
+        }
         let healthy = app.health.redis.load(std::sync::atomic::Ordering::Relaxed)
             && app.health.firestore.load(std::sync::atomic::Ordering::Relaxed);
-        if !healthy || (quotas.redis_is_up() && !rounds.is_multiple_of(10)) {
+        if !healthy || (quotas.redis_is_up() && last_round.elapsed() < Duration::from_secs(5)) {
             continue;
         }
+        last_round = tokio::time::Instant::now();
         match quotas.reconcile().await {
             Ok(reloaded) => {
                 if reloaded > 0 {
