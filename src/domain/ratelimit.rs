@@ -372,7 +372,6 @@ fn initial(algorithm: Algorithm) -> State {
     }
 }
 
-/// The decision rule of every algorithm (the Lua script `ratelimit.lua` is its twin).
 /// How far into a window a previous window's `count` (> 0) weighs less than 1 in the
 /// approximate window's estimate, `count * (window - e) / window` rounded down: from
 /// `e = floor(window * (count - 1) / count) + 1` on.
@@ -380,6 +379,7 @@ fn empty_after(count: u64, window: u64) -> u64 {
     window * (count - 1) / count + 1
 }
 
+/// The decision rule of every algorithm (the Lua script `ratelimit.lua` is its twin).
 fn decide(state: &mut State, policy: &Policy, cost: u64, now: u64) -> RateDecision {
     let (limit, window) = (policy.limit, policy.window.ms());
     // A read (cost 0) answers whether a cost-1 request would be admitted.

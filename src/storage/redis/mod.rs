@@ -29,8 +29,9 @@ use crate::domain::{
 pub const CALL_TIMEOUT: Duration = Duration::from_millis(800);
 
 /// A consume or refund script that Redis runs later than this after it was sent (by Redis
-/// time) changes nothing: its sender has given up by then (after [`CALL_TIMEOUT`]) and
-/// decided from Firestore, so a hung Redis that wakes up must not apply it a second time.
+/// time) changes no usage: its sender has given up by then (after [`CALL_TIMEOUT`]) and
+/// decided from Firestore, so a hung Redis that wakes up must not apply it a second time;
+/// it marks the records it names outdated instead (`apply.lua`).
 /// The gap between the two bounds the transit time of a late reply (and the error of the
 /// measured clock offset). Sync-lock acquires and renewals keep the same deadline: one
 /// run at the sender's timeout, whose reply came too late, held the lock with nobody
@@ -408,9 +409,12 @@ impl Link {
         .and_then(|made| made.map_err(|e| classify(&e)))
         .inspect_err(|_| *self.failed_connect.write().unwrap() = Some(std::time::Instant::now()))?;
         // Preload every script, so the first request of each kind is one EVALSHA too
-        // (invoke_async still reloads on NOSCRIPT, e.g. after a Redis restart).
+        // (invoke_async still reloads on NOSCRIPT, e.g. after a Redis restart, but only for a
+        // caller still waiting: a mark queued in a hung Redis is run after its caller gave
+        // up, so it must find its script there).
         for script in [
             &*APPLY,
+            &*MARK_OUTDATED,
             &*LOAD,
             &*MARK_SYNCED,
             &*EVICT_CLEAN,

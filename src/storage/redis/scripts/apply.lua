@@ -7,8 +7,9 @@
 --         changes of one call are, or one change), in order: its record hash; then, only
 --         when it carries an idempotency key, that key and the provider's idempotency
 --         records not yet in the ledger (hash: id -> entry with expiry ms)
--- ARGV[1] deadline in Redis ms ('0': none): a call run later changes nothing, because its
---         sender has stopped waiting and decided from Firestore instead
+-- ARGV[1] deadline in Redis ms ('0': none): a call run later changes no usage (its sender
+--         has stopped waiting and decided from Firestore instead); it marks its records
+--         outdated (below)
 -- ARGV[2] idempotency TTL seconds
 -- per item, from ARGV[a] (a = 3 for the first, then a + 6): ARGV[a] n (1 with an
 --         idempotency key), ARGV[a + 1] 'c' consume | 'r' refund, ARGV[a + 2] amount,
@@ -29,7 +30,7 @@
 -- itself, in order, before it changes the record's state in the call, and everything that
 -- can fail comes before that: a change answered 'err' has changed nothing. The writes at the
 -- end cannot fail (the dirty index's type is checked first; each record was read as a hash).
--- A call run after its deadline changes nothing and marks every record it names outdated
+-- A call run after its deadline changes no usage and marks every record it names outdated
 -- (see mark_outdated.lua): its sender has decided from Firestore instead, and Redis runs it
 -- only now because Redis hung meanwhile. Other replicas, which may reach Redis again before
 -- the sender's reconciliation has reloaded the records, must not decide from them.

@@ -2,7 +2,8 @@
 -- provider since it was loaded. apply answers 'outdated' for it and changes nothing; a load
 -- (which replaces the hash) or a rebase clears the mark.
 -- KEYS[1] record hash
--- Returns 1 when marked, 0 when there is no record.
-if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+-- Returns 1 when marked, 0 when there is no record (as apply.lua's late path: a key of
+-- another type is left alone).
+if redis.call('TYPE', KEYS[1])['ok'] ~= 'hash' then return 0 end
 redis.call('HSET', KEYS[1], 'outdated', '1')
 return 1
