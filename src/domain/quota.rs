@@ -79,8 +79,9 @@ pub struct QuotaService {
     known_sentinel: std::sync::Mutex<Option<String>>,
     /// Decisions waiting for a fence to lift (see `change_in_redis`).
     fence_waiting: std::sync::atomic::AtomicUsize,
-    /// Providers whose record a fallback is marking outdated (one mark in flight each).
-    marking: std::sync::Mutex<std::collections::HashSet<ProviderId>>,
+    /// Providers whose record a fallback is marking outdated (one mark in flight each),
+    /// with whether another fallback landed since that mark was sent (it is sent again).
+    marking: std::sync::Mutex<std::collections::HashMap<ProviderId, bool>>,
     /// This service, for the tasks Firestore decisions run in.
     me: std::sync::Weak<QuotaService>,
 }
@@ -547,39 +548,54 @@ impl QuotaService {
         tracing::debug!(%phase, fallback, "deciding with a Firestore transaction");
         // Counted until it lands: Redis may not decide for the provider meanwhile.
         let _in_flight = fallback.then(|| self.handover.begin(provider));
+        let decided = self.ledger.decide(provider, change, self.default_limit, fallback).await;
         if fallback {
+            // After the decision, not before: a replica that meets the mark and reloads the
+            // record must find the decision in the document (an error may have landed too).
             self.mark_outdated_later(provider);
         }
-        match self
-            .ledger
-            .decide(provider, change, self.default_limit, fallback)
-            .await?
-        {
+        match decided? {
             LedgerDecision::Decided(decision) => Ok(Outcome::Decided(decision)),
             LedgerDecision::Replayed(decision) => Ok(Outcome::Replayed(decision)),
             LedgerDecision::KeyReused => Err(QuotaError::KeyReused),
         }
     }
 
-    /// A fallback decides in Firestore: its provider's record in Redis is marked outdated
+    /// A fallback decided in Firestore: its provider's record in Redis is marked outdated
     /// whenever Redis takes the call, so that replicas that reach Redis do not decide from
     /// it before it is reloaded (this one holds it back itself, see [`Handover`]). A hung
     /// Redis runs the mark when it wakes, before anything sent after; an unreachable one
-    /// never does: the reconciliation reloads the record. The call is not waited for; one
-    /// runs at a time per provider.
+    /// never does: the reconciliation reloads the record. The call is not waited for. One
+    /// runs at a time per provider; fallbacks that land meanwhile get one more after it (a
+    /// reload between the first mark and their decision would have missed them).
     fn mark_outdated_later(&self, provider: &ProviderId) {
         let Some(me) = self.me.upgrade() else {
             return;
         };
-        if !self.marking.lock().unwrap().insert(provider.clone()) {
-            return;
+        match self.marking.lock().unwrap().entry(provider.clone()) {
+            std::collections::hash_map::Entry::Occupied(mut sent) => {
+                *sent.get_mut() = true;
+                return;
+            }
+            std::collections::hash_map::Entry::Vacant(none) => {
+                none.insert(false);
+            }
         }
         let provider = provider.clone();
         tokio::spawn(async move {
-            if let Err(err) = me.counters.mark_outdated(&provider).await {
-                tracing::debug!(%provider, error = %err, "could not mark the record outdated");
+            loop {
+                if let Err(err) = me.counters.mark_outdated(&provider).await {
+                    tracing::debug!(%provider, error = %err, "could not mark the record outdated");
+                }
+                let mut marking = me.marking.lock().unwrap();
+                match marking.get_mut(&provider) {
+                    Some(again) if *again => *again = false,
+                    _ => {
+                        marking.remove(&provider);
+                        return;
+                    }
+                }
             }
-            me.marking.lock().unwrap().remove(&provider);
         });
     }
 

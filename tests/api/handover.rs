@@ -521,6 +521,60 @@ async fn a_firestore_only_decision_meeting_a_busy_record_decides_in_redis(
     assert_eq!(ledger.read(&id).await.unwrap().unwrap().used, Some(17));
 }
 
+/// A fallback's mark follows its decision: a replica that reloads the record while the
+/// decision is still on its way to Firestore loads a document without it, and the mark that
+/// lands after the decision takes that record out of use again.
+async fn a_fallbacks_mark_follows_its_decision(counters: Arc<dyn Counters>, ledger: Arc<Gated>) {
+    let a = service(counters.clone(), ledger.clone());
+    let id = p("mark-after");
+    assert_eq!(consume(&a, &id).await, 1);
+    assert!(a.flush(&id).await.unwrap());
+    a.redis_down("test");
+    ledger.hold_next.store(true, Ordering::SeqCst);
+    let by_a = spawn_consume(&a, &id);
+    ledger.entered.notified().await; // A's fallback is on its way to Firestore
+    // Another replica drops the record and loads the document as it is: used 1.
+    assert!(counters.evict_clean(&id).await.unwrap());
+    let doc = ledger.read(&id).await.unwrap().unwrap();
+    let seed = quotad::storage::Seed {
+        used: doc.used(),
+        limit: 100,
+        epoch: "reloaded".into(),
+        loaded_from: doc.epoch.clone().unwrap_or_default(),
+        keys: vec![],
+        fence: counters.fence_gen(&id).await.unwrap(),
+    };
+    assert!(counters.load(&id, &seed, Duration::from_secs(300)).await.unwrap());
+    ledger.open.add_permits(1);
+    assert_eq!(by_a.await.unwrap(), 2, "A decided in Firestore");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !counters.read(&id).await.unwrap().is_some_and(|r| r.outdated) {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the reloaded record was never marked"
+        );
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    let other = quotad::storage::Change {
+        op: quotad::storage::Op::Consume,
+        amount: 1,
+        idempotency_key: None,
+    };
+    assert_eq!(counters.apply(&id, &other).await.unwrap(), Applied::Outdated);
+}
+
+#[tokio::test]
+async fn memory_marks_a_fallbacks_record_after_its_decision() {
+    let (counters, ledger) = memory().await;
+    a_fallbacks_mark_follows_its_decision(counters, ledger).await;
+}
+
+#[tokio::test]
+async fn redis_marks_a_fallbacks_record_after_its_decision() {
+    let (counters, ledger) = real().await;
+    a_fallbacks_mark_follows_its_decision(counters, ledger).await;
+}
+
 /// A replica asked to leave `redis-primary` before it has followed another's switch into it
 /// (its view is a poll behind) still syncs first: it decides from the stored phase.
 async fn leaving_a_phase_not_yet_followed_still_syncs_first(counters: Arc<dyn Counters>, ledger: Arc<Gated>) {
