@@ -222,9 +222,7 @@ impl QuotaService {
         let (phase, _) = self.phase();
         if self.use_redis(phase) {
             match self.counters.read(provider).await {
-                // An outdated record is not used: the store answers, below.
-                Ok(Some(record)) if record.outdated => {}
-                Ok(Some(record)) => {
+                Ok(Some(record)) if !record.outdated => {
                     CACHE
                         .get(0, || metrics::counter!("quotad_cache_total", "result" => "hit"))
                         .increment(1);
@@ -234,21 +232,11 @@ impl QuotaService {
                         source: Source::Cache,
                     });
                 }
-                Ok(None) => {
-                    metrics::counter!("quotad_cache_total", "result" => "miss").increment(1);
-                    match self.load(provider).await {
-                        // Cached or not (a fenced decision may be landing), it is the store's.
-                        Ok((seed, _)) => {
-                            return Ok(QuotaView {
-                                used: seed.used,
-                                limit: seed.limit,
-                                source: Source::Store,
-                            });
-                        }
-                        Err(QuotaError::Unavailable(err)) if err.is_redis() => self.redis_failed(&err),
-                        Err(err) => return Err(err),
-                    }
-                }
+                Ok(found) => match self.read_through(provider, found.is_some()).await {
+                    Ok(view) => return Ok(view),
+                    Err(QuotaError::Unavailable(err)) if err.is_redis() => self.redis_failed(&err),
+                    Err(err) => return Err(err),
+                },
                 Err(err) if err.is_unavailable() => self.redis_failed(&err),
                 Err(err) => return Err(err.into()),
             }
@@ -257,6 +245,23 @@ impl QuotaService {
         Ok(QuotaView {
             used: doc.used(),
             limit: self.limit_of(doc.limit),
+            source: Source::Store,
+        })
+    }
+
+    /// A lookup Redis cannot answer: no record, or an `outdated` one (Firestore decided for
+    /// it while a replica could not reach Redis), which is reloaded first as an invalidation
+    /// does (its unsynced usage written, then dropped or rebased). Then read through.
+    async fn read_through(&self, provider: &ProviderId, outdated: bool) -> Result<QuotaView, QuotaError> {
+        metrics::counter!("quotad_cache_total", "result" => "miss").increment(1);
+        if outdated {
+            self.reload(provider).await?;
+        }
+        // Cached or not (a fenced decision may be landing), it is the store's.
+        let (seed, _) = self.load(provider).await?;
+        Ok(QuotaView {
+            used: seed.used,
+            limit: seed.limit,
             source: Source::Store,
         })
     }

@@ -15,7 +15,7 @@ use std::{
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use quotad::{
-    domain::{Outcome, Phase, ProviderId, QuotaService},
+    domain::{Outcome, Phase, ProviderId, QuotaService, Source},
     storage::{
         Applied, Change, Counters, Document, KeyRecord, Ledger, LedgerDecision, Record, RecordWrite, StorageError,
         WriteOutcome, firestore::FirestoreLedger, memory, redis::RedisCounters,
@@ -573,6 +573,38 @@ async fn memory_marks_a_fallbacks_record_after_its_decision() {
 async fn redis_marks_a_fallbacks_record_after_its_decision() {
     let (counters, ledger) = real().await;
     a_fallbacks_mark_follows_its_decision(counters, ledger).await;
+}
+
+/// A lookup of an outdated record reloads it (its unsynced usage written first) and reads
+/// through: in `redis-primary` it shows the document with that usage, and caches it.
+async fn a_lookup_of_an_outdated_record_reloads_it(counters: Arc<dyn Counters>, ledger: Arc<Gated>) {
+    let a = in_phase(counters.clone(), ledger.clone(), Phase::RedisPrimary);
+    let id = p("looked-up");
+    assert_eq!(consume(&a, &id).await, 1, "in Redis only, not yet synced");
+    let outside = quotad::storage::Change {
+        op: quotad::storage::Op::Consume,
+        amount: 5,
+        idempotency_key: None,
+    };
+    ledger.inner.decide(&id, &outside, 100, true).await.unwrap(); // a fallback elsewhere
+    counters.mark_outdated(&id).await.unwrap();
+    let seen = a.get(&id).await.unwrap();
+    assert_eq!((seen.used, seen.source), (6, Source::Store));
+    let again = a.get(&id).await.unwrap();
+    assert_eq!((again.used, again.source), (6, Source::Cache));
+    assert_eq!(ledger.read(&id).await.unwrap().unwrap().used, Some(6));
+}
+
+#[tokio::test]
+async fn memory_reloads_an_outdated_record_for_a_lookup() {
+    let (counters, ledger) = memory().await;
+    a_lookup_of_an_outdated_record_reloads_it(counters, ledger).await;
+}
+
+#[tokio::test]
+async fn redis_reloads_an_outdated_record_for_a_lookup() {
+    let (counters, ledger) = real().await;
+    a_lookup_of_an_outdated_record_reloads_it(counters, ledger).await;
 }
 
 /// A replica asked to leave `redis-primary` before it has followed another's switch into it
