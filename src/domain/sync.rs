@@ -81,26 +81,16 @@ impl SyncJob {
     /// Switches every replica to `target`. Leaving `redis-primary` first writes all usage
     /// to Firestore (waiting up to 60 s for a running sync) and refuses while any is left.
     pub async fn switch_phase(&self, target: Phase) -> Result<(Phase, DateTime<Utc>), SwitchError> {
+        // API.md: the answer comes within 60 s even when Firestore is unreachable.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(55);
         // From the stored phase, not this replica's view of it, which follows a poll behind:
         // a replica that has not yet seen another's switch to redis-primary must still sync
         // before leaving it (and must not take the stored phase for the one it already has).
-        // With Firestore away, its own view: leaving redis-primary then answers that the
-        // sync is incomplete (API.md), and any other switch cannot be stored either.
-        let refreshed = tokio::time::timeout(Duration::from_secs(3), self.service.refresh_phase()).await;
-        let (current, _) = match refreshed {
-            Ok(Ok(phase)) => phase,
-            Ok(Err(err)) => {
-                tracing::warn!(error = %err, "could not read the stored phase; deciding from this replica's");
-                self.service.phase()
-            }
-            Err(_) => {
-                tracing::warn!("reading the stored phase timed out; deciding from this replica's");
-                self.service.phase()
-            }
-        };
-        if current == Phase::RedisPrimary && target != Phase::RedisPrimary {
-            // API.md: the answer comes within 60 s even when Firestore is unreachable.
-            let deadline = tokio::time::Instant::now() + Duration::from_secs(55);
+        // When it cannot be read (Firestore away or slow) it may be redis-primary: the sync
+        // runs, and answers whether everything is written (API.md: sync_incomplete).
+        let stored = tokio::time::timeout(Duration::from_secs(3), self.service.refresh_phase()).await;
+        let may_be_primary = !matches!(stored, Ok(Ok((phase, _))) if phase != Phase::RedisPrimary);
+        if may_be_primary && target != Phase::RedisPrimary {
             let report = loop {
                 match tokio::time::timeout_at(deadline, self.run_once()).await {
                     Ok(Err(SyncError::Running)) if tokio::time::Instant::now() < deadline => {

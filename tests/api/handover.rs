@@ -38,6 +38,7 @@ struct Gated {
     busy: std::sync::Mutex<Option<(Arc<dyn Counters>, ProviderId)>>,
     busy_units: std::sync::atomic::AtomicI64,
     hold_next_read: AtomicBool,
+    fail_phase_read: AtomicBool,
     entered: Notify,
     open: Semaphore,
 }
@@ -52,6 +53,7 @@ impl Gated {
             busy: std::sync::Mutex::default(),
             busy_units: std::sync::atomic::AtomicI64::new(0),
             hold_next_read: AtomicBool::new(false),
+            fail_phase_read: AtomicBool::new(false),
             entered: Notify::new(),
             open: Semaphore::new(0),
         })
@@ -153,6 +155,12 @@ impl Ledger for Gated {
         self.inner.set_meta(name, value).await
     }
     async fn phase(&self) -> Result<Option<(Phase, DateTime<Utc>)>, StorageError> {
+        if self.fail_phase_read.swap(false, Ordering::SeqCst) {
+            return Err(StorageError::Unavailable {
+                backend: "firestore",
+                message: "the phase read fails (test)".into(),
+            });
+        }
         self.inner.phase().await
     }
     async fn set_phase(&self, phase: Phase, since: DateTime<Utc>) -> Result<(), StorageError> {
@@ -627,6 +635,14 @@ async fn leaving_a_phase_not_yet_followed_still_syncs_first(counters: Arc<dyn Co
     assert_eq!(phase, Phase::FirestoreOnly);
     assert_eq!(ledger.phase().await.unwrap().unwrap().0, Phase::FirestoreOnly);
     assert_eq!(ledger.read(&id).await.unwrap().unwrap().used, Some(3), "synced first");
+    // Another switch to redis-primary, then one out of it while the stored phase cannot be
+    // read: it may be redis-primary, so the sync runs first here too.
+    ledger.set_phase(Phase::RedisPrimary, Utc::now()).await.unwrap();
+    assert!(matches!(counters.apply(&id, &by_other).await.unwrap(), Applied::Decided(d) if d.used == 5));
+    ledger.fail_phase_read.store(true, Ordering::SeqCst);
+    let (phase, _) = sync.switch_phase(Phase::DualWrite).await.unwrap();
+    assert_eq!(phase, Phase::DualWrite);
+    assert_eq!(ledger.read(&id).await.unwrap().unwrap().used, Some(5), "synced first");
 }
 
 #[tokio::test]
