@@ -241,16 +241,20 @@ async fn check_data(app: &App, (redis, firestore): (bool, bool)) {
 /// reloaded, and other replicas, which may never have lost Redis, stop deciding from them.
 const RECOVERY_TICK: Duration = Duration::from_millis(200);
 
+/// `normal`, or [`RECOVERY_TICK`] while Redis is away.
+fn period(app: &App, normal: Duration) -> Duration {
+    if app.quotas.redis_is_up() {
+        normal
+    } else {
+        RECOVERY_TICK
+    }
+}
+
 /// Probes both dependencies every second for `/readyz` (a change shows within 10 s), and
 /// every [`RECOVERY_TICK`] while Redis is away.
 async fn watch_health(app: Arc<App>, cancel: CancellationToken) {
     loop {
-        let period = if app.quotas.redis_is_up() {
-            Duration::from_secs(1)
-        } else {
-            RECOVERY_TICK
-        };
-        if !tick(&cancel, period).await {
+        if !tick(&cancel, period(&app, Duration::from_secs(1))).await {
             return;
         }
         let health = probe(&app, false).await;
@@ -265,12 +269,7 @@ async fn reconcile(app: Arc<App>, cancel: CancellationToken) {
     let quotas = &app.quotas;
     let mut last_round = tokio::time::Instant::now();
     loop {
-        let period = if quotas.redis_is_up() {
-            Duration::from_millis(500)
-        } else {
-            RECOVERY_TICK
-        };
-        if !tick(&cancel, period).await {
+        if !tick(&cancel, period(&app, Duration::from_millis(500))).await {
             return;
         }
         let healthy = app.health.redis.load(std::sync::atomic::Ordering::Relaxed)
