@@ -25,6 +25,23 @@ use tokio::sync::{Notify, Semaphore};
 
 use crate::helpers::{emulator_host, redis_url, unique};
 
+/// Runs a scenario as two tests: on the in-memory adapters, and on Redis and Firestore.
+macro_rules! on_both {
+    ($scenario:ident: $memory:ident, $real:ident) => {
+        #[tokio::test]
+        async fn $memory() {
+            let (counters, ledger) = memory().await;
+            $scenario(counters, ledger).await;
+        }
+
+        #[tokio::test]
+        async fn $real() {
+            let (counters, ledger) = real().await;
+            $scenario(counters, ledger).await;
+        }
+    };
+}
+
 /// The real ledger, except that a decision can be held before it reaches it (and so
 /// before its "changed outside" mark is written, or just after it with `mark_first`, as
 /// the Firestore adapter writes it before its transaction), and a read after it returns;
@@ -571,17 +588,7 @@ async fn a_fallbacks_mark_follows_its_decision(counters: Arc<dyn Counters>, ledg
     assert_eq!(counters.apply(&id, &other).await.unwrap(), Applied::Outdated);
 }
 
-#[tokio::test]
-async fn memory_marks_a_fallbacks_record_after_its_decision() {
-    let (counters, ledger) = memory().await;
-    a_fallbacks_mark_follows_its_decision(counters, ledger).await;
-}
-
-#[tokio::test]
-async fn redis_marks_a_fallbacks_record_after_its_decision() {
-    let (counters, ledger) = real().await;
-    a_fallbacks_mark_follows_its_decision(counters, ledger).await;
-}
+on_both!(a_fallbacks_mark_follows_its_decision: memory_marks_a_fallbacks_record_after_its_decision, redis_marks_a_fallbacks_record_after_its_decision);
 
 /// A lookup of an outdated record reloads it (its unsynced usage written first) and reads
 /// through: in `redis-primary` it shows the document with that usage, and caches it.
@@ -603,17 +610,7 @@ async fn a_lookup_of_an_outdated_record_reloads_it(counters: Arc<dyn Counters>, 
     assert_eq!(ledger.read(&id).await.unwrap().unwrap().used, Some(6));
 }
 
-#[tokio::test]
-async fn memory_reloads_an_outdated_record_for_a_lookup() {
-    let (counters, ledger) = memory().await;
-    a_lookup_of_an_outdated_record_reloads_it(counters, ledger).await;
-}
-
-#[tokio::test]
-async fn redis_reloads_an_outdated_record_for_a_lookup() {
-    let (counters, ledger) = real().await;
-    a_lookup_of_an_outdated_record_reloads_it(counters, ledger).await;
-}
+on_both!(a_lookup_of_an_outdated_record_reloads_it: memory_reloads_an_outdated_record_for_a_lookup, redis_reloads_an_outdated_record_for_a_lookup);
 
 /// A replica asked to leave `redis-primary` before it has followed another's switch into it
 /// (its view is a poll behind) still syncs first: it decides from the stored phase.
@@ -645,17 +642,7 @@ async fn leaving_a_phase_not_yet_followed_still_syncs_first(counters: Arc<dyn Co
     assert_eq!(ledger.read(&id).await.unwrap().unwrap().used, Some(5), "synced first");
 }
 
-#[tokio::test]
-async fn memory_leaving_a_phase_not_yet_followed_still_syncs_first() {
-    let (counters, ledger) = memory().await;
-    leaving_a_phase_not_yet_followed_still_syncs_first(counters, ledger).await;
-}
-
-#[tokio::test]
-async fn redis_leaving_a_phase_not_yet_followed_still_syncs_first() {
-    let (counters, ledger) = real().await;
-    leaving_a_phase_not_yet_followed_still_syncs_first(counters, ledger).await;
-}
+on_both!(leaving_a_phase_not_yet_followed_still_syncs_first: memory_leaving_a_phase_not_yet_followed_still_syncs_first, redis_leaving_a_phase_not_yet_followed_still_syncs_first);
 
 async fn memory() -> (Arc<dyn Counters>, Arc<Gated>) {
     (
@@ -671,89 +658,19 @@ async fn real() -> (Arc<dyn Counters>, Arc<Gated>) {
     (Arc::new(counters), Gated::new(Arc::new(ledger)))
 }
 
-#[tokio::test]
-async fn memory_holds_a_provider_whose_fallback_is_in_flight() {
-    let (counters, ledger) = memory().await;
-    a_fallback_in_flight_holds_its_provider(counters, ledger).await;
-}
+on_both!(a_fallback_in_flight_holds_its_provider: memory_holds_a_provider_whose_fallback_is_in_flight, redis_holds_a_provider_whose_fallback_is_in_flight);
 
-#[tokio::test]
-async fn redis_holds_a_provider_whose_fallback_is_in_flight() {
-    let (counters, ledger) = real().await;
-    a_fallback_in_flight_holds_its_provider(counters, ledger).await;
-}
+on_both!(a_fallback_whose_mark_a_failed_reconcile_cleared_holds_its_provider: memory_holds_a_provider_whose_mark_a_failed_reconcile_cleared, redis_holds_a_provider_whose_mark_a_failed_reconcile_cleared);
 
-#[tokio::test]
-async fn memory_holds_a_provider_whose_mark_a_failed_reconcile_cleared() {
-    let (counters, ledger) = memory().await;
-    a_fallback_whose_mark_a_failed_reconcile_cleared_holds_its_provider(counters, ledger).await;
-}
+on_both!(a_dropped_fallback_holds_its_provider_until_it_lands: memory_holds_a_dropped_fallbacks_provider_until_it_lands, redis_holds_a_dropped_fallbacks_provider_until_it_lands);
 
-#[tokio::test]
-async fn redis_holds_a_provider_whose_mark_a_failed_reconcile_cleared() {
-    let (counters, ledger) = real().await;
-    a_fallback_whose_mark_a_failed_reconcile_cleared_holds_its_provider(counters, ledger).await;
-}
+on_both!(a_dead_holders_fence_expires: memory_lets_a_dead_holders_fence_expire, redis_lets_a_dead_holders_fence_expire);
 
-#[tokio::test]
-async fn memory_holds_a_dropped_fallbacks_provider_until_it_lands() {
-    let (counters, ledger) = memory().await;
-    a_dropped_fallback_holds_its_provider_until_it_lands(counters, ledger).await;
-}
+on_both!(a_slow_decision_keeps_its_fence: memory_renews_the_fence_of_a_slow_decision, redis_renews_the_fence_of_a_slow_decision);
 
-#[tokio::test]
-async fn redis_holds_a_dropped_fallbacks_provider_until_it_lands() {
-    let (counters, ledger) = real().await;
-    a_dropped_fallback_holds_its_provider_until_it_lands(counters, ledger).await;
-}
+on_both!(a_fallback_marks_the_record_outdated_until_the_recovery: memory_marks_a_fallbacks_record_outdated_until_the_recovery, redis_marks_a_fallbacks_record_outdated_until_the_recovery);
 
-#[tokio::test]
-async fn memory_lets_a_dead_holders_fence_expire() {
-    let (counters, ledger) = memory().await;
-    a_dead_holders_fence_expires(counters, ledger).await;
-}
-
-#[tokio::test]
-async fn redis_lets_a_dead_holders_fence_expire() {
-    let (counters, ledger) = real().await;
-    a_dead_holders_fence_expires(counters, ledger).await;
-}
-
-#[tokio::test]
-async fn memory_renews_the_fence_of_a_slow_decision() {
-    let (counters, ledger) = memory().await;
-    a_slow_decision_keeps_its_fence(counters, ledger).await;
-}
-
-#[tokio::test]
-async fn redis_renews_the_fence_of_a_slow_decision() {
-    let (counters, ledger) = real().await;
-    a_slow_decision_keeps_its_fence(counters, ledger).await;
-}
-
-#[tokio::test]
-async fn memory_marks_a_fallbacks_record_outdated_until_the_recovery() {
-    let (counters, ledger) = memory().await;
-    a_fallback_marks_the_record_outdated_until_the_recovery(counters, ledger).await;
-}
-
-#[tokio::test]
-async fn redis_marks_a_fallbacks_record_outdated_until_the_recovery() {
-    let (counters, ledger) = real().await;
-    a_fallback_marks_the_record_outdated_until_the_recovery(counters, ledger).await;
-}
-
-#[tokio::test]
-async fn memory_rebases_a_record_kept_dirty_past_its_ttl() {
-    let (counters, ledger) = memory().await;
-    a_record_kept_dirty_past_its_ttl_is_rebased(counters, ledger).await;
-}
-
-#[tokio::test]
-async fn redis_rebases_a_record_kept_dirty_past_its_ttl() {
-    let (counters, ledger) = real().await;
-    a_record_kept_dirty_past_its_ttl_is_rebased(counters, ledger).await;
-}
+on_both!(a_record_kept_dirty_past_its_ttl_is_rebased: memory_rebases_a_record_kept_dirty_past_its_ttl, redis_rebases_a_record_kept_dirty_past_its_ttl);
 
 /// A record an older quotad loaded has no load time. Turned clean, it gets one (its TTL
 /// runs from then, not from each write); kept dirty, the next write rebases it (and so
@@ -797,50 +714,10 @@ async fn redis_gives_a_record_of_an_older_quotad_its_load_time() {
     assert_eq!(ledger.read(&id).await.unwrap().unwrap().used, Some(2 + others));
 }
 
-#[tokio::test]
-async fn memory_refuses_a_load_read_before_a_fenced_decision() {
-    let (counters, ledger) = memory().await;
-    a_load_read_before_a_fenced_decision_is_refused(counters, ledger).await;
-}
+on_both!(a_load_read_before_a_fenced_decision_is_refused: memory_refuses_a_load_read_before_a_fenced_decision, redis_refuses_a_load_read_before_a_fenced_decision);
 
-#[tokio::test]
-async fn redis_refuses_a_load_read_before_a_fenced_decision() {
-    let (counters, ledger) = real().await;
-    a_load_read_before_a_fenced_decision_is_refused(counters, ledger).await;
-}
+on_both!(decisions_wait_for_a_fence_then_go_back_to_redis: memory_decisions_wait_for_a_fence_then_go_back_to_redis, redis_decisions_wait_for_a_fence_then_go_back_to_redis);
 
-#[tokio::test]
-async fn memory_decisions_wait_for_a_fence_then_go_back_to_redis() {
-    let (counters, ledger) = memory().await;
-    decisions_wait_for_a_fence_then_go_back_to_redis(counters, ledger).await;
-}
+on_both!(a_firestore_only_decision_meeting_a_busy_record_decides_in_redis: memory_decides_a_busy_record_in_redis, redis_decides_a_busy_record_in_redis);
 
-#[tokio::test]
-async fn redis_decisions_wait_for_a_fence_then_go_back_to_redis() {
-    let (counters, ledger) = real().await;
-    decisions_wait_for_a_fence_then_go_back_to_redis(counters, ledger).await;
-}
-
-#[tokio::test]
-async fn memory_decides_a_busy_record_in_redis() {
-    let (counters, ledger) = memory().await;
-    a_firestore_only_decision_meeting_a_busy_record_decides_in_redis(counters, ledger).await;
-}
-
-#[tokio::test]
-async fn redis_decides_a_busy_record_in_redis() {
-    let (counters, ledger) = real().await;
-    a_firestore_only_decision_meeting_a_busy_record_decides_in_redis(counters, ledger).await;
-}
-
-#[tokio::test]
-async fn memory_ends_the_wait_when_redis_goes_down_again() {
-    let (counters, ledger) = memory().await;
-    redis_going_down_again_ends_the_wait(counters, ledger).await;
-}
-
-#[tokio::test]
-async fn redis_ends_the_wait_when_redis_goes_down_again() {
-    let (counters, ledger) = real().await;
-    redis_going_down_again_ends_the_wait(counters, ledger).await;
-}
+on_both!(redis_going_down_again_ends_the_wait: memory_ends_the_wait_when_redis_goes_down_again, redis_ends_the_wait_when_redis_goes_down_again);
