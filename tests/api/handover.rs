@@ -214,6 +214,19 @@ fn in_phase(counters: Arc<dyn Counters>, ledger: Arc<Gated>, phase: Phase) -> Ar
     QuotaService::new(counters, ledger, 100, Duration::from_secs(300), phase)
 }
 
+/// `id` consumed once in Redis (which caches the record) and written; then Redis is away
+/// for `quotas`, whose next consume of `id`, a fallback, is returned held on its way to
+/// Firestore (`ledger.open` releases it).
+async fn a_held_fallback(quotas: &Arc<QuotaService>, ledger: &Gated, id: &ProviderId) -> tokio::task::JoinHandle<i64> {
+    assert_eq!(consume(quotas, id).await, 1);
+    assert!(quotas.flush(id).await.unwrap());
+    quotas.redis_down("test");
+    ledger.hold_next.store(true, Ordering::SeqCst);
+    let fallback = spawn_consume(quotas, id);
+    ledger.entered.notified().await;
+    fallback
+}
+
 /// Polls `done` (yielding to the runtime) until it holds; fails after 10 s.
 async fn until(mut done: impl FnMut() -> bool, what: &str) {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
@@ -228,13 +241,7 @@ async fn until(mut done: impl FnMut() -> bool, what: &str) {
 async fn a_fallback_in_flight_holds_its_provider(counters: Arc<dyn Counters>, ledger: Arc<Gated>) {
     let quotas = service(counters.clone(), ledger.clone());
     let (held, other) = (p("held"), p("other"));
-    assert_eq!(consume(&quotas, &held).await, 1); // Redis decides and caches the record
-    assert!(quotas.flush(&held).await.unwrap());
-
-    quotas.redis_down("test");
-    ledger.hold_next.store(true, Ordering::SeqCst);
-    let first = spawn_consume(&quotas, &held);
-    ledger.entered.notified().await; // Firestore is deciding it, its mark not yet written
+    let first = a_held_fallback(&quotas, &ledger, &held).await; // its mark not yet written
 
     // What the reconcile task does: nothing is marked yet, so Redis may decide again.
     assert_eq!(quotas.reconcile().await.unwrap(), 0);
@@ -315,12 +322,7 @@ async fn a_fallback_whose_mark_a_failed_reconcile_cleared_holds_its_provider(
 async fn redis_going_down_again_ends_the_wait(counters: Arc<dyn Counters>, ledger: Arc<Gated>) {
     let quotas = service(counters, ledger.clone());
     let held = p("held");
-    assert_eq!(consume(&quotas, &held).await, 1);
-    assert!(quotas.flush(&held).await.unwrap());
-    quotas.redis_down("test");
-    ledger.hold_next.store(true, Ordering::SeqCst);
-    let first = spawn_consume(&quotas, &held);
-    ledger.entered.notified().await;
+    let first = a_held_fallback(&quotas, &ledger, &held).await;
     assert_eq!(quotas.reconcile().await.unwrap(), 0);
     quotas.redis_recovered();
     let second = spawn_consume(&quotas, &held);
@@ -552,12 +554,7 @@ async fn a_firestore_only_decision_meeting_a_busy_record_decides_in_redis(
 async fn a_fallbacks_mark_follows_its_decision(counters: Arc<dyn Counters>, ledger: Arc<Gated>) {
     let a = service(counters.clone(), ledger.clone());
     let id = p("mark-after");
-    assert_eq!(consume(&a, &id).await, 1);
-    assert!(a.flush(&id).await.unwrap());
-    a.redis_down("test");
-    ledger.hold_next.store(true, Ordering::SeqCst);
-    let by_a = spawn_consume(&a, &id);
-    ledger.entered.notified().await; // A's fallback is on its way to Firestore
+    let by_a = a_held_fallback(&a, &ledger, &id).await;
     // Another replica drops the record and loads the document as it is: used 1.
     assert!(counters.evict_clean(&id).await.unwrap());
     let doc = ledger.read(&id).await.unwrap().unwrap();
