@@ -28,6 +28,14 @@ pub enum Algorithm {
 }
 
 impl Algorithm {
+    /// Every algorithm.
+    pub const ALL: [Algorithm; 4] = [
+        Algorithm::SlidingWindow,
+        Algorithm::SlidingWindowApprox,
+        Algorithm::FixedWindow,
+        Algorithm::TokenBucket,
+    ];
+
     pub fn parse(raw: &str) -> Result<Self, InvalidInput> {
         match raw {
             "sliding-window" => Ok(Self::SlidingWindow),
@@ -535,15 +543,6 @@ mod tests {
         })
     }
 
-    fn any_algorithm() -> impl Strategy<Value = Algorithm> {
-        prop_oneof![
-            Just(Algorithm::SlidingWindow),
-            Just(Algorithm::SlidingWindowApprox),
-            Just(Algorithm::FixedWindow),
-            Just(Algorithm::TokenBucket),
-        ]
-    }
-
     fn policy(algorithm: Algorithm, limit: u64, window_s: u64) -> Policy {
         Policy {
             name: "custom".into(),
@@ -572,13 +571,6 @@ mod tests {
         let denied = check_at(&twin, "k", &p, 1, t0 + 1000);
         assert_eq!((denied.allowed, denied.retry_after_ms), (false, 1));
     }
-
-    const ALL: [Algorithm; 4] = [
-        Algorithm::SlidingWindow,
-        Algorithm::SlidingWindowApprox,
-        Algorithm::FixedWindow,
-        Algorithm::TokenBucket,
-    ];
 
     #[test]
     fn windows_parse_as_the_contract_says() {
@@ -614,7 +606,7 @@ mod tests {
 
     #[test]
     fn each_algorithm_admits_the_limit_then_denies_then_recovers() {
-        for algorithm in ALL {
+        for algorithm in Algorithm::ALL {
             let limiter = Twin::default();
             let p = policy(algorithm, 3, 10);
             let t0 = 1_000_000;
@@ -634,7 +626,7 @@ mod tests {
 
     #[test]
     fn a_lowered_limit_denies_without_underflow() {
-        for algorithm in ALL {
+        for algorithm in Algorithm::ALL {
             let limiter = Twin::default();
             check_at(&limiter, "k", &policy(algorithm, 10, 10), 10, 1_000_000);
             let lowered = check_at(&limiter, "k", &policy(algorithm, 5, 10), 1, 1_000_001);
@@ -648,7 +640,7 @@ mod tests {
     /// used leaves 3 of 5 (the token bucket too: its debt counts requests, not time).
     #[test]
     fn a_changed_limit_applies_to_the_requests_counted() {
-        for algorithm in ALL {
+        for algorithm in Algorithm::ALL {
             let limiter = Twin::default();
             let t0 = 1_000_000;
             for _ in 0..2 {
@@ -763,7 +755,7 @@ mod tests {
         /// checks of a sequence are the same with the reads between them or without.
         #[test]
         fn reads_change_no_later_decision(
-            algorithm in any_algorithm(),
+            algorithm in proptest::sample::select(Algorithm::ALL.to_vec()),
             steps in proptest::collection::vec((0u64..3000, 0u64..3), 1..100),
             limit in 1u64..6,
         ) {
@@ -786,7 +778,7 @@ mod tests {
         /// finds the key full (admits the request), a read 1 ms before does not.
         #[test]
         fn reset_and_retry_are_when_they_say(
-            algorithm in any_algorithm(),
+            algorithm in proptest::sample::select(Algorithm::ALL.to_vec()),
             steps in proptest::collection::vec((0u64..3000, 0u64..4, 1u64..8), 1..60),
             window_s in 1u64..6,
         ) {

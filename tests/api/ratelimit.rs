@@ -42,26 +42,10 @@ fn live(policy: &Policy, cost: u64) -> RateCheck<'_> {
     }
 }
 
-const EVERY_ALGORITHM: [Algorithm; 4] = [
-    Algorithm::SlidingWindow,
-    Algorithm::SlidingWindowApprox,
-    Algorithm::FixedWindow,
-    Algorithm::TokenBucket,
-];
-
 /// The wall clock in ms: counters keep their window start in the key's expiry time, which
 /// must lie in the future, so simulated times start here and only run ahead.
 fn wall_ms() -> u64 {
     u64::try_from(chrono::Utc::now().timestamp_millis()).unwrap()
-}
-
-fn algorithm_strategy() -> impl Strategy<Value = Algorithm> {
-    prop_oneof![
-        Just(Algorithm::SlidingWindow),
-        Just(Algorithm::SlidingWindowApprox),
-        Just(Algorithm::FixedWindow),
-        Just(Algorithm::TokenBucket),
-    ]
 }
 
 proptest! {
@@ -76,7 +60,7 @@ proptest! {
     /// comes with a second limit too, which applies to the same counter.
     #[test]
     fn the_lua_scripts_and_the_twin_decide_alike(
-        algorithm in algorithm_strategy(),
+        algorithm in proptest::sample::select(Algorithm::ALL.to_vec()),
         // small limits make denials; large ones check that the arithmetic stays exact
         limit in prop_oneof![3 => 1u64..8, 1 => 1u64..=1_000_000],
         window_s in prop_oneof![3 => 1u64..5, 1 => 1u64..=2_592_000],
@@ -196,7 +180,7 @@ async fn the_exact_window_merges_one_calls_checks_at_one_time() {
 async fn every_counter_a_check_writes_expires() {
     let prefix = unique("ttl") + ":";
     let redis = RedisCounters::new(&redis_url(), &prefix).unwrap();
-    for algorithm in EVERY_ALGORITHM {
+    for algorithm in Algorithm::ALL {
         for policy in [&explicit(2, 60, algorithm), &planned("tiny", 2, 60, algorithm)] {
             for cost in [1, 1, 1, 0] {
                 // a key per algorithm: a plan's counter is the plan's, whatever the algorithm
@@ -248,7 +232,7 @@ async fn reads_and_denied_checks_leave_counters_as_they_were() {
     let redis = RedisCounters::new(&redis_url(), &(unique("ro") + ":")).unwrap();
     let client = ::redis::Client::open(redis_url()).unwrap();
     let mut watcher = client.get_multiplexed_async_connection().await.unwrap();
-    for algorithm in EVERY_ALGORITHM {
+    for algorithm in Algorithm::ALL {
         let policy = explicit(2, 3600, algorithm);
         let check = |cost| live(&policy, cost);
         let counter = check(1).counter_id();
