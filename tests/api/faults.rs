@@ -318,6 +318,47 @@ async fn a_sync_lock_acquire_that_ran_too_late_takes_nothing() {
     );
 }
 
+/// A fallback's outdated mark is sent on a connection of its own, which a timeout does not
+/// drop: sent while Redis hangs, after the shared connection went with the first timeout (a
+/// new one cannot be made then), it waits in that connection and runs when Redis wakes,
+/// before the requests of replicas that never lost Redis.
+#[tokio::test]
+async fn a_mark_sent_while_redis_hangs_runs_when_it_wakes() {
+    use quotad::{
+        domain::ProviderId,
+        storage::{Counters, Seed, redis::RedisCounters},
+    };
+
+    let redis = RedisServer::start().await;
+    let (a, b) = (
+        RedisCounters::new(&redis.url(), "hang:").unwrap(),
+        RedisCounters::new(&redis.url(), "hang:").unwrap(),
+    );
+    let seed = Seed {
+        used: 2,
+        limit: 10,
+        epoch: "e1".into(),
+        loaded_from: String::new(),
+        keys: vec![],
+        fence: 0,
+    };
+    let (p1, p2) = (ProviderId::parse("p1").unwrap(), ProviderId::parse("p2").unwrap());
+    for id in [&p1, &p2] {
+        assert!(a.load(id, &seed, Duration::from_secs(300)).await.unwrap());
+    }
+
+    redis.pause(true);
+    let read = a.read(&p1).await;
+    assert!(read.is_err(), "a hung Redis answers nothing: {read:?}");
+    let marked = a.mark_outdated(&p2).await;
+    assert!(marked.is_err(), "a hung Redis answers nothing: {marked:?}");
+    redis.pause(false);
+
+    let seen = b.read(&p2).await.unwrap().unwrap();
+    assert!(seen.outdated, "B decides from a record A decided around: {seen:?}");
+    assert!(!b.read(&p1).await.unwrap().unwrap().outdated);
+}
+
 /// In `redis-primary` a keyed consume that Redis decided (not synced yet) is decided again
 /// by the Firestore fallback when its retry comes while Redis hangs: the document does not
 /// know the key. Once Redis is back, the record's write settles the key decided twice: the

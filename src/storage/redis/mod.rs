@@ -75,6 +75,9 @@ struct Link {
     connect_lock: tokio::sync::Mutex<()>,
     /// When the last connection attempt failed.
     failed_connect: RwLock<Option<std::time::Instant>>,
+    /// A second connection, for outdated marks only, made with each shared one and kept
+    /// when its calls time out (see [`Counters::mark_outdated`]).
+    marks: RwLock<Option<ConnectionManager>>,
 }
 
 /// At most this many changes or checks go in one call (a call blocks Redis while it runs:
@@ -337,6 +340,7 @@ impl RedisCounters {
                 connection: RwLock::new(None),
                 connect_lock: tokio::sync::Mutex::new(()),
                 failed_connect: RwLock::new(None),
+                marks: RwLock::new(None),
             }),
             keys: Keys::new(prefix),
             clock_offset_ms: RwLock::new(None),
@@ -400,14 +404,18 @@ impl Link {
             .set_response_timeout(Some(CALL_TIMEOUT))
             .set_number_of_retries(1)
             .set_max_delay(Duration::from_millis(500));
-        let conn = tokio::time::timeout(
-            CALL_TIMEOUT,
-            ConnectionManager::new_with_config(self.client.clone(), config),
-        )
-        .await
-        .map_err(|_| unavailable("connect timed out"))
-        .and_then(|made| made.map_err(|e| classify(&e)))
-        .inspect_err(|_| *self.failed_connect.write().unwrap() = Some(std::time::Instant::now()))?;
+        let connect = || async {
+            tokio::time::timeout(
+                CALL_TIMEOUT,
+                ConnectionManager::new_with_config(self.client.clone(), config.clone()),
+            )
+            .await
+            .map_err(|_| unavailable("connect timed out"))
+            .and_then(|made| made.map_err(|e| classify(&e)))
+        };
+        let conn = connect()
+            .await
+            .inspect_err(|_| *self.failed_connect.write().unwrap() = Some(std::time::Instant::now()))?;
         // Preload every script, so the first request of each kind is one EVALSHA too
         // (invoke_async still reloads on NOSCRIPT, e.g. after a Redis restart, but only for a
         // caller still waiting: a mark queued in a hung Redis is run after its caller gave
@@ -432,6 +440,13 @@ impl Link {
                 tracing::debug!(error = %err, "could not preload a script; it loads on first use");
             }
         }
+        // Remade with the shared one: Redis answered again, so whatever marks the old one
+        // queued have run (and a connection whose path died silently goes).
+        let marks = connect()
+            .await
+            .inspect_err(|err| tracing::debug!(error = %err, "no connection for outdated marks"))
+            .ok();
+        *self.marks.write().unwrap() = marks;
         *self.connection.write().unwrap() = Some(conn.clone());
         Ok(conn)
     }
@@ -654,10 +669,22 @@ impl Counters for RedisCounters {
         self.query(cmd).await
     }
 
+    /// Sent on a connection of its own, which a timeout does not drop (the shared one is
+    /// dropped on the first timeout, and a new one cannot be made while Redis hangs): a mark
+    /// sent while Redis hangs waits in that connection and runs when Redis wakes, before
+    /// anything sent after it.
     async fn mark_outdated(&self, provider: &ProviderId) -> Result<(), StorageError> {
         let mut invocation = MARK_OUTDATED.prepare_invoke();
         invocation.key(self.keys.record(provider));
-        self.invoke::<i64>(invocation).await.map(|_| ())
+        let marks = self.link.marks.read().unwrap().clone();
+        match marks {
+            Some(mut conn) => invocation
+                .invoke_async::<i64>(&mut conn)
+                .await
+                .map(|_| ())
+                .map_err(|err| classify(&err)),
+            None => self.invoke::<i64>(invocation).await.map(|_| ()),
+        }
     }
 
     async fn evict_clean(&self, provider: &ProviderId) -> Result<bool, StorageError> {
