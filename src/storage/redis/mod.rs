@@ -38,6 +38,13 @@ pub const CALL_TIMEOUT: Duration = Duration::from_millis(800);
 /// syncing (seen once in a clean-clone CI run).
 pub const APPLY_DEADLINE: Duration = Duration::from_millis(250);
 
+/// How long the sender of an outdated mark waits for its answer (see
+/// [`Counters::mark_outdated`]): through a hang, so that a provider has one mark at a time
+/// queued in a hung Redis (one per this period in a longer hang; a mark that is not waited
+/// for still runs). A mark unanswered this long while Redis answers the shared connection
+/// finds its own connection dead.
+pub const MARK_WAIT: Duration = Duration::from_secs(30);
+
 static APPLY: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("scripts/apply.lua")));
 static LOAD: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("scripts/load.lua")));
 static MARK_SYNCED: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("scripts/mark_synced.lua")));
@@ -75,8 +82,9 @@ struct Link {
     connect_lock: tokio::sync::Mutex<()>,
     /// When the last connection attempt failed.
     failed_connect: RwLock<Option<std::time::Instant>>,
-    /// A second connection, for outdated marks only, made with each shared one and kept
-    /// when its calls time out (see [`Counters::mark_outdated`]).
+    /// A second connection, for outdated marks only (see [`Counters::mark_outdated`]):
+    /// made with the shared one, or by a mark, when there is none; dropped only when it
+    /// is found dead, not when Redis hangs.
     marks: RwLock<Option<ConnectionManager>>,
 }
 
@@ -399,21 +407,8 @@ impl Link {
         {
             return Err(unavailable("the last connection attempt failed"));
         }
-        let config = ::redis::aio::ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(CALL_TIMEOUT))
-            .set_response_timeout(Some(CALL_TIMEOUT))
-            .set_number_of_retries(1)
-            .set_max_delay(Duration::from_millis(500));
-        let connect = || async {
-            tokio::time::timeout(
-                CALL_TIMEOUT,
-                ConnectionManager::new_with_config(self.client.clone(), config.clone()),
-            )
-            .await
-            .map_err(|_| unavailable("connect timed out"))
-            .and_then(|made| made.map_err(|e| classify(&e)))
-        };
-        let conn = connect()
+        let conn = self
+            .connect(CALL_TIMEOUT)
             .await
             .inspect_err(|_| *self.failed_connect.write().unwrap() = Some(std::time::Instant::now()))?;
         // Preload every script, so the first request of each kind is one EVALSHA too
@@ -440,15 +435,41 @@ impl Link {
                 tracing::debug!(error = %err, "could not preload a script; it loads on first use");
             }
         }
-        // Remade with the shared one: Redis answered again, so whatever marks the old one
-        // queued have run (and a connection whose path died silently goes).
-        let marks = connect()
-            .await
-            .inspect_err(|err| tracing::debug!(error = %err, "no connection for outdated marks"))
-            .ok();
-        *self.marks.write().unwrap() = marks;
+        // Made before Redis can hang, so that it is there when a mark needs it. One that
+        // exists is kept: marks queued in it may not have run yet.
+        if self.marks.read().unwrap().is_none() {
+            let _ = self.marks_connection().await;
+        }
         *self.connection.write().unwrap() = Some(conn.clone());
         Ok(conn)
+    }
+
+    /// A new connection whose calls time out after `response_timeout`.
+    async fn connect(&self, response_timeout: Duration) -> Result<ConnectionManager, StorageError> {
+        let config = ::redis::aio::ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(CALL_TIMEOUT))
+            .set_response_timeout(Some(response_timeout))
+            .set_number_of_retries(1)
+            .set_max_delay(Duration::from_millis(500));
+        tokio::time::timeout(
+            CALL_TIMEOUT,
+            ConnectionManager::new_with_config(self.client.clone(), config),
+        )
+        .await
+        .map_err(|_| unavailable("connect timed out"))
+        .and_then(|made| made.map_err(|e| classify(&e)))
+    }
+
+    /// The connection for outdated marks, made when there is none.
+    async fn marks_connection(&self) -> Result<ConnectionManager, StorageError> {
+        if let Some(conn) = self.marks.read().unwrap().clone() {
+            return Ok(conn);
+        }
+        let conn = self
+            .connect(MARK_WAIT)
+            .await
+            .inspect_err(|err| tracing::debug!(error = %err, "no connection for outdated marks"))?;
+        Ok(self.marks.write().unwrap().get_or_insert(conn).clone())
     }
 
     /// Runs one call with the timeout; an unavailable answer drops the connection so the
@@ -669,22 +690,24 @@ impl Counters for RedisCounters {
         self.query(cmd).await
     }
 
-    /// Sent on a connection of its own, which a timeout does not drop (the shared one is
-    /// dropped on the first timeout, and a new one cannot be made while Redis hangs): a mark
-    /// sent while Redis hangs waits in that connection and runs when Redis wakes, before
-    /// anything sent after it.
+    /// Sent on a connection of its own, which a hang does not take down (the shared one is
+    /// dropped at its first timeout, and no new one can be made while Redis hangs): a mark
+    /// sent while Redis hangs waits in it and runs when Redis wakes, before what is sent
+    /// after it. Its answer is waited for up to [`MARK_WAIT`].
     async fn mark_outdated(&self, provider: &ProviderId) -> Result<(), StorageError> {
         let mut invocation = MARK_OUTDATED.prepare_invoke();
         invocation.key(self.keys.record(provider));
-        let marks = self.link.marks.read().unwrap().clone();
-        match marks {
-            Some(mut conn) => invocation
-                .invoke_async::<i64>(&mut conn)
-                .await
-                .map(|_| ())
-                .map_err(|err| classify(&err)),
-            None => self.invoke::<i64>(invocation).await.map(|_| ()),
+        let mut conn = self.link.marks_connection().await?;
+        let marked = invocation.invoke_async::<i64>(&mut conn).await;
+        if let Err(err) = &marked
+            && err.is_timeout()
+            && self.link.connection.read().unwrap().is_some()
+        {
+            // Redis answers the shared connection, yet ran no mark for MARK_WAIT: this
+            // connection's path is dead (a hang would have taken the shared one down too)
+            *self.link.marks.write().unwrap() = None;
         }
+        marked.map(|_| ()).map_err(|err| classify(&err))
     }
 
     async fn evict_clean(&self, provider: &ProviderId) -> Result<bool, StorageError> {
