@@ -222,6 +222,9 @@ async fn probe(app: &App, first: bool) -> (bool, bool) {
     if !redis_ok && quotas.redis_is_up() {
         quotas.redis_down("health probe failed");
     }
+    if redis_ok && !quotas.redis_is_up() {
+        app.health.redis_answers.notify_one();
+    }
     (redis_ok, firestore_ok)
 }
 
@@ -251,13 +254,17 @@ fn period(app: &App, normal: Duration) -> Duration {
 }
 
 /// Probes both dependencies every second for `/readyz` (a change shows within 10 s), and
-/// every [`RECOVERY_TICK`] while Redis is away.
+/// every [`RECOVERY_TICK`] while Redis is away, at once after a probe that took that long
+/// (one that waited for a hung Redis): a probe is connecting when Redis wakes.
 async fn watch_health(app: Arc<App>, cancel: CancellationToken) {
+    let mut took = Duration::ZERO;
     loop {
-        if !tick(&cancel, period(&app, Duration::from_secs(1))).await {
+        if !tick(&cancel, period(&app, Duration::from_secs(1)).saturating_sub(took)).await {
             return;
         }
+        let started = tokio::time::Instant::now();
         let health = probe(&app, false).await;
+        took = started.elapsed();
         check_data(&app, health).await;
     }
 }
@@ -269,8 +276,10 @@ async fn reconcile(app: Arc<App>, cancel: CancellationToken) {
     let quotas = &app.quotas;
     let mut last_round = tokio::time::Instant::now();
     loop {
-        if !tick(&cancel, period(&app, Duration::from_millis(500))).await {
-            return;
+        tokio::select! {
+            () = cancel.cancelled() => return,
+            () = tokio::time::sleep(period(&app, Duration::from_millis(500))) => {}
+            () = app.health.redis_answers.notified() => {}
         }
         let healthy = app.health.redis.load(std::sync::atomic::Ordering::Relaxed)
             && app.health.firestore.load(std::sync::atomic::Ordering::Relaxed);

@@ -365,6 +365,27 @@ async fn a_mark_sent_while_redis_hangs_runs_when_it_wakes() {
     assert!(!b.read(&p1).await.unwrap().unwrap().outdated);
 }
 
+/// A probe tries to connect even right after a failed attempt (requests do not, so as not
+/// to wait for a Redis that is away): probes run back to back while Redis hangs, so one is
+/// connecting when it wakes, and decisions return to Redis without waiting for a next tick.
+#[tokio::test]
+async fn a_probe_connects_right_after_a_failed_attempt() {
+    use quotad::storage::{Counters, redis::RedisCounters};
+
+    let redis = RedisServer::start().await;
+    let counters = RedisCounters::new(&redis.url(), "probe:").unwrap();
+    counters.ping().await.unwrap();
+    redis.pause(true);
+    let probe = counters.ping().await;
+    assert!(probe.is_err(), "a hung Redis answers nothing: {probe:?}");
+    let probe = counters.ping().await;
+    assert!(probe.is_err(), "no connection yet: {probe:?}");
+    redis.pause(false);
+    // at once, where a request would be told that the last attempt failed
+    counters.ping().await.unwrap();
+    counters.query::<String>(::redis::cmd("PING")).await.unwrap();
+}
+
 /// In `redis-primary` a keyed consume that Redis decided (not synced yet) is decided again
 /// by the Firestore fallback when its retry comes while Redis hangs: the document does not
 /// know the key. Once Redis is back, the record's write settles the key decided twice: the

@@ -388,6 +388,13 @@ impl RedisCounters {
 impl Link {
     /// The shared connection, made on first use (or after it was dropped as broken).
     async fn connection(&self) -> Result<ConnectionManager, StorageError> {
+        self.connection_with(false).await
+    }
+
+    /// [`Link::connection`]; a `probe` tries to connect even right after an attempt
+    /// failed (requests do not, so as not to wait for a Redis that is away), so that a
+    /// probe is connecting whenever a hung Redis wakes.
+    async fn connection_with(&self, probe: bool) -> Result<ConnectionManager, StorageError> {
         if let Some(conn) = self.connection.read().unwrap().clone() {
             return Ok(conn);
         }
@@ -399,11 +406,12 @@ impl Link {
         if let Some(conn) = self.connection.read().unwrap().clone() {
             return Ok(conn);
         }
-        if self
-            .failed_connect
-            .read()
-            .unwrap()
-            .is_some_and(|at| at.elapsed() < CALL_TIMEOUT)
+        if !probe
+            && self
+                .failed_connect
+                .read()
+                .unwrap()
+                .is_some_and(|at| at.elapsed() < CALL_TIMEOUT)
         {
             return Err(unavailable("the last connection attempt failed"));
         }
@@ -531,8 +539,10 @@ impl Counters for RedisCounters {
         "redis"
     }
 
-    /// `TIME`, which also measures the clock offset used by the apply deadline.
+    /// `TIME`, which also measures the clock offset used by the apply deadline. Connects
+    /// if it can, whenever the last attempt was.
     async fn ping(&self) -> Result<(), StorageError> {
+        self.link.connection_with(true).await?;
         let sent = now_ms();
         let (secs, micros): (i64, i64) = self.query(::redis::cmd("TIME")).await?;
         let received = now_ms();
