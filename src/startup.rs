@@ -223,6 +223,9 @@ async fn probe(app: &App, first: bool) -> (bool, bool) {
         quotas.redis_down("health probe failed");
     }
     if redis_ok && !quotas.redis_is_up() {
+        if firestore_ok {
+            quotas.redis_answers();
+        }
         app.health.redis_answers.notify_one();
     }
     (redis_ok, firestore_ok)
@@ -259,8 +262,10 @@ fn period(app: &App, normal: Duration) -> Duration {
 async fn watch_health(app: Arc<App>, cancel: CancellationToken) {
     let mut took = Duration::ZERO;
     loop {
-        if !tick(&cancel, period(&app, Duration::from_secs(1)).saturating_sub(took)).await {
-            return;
+        tokio::select! {
+            () = cancel.cancelled() => return,
+            () = tokio::time::sleep(period(&app, Duration::from_secs(1)).saturating_sub(took)) => {}
+            () = app.quotas.went_down() => {}
         }
         let started = tokio::time::Instant::now();
         let health = probe(&app, false).await;
@@ -294,7 +299,10 @@ async fn reconcile(app: Arc<App>, cancel: CancellationToken) {
                 }
                 quotas.redis_recovered();
             }
-            Err(err) => tracing::warn!(error = %err, "reconciling with Firestore failed; will retry"),
+            Err(err) => {
+                quotas.end_recovery();
+                tracing::warn!(error = %err, "reconciling with Firestore failed; will retry");
+            }
         }
     }
 }

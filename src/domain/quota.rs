@@ -8,7 +8,7 @@ use tokio::sync::watch;
 
 use super::{
     Phase, ProviderId,
-    handover::{Handover, Waiting},
+    handover::{HOLD_LIMIT, Handover, Waiting},
     writer::Writer,
 };
 use crate::storage::{
@@ -82,6 +82,14 @@ pub struct QuotaService {
     /// Providers whose record a fallback is marking outdated (one mark in flight each),
     /// with whether another fallback landed since that mark was sent (it is sent again).
     marking: std::sync::Mutex<std::collections::HashMap<ProviderId, bool>>,
+    /// Redis is down for decisions, but a probe has found it (and Firestore) answering:
+    /// the reconcile that brings decisions back runs, and decisions wait for it (see
+    /// [`QuotaService::await_recovery`]).
+    recovering: std::sync::atomic::AtomicBool,
+    /// Wakes decisions waiting for the recovery when it ends, either way; and the health
+    /// task when Redis goes down (it probes at once).
+    recovery: tokio::sync::Notify,
+    went_down: tokio::sync::Notify,
     /// This service, for the tasks Firestore decisions run in.
     me: std::sync::Weak<QuotaService>,
 }
@@ -106,6 +114,9 @@ impl QuotaService {
             known_sentinel: std::sync::Mutex::new(None),
             fence_waiting: std::sync::atomic::AtomicUsize::new(0),
             marking: std::sync::Mutex::default(),
+            recovering: std::sync::atomic::AtomicBool::new(false),
+            recovery: tokio::sync::Notify::new(),
+            went_down: tokio::sync::Notify::new(),
             me: me.clone(),
         })
     }
@@ -189,7 +200,9 @@ impl QuotaService {
 
     /// Marks Redis down (see `redis_failed`); the health task calls it when a probe fails.
     pub fn redis_down(&self, reason: &str) {
+        self.end_recovery();
         if self.handover.go_down() {
+            self.went_down.notify_one();
             tracing::warn!(
                 reason,
                 "Redis unavailable: deciding from Firestore until it answers again"
@@ -201,9 +214,48 @@ impl QuotaService {
     /// Called by the health task once Redis answers and a reconciliation begun since it
     /// went down is done (see [`Handover::go_up`]).
     pub fn redis_recovered(&self) {
-        if self.handover.go_up() {
+        let up = self.handover.go_up();
+        self.end_recovery();
+        if up {
             tracing::info!("Redis answers again: deciding from Redis");
             metrics::counter!("quotad_redis_transitions_total", "to" => "up").increment(1);
+        }
+    }
+
+    /// A probe found Redis and Firestore answering while decisions are away from Redis:
+    /// until the reconcile has brought them back (or failed), decisions wait for it rather
+    /// than decide in Firestore. Another replica that never lost Redis decides there
+    /// meanwhile, and in `dual-write` its changes reach the document only a few ms later:
+    /// a Firestore decision in between would not see them.
+    pub fn redis_answers(&self) {
+        if !self.redis_is_up() {
+            self.recovering.store(true, std::sync::atomic::Ordering::Release);
+        }
+    }
+
+    /// The recovery that [`QuotaService::redis_answers`] began is over (Redis is back,
+    /// went down again, or the reconcile failed): waiting decisions go on.
+    pub fn end_recovery(&self) {
+        self.recovering.store(false, std::sync::atomic::Ordering::Release);
+        self.recovery.notify_waiters();
+    }
+
+    /// Resolves when Redis goes down for decisions (the health task probes at once).
+    pub async fn went_down(&self) {
+        self.went_down.notified().await;
+    }
+
+    /// Waits, up to [`HOLD_LIMIT`], for a recovery in progress to end.
+    async fn await_recovery(&self) {
+        let recovering = || !self.redis_is_up() && self.recovering.load(std::sync::atomic::Ordering::Acquire);
+        if !recovering() {
+            return;
+        }
+        let ended = self.recovery.notified();
+        tokio::pin!(ended);
+        ended.as_mut().enable();
+        if recovering() {
+            let _ = tokio::time::timeout(HOLD_LIMIT, ended).await;
         }
     }
 
@@ -301,6 +353,9 @@ impl QuotaService {
             idempotency_key,
         };
         let (phase, _) = self.phase();
+        if phase.redis_decides() {
+            self.await_recovery().await;
+        }
         // A provider Firestore decided for while Redis was away waits for its reload.
         let outcome = if self.use_redis(phase) && self.handover.clear_for(provider).await {
             match self.change_in_redis(provider, &change, phase).await {
