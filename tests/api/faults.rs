@@ -6,8 +6,8 @@ use quotad::domain::Phase;
 use serde_json::{Value, json};
 
 use crate::helpers::{
-    QuotadProcess, RedisServer, Shared, Store, TcpProxy, client, emulator_host, eventually, ok, problem, spawn_with,
-    unique,
+    QuotadProcess, RedisServer, Shared, Store, TcpProxy, TestApp, client, emulator_host, eventually, ok, problem,
+    spawn_with, unique,
 };
 
 const DEADLINE: Duration = Duration::from_secs(30);
@@ -77,6 +77,47 @@ async fn a_hung_redis_sends_decisions_to_firestore_and_its_stale_data_is_reloade
     assert_eq!(eventually(DEADLINE, Some(5), || store.used("p1")).await, Some(5));
 }
 
+/// Two replicas of `phase` on their own Redis, and provider `p` at 2 of 10 in Redis and the
+/// store; then Redis hangs while A decides 3 more in Firestore and a legacy writer adds 3
+/// (8 of 10), and wakes. B never saw the hang. Returns (redis, A, B, store).
+async fn after_a_hang(phase: Phase) -> (RedisServer, TestApp, TestApp, Store) {
+    let (shared, redis) = Shared::with_own_redis().await;
+    let (a, b) = (
+        spawn_with(&shared, |c| c.initial_phase = phase).await,
+        spawn_with(&shared, |c| c.initial_phase = phase).await,
+    );
+    let store = shared.store();
+    store.put("p", Some(0), Some(10)).await;
+    ok(a.consume("p", 1).await).await;
+    ok(b.consume("p", 1).await).await;
+    if phase == Phase::RedisPrimary {
+        ok(a.admin(reqwest::Method::POST, "/admin/sync", None).await).await;
+    }
+    assert_eq!(eventually(DEADLINE, Some(2), || store.used("p")).await, Some(2));
+
+    redis.pause(true);
+    for used in 3..=5 {
+        assert_eq!(
+            ok(a.consume("p", 1).await).await["used"],
+            used,
+            "{phase}: A decides in Firestore"
+        );
+    }
+    store.add_used("p", 3).await; // a legacy writer: 8 of 10
+    redis.pause(false);
+    (redis, a, b, store)
+}
+
+/// Consumes on `app` until it refuses; how many it admitted.
+async fn admitted_until_refused(app: &TestApp, phase: Phase) -> usize {
+    let mut admitted = 0;
+    while app.consume("p", 1).await.status() == 200 {
+        admitted += 1;
+        assert!(admitted <= 10, "{phase}: it keeps admitting");
+    }
+    admitted
+}
+
 /// A replica that decided in Firestore while Redis hung (and another writer beside it) must
 /// not leave a replica that never saw the hang deciding from Redis's old record once Redis
 /// wakes: the call that timed out, run late, marks the record outdated, and so do the
@@ -84,55 +125,26 @@ async fn a_hung_redis_sends_decisions_to_firestore_and_its_stale_data_is_reloade
 #[tokio::test]
 async fn after_a_hang_another_replica_decides_from_what_firestore_decided_meanwhile() {
     for phase in [Phase::DualWrite, Phase::RedisPrimary] {
-        let (shared, redis) = Shared::with_own_redis().await;
-        let (a, b) = (
-            spawn_with(&shared, |c| c.initial_phase = phase).await,
-            spawn_with(&shared, |c| c.initial_phase = phase).await,
-        );
-        let store = shared.store();
-        store.put("p1", Some(0), Some(10)).await;
-        ok(a.consume("p1", 1).await).await;
-        ok(b.consume("p1", 1).await).await;
-        if phase == Phase::RedisPrimary {
-            ok(a.admin(reqwest::Method::POST, "/admin/sync", None).await).await;
-        }
-        assert_eq!(eventually(DEADLINE, Some(2), || store.used("p1")).await, Some(2));
-
-        redis.pause(true);
-        for used in 3..=5 {
-            assert_eq!(
-                ok(a.consume("p1", 1).await).await["used"],
-                used,
-                "{phase}: A decides in Firestore"
-            );
-        }
-        store.add_used("p1", 3).await; // a legacy writer: 8 of 10
-        redis.pause(false);
-
+        let (_redis, a, b, store) = after_a_hang(phase).await;
         // B never saw Redis hang: its lookup and its decisions follow the store at once.
-        let seen = ok(b.get("/quota/p1").await).await;
+        let seen = ok(b.get("/quota/p").await).await;
         assert_eq!(
             (seen["used"].clone(), seen["source"].clone()),
             (json!(8), json!("store")),
             "{phase}"
         );
-        let mut admitted = 0;
-        while b.consume("p1", 1).await.status() == 200 {
-            admitted += 1;
-            assert!(admitted <= 10, "{phase}: B keeps admitting");
-        }
-        assert_eq!(admitted, 2, "{phase}: 8 of 10 were used");
+        assert_eq!(admitted_until_refused(&b, phase).await, 2, "{phase}: 8 of 10 were used");
         if phase == Phase::RedisPrimary {
             ok(b.admin(reqwest::Method::POST, "/admin/sync", None).await).await;
         }
         assert_eq!(
-            eventually(DEADLINE, Some(10), || store.used("p1")).await,
+            eventually(DEADLINE, Some(10), || store.used("p")).await,
             Some(10),
             "{phase}"
         );
         // A, deciding in Firestore or back on Redis by now, sees all of it too.
-        problem(a.consume("p1", 1).await, 429, "quota_exceeded").await;
-        assert_eq!(store.used("p1").await, Some(10), "{phase}");
+        problem(a.consume("p", 1).await, 429, "quota_exceeded").await;
+        assert_eq!(store.used("p").await, Some(10), "{phase}");
         a.stop().await;
         b.stop().await;
     }
@@ -148,31 +160,9 @@ async fn after_a_hang_another_replica_decides_from_what_firestore_decided_meanwh
 #[tokio::test]
 async fn a_replica_back_from_a_hang_decides_after_its_reconcile() {
     for phase in [Phase::DualWrite, Phase::RedisPrimary] {
-        let (shared, redis) = Shared::with_own_redis().await;
-        let (a, b) = (
-            spawn_with(&shared, |c| c.initial_phase = phase).await,
-            spawn_with(&shared, |c| c.initial_phase = phase).await,
-        );
-        let store = shared.store();
-        store.put("p", Some(0), Some(10)).await;
-        ok(a.consume("p", 1).await).await;
-        ok(b.consume("p", 1).await).await;
-        if phase == Phase::RedisPrimary {
-            ok(a.admin(reqwest::Method::POST, "/admin/sync", None).await).await;
-        }
-        assert_eq!(eventually(DEADLINE, Some(2), || store.used("p")).await, Some(2));
-        redis.pause(true);
-        for _ in 0..3 {
-            ok(a.consume("p", 1).await).await; // Firestore decides: 5
-        }
-        store.add_used("p", 3).await; // a legacy writer: 8
-        redis.pause(false);
-        let mut admitted = 0;
-        while b.consume("p", 1).await.status() == 200 {
-            admitted += 1;
-            assert!(admitted <= 10, "{phase}: B keeps admitting");
-        }
-        assert_eq!(admitted, 2, "{phase}");
+        let (_redis, a, b, store) = after_a_hang(phase).await;
+        // at once: B's changes may not be in the store yet
+        assert_eq!(admitted_until_refused(&b, phase).await, 2, "{phase}");
         problem(a.consume("p", 1).await, 429, "quota_exceeded").await;
         if phase == Phase::RedisPrimary {
             ok(a.admin(reqwest::Method::POST, "/admin/sync", None).await).await;
