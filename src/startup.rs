@@ -222,11 +222,8 @@ async fn probe(app: &App, first: bool) -> (bool, bool) {
     if !redis_ok && quotas.redis_is_up() {
         quotas.redis_down("health probe failed");
     }
-    if redis_ok && !quotas.redis_is_up() {
-        if firestore_ok {
-            quotas.redis_answers();
-        }
-        app.health.redis_answers.notify_one();
+    if redis_ok && firestore_ok {
+        quotas.redis_answers();
     }
     (redis_ok, firestore_ok)
 }
@@ -284,7 +281,7 @@ async fn reconcile(app: Arc<App>, cancel: CancellationToken) {
         tokio::select! {
             () = cancel.cancelled() => return,
             () = tokio::time::sleep(period(&app, Duration::from_millis(500))) => {}
-            () = app.health.redis_answers.notified() => {}
+            () = quotas.answers() => {}
         }
         let healthy = app.health.redis.load(std::sync::atomic::Ordering::Relaxed)
             && app.health.firestore.load(std::sync::atomic::Ordering::Relaxed);

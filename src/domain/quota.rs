@@ -86,10 +86,12 @@ pub struct QuotaService {
     /// the reconcile that brings decisions back runs, and decisions wait for it (see
     /// [`QuotaService::await_recovery`]).
     recovering: std::sync::atomic::AtomicBool,
-    /// Wakes decisions waiting for the recovery when it ends, either way; and the health
-    /// task when Redis goes down (it probes at once).
+    /// Wakes decisions waiting for the recovery when it ends, either way.
     recovery: tokio::sync::Notify,
+    /// Wakes the health task when Redis goes down (it probes at once).
     went_down: tokio::sync::Notify,
+    /// Wakes the reconcile when a probe finds Redis answering (it runs at once).
+    answers: tokio::sync::Notify,
     /// This service, for the tasks Firestore decisions run in.
     me: std::sync::Weak<QuotaService>,
 }
@@ -117,6 +119,7 @@ impl QuotaService {
             recovering: std::sync::atomic::AtomicBool::new(false),
             recovery: tokio::sync::Notify::new(),
             went_down: tokio::sync::Notify::new(),
+            answers: tokio::sync::Notify::new(),
             me: me.clone(),
         })
     }
@@ -230,7 +233,13 @@ impl QuotaService {
     pub fn redis_answers(&self) {
         if !self.redis_is_up() {
             self.recovering.store(true, std::sync::atomic::Ordering::Release);
+            self.answers.notify_one();
         }
+    }
+
+    /// Resolves when a probe finds Redis answering while decisions are away from it.
+    pub async fn answers(&self) {
+        self.answers.notified().await;
     }
 
     /// The recovery that [`QuotaService::redis_answers`] began is over (Redis is back,

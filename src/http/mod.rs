@@ -60,9 +60,6 @@ pub struct App {
 pub struct Health {
     pub redis: AtomicBool,
     pub firestore: AtomicBool,
-    /// Signalled when a probe finds Redis answering while decisions are away from it: the
-    /// reconcile that brings them back runs at once.
-    pub redis_answers: tokio::sync::Notify,
 }
 
 /// Not ready until the first probe has answered.
@@ -71,7 +68,6 @@ impl Default for Health {
         Self {
             redis: AtomicBool::new(false),
             firestore: AtomicBool::new(false),
-            redis_answers: tokio::sync::Notify::new(),
         }
     }
 }
