@@ -224,6 +224,8 @@ async fn probe(app: &App, first: bool) -> (bool, bool) {
     }
     if redis_ok && firestore_ok {
         quotas.redis_answers();
+    } else {
+        quotas.end_recovery();
     }
     (redis_ok, firestore_ok)
 }
@@ -239,9 +241,11 @@ async fn check_data(app: &App, (redis, firestore): (bool, bool)) {
     }
 }
 
-/// While Redis is away (for this replica's decisions), how often it is probed and the
-/// reconcile tried: the sooner it is back, the sooner the records Firestore changed are
-/// reloaded, and other replicas, which may never have lost Redis, stop deciding from them.
+/// While Redis is away (for this replica's decisions), how often it is probed (at most;
+/// at once after a probe that took this long) and the reconcile tried (it also runs as
+/// soon as a probe finds Redis answering): the sooner it is back, the sooner the records
+/// Firestore changed are reloaded, and other replicas, which may never have lost Redis,
+/// stop deciding from them.
 const RECOVERY_TICK: Duration = Duration::from_millis(200);
 
 /// `normal`, or [`RECOVERY_TICK`] while Redis is away.
@@ -255,7 +259,8 @@ fn period(app: &App, normal: Duration) -> Duration {
 
 /// Probes both dependencies every second for `/readyz` (a change shows within 10 s), and
 /// every [`RECOVERY_TICK`] while Redis is away, at once after a probe that took that long
-/// (one that waited for a hung Redis): a probe is connecting when Redis wakes.
+/// (one that waited for a hung Redis) and at once when a request finds Redis down: a probe
+/// is connecting when Redis wakes.
 async fn watch_health(app: Arc<App>, cancel: CancellationToken) {
     let mut took = Duration::ZERO;
     loop {
@@ -289,6 +294,7 @@ async fn reconcile(app: Arc<App>, cancel: CancellationToken) {
             continue;
         }
         last_round = tokio::time::Instant::now();
+        let round = quotas.recovery_round();
         match quotas.reconcile().await {
             Ok(reloaded) => {
                 if reloaded > 0 {
@@ -297,7 +303,7 @@ async fn reconcile(app: Arc<App>, cancel: CancellationToken) {
                 quotas.redis_recovered();
             }
             Err(err) => {
-                quotas.end_recovery();
+                quotas.recovery_failed(round);
                 tracing::warn!(error = %err, "reconciling with Firestore failed; will retry");
             }
         }

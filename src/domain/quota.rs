@@ -84,13 +84,20 @@ pub struct QuotaService {
     marking: std::sync::Mutex<std::collections::HashMap<ProviderId, bool>>,
     /// Redis is down for decisions, but a probe has found it (and Firestore) answering:
     /// the reconcile that brings decisions back runs, and decisions wait for it (see
-    /// [`QuotaService::await_recovery`]).
-    recovering: std::sync::atomic::AtomicBool,
+    /// [`QuotaService::await_recovery`]). 0 when no recovery is on, else which probe's
+    /// finding began it (from `probes_answered`), so that a reconcile round that fails
+    /// ends only a recovery begun before it.
+    recovering: std::sync::atomic::AtomicU64,
+    /// Probes that found Redis and Firestore answering while decisions were away from Redis.
+    probes_answered: std::sync::atomic::AtomicU64,
     /// Wakes decisions waiting for the recovery when it ends, either way.
     recovery: tokio::sync::Notify,
+    /// Decisions waiting for the recovery (tests synchronise on it).
+    recovery_waiting: std::sync::atomic::AtomicUsize,
     /// Wakes the health task when Redis goes down (it probes at once).
     went_down: tokio::sync::Notify,
-    /// Wakes the reconcile when a probe finds Redis answering (it runs at once).
+    /// Wakes the reconcile when a probe finds Redis and Firestore answering while decisions
+    /// are away from Redis (it runs at once).
     answers: tokio::sync::Notify,
     /// This service, for the tasks Firestore decisions run in.
     me: std::sync::Weak<QuotaService>,
@@ -116,7 +123,9 @@ impl QuotaService {
             known_sentinel: std::sync::Mutex::new(None),
             fence_waiting: std::sync::atomic::AtomicUsize::new(0),
             marking: std::sync::Mutex::default(),
-            recovering: std::sync::atomic::AtomicBool::new(false),
+            recovering: std::sync::atomic::AtomicU64::new(0),
+            probes_answered: std::sync::atomic::AtomicU64::new(0),
+            recovery_waiting: std::sync::atomic::AtomicUsize::new(0),
             recovery: tokio::sync::Notify::new(),
             went_down: tokio::sync::Notify::new(),
             answers: tokio::sync::Notify::new(),
@@ -202,6 +211,7 @@ impl QuotaService {
     }
 
     /// Marks Redis down (see `redis_failed`); the health task calls it when a probe fails.
+    /// Ends a recovery in progress, every time it is called.
     pub fn redis_down(&self, reason: &str) {
         self.end_recovery();
         if self.handover.go_down() {
@@ -232,21 +242,47 @@ impl QuotaService {
     /// a Firestore decision in between would not see them.
     pub fn redis_answers(&self) {
         if !self.redis_is_up() {
-            self.recovering.store(true, std::sync::atomic::Ordering::Release);
+            let probe = self.probes_answered.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+            self.recovering.store(probe, std::sync::atomic::Ordering::Release);
             self.answers.notify_one();
         }
     }
 
-    /// Resolves when a probe finds Redis answering while decisions are away from it.
+    /// Resolves when a probe finds Redis and Firestore answering while decisions are away
+    /// from Redis.
     pub async fn answers(&self) {
         self.answers.notified().await;
     }
 
-    /// The recovery that [`QuotaService::redis_answers`] began is over (Redis is back,
-    /// went down again, or the reconcile failed): waiting decisions go on.
+    /// The recovery that [`QuotaService::redis_answers`] began is over (Redis is back, a
+    /// probe failed, or Redis went down again): waiting decisions go on.
     pub fn end_recovery(&self) {
-        self.recovering.store(false, std::sync::atomic::Ordering::Release);
+        self.recovering.store(0, std::sync::atomic::Ordering::Release);
         self.recovery.notify_waiters();
+    }
+
+    /// Which recovery is on as a reconcile round begins (0 if none), for
+    /// [`QuotaService::recovery_failed`].
+    pub fn recovery_round(&self) -> u64 {
+        self.recovering.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// A reconcile round begun during recovery `round` failed: that recovery ends, unless a
+    /// probe found Redis answering again since (its own round follows at once).
+    pub fn recovery_failed(&self, round: u64) {
+        if round != 0
+            && self
+                .recovering
+                .compare_exchange(
+                    round,
+                    0,
+                    std::sync::atomic::Ordering::AcqRel,
+                    std::sync::atomic::Ordering::Relaxed,
+                )
+                .is_ok()
+        {
+            self.recovery.notify_waiters();
+        }
     }
 
     /// Resolves when Redis goes down for decisions (the health task probes at once).
@@ -254,9 +290,9 @@ impl QuotaService {
         self.went_down.notified().await;
     }
 
-    /// Waits, up to [`HOLD_LIMIT`], for a recovery in progress to end.
-    async fn await_recovery(&self) {
-        let recovering = || !self.redis_is_up() && self.recovering.load(std::sync::atomic::Ordering::Acquire);
+    /// Waits, up to `deadline`, for a recovery in progress to end.
+    async fn await_recovery(&self, deadline: tokio::time::Instant) {
+        let recovering = || !self.redis_is_up() && self.recovering.load(std::sync::atomic::Ordering::Acquire) != 0;
         if !recovering() {
             return;
         }
@@ -264,8 +300,14 @@ impl QuotaService {
         tokio::pin!(ended);
         ended.as_mut().enable();
         if recovering() {
-            let _ = tokio::time::timeout(HOLD_LIMIT, ended).await;
+            let _waiting = Waiting::new(&self.recovery_waiting);
+            let _ = tokio::time::timeout_at(deadline, ended).await;
         }
+    }
+
+    /// Decisions waiting for a recovery to end.
+    pub fn recovery_waiting(&self) -> usize {
+        self.recovery_waiting.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Whether to use Redis for this request, given the phase.
@@ -362,11 +404,14 @@ impl QuotaService {
             idempotency_key,
         };
         let (phase, _) = self.phase();
+        // One bound for both waits below, so that with a Redis call's own timeout a
+        // decision still reaches Firestore within API.md's 2 s.
+        let deadline = tokio::time::Instant::now() + HOLD_LIMIT;
         if phase.redis_decides() {
-            self.await_recovery().await;
+            self.await_recovery(deadline).await;
         }
         // A provider Firestore decided for while Redis was away waits for its reload.
-        let outcome = if self.use_redis(phase) && self.handover.clear_for(provider).await {
+        let outcome = if self.use_redis(phase) && self.handover.clear_for(provider, deadline).await {
             match self.change_in_redis(provider, &change, phase).await {
                 Ok(outcome) => Ok(outcome),
                 Err(QuotaError::Unavailable(err)) if err.is_redis() => {

@@ -338,6 +338,33 @@ async fn redis_going_down_again_ends_the_wait(counters: Arc<dyn Counters>, ledge
     assert_eq!(ledger.read(&held).await.unwrap().unwrap().used, Some(3));
 }
 
+/// A reconcile round that fails ends the recovery it began in, not one that a probe
+/// began meanwhile (that probe's own round follows); a failed probe ends any.
+async fn a_failed_round_ends_only_its_own_recovery(counters: Arc<dyn Counters>, ledger: Arc<Gated>) {
+    let quotas = service(counters, ledger);
+    let id = p("waiting");
+    quotas.redis_down("test");
+    quotas.redis_answers();
+    let round = quotas.recovery_round();
+    quotas.redis_answers(); // a probe during the round found Redis answering again
+    quotas.recovery_failed(round);
+    let decision = spawn_consume(&quotas, &id);
+    until(
+        || quotas.recovery_waiting() == 1,
+        "the consume waits for the probe's recovery",
+    )
+    .await;
+    quotas.recovery_failed(quotas.recovery_round()); // that round failed as well
+    assert_eq!(decision.await.unwrap(), 1, "Firestore decided it");
+
+    quotas.redis_answers();
+    let decision = spawn_consume(&quotas, &id);
+    until(|| quotas.recovery_waiting() == 1, "the next consume waits").await;
+    quotas.end_recovery(); // what a failed probe does
+    assert_eq!(decision.await.unwrap(), 2, "Firestore decided it");
+    assert_eq!(quotas.recovery_round(), 0);
+}
+
 /// A fallback whose request is dropped mid-decision (a client that hung up) still runs to
 /// its end, and its provider stays held until then: the decision may still land.
 async fn a_dropped_fallback_holds_its_provider_until_it_lands(counters: Arc<dyn Counters>, ledger: Arc<Gated>) {
@@ -716,5 +743,7 @@ on_both!(a_load_read_before_a_fenced_decision_is_refused: memory_refuses_a_load_
 on_both!(decisions_wait_for_a_fence_then_go_back_to_redis: memory_decisions_wait_for_a_fence_then_go_back_to_redis, redis_decisions_wait_for_a_fence_then_go_back_to_redis);
 
 on_both!(a_firestore_only_decision_meeting_a_busy_record_decides_in_redis: memory_decides_a_busy_record_in_redis, redis_decides_a_busy_record_in_redis);
+
+on_both!(a_failed_round_ends_only_its_own_recovery: memory_ends_only_a_failed_rounds_own_recovery, redis_ends_only_a_failed_rounds_own_recovery);
 
 on_both!(redis_going_down_again_ends_the_wait: memory_ends_the_wait_when_redis_goes_down_again, redis_ends_the_wait_when_redis_goes_down_again);

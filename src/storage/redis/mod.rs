@@ -386,13 +386,8 @@ impl RedisCounters {
 }
 
 impl Link {
-    /// The shared connection, made on first use (or after it was dropped as broken).
-    async fn connection(&self) -> Result<ConnectionManager, StorageError> {
-        self.connection_with(false).await
-    }
-
-    /// [`Link::connection`]; a `probe` tries to connect even right after an attempt
-    /// failed (requests do not, so as not to wait for a Redis that is away), so that a
+    /// The shared connection, made on first use (or after it was dropped as broken). A
+    /// `probe` tries to connect even right after an attempt failed (requests do not, so as not to wait for a Redis that is away), so that a
     /// probe is connecting whenever a hung Redis wakes.
     async fn connection_with(&self, probe: bool) -> Result<ConnectionManager, StorageError> {
         if let Some(conn) = self.connection.read().unwrap().clone() {
@@ -487,7 +482,16 @@ impl Link {
         F: FnOnce(ConnectionManager) -> Fut,
         Fut: std::future::Future<Output = ::redis::RedisResult<T>>,
     {
-        let conn = self.connection().await?;
+        self.call_with(false, f).await
+    }
+
+    /// [`Link::call`]; a `probe` connects as [`Link::connection_with`] says.
+    async fn call_with<T, F, Fut>(&self, probe: bool, f: F) -> Result<T, StorageError>
+    where
+        F: FnOnce(ConnectionManager) -> Fut,
+        Fut: std::future::Future<Output = ::redis::RedisResult<T>>,
+    {
+        let conn = self.connection_with(probe).await?;
         // The connection's own response timeout (CALL_TIMEOUT) bounds the call: no second
         // timer per request on the hot path.
         let result = f(conn).await.map_err(|err| classify(&err));
@@ -542,9 +546,17 @@ impl Counters for RedisCounters {
     /// `TIME`, which also measures the clock offset used by the apply deadline. Connects
     /// if it can, whenever the last attempt was.
     async fn ping(&self) -> Result<(), StorageError> {
-        self.link.connection_with(true).await?;
-        let sent = now_ms();
-        let (secs, micros): (i64, i64) = self.query(::redis::cmd("TIME")).await?;
+        // Timed from when TIME is sent, not from the connect that may come first.
+        let (sent, (secs, micros)): (i64, (i64, i64)) = self
+            .link
+            .call_with(true, |mut conn| async move {
+                let sent = now_ms();
+                ::redis::cmd("TIME")
+                    .query_async(&mut conn)
+                    .await
+                    .map(|time| (sent, time))
+            })
+            .await?;
         let received = now_ms();
         let redis_ms = secs * 1000 + micros / 1000;
         *self.clock_offset_ms.write().unwrap() = Some(redis_ms - (sent + received) / 2);
