@@ -194,10 +194,9 @@ async fn tick(cancel: &CancellationToken, period: Duration) -> bool {
 /// Probes both dependencies once, each bounded so a hung one cannot hold the caller.
 async fn probe(app: &App, first: bool) -> (bool, bool) {
     let quotas = &app.quotas;
-    let bound = Duration::from_millis(1500);
     let (redis, firestore) = tokio::join!(
-        tokio::time::timeout(bound, quotas.counters().ping()),
-        tokio::time::timeout(bound, quotas.ledger().ping())
+        tokio::time::timeout(PROBE_BOUND, quotas.counters().ping()),
+        tokio::time::timeout(PROBE_BOUND, quotas.ledger().ping())
     );
     let (redis_ok, firestore_ok) = (matches!(redis, Ok(Ok(()))), matches!(firestore, Ok(Ok(()))));
     // Each change is logged once, with why a dependency is down (`/readyz` only names it).
@@ -248,6 +247,14 @@ async fn check_data(app: &App, (redis, firestore): (bool, bool)) {
 /// stop deciding from them.
 const RECOVERY_TICK: Duration = Duration::from_millis(200);
 
+/// While Redis is away, how often Redis alone is pinged between full probes (which also
+/// read from Firestore): a replica sees a restarted Redis this soon, so that its fallbacks
+/// stop missing what other replicas, back on Redis already, decide there.
+const REDIS_TICK: Duration = Duration::from_millis(20);
+
+/// How long a probe waits for a dependency.
+const PROBE_BOUND: Duration = Duration::from_millis(1500);
+
 /// `normal`, or [`RECOVERY_TICK`] while Redis is away.
 fn period(app: &App, normal: Duration) -> Duration {
     if app.quotas.redis_is_up() {
@@ -263,17 +270,52 @@ fn period(app: &App, normal: Duration) -> Duration {
 /// is connecting when Redis wakes.
 async fn watch_health(app: Arc<App>, cancel: CancellationToken) {
     let mut took = Duration::ZERO;
+    let mut redis_answered = true;
     loop {
-        tokio::select! {
-            () = cancel.cancelled() => return,
-            () = tokio::time::sleep(period(&app, Duration::from_secs(1)).saturating_sub(took)) => {}
-            () = app.quotas.went_down() => {}
+        let wait = period(&app, Duration::from_secs(1)).saturating_sub(took);
+        // Redis alone is pinged in between only while it does not answer: once it does, the
+        // reconcile brings decisions back, and the next full probe comes at its tick.
+        if app.quotas.redis_is_up() || redis_answered {
+            tokio::select! {
+                () = cancel.cancelled() => return,
+                () = tokio::time::sleep(wait) => {}
+                () = app.quotas.went_down() => {}
+            }
+        } else {
+            let ping = || async {
+                matches!(
+                    tokio::time::timeout(PROBE_BOUND, app.quotas.counters().ping()).await,
+                    Ok(Ok(()))
+                )
+            };
+            tokio::select! {
+                () = cancel.cancelled() => return,
+                _ = until_answered(ping, wait) => {}
+            }
         }
         let started = tokio::time::Instant::now();
         let health = probe(&app, false).await;
         took = started.elapsed();
+        redis_answered = health.0;
         check_data(&app, health).await;
     }
+}
+
+/// Calls `ping` every [`REDIS_TICK`] until it answers `true` (then returns `true` at once)
+/// or `wait` has passed (`false`).
+async fn until_answered<F, Fut>(mut ping: F, wait: Duration) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let until = tokio::time::Instant::now() + wait;
+    while tokio::time::Instant::now() < until {
+        if ping().await {
+            return true;
+        }
+        tokio::time::sleep_until(until.min(tokio::time::Instant::now() + REDIS_TICK)).await;
+    }
+    false
 }
 
 /// Brings decisions back to Redis once it answers again and what Firestore decided
@@ -363,5 +405,38 @@ async fn scheduled_sync(app: Arc<App>, cancel: CancellationToken) {
             Ok(report) => tracing::info!(written = report.written, failed = report.failed, "scheduled sync done"),
             Err(err) => tracing::warn!(error = %err, "scheduled sync did not run"),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use super::*;
+
+    /// Redis answering at the 4th ping is seen then, 3 ticks in, not at the end of the wait.
+    #[tokio::test(start_paused = true)]
+    async fn redis_is_pinged_every_tick_until_it_answers() {
+        let pings = AtomicUsize::new(0);
+        let ping = || async { pings.fetch_add(1, Ordering::SeqCst) + 1 == 4 };
+        let started = tokio::time::Instant::now();
+        assert!(until_answered(ping, RECOVERY_TICK).await);
+        assert_eq!(pings.load(Ordering::SeqCst), 4);
+        assert_eq!(started.elapsed(), 3 * REDIS_TICK);
+    }
+
+    /// A Redis that never answers is pinged until the wait is over, and not after.
+    #[tokio::test(start_paused = true)]
+    async fn pinging_redis_ends_with_the_wait() {
+        let pings = AtomicUsize::new(0);
+        let ping = || async {
+            pings.fetch_add(1, Ordering::SeqCst);
+            false
+        };
+        let started = tokio::time::Instant::now();
+        assert!(!until_answered(ping, Duration::from_millis(50)).await);
+        assert_eq!(started.elapsed(), Duration::from_millis(50));
+        assert_eq!(pings.load(Ordering::SeqCst), 3, "at 0, 20 and 40 ms");
+        assert!(!until_answered(|| async { unreachable!("no wait, no ping") }, Duration::ZERO).await);
     }
 }

@@ -84,12 +84,12 @@ pub struct QuotaService {
     marking: std::sync::Mutex<std::collections::HashMap<ProviderId, bool>>,
     /// Redis is down for decisions, but a probe has found it (and Firestore) answering:
     /// the reconcile that brings decisions back runs, and decisions wait for it (see
-    /// [`QuotaService::await_recovery`]). 0 when no recovery is on, else which probe's
-    /// finding began it (from `probes_answered`), so that a reconcile round that fails
-    /// ends only a recovery begun before it.
+    /// [`QuotaService::await_recovery`]). 0 when no recovery is on, else which one (from
+    /// `recoveries`), so that a reconcile round that fails ends only a recovery that was
+    /// on when it began, not one a probe began meanwhile.
     recovering: std::sync::atomic::AtomicU64,
-    /// Probes that found Redis and Firestore answering while decisions were away from Redis.
-    probes_answered: std::sync::atomic::AtomicU64,
+    /// Recoveries begun.
+    recoveries: std::sync::atomic::AtomicU64,
     /// Wakes decisions waiting for the recovery when it ends, either way.
     recovery: tokio::sync::Notify,
     /// Decisions waiting for the recovery (tests synchronise on it).
@@ -124,7 +124,7 @@ impl QuotaService {
             fence_waiting: std::sync::atomic::AtomicUsize::new(0),
             marking: std::sync::Mutex::default(),
             recovering: std::sync::atomic::AtomicU64::new(0),
-            probes_answered: std::sync::atomic::AtomicU64::new(0),
+            recoveries: std::sync::atomic::AtomicU64::new(0),
             recovery_waiting: std::sync::atomic::AtomicUsize::new(0),
             recovery: tokio::sync::Notify::new(),
             went_down: tokio::sync::Notify::new(),
@@ -242,8 +242,15 @@ impl QuotaService {
     /// a Firestore decision in between would not see them.
     pub fn redis_answers(&self) {
         if !self.redis_is_up() {
-            let probe = self.probes_answered.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
-            self.recovering.store(probe, std::sync::atomic::Ordering::Release);
+            // A recovery already on goes on: a round that fails then ends it, and the next
+            // probe begins another.
+            let next = self.recoveries.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+            let _ = self.recovering.compare_exchange(
+                0,
+                next,
+                std::sync::atomic::Ordering::AcqRel,
+                std::sync::atomic::Ordering::Relaxed,
+            );
             self.answers.notify_one();
         }
     }
@@ -267,8 +274,8 @@ impl QuotaService {
         self.recovering.load(std::sync::atomic::Ordering::Acquire)
     }
 
-    /// A reconcile round begun during recovery `round` failed: that recovery ends, unless a
-    /// probe found Redis answering again since (its own round follows at once).
+    /// A reconcile round begun during recovery `round` failed: that recovery ends (not one
+    /// begun since, whose own round follows at once).
     pub fn recovery_failed(&self, round: u64) {
         if round != 0
             && self

@@ -339,14 +339,14 @@ async fn redis_going_down_again_ends_the_wait(counters: Arc<dyn Counters>, ledge
 }
 
 /// A reconcile round that fails ends the recovery it began in, not one that a probe
-/// began meanwhile (that probe's own round follows); a failed probe ends any.
+/// began meanwhile (that probe's own round follows), and a probe finding Redis answering
+/// again does not prolong a recovery already on; a failed probe ends any.
 async fn a_failed_round_ends_only_its_own_recovery(counters: Arc<dyn Counters>, ledger: Arc<Gated>) {
     let quotas = service(counters, ledger);
     let id = p("waiting");
     quotas.redis_down("test");
-    quotas.redis_answers();
-    let round = quotas.recovery_round();
-    quotas.redis_answers(); // a probe during the round found Redis answering again
+    let round = quotas.recovery_round(); // a periodic round begins: no recovery on
+    quotas.redis_answers(); // a probe during the round found Redis answering
     quotas.recovery_failed(round);
     let decision = spawn_consume(&quotas, &id);
     until(
@@ -354,8 +354,11 @@ async fn a_failed_round_ends_only_its_own_recovery(counters: Arc<dyn Counters>, 
         "the consume waits for the probe's recovery",
     )
     .await;
-    quotas.recovery_failed(quotas.recovery_round()); // that round failed as well
+    let round = quotas.recovery_round(); // the probe's round
+    quotas.redis_answers(); // probes go on finding Redis answering during it
+    quotas.recovery_failed(round); // and it fails
     assert_eq!(decision.await.unwrap(), 1, "Firestore decided it");
+    assert_eq!(quotas.recovery_round(), 0, "the next probe begins another");
 
     quotas.redis_answers();
     let decision = spawn_consume(&quotas, &id);

@@ -447,13 +447,15 @@ impl Link {
         Ok(conn)
     }
 
-    /// A new connection whose calls time out after `response_timeout`.
+    /// A new connection whose calls time out after `response_timeout`. One attempt, no
+    /// retry of the crate's: its backoff (up to 100-200 ms after a refusal) would hide a
+    /// restarted Redis from the health task's pings every 20 ms, and requests do not
+    /// connect while Redis is away.
     async fn connect(&self, response_timeout: Duration) -> Result<ConnectionManager, StorageError> {
         let config = ::redis::aio::ConnectionManagerConfig::new()
             .set_connection_timeout(Some(CALL_TIMEOUT))
             .set_response_timeout(Some(response_timeout))
-            .set_number_of_retries(1)
-            .set_max_delay(Duration::from_millis(500));
+            .set_number_of_retries(0);
         tokio::time::timeout(
             CALL_TIMEOUT,
             ConnectionManager::new_with_config(self.client.clone(), config),
