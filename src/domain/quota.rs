@@ -211,9 +211,14 @@ impl QuotaService {
     }
 
     /// Marks Redis down (see `redis_failed`); the health task calls it when a probe fails.
-    /// Ends a recovery in progress, every time it is called.
+    /// Clears a recovery flag left over from before Redis was up (a probe that raced the
+    /// recovery's end). Once Redis is down it ends no recovery: a call sent while Redis was
+    /// up and failing late says nothing about the Redis a probe found answering since (a
+    /// failed probe or reconcile round ends that recovery).
     pub fn redis_down(&self, reason: &str) {
-        self.end_recovery();
+        if self.redis_is_up() {
+            self.end_recovery();
+        }
         if self.handover.go_down() {
             self.went_down.notify_one();
             tracing::warn!(
@@ -261,8 +266,8 @@ impl QuotaService {
         self.answers.notified().await;
     }
 
-    /// The recovery that [`QuotaService::redis_answers`] began is over (Redis is back, a
-    /// probe failed, or Redis went down again): waiting decisions go on.
+    /// The recovery that [`QuotaService::redis_answers`] began is over (Redis is back, or a
+    /// probe failed): waiting decisions go on.
     pub fn end_recovery(&self) {
         self.recovering.store(0, std::sync::atomic::Ordering::Release);
         self.recovery.notify_waiters();

@@ -356,7 +356,9 @@ async fn a_failed_round_ends_only_its_own_recovery(counters: Arc<dyn Counters>, 
     .await;
     let round = quotas.recovery_round(); // the probe's round
     quotas.redis_answers(); // probes go on finding Redis answering during it
-    quotas.recovery_failed(round); // and it fails
+    quotas.redis_down("a call sent while Redis was up failed late"); // ends nothing
+    assert_eq!(quotas.recovery_round(), round);
+    quotas.recovery_failed(round); // and the round fails
     assert_eq!(decision.await.unwrap(), 1, "Firestore decided it");
     assert_eq!(quotas.recovery_round(), 0, "the next probe begins another");
 
