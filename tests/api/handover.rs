@@ -749,6 +749,33 @@ on_both!(decisions_wait_for_a_fence_then_go_back_to_redis: memory_decisions_wait
 
 on_both!(a_firestore_only_decision_meeting_a_busy_record_decides_in_redis: memory_decides_a_busy_record_in_redis, redis_decides_a_busy_record_in_redis);
 
+/// Decisions waiting for a recovery go on as soon as it ends, whichever way, not when their
+/// wait runs out (paused time: the clock moves only while every task waits for a timer, so
+/// a decision left to its deadline would show 1.2 s gone).
+#[tokio::test(start_paused = true)]
+async fn memory_wakes_recovery_waiters_when_it_ends() {
+    let (counters, ledger) = memory().await;
+    let quotas = service(counters, ledger);
+    quotas.redis_down("test");
+    for how in ["a failed round", "a failed probe", "Redis back"] {
+        quotas.redis_answers();
+        let decision = spawn_consume(&quotas, &p(&how.replace(' ', "-")));
+        until(|| quotas.recovery_waiting() == 1, "the consume waits").await;
+        let ended = tokio::time::Instant::now();
+        match how {
+            "a failed round" => quotas.recovery_failed(quotas.recovery_round()),
+            "a failed probe" => quotas.end_recovery(),
+            _ => quotas.redis_recovered(),
+        }
+        assert_eq!(decision.await.unwrap(), 1);
+        assert!(
+            ended.elapsed() < Duration::from_millis(100),
+            "woken by {how} after {:?}",
+            ended.elapsed()
+        );
+    }
+}
+
 on_both!(a_failed_round_ends_only_its_own_recovery: memory_ends_only_a_failed_rounds_own_recovery, redis_ends_only_a_failed_rounds_own_recovery);
 
 on_both!(redis_going_down_again_ends_the_wait: memory_ends_the_wait_when_redis_goes_down_again, redis_ends_the_wait_when_redis_goes_down_again);
