@@ -42,10 +42,14 @@ fn live(policy: &Policy, cost: u64) -> RateCheck<'_> {
     }
 }
 
-/// The wall clock in ms: counters keep their window start in the key's expiry time, which
-/// must lie in the future, so simulated times start here and only run ahead.
+/// Where simulated times start: a minute ahead of the wall clock. Counters keep their
+/// window start (or a bucket's full time) in the key's expiry time, which Redis applies by
+/// its own clock: started at the wall clock, a key set to expire a few ms after a simulated
+/// time vanished as soon as the test ran slower than its simulated steps (a token bucket at
+/// 1330 per 4 s expires 4 ms after one request), while the twin, on simulated time, still
+/// held it. A minute ahead, no test here runs long enough for Redis's clock to catch up.
 fn wall_ms() -> u64 {
-    u64::try_from(chrono::Utc::now().timestamp_millis()).unwrap()
+    u64::try_from(chrono::Utc::now().timestamp_millis()).unwrap() + 60_000
 }
 
 proptest! {
