@@ -90,10 +90,7 @@ async fn after_a_hang(phase: Phase) -> (RedisServer, TestApp, TestApp, Store) {
     store.put("p", Some(0), Some(10)).await;
     ok(a.consume("p", 1).await).await;
     ok(b.consume("p", 1).await).await;
-    if phase == Phase::RedisPrimary {
-        ok(a.admin(reqwest::Method::POST, "/admin/sync", None).await).await;
-    }
-    assert_eq!(eventually(DEADLINE, Some(2), || store.used("p")).await, Some(2));
+    reaches_the_store(&a, &store, phase, 2).await;
 
     redis.pause(true);
     for used in 3..=5 {
@@ -106,6 +103,18 @@ async fn after_a_hang(phase: Phase) -> (RedisServer, TestApp, TestApp, Store) {
     store.add_used("p", 3).await; // a legacy writer: 8 of 10
     redis.pause(false);
     (redis, a, b, store)
+}
+
+/// Provider `p`'s usage reaches the store as `used` (in `redis-primary` with a sync on `app`).
+async fn reaches_the_store(app: &TestApp, store: &Store, phase: Phase, used: i64) {
+    if phase == Phase::RedisPrimary {
+        ok(app.admin(reqwest::Method::POST, "/admin/sync", None).await).await;
+    }
+    assert_eq!(
+        eventually(DEADLINE, Some(used), || store.used("p")).await,
+        Some(used),
+        "{phase}"
+    );
 }
 
 /// Consumes on `app` until it refuses; how many it admitted.
@@ -134,14 +143,7 @@ async fn after_a_hang_another_replica_decides_from_what_firestore_decided_meanwh
             "{phase}"
         );
         assert_eq!(admitted_until_refused(&b, phase).await, 2, "{phase}: 8 of 10 were used");
-        if phase == Phase::RedisPrimary {
-            ok(b.admin(reqwest::Method::POST, "/admin/sync", None).await).await;
-        }
-        assert_eq!(
-            eventually(DEADLINE, Some(10), || store.used("p")).await,
-            Some(10),
-            "{phase}"
-        );
+        reaches_the_store(&b, &store, phase, 10).await;
         // A, deciding in Firestore or back on Redis by now, sees all of it too.
         problem(a.consume("p", 1).await, 429, "quota_exceeded").await;
         assert_eq!(store.used("p").await, Some(10), "{phase}");
@@ -164,14 +166,7 @@ async fn a_replica_back_from_a_hang_decides_after_its_reconcile() {
         // at once: B's changes may not be in the store yet
         assert_eq!(admitted_until_refused(&b, phase).await, 2, "{phase}");
         problem(a.consume("p", 1).await, 429, "quota_exceeded").await;
-        if phase == Phase::RedisPrimary {
-            ok(a.admin(reqwest::Method::POST, "/admin/sync", None).await).await;
-        }
-        assert_eq!(
-            eventually(DEADLINE, Some(10), || store.used("p")).await,
-            Some(10),
-            "{phase}"
-        );
+        reaches_the_store(&a, &store, phase, 10).await;
         a.stop().await;
         b.stop().await;
     }

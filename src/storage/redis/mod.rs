@@ -387,8 +387,9 @@ impl RedisCounters {
 
 impl Link {
     /// The shared connection, made on first use (or after it was dropped as broken). A
-    /// `probe` tries to connect even right after an attempt failed (requests do not, so as not to wait for a Redis that is away), so that a
-    /// probe is connecting whenever a hung Redis wakes.
+    /// `probe` tries to connect even right after an attempt failed (requests do not, so as
+    /// not to wait for a Redis that is away), so that a probe is connecting whenever a hung
+    /// Redis wakes.
     async fn connection_with(&self, probe: bool) -> Result<ConnectionManager, StorageError> {
         if let Some(conn) = self.connection.read().unwrap().clone() {
             return Ok(conn);
