@@ -373,7 +373,10 @@ async fn adopt_stored_phase(quotas: &QuotaService) {
     match tokio::time::timeout(Duration::from_millis(1500), quotas.refresh_phase()).await {
         Ok(Ok(_)) => {}
         Ok(Err(err)) => tracing::warn!(error = %err, "could not read the stored phase at start"),
-        Err(_) => tracing::warn!("reading the stored phase at start timed out"),
+        Err(_) => {
+            tracing::warn!("reading the stored phase at start timed out");
+            quotas.adopt_mirrored_phase().await;
+        }
     }
 }
 

@@ -72,6 +72,10 @@ pub struct QuotaService {
     default_limit: i64,
     cache_ttl: Duration,
     phase: watch::Sender<(Phase, DateTime<Utc>)>,
+    /// Whether the phase was read from the ledger (or its mirror), not taken from config.
+    phase_stored: std::sync::atomic::AtomicBool,
+    /// The phase this replica last wrote to the Redis mirror.
+    mirrored_phase: std::sync::Mutex<Option<(Phase, DateTime<Utc>)>>,
     /// Whether Redis decides, and the providers it may not decide for yet.
     handover: Handover,
     writer: Writer,
@@ -118,6 +122,8 @@ impl QuotaService {
             default_limit,
             cache_ttl,
             phase,
+            phase_stored: std::sync::atomic::AtomicBool::new(false),
+            mirrored_phase: std::sync::Mutex::new(None),
             handover: Handover::default(),
             writer: Writer::default(),
             known_sentinel: std::sync::Mutex::new(None),
@@ -155,6 +161,7 @@ impl QuotaService {
 
     /// Adopts a phase read from the ledger (every replica polls it).
     pub fn follow_phase(&self, phase: Phase, since: DateTime<Utc>) {
+        self.phase_stored.store(true, std::sync::atomic::Ordering::Relaxed);
         self.phase.send_if_modified(|current| {
             if current.0 == phase && current.1 == since {
                 return false;
@@ -168,12 +175,50 @@ impl QuotaService {
         });
     }
 
-    /// Reads the stored phase and adopts it (none stored: this replica's own stays).
+    /// Reads the stored phase and adopts it (none stored: this replica's own stays), and
+    /// mirrors it in Redis. When the ledger cannot be read, adopts the mirror instead if it
+    /// is newer than what this replica knows.
     pub async fn refresh_phase(&self) -> Result<(Phase, DateTime<Utc>), StorageError> {
-        if let Some((phase, since)) = self.ledger.phase().await? {
-            self.follow_phase(phase, since);
+        match self.ledger.phase().await {
+            Ok(Some((phase, since))) => {
+                self.follow_phase(phase, since);
+                self.mirror_phase(phase, since).await;
+            }
+            Ok(None) => {}
+            Err(err) => {
+                self.adopt_mirrored_phase().await;
+                return Err(err);
+            }
         }
         Ok(self.phase())
+    }
+
+    /// Writes the phase read from the ledger to the Redis mirror, unless this replica has
+    /// already mirrored it (a failed write is tried again at the next refresh).
+    async fn mirror_phase(&self, phase: Phase, since: DateTime<Utc>) {
+        if *self.mirrored_phase.lock().unwrap() == Some((phase, since)) {
+            return;
+        }
+        match self.counters.set_phase_mirror(phase, since).await {
+            Ok(()) => *self.mirrored_phase.lock().unwrap() = Some((phase, since)),
+            Err(err) => tracing::debug!(error = %err, "mirroring the phase in Redis failed"),
+        }
+    }
+
+    /// Adopts the phase mirrored in Redis when this replica has read none from the ledger
+    /// (`QUOTAD_PHASE` is only for when none is stored), or the mirror is newer.
+    pub async fn adopt_mirrored_phase(&self) {
+        match self.counters.phase_mirror().await {
+            Ok(Some((phase, since))) => {
+                let stored = self.phase_stored.load(std::sync::atomic::Ordering::Relaxed);
+                if !stored || since > self.phase().1 {
+                    tracing::info!(%phase, "the ledger cannot be read: following the phase mirrored in Redis");
+                    self.follow_phase(phase, since);
+                }
+            }
+            Ok(None) => {}
+            Err(err) => tracing::debug!(error = %err, "reading the phase mirrored in Redis failed"),
+        }
     }
 
     /// Stores a new phase durably and adopts it. The caller has refreshed the phase: this
@@ -186,6 +231,7 @@ impl QuotaService {
         let since = Utc::now();
         self.ledger.set_phase(phase, since).await?;
         self.follow_phase(phase, since);
+        self.mirror_phase(phase, since).await;
         Ok((phase, since))
     }
 

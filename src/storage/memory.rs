@@ -64,6 +64,7 @@ struct CountersState {
     sentinel: Option<String>,
     sync_lock: Option<(String, Instant)>,
     sync_report: Option<String>,
+    phase_mirror: Option<(Phase, DateTime<Utc>)>,
     records: HashMap<ProviderId, Cached>,
     /// Idempotency records by provider and key id.
     keys: HashMap<(ProviderId, String), String>,
@@ -425,6 +426,15 @@ impl Counters for MemoryCounters {
         if state.sync_lock.as_ref().is_some_and(|(holder, _)| holder == token) {
             state.sync_lock = None;
         }
+        Ok(())
+    }
+
+    async fn phase_mirror(&self) -> Result<Option<(Phase, DateTime<Utc>)>, StorageError> {
+        Ok(self.state.lock().unwrap().phase_mirror)
+    }
+
+    async fn set_phase_mirror(&self, phase: Phase, since: DateTime<Utc>) -> Result<(), StorageError> {
+        self.state.lock().unwrap().phase_mirror = Some((phase, since));
         Ok(())
     }
 

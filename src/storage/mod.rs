@@ -411,6 +411,10 @@ pub trait Counters: Send + Sync {
     async fn renew_sync_lock(&self, token: &str, ttl: Duration) -> Result<bool, StorageError>;
     /// Releases the lock if `token` holds it.
     async fn release_sync_lock(&self, token: &str) -> Result<(), StorageError>;
+    /// The phase as a replica last read it from the ledger, mirrored here for replicas
+    /// that cannot read the ledger (at start while Firestore is away).
+    async fn phase_mirror(&self) -> Result<Option<(Phase, chrono::DateTime<chrono::Utc>)>, StorageError>;
+    async fn set_phase_mirror(&self, phase: Phase, since: chrono::DateTime<chrono::Utc>) -> Result<(), StorageError>;
     /// Keeps the last sync report (JSON) for every replica's `GET /admin/sync`.
     async fn store_sync_report(&self, report: &str) -> Result<(), StorageError>;
     async fn last_sync_report(&self) -> Result<Option<String>, StorageError>;

@@ -3,7 +3,7 @@
 
 use std::{sync::Arc, time::Duration};
 
-use chrono::Utc;
+use chrono::{SubsecRound, Utc};
 use quotad::{
     domain::{Phase, ProviderId},
     storage::{
@@ -154,6 +154,14 @@ async fn counters_contract(counters: Arc<dyn Counters>) {
     );
     assert!(counters.dirty(Duration::ZERO, 10).await.unwrap().is_empty());
     counters.ping().await.unwrap();
+    assert_eq!(counters.phase_mirror().await.unwrap(), None);
+    let since = Utc::now().trunc_subsecs(6); // the mirror keeps microseconds
+    counters.set_phase_mirror(Phase::RedisPrimary, since).await.unwrap();
+    counters.set_phase_mirror(Phase::FirestoreOnly, since).await.unwrap();
+    assert_eq!(
+        counters.phase_mirror().await.unwrap(),
+        Some((Phase::FirestoreOnly, since))
+    );
     fences_contract(counters.as_ref()).await;
     outdated_contract(counters.as_ref()).await;
     ttl_from_load_contract(counters.as_ref()).await;

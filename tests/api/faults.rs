@@ -454,3 +454,46 @@ async fn a_keyed_retry_decided_again_while_redis_hangs_is_charged_once() {
     assert_eq!(ok(app.consume_with_key("p1", 4, "retry-me").await).await, first);
     assert_eq!(app.quota("p1").await["used"], 15);
 }
+
+/// The phase is mirrored in Redis: a replica that starts while Firestore is away follows
+/// the stored phase from there, not its own `QUOTAD_PHASE` (which is only for when none is
+/// stored), and follows Firestore again once it answers.
+#[tokio::test]
+async fn a_replica_started_while_firestore_is_away_follows_the_phase_mirrored_in_redis() {
+    let redis = RedisServer::start().await;
+    let mut proxy = TcpProxy::start(emulator_host().parse().unwrap()).await;
+    let project = unique("test-");
+    let env = |firestore: String| {
+        [
+            ("REDIS_URL", redis.url()),
+            ("FIRESTORE_PROJECT_ID", project.clone()),
+            ("FIRESTORE_EMULATOR_HOST", firestore),
+            ("QUOTAD_PHASE", "firestore-only".to_owned()),
+        ]
+    };
+    let http = client();
+    let phase = |base: &str, set: Option<&str>| {
+        let req = match set {
+            Some(phase) => http.put(format!("{base}/admin/phase")).json(&json!({"phase": phase})),
+            None => http.get(format!("{base}/admin/phase")),
+        };
+        async move { ok(req.bearer_auth(crate::helpers::ADMIN).send().await.unwrap()).await["phase"].clone() }
+    };
+    let a = QuotadProcess::start(&env(emulator_host())).await;
+    assert_eq!(phase(&a.base, Some("redis-primary")).await, "redis-primary");
+
+    proxy.set_up(false).await;
+    let b = QuotadProcess::start(&env(proxy.address())).await;
+    assert_eq!(
+        phase(&b.base, None).await,
+        "redis-primary",
+        "the mirror, not QUOTAD_PHASE"
+    );
+
+    proxy.set_up(true).await;
+    assert_eq!(phase(&a.base, Some("dual-write")).await, "dual-write");
+    let followed = eventually(Duration::from_secs(5), json!("dual-write"), || phase(&b.base, None)).await;
+    assert_eq!(followed, "dual-write");
+    assert!(a.terminate().success());
+    assert!(b.terminate().success());
+}

@@ -70,6 +70,11 @@ impl Keys {
         format!("{}sync:lock", self.prefix)
     }
 
+    /// The phase mirrored from the ledger: `<phase> <since, RFC 3339>`.
+    pub fn phase_mirror(&self) -> String {
+        format!("{}phase", self.prefix)
+    }
+
     /// The last sync report (JSON).
     pub fn sync_report(&self) -> String {
         format!("{}sync:last", self.prefix)

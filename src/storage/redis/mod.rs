@@ -12,6 +12,7 @@ use std::{
 
 use ::redis::{Script, Value, aio::ConnectionManager};
 use async_trait::async_trait;
+use chrono::{DateTime, SecondsFormat, Utc};
 use tokio::sync::oneshot;
 
 pub use self::keys::Keys;
@@ -20,7 +21,7 @@ use super::{
     Synced, idempotency_id,
 };
 use crate::domain::{
-    ProviderId,
+    Phase, ProviderId,
     ratelimit::{ANOMALIES_KEPT, Algorithm, Anomaly, RateCheck, RateDecision, anomaly_at},
 };
 
@@ -808,6 +809,29 @@ impl Counters for RedisCounters {
 
     async fn release_sync_lock(&self, token: &str) -> Result<(), StorageError> {
         self.lock_op("release", token, Duration::ZERO).await.map(|_| ())
+    }
+
+    async fn phase_mirror(&self) -> Result<Option<(Phase, DateTime<Utc>)>, StorageError> {
+        let mut cmd = ::redis::cmd("GET");
+        cmd.arg(self.keys.phase_mirror());
+        let raw: Option<String> = self.query(cmd).await?;
+        // `<phase> <since>`; anything else (another version's value) is no mirror.
+        Ok(raw.as_deref().and_then(|raw| {
+            let (phase, since) = raw.split_once(' ')?;
+            let since = DateTime::parse_from_rfc3339(since).ok()?;
+            Some((Phase::parse(phase)?, since.with_timezone(&Utc)))
+        }))
+    }
+
+    async fn set_phase_mirror(&self, phase: Phase, since: DateTime<Utc>) -> Result<(), StorageError> {
+        let mut cmd = ::redis::cmd("SET");
+        let value = format!(
+            "{} {}",
+            phase.as_str(),
+            since.to_rfc3339_opts(SecondsFormat::Micros, true)
+        );
+        cmd.arg(self.keys.phase_mirror()).arg(value);
+        self.query::<()>(cmd).await
     }
 
     async fn store_sync_report(&self, report: &str) -> Result<(), StorageError> {
