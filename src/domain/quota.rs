@@ -12,8 +12,8 @@ use super::{
     writer::Writer,
 };
 use crate::storage::{
-    Applied, Change, Counters, Decision, EXACT_MAX, Ledger, LedgerDecision, Op, Seed, StorageError, Synced,
-    WriteOutcome, exact, new_epoch,
+    Applied, Change, Counters, Decision, EXACT_MAX, IdempotencyEntry, KeyRecord, Ledger, LedgerDecision, Op, Seed,
+    StorageError, Synced, WriteOutcome, exact, idempotency_id, new_epoch,
 };
 use crate::telemetry::Cached;
 
@@ -456,12 +456,13 @@ impl QuotaService {
         amount: i64,
         idempotency_key: Option<&str>,
     ) -> Result<Outcome, QuotaError> {
+        let (phase, _) = self.phase();
         let change = Change {
             op,
             amount,
             idempotency_key,
+            with_record: phase != Phase::RedisPrimary,
         };
-        let (phase, _) = self.phase();
         // One bound for both waits below, so that with a Redis call's own timeout a
         // decision still reaches Firestore within API.md's 2 s.
         let deadline = tokio::time::Instant::now() + HOLD_LIMIT;
@@ -554,19 +555,32 @@ impl QuotaService {
                 // Firestore decided for it while this replica could not see (another replica
                 // could not reach Redis): Firestore decides, under a fence that drops it.
                 Applied::Outdated => return self.in_firestore(provider, change, phase, InFirestore::Fenced).await,
-                applied => return self.answer_of(provider, applied, phase),
+                applied => return self.answer_of(provider, change, applied, phase),
             }
         }
     }
 
     /// The answer to a change Redis took (not a miss); in `dual-write` and `firestore-only`
     /// its usage goes to Firestore now (in `redis-primary`, with the sync).
-    fn answer_of(&self, provider: &ProviderId, applied: Applied, phase: Phase) -> Result<Outcome, QuotaError> {
+    fn answer_of(
+        &self,
+        provider: &ProviderId,
+        change: &Change<'_>,
+        applied: Applied,
+        phase: Phase,
+    ) -> Result<Outcome, QuotaError> {
         match applied {
             Applied::KeyReused => Err(QuotaError::KeyReused),
             Applied::Replayed(decision) => Ok(Outcome::Replayed(decision)),
-            Applied::Decided(decision) => {
+            Applied::Decided(decision, unwritten) => {
                 if phase != Phase::RedisPrimary {
+                    if let Some(record) = unwritten {
+                        let key = change.idempotency_key.map(|key| {
+                            let entry = IdempotencyEntry::new(change.amount, decision, Utc::now().timestamp_millis());
+                            (idempotency_id(change.op, key), entry.render())
+                        });
+                        self.writer.hold(provider, *record, key);
+                    }
                     self.writer.enqueue(provider.clone());
                 }
                 Ok(Outcome::Decided(decision))
@@ -596,13 +610,14 @@ impl QuotaService {
                 message: "the service is shutting down".into(),
             }));
         };
-        let (provider, op, amount) = (provider.clone(), change.op, change.amount);
+        let (provider, op, amount, with_record) = (provider.clone(), change.op, change.amount, change.with_record);
         let key = change.idempotency_key.map(str::to_owned);
         let task = tokio::spawn(async move {
             let change = Change {
                 op,
                 amount,
                 idempotency_key: key.as_deref(),
+                with_record,
             };
             match how {
                 InFirestore::Fenced => me.change_fenced(&provider, &change, phase).await,
@@ -648,7 +663,7 @@ impl QuotaService {
                     Ok(Applied::Miss | Applied::Outdated) => {} // gone or outdated: Firestore decides
                     Ok(applied) => {
                         fence.release().await;
-                        return self.answer_of(provider, applied, phase);
+                        return self.answer_of(provider, change, applied, phase);
                     }
                     Err(err) if err.is_unavailable() => {
                         self.decision_falls_back(&err);
@@ -720,6 +735,11 @@ impl QuotaService {
         tracing::debug!(%phase, fallback, "deciding with a Firestore transaction");
         // Counted until it lands: Redis may not decide for the provider meanwhile.
         let _in_flight = fallback.then(|| self.handover.begin(provider));
+        if fallback {
+            // This replica's changes that Redis took and the writer has not carried yet go
+            // to the document first, so that the decision counts them.
+            self.write_held(provider, None).await?;
+        }
         let decided = self.ledger.decide(provider, change, self.default_limit, fallback).await;
         if fallback {
             // After the decision, not before: a replica that meets the mark and reloads the
@@ -775,12 +795,46 @@ impl QuotaService {
     /// the record is clean afterwards (or there is none); `false` when each of its three
     /// rounds found it changed again, replaced or rebased (callers treat it as kept dirty).
     /// A round that writes reads the record once: `mark_synced` says what it left.
+    /// Writes to the ledger the changes this replica holds for `provider` (see
+    /// [`Writer::hold`]), but those of the epoch `except` (Redis has that record: the
+    /// writer carries it). Replays add nothing, so a write that another already made is
+    /// harmless.
+    pub async fn write_held(&self, provider: &ProviderId, except: Option<&str>) -> Result<(), StorageError> {
+        for held in self.writer.held(provider, except) {
+            let keys: Vec<KeyRecord> = held.keys.into_iter().map(|(_, key)| key).collect();
+            let (epoch, version) = (&held.record.epoch, held.record.version);
+            match self.ledger.write_record(provider, &held.record, &keys).await? {
+                WriteOutcome::Written { .. } => {
+                    metrics::counter!("quotad_store_writes_total", "result" => "written_held").increment(1);
+                    tracing::info!(%provider, %epoch, version, "wrote this replica's changes that Redis could not give");
+                    self.writer.landed(provider, epoch, version);
+                }
+                // the document was reset, or a later epoch carried them (a rebase)
+                WriteOutcome::Stale => self.writer.landed(provider, epoch, u64::MAX),
+            }
+        }
+        Ok(())
+    }
+
     pub async fn flush(&self, provider: &ProviderId) -> Result<bool, StorageError> {
         for _ in 0..3 {
-            let Some(record) = self.counters.read(provider).await? else {
+            let record = match self.counters.read(provider).await {
+                Ok(record) => record,
+                Err(err) => {
+                    // Redis cannot say what is unwritten: this replica writes its own.
+                    self.write_held(provider, None).await?;
+                    return Err(err);
+                }
+            };
+            // Held changes of an epoch Redis no longer has (it came back without the record,
+            // or the record was reloaded since) are written first: nothing else will.
+            self.write_held(provider, record.as_ref().map(|r| r.epoch.as_str()))
+                .await?;
+            let Some(record) = record else {
                 return Ok(true);
             };
             if !record.is_dirty() {
+                self.writer.landed(provider, &record.epoch, record.synced);
                 return Ok(true);
             }
             // Idempotency records decided in Redis travel with the usage, so a retry that
@@ -789,6 +843,7 @@ impl QuotaService {
             match self.ledger.write_record(provider, &record, &keys).await {
                 Ok(WriteOutcome::Written { limit }) => {
                     metrics::counter!("quotad_store_writes_total", "result" => "written").increment(1);
+                    self.writer.landed(provider, &record.epoch, record.version);
                     let transferred: Vec<String> = keys.into_iter().map(|(id, _)| id).collect();
                     let synced = self
                         .counters
@@ -821,6 +876,7 @@ impl QuotaService {
                     metrics::counter!("quotad_store_writes_total", "result" => "stale").increment(1);
                     tracing::warn!(%provider, epoch = %record.epoch, unsynced = record.used - record.base,
                         "cached record is stale (its document was reset meanwhile): dropping it");
+                    self.writer.landed(provider, &record.epoch, u64::MAX);
                     self.counters.forget(provider, &record.epoch).await?;
                     return Ok(true);
                 }
@@ -1085,6 +1141,13 @@ impl QuotaService {
     /// Reloads the providers Firestore decided while Redis was away: writes what Redis
     /// still holds unsynced, then drops the records so the next request loads them.
     pub async fn reconcile(&self) -> Result<usize, StorageError> {
+        // This replica's changes that Redis lost (it came back empty) reach the documents
+        // before Redis decides again: a record reloaded without them would miss them.
+        for provider in self.writer.held_providers() {
+            let record = self.counters.read(&provider).await?;
+            self.write_held(&provider, record.as_ref().map(|r| r.epoch.as_str()))
+                .await?;
+        }
         let mut done = 0;
         // Marks of busy records stay for the next reconcile; one must not stop the others.
         let mut deferred = std::collections::HashSet::new();

@@ -5,9 +5,16 @@
 //! a changed record is dirty (it never expires) and sits in the dirty index until the
 //! ledger holds its version, so a sweep re-enqueues whatever a crashed replica (or a
 //! failed write) left behind.
+//!
+//! Redis can fail between a change and the write that carries it, and the writes lag the
+//! answers by a Firestore transaction or more. So the writer also holds, for each provider,
+//! the record as this replica's last change left it (Redis answers it with the change),
+//! until the ledger holds that version: when Redis stops answering, or comes back without
+//! the record, this replica writes what it holds before Firestore decides for the provider
+//! (see [`QuotaService::write_held`]). Other replicas' unwritten changes are theirs to write.
 
 use std::{
-    collections::{HashSet, VecDeque},
+    collections::{HashMap, HashSet, VecDeque},
     sync::{Arc, Mutex},
     time::Duration,
 };
@@ -16,6 +23,7 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use super::{Phase, ProviderId, QuotaService};
+use crate::storage::{KeyRecord, Record};
 
 /// How long a record may stay dirty before a sweep takes it over from whoever wrote it.
 const SWEEP_AGE: Duration = Duration::from_secs(2);
@@ -27,6 +35,17 @@ const WORKERS: usize = 4;
 pub struct Writer {
     queue: Mutex<(VecDeque<ProviderId>, HashSet<ProviderId>)>,
     ready: Notify,
+    /// This replica's changes the ledger may not hold yet, by provider: one entry per
+    /// epoch (two only around a reload).
+    held: Mutex<HashMap<ProviderId, Vec<Held>>>,
+}
+
+/// The newest record of one epoch that this replica's changes left, with the idempotency
+/// records of its keyed changes (each with the version it made).
+#[derive(Debug, Clone)]
+pub struct Held {
+    pub record: Record,
+    pub keys: Vec<(u64, KeyRecord)>,
 }
 
 impl Writer {
@@ -49,6 +68,60 @@ impl Writer {
 
     pub fn pending(&self) -> usize {
         self.queue.lock().unwrap().0.len()
+    }
+
+    /// Holds `record`, as a change of this replica left it, until the ledger has its
+    /// version, with the change's idempotency record `key` if it had one.
+    pub fn hold(&self, provider: &ProviderId, record: Record, key: Option<KeyRecord>) {
+        let mut held = self.held.lock().unwrap();
+        let entries = held.entry(provider.clone()).or_default();
+        let key = key.map(|key| (record.version, key));
+        match entries.iter_mut().find(|h| h.record.epoch == record.epoch) {
+            Some(entry) => {
+                if record.version > entry.record.version {
+                    entry.record = record;
+                }
+                entry.keys.extend(key);
+            }
+            None => entries.push(Held {
+                record,
+                keys: key.into_iter().collect(),
+            }),
+        }
+    }
+
+    /// What is held for `provider`, but of the epoch `except`.
+    pub fn held(&self, provider: &ProviderId, except: Option<&str>) -> Vec<Held> {
+        let held = self.held.lock().unwrap();
+        let Some(entries) = held.get(provider) else {
+            return Vec::new();
+        };
+        entries
+            .iter()
+            .filter(|h| except != Some(h.record.epoch.as_str()))
+            .cloned()
+            .collect()
+    }
+
+    /// Providers with changes held.
+    pub fn held_providers(&self) -> Vec<ProviderId> {
+        self.held.lock().unwrap().keys().cloned().collect()
+    }
+
+    /// The ledger holds `version` of `epoch` (or has dropped the epoch, with `u64::MAX`):
+    /// what it covers is no longer held.
+    pub fn landed(&self, provider: &ProviderId, epoch: &str, version: u64) {
+        let mut held = self.held.lock().unwrap();
+        let Some(entries) = held.get_mut(provider) else {
+            return;
+        };
+        for entry in entries.iter_mut().filter(|h| h.record.epoch == epoch) {
+            entry.keys.retain(|(made, _)| *made > version);
+        }
+        entries.retain(|h| h.record.epoch != epoch || h.record.version > version);
+        if entries.is_empty() {
+            held.remove(provider);
+        }
     }
 }
 
@@ -151,11 +224,72 @@ pub async fn drain(service: &QuotaService, budget: Duration) {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
+    // Redis away: what this replica's changes left there goes to the ledger from here.
+    if !service.redis_is_up() {
+        for provider in service.writer().held_providers() {
+            if tokio::time::Instant::now() >= deadline {
+                break;
+            }
+            if let Err(err) = service.write_held(&provider, None).await {
+                tracing::warn!(%provider, error = %err, "shutdown: could not write changes Redis did not answer for");
+            }
+        }
+    }
     let left = service.writer().pending();
     if left > 0 {
         tracing::warn!(
             left,
             "shutdown: writes still pending stay dirty in Redis for another replica"
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(epoch: &str, version: u64, used: i64) -> Record {
+        Record {
+            used,
+            limit: 10,
+            epoch: epoch.into(),
+            base: 0,
+            loaded_from: String::new(),
+            version,
+            synced: 0,
+            from_watermark: None,
+            loaded_ms: None,
+            outdated: false,
+        }
+    }
+
+    fn key(id: &str) -> Option<KeyRecord> {
+        Some((id.into(), "1:1:1:10:0".into()))
+    }
+
+    /// The newest record of each epoch is held, answers arriving in any order, with every
+    /// key; what the ledger holds stops being held, and nothing else.
+    #[test]
+    fn holds_the_newest_record_of_each_epoch_until_the_ledger_has_it() {
+        let writer = Writer::default();
+        let p = ProviderId::parse("p").unwrap();
+        writer.hold(&p, record("e1", 3, 3), key("c:3"));
+        writer.hold(&p, record("e1", 2, 2), key("c:2")); // answered late
+        writer.hold(&p, record("e2", 1, 4), None); // reloaded since
+        let held = writer.held(&p, None);
+        assert_eq!(held.len(), 2);
+        assert_eq!((held[0].record.version, held[0].record.used), (3, 3));
+        let ids: Vec<&str> = held[0].keys.iter().map(|(_, (id, _))| id.as_str()).collect();
+        assert_eq!(ids, ["c:3", "c:2"]);
+        assert_eq!(writer.held(&p, Some("e1")).len(), 1, "but of e1");
+
+        writer.landed(&p, "e1", 2);
+        let held = writer.held(&p, Some("e2"));
+        assert_eq!(held[0].record.version, 3, "version 3 is not in the ledger yet");
+        assert_eq!(held[0].keys, vec![(3, key("c:3").unwrap())]);
+        writer.landed(&p, "e1", 3);
+        writer.landed(&p, "e2", u64::MAX); // dropped by the ledger (stale)
+        assert!(writer.held(&p, None).is_empty());
+        assert!(writer.held_providers().is_empty());
     }
 }

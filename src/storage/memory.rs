@@ -243,6 +243,9 @@ impl Counters for MemoryCounters {
         record.used = decision.used;
         if dirty {
             record.version += 1;
+        }
+        let unwritten = (change.with_record && record.is_dirty()).then(|| Box::new(record.clone()));
+        if dirty {
             if let Some(cached) = state.records.get_mut(provider) {
                 cached.expiry = None; // dirty records never expire
             }
@@ -257,7 +260,7 @@ impl Counters for MemoryCounters {
                 .insert(id.clone(), entry.clone());
             state.keys.insert((provider.clone(), id), entry);
         }
-        Ok(Applied::Decided(decision))
+        Ok(Applied::Decided(decision, unwritten))
     }
 
     async fn mark_synced(

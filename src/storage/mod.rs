@@ -118,6 +118,9 @@ pub struct Change<'a> {
     pub op: Op,
     pub amount: i64,
     pub idempotency_key: Option<&'a str>,
+    /// Answer with the record as the change left it while it holds changes not yet in the
+    /// ledger ([`Applied::Decided`]): `dual-write` holds it until the writer has carried it.
+    pub with_record: bool,
 }
 
 /// The decided answer of a consume or refund (also what an idempotency key replays).
@@ -129,15 +132,18 @@ pub struct Decision {
 }
 
 /// What the counters said about a change.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Applied {
     /// No record: load it from the ledger, then apply again.
     Miss,
     /// The record is outdated ([`Record::outdated`]): nothing was applied; Firestore decides,
     /// and the record is reloaded.
     Outdated,
-    /// Decided now.
-    Decided(Decision),
+    /// Decided now; when the change asked for it ([`Change::with_record`]), with the record
+    /// as the change left it while it holds changes not yet in the ledger (for the last
+    /// change of those sent together, at least), so that this replica can write them should
+    /// the counters lose the record or stop answering before the writer has read it.
+    Decided(Decision, Option<Box<Record>>),
     /// The idempotency key was used before with this amount: its first answer.
     Replayed(Decision),
     /// The idempotency key was used before with another amount.
@@ -686,7 +692,7 @@ mod tests {
             amount in 1i64..=1_000_000,
         ) {
             let op = if refund { Op::Refund } else { Op::Consume };
-            let change = Change { op, amount, idempotency_key: None };
+            let change = Change { op, amount, idempotency_key: None, with_record: false };
             let (decision, stored) = decide_stored(used, limit, &change);
             let rule = decide(exact(used), exact(limit), &change);
             proptest::prop_assert_eq!((decision.allowed, decision.limit), (rule.allowed, rule.limit));

@@ -25,6 +25,7 @@ fn consume(amount: i64) -> Change<'static> {
         op: Op::Consume,
         amount,
         idempotency_key: None,
+        with_record: true,
     }
 }
 
@@ -39,6 +40,30 @@ fn seed(used: i64, limit: i64) -> Seed {
     }
 }
 
+/// A record that came with a decision is the record as read, in all a ledger write uses.
+fn assert_unwritten_is(after: &Record, read: &Record) {
+    let fields = |r: &Record| {
+        (
+            r.used,
+            r.limit,
+            r.epoch.clone(),
+            r.base,
+            r.loaded_from.clone(),
+            r.version,
+            r.from_watermark,
+        )
+    };
+    assert_eq!(fields(after), fields(read));
+}
+
+/// The decision alone: whether the record comes with it depends on what was sent together.
+fn without_record(applied: Applied) -> Applied {
+    match applied {
+        Applied::Decided(decision, _) => Applied::Decided(decision, None),
+        other => other,
+    }
+}
+
 async fn counters_contract(counters: Arc<dyn Counters>) {
     let id = p("c1");
     assert_eq!(counters.apply(&id, &consume(1)).await.unwrap(), Applied::Miss);
@@ -46,20 +71,44 @@ async fn counters_contract(counters: Arc<dyn Counters>) {
     counters.load(&id, &seed(2, 5), TTL).await.unwrap();
     counters.load(&id, &seed(0, 99), TTL).await.unwrap(); // another replica lost the race
     let decided = |allowed, used| {
-        Applied::Decided(Decision {
-            allowed,
-            used,
-            limit: 5,
-        })
+        Applied::Decided(
+            Decision {
+                allowed,
+                used,
+                limit: 5,
+            },
+            None,
+        )
     };
-    assert_eq!(counters.apply(&id, &consume(2)).await.unwrap(), decided(true, 4));
-    assert_eq!(counters.apply(&id, &consume(2)).await.unwrap(), decided(false, 4));
+    // A change that leaves the record dirty comes with the record as it left it.
+    let Applied::Decided(decision, Some(after)) = counters.apply(&id, &consume(2)).await.unwrap() else {
+        panic!("a dirty record comes with its decision");
+    };
+    assert_eq!(Applied::Decided(decision, None), decided(true, 4));
+    assert_unwritten_is(&after, &counters.read(&id).await.unwrap().unwrap());
+    assert_eq!(
+        without_record(counters.apply(&id, &consume(2)).await.unwrap()),
+        decided(false, 4)
+    );
+    let unasked = Change {
+        with_record: false,
+        ..consume(2)
+    };
+    assert_eq!(
+        counters.apply(&id, &unasked).await.unwrap(),
+        decided(false, 4),
+        "not asked for"
+    );
     let refund = Change {
         op: Op::Refund,
         amount: 10,
         idempotency_key: None,
+        with_record: true,
     };
-    assert_eq!(counters.apply(&id, &refund).await.unwrap(), decided(true, 0));
+    assert_eq!(
+        without_record(counters.apply(&id, &refund).await.unwrap()),
+        decided(true, 0)
+    );
     let record = counters.read(&id).await.unwrap().unwrap();
     assert_eq!((record.used, record.base, record.version, record.synced), (0, 2, 2, 0));
     assert!(record.is_dirty());
@@ -71,8 +120,12 @@ async fn counters_contract(counters: Arc<dyn Counters>) {
         op: Op::Consume,
         amount: 1,
         idempotency_key: Some("k"),
+        with_record: true,
     };
-    assert_eq!(counters.apply(&id, &keyed).await.unwrap(), decided(true, 1));
+    assert_eq!(
+        without_record(counters.apply(&id, &keyed).await.unwrap()),
+        decided(true, 1)
+    );
     assert_eq!(
         counters.apply(&id, &keyed).await.unwrap(),
         Applied::Replayed(Decision {
@@ -90,8 +143,12 @@ async fn counters_contract(counters: Arc<dyn Counters>) {
         op: Op::Refund,
         amount: 1,
         idempotency_key: Some("k"),
+        with_record: true,
     };
-    assert_eq!(counters.apply(&id, &refund_key).await.unwrap(), decided(true, 0));
+    assert_eq!(
+        without_record(counters.apply(&id, &refund_key).await.unwrap()),
+        decided(true, 0)
+    );
 
     // Synced up to an older version: still dirty; of another epoch: left alone; up to the
     // latest: clean. Each time it says so, as the record read afterwards does.
@@ -182,6 +239,7 @@ async fn outdated_contract(counters: &dyn Counters) {
     assert_eq!(counters.apply(&id, &consume(1)).await.unwrap(), Applied::Outdated);
     let keyed = Change {
         idempotency_key: Some("k-outdated"),
+        with_record: true,
         ..consume(1)
     };
     assert_eq!(counters.apply(&id, &keyed).await.unwrap(), Applied::Outdated);
@@ -191,13 +249,20 @@ async fn outdated_contract(counters: &dyn Counters) {
     assert!(counters.rebase(&id, "e1", 7, 1, "e2", &[]).await.unwrap());
     let rebased = counters.read(&id).await.unwrap().unwrap();
     assert!(!rebased.outdated && rebased.used == 8, "{rebased:?}");
+    let applied = counters.apply(&id, &consume(1)).await.unwrap();
+    if let Applied::Decided(_, Some(after)) = &applied {
+        assert_unwritten_is(after, &rebased);
+    }
     assert_eq!(
-        counters.apply(&id, &consume(1)).await.unwrap(),
-        Applied::Decided(Decision {
-            allowed: false,
-            used: 8,
-            limit: 5
-        })
+        without_record(applied),
+        Applied::Decided(
+            Decision {
+                allowed: false,
+                used: 8,
+                limit: 5
+            },
+            None
+        )
     );
     // So does a replacing load (an operator's quota).
     counters.mark_outdated(&id).await.unwrap();
@@ -410,6 +475,7 @@ async fn ledger_contract(ledger: Arc<dyn Ledger>) {
         op: Op::Consume,
         amount: 2,
         idempotency_key: Some("k"),
+        with_record: true,
     };
     let first = ledger.decide(&id, &keyed, 100, false).await.unwrap();
     assert_eq!(
@@ -516,6 +582,7 @@ async fn fallback_charged(ledger: &dyn Ledger, id: &ProviderId) {
         op: Op::Consume,
         amount: 4,
         idempotency_key: Some("k"),
+        with_record: true,
     };
     let fallback = ledger.decide(id, &change, 100, true).await.unwrap();
     assert!(
@@ -537,6 +604,7 @@ async fn twice_decided_keys_count_once(ledger: &dyn Ledger) {
         op,
         amount,
         idempotency_key: Some(key),
+        with_record: true,
     };
     // Redis: consume 1, then "k" consumes 4 (used 15), not written yet; Redis hangs and the
     // fallback decides the retry of "k" from the document (10 + 4)
@@ -625,6 +693,7 @@ async fn concurrent_changes_contract(counters: Arc<dyn Counters>) {
         op: Op::Consume,
         amount: 1,
         idempotency_key: Some("retry-1"),
+        with_record: true,
     };
     let plain = consume(1);
     let changes = (0..270).map(|i| if i % 10 == 3 && i < 200 { &keyed } else { &plain });
@@ -632,7 +701,7 @@ async fn concurrent_changes_contract(counters: Arc<dyn Counters>) {
     let (mut decided, mut replayed) = (Vec::new(), Vec::new());
     for answer in answers {
         match answer.unwrap() {
-            Applied::Decided(d) => decided.push(d),
+            Applied::Decided(d, _) => decided.push(d),
             Applied::Replayed(d) => replayed.push(d),
             other => panic!("unexpected {other:?}"),
         }
@@ -710,6 +779,7 @@ async fn keys_travel(counters: Arc<dyn Counters>, ledger: Arc<dyn Ledger>) {
         op: Op::Consume,
         amount,
         idempotency_key: Some(key),
+        with_record: true,
     };
     counters.load(&id, &seed(0, 10), TTL).await.unwrap();
     let first = counters.apply(&id, &keyed("from-redis", 2)).await.unwrap();
@@ -723,7 +793,7 @@ async fn keys_travel(counters: Arc<dyn Counters>, ledger: Arc<dyn Ledger>) {
         .await
         .unwrap();
     assert!(counters.pending_keys(&id).await.unwrap().is_empty());
-    let Applied::Decided(decision) = first else {
+    let Applied::Decided(decision, _) = first else {
         panic!("{first:?}")
     };
     // The ledger answers the retry without charging it.
@@ -836,6 +906,7 @@ async fn rebase_keeps_every_unit_once(counters: Arc<dyn Counters>, ledger: Arc<d
         op: Op::Refund,
         amount: 1,
         idempotency_key: None,
+        with_record: true,
     };
     counters.apply(&id, &refund).await.unwrap(); // used 4
     let in_flight = counters.read(&id).await.unwrap().unwrap();
@@ -883,14 +954,18 @@ async fn redis_changes_nothing_for_a_change_it_cannot_write() {
         op: Op::Consume,
         amount: 1,
         idempotency_key: Some("k-1"),
+        with_record: true,
     };
     let one = consume(1);
     let decided = |used| {
-        Applied::Decided(Decision {
-            allowed: true,
-            used,
-            limit: 10,
-        })
+        Applied::Decided(
+            Decision {
+                allowed: true,
+                used,
+                limit: 10,
+            },
+            None,
+        )
     };
 
     // b's pending idempotency records are not a hash: b's keyed consume (and its retry in
@@ -904,7 +979,11 @@ async fn redis_changes_nothing_for_a_change_it_cannot_write() {
         counters.apply(&a, &one)
     );
     assert_eq!(
-        (x.unwrap(), plain_b.unwrap(), z.unwrap()),
+        (
+            without_record(x.unwrap()),
+            without_record(plain_b.unwrap()),
+            without_record(z.unwrap())
+        ),
         (decided(1), decided(1), decided(2))
     );
     for failed in [y, retry] {
@@ -917,7 +996,7 @@ async fn redis_changes_nothing_for_a_change_it_cannot_write() {
     );
     let _: () = counters.query(del(counters.keys().pending_keys(&b))).await.unwrap();
     assert_eq!(
-        counters.apply(&b, &keyed).await.unwrap(),
+        without_record(counters.apply(&b, &keyed).await.unwrap()),
         decided(2),
         "the key was not recorded: its retry is decided afresh"
     );
@@ -929,7 +1008,7 @@ async fn redis_changes_nothing_for_a_change_it_cannot_write() {
     assert_eq!(counters.read(&a).await.unwrap().unwrap().used, 2);
     assert_eq!(counters.read(&b).await.unwrap().unwrap().used, 2);
     let _: () = counters.query(del(counters.keys().dirty())).await.unwrap();
-    assert_eq!(counters.apply(&a, &one).await.unwrap(), decided(3));
+    assert_eq!(without_record(counters.apply(&a, &one).await.unwrap()), decided(3));
     assert_eq!(
         counters.dirty(Duration::ZERO, 10).await.unwrap(),
         vec![a],
@@ -948,6 +1027,7 @@ async fn redis_changes_nothing_for_a_change_it_cannot_write() {
         op: Op::Refund,
         amount: 1,
         idempotency_key: Some("k-2"),
+        with_record: true,
     };
     assert!(counters.apply(&c, &refund).await.is_err());
     let used: String = counters
@@ -997,13 +1077,19 @@ async fn redis_fails_one_change_of_a_call_alone() {
     let ids = [p("a"), p("broken"), p("broken"), p("broken"), p("b"), p("b")];
     let applied = futures::future::join_all(ids.iter().map(|id| counters.apply(id, &one))).await;
     let decided = |used| {
-        Applied::Decided(Decision {
-            allowed: true,
-            used,
-            limit: 10,
-        })
+        Applied::Decided(
+            Decision {
+                allowed: true,
+                used,
+                limit: 10,
+            },
+            None,
+        )
     };
-    let good: Vec<_> = [0, 4, 5].iter().map(|&i| *applied[i].as_ref().unwrap()).collect();
+    let good: Vec<_> = [0, 4, 5]
+        .iter()
+        .map(|&i| without_record(applied[i].as_ref().unwrap().clone()))
+        .collect();
     assert_eq!(good, [decided(1), decided(1), decided(2)]);
     assert!(
         applied[1..4]
@@ -1151,10 +1237,10 @@ proptest::proptest! {
             .zip(&keys)
             .map(|(&(id, consumes, amount, keyed), key)| {
                 let op = if consumes { Op::Consume } else { Op::Refund };
-                (id, Change { op, amount, idempotency_key: keyed.then_some(key.as_str()) })
+                (id, Change { op, amount, idempotency_key: keyed.then_some(key.as_str()), with_record: true })
             })
             .collect();
-        let (from_redis, from_memory) = runtime.block_on(async {
+        let from_redis = runtime.block_on(async {
             for id in &ids {
                 redis.load(id, &seed(2, limit), TTL).await.unwrap();
                 memory.load(id, &seed(2, limit), TTL).await.unwrap();
@@ -1164,9 +1250,31 @@ proptest::proptest! {
             for (id, change) in &changes {
                 one_by_one.push(memory.apply(&ids[*id], change).await.unwrap());
             }
-            (together, one_by_one)
+            let mut after = Vec::new();
+            for id in &ids {
+                after.push(redis.read(id).await.unwrap().unwrap());
+            }
+            (together, one_by_one, after)
         });
+        let (from_redis, from_memory, after) = (from_redis.0, from_redis.1, from_redis.2);
         let from_redis: Vec<Applied> = from_redis.into_iter().map(Result::unwrap).collect();
+        // The newest record that came with a provider's decisions is the record Redis holds.
+        for (i, id) in ids.iter().enumerate() {
+            let newest = changes
+                .iter()
+                .zip(&from_redis)
+                .filter(|((of, _), _)| *of == i)
+                .filter_map(|(_, applied)| match applied {
+                    Applied::Decided(_, Some(record)) => Some(record),
+                    _ => None,
+                })
+                .max_by_key(|record| record.version);
+            if after[i].is_dirty() {
+                assert_unwritten_is(newest.unwrap_or_else(|| panic!("{id}: no record came")), &after[i]);
+            }
+        }
+        let from_redis: Vec<Applied> = from_redis.into_iter().map(without_record).collect();
+        let from_memory: Vec<Applied> = from_memory.into_iter().map(without_record).collect();
         proptest::prop_assert_eq!(from_redis, from_memory);
     }
 }

@@ -497,3 +497,65 @@ async fn a_replica_started_while_firestore_is_away_follows_the_phase_mirrored_in
     assert!(a.terminate().success());
     assert!(b.terminate().success());
 }
+
+/// The writes lag the answers (a Firestore transaction each; here Firestore refuses them for
+/// a while), so Redis can fail while changes it took are not in Firestore yet. The replica
+/// holds what its changes left in Redis and writes it before Firestore decides: the
+/// `dual-write` fallback stays exact (API.md), and nothing is lost, whether Redis comes back
+/// empty or with its data.
+#[tokio::test]
+async fn changes_not_yet_written_reach_firestore_before_a_fallback_decides() {
+    for kill in [true, false] {
+        let mut redis = RedisServer::start().await;
+        let mut proxy = TcpProxy::start(emulator_host().parse().unwrap()).await;
+        let project = unique("test-");
+        let store = Store::new(project.clone());
+        store.put("p1", Some(0), Some(10)).await;
+        let quotad = QuotadProcess::start(&[
+            ("REDIS_URL", redis.url()),
+            ("FIRESTORE_PROJECT_ID", project.clone()),
+            ("FIRESTORE_EMULATOR_HOST", proxy.address()),
+        ])
+        .await;
+        let http = client();
+        let consume = || async {
+            http.post(format!("{}/quota/p1/consume", quotad.base))
+                .send()
+                .await
+                .unwrap()
+                .status()
+                .as_u16()
+        };
+        assert_eq!(consume().await, 200); // the record loads
+        proxy.set_up(false).await;
+        for _ in 0..6 {
+            assert_eq!(consume().await, 200); // Redis decides; the writes fail and wait
+        }
+        if kill {
+            redis.kill();
+        } else {
+            redis.pause(true);
+        }
+        proxy.set_up(true).await;
+        let mut answers = Vec::new();
+        for _ in 0..5 {
+            answers.push(consume().await);
+        }
+        assert_eq!(answers, [200, 200, 200, 429, 429], "kill: {kill}");
+        assert_eq!(store.used("p1").await, Some(10), "kill: {kill}");
+        if kill {
+            redis.launch().await; // back, empty
+        } else {
+            redis.pause(false); // back, with the 7 units it decided
+        }
+        let ready = || async {
+            let resp = http.get(format!("{}/readyz", quotad.base)).send().await.unwrap();
+            resp.status().as_u16()
+        };
+        assert_eq!(eventually(Duration::from_secs(10), 200, ready).await, 200);
+        assert_eq!(consume().await, 429, "kill: {kill}");
+        tokio::time::sleep(Duration::from_secs(2)).await; // a late write would double a unit
+        assert_eq!(store.used("p1").await, Some(10), "kill: {kill}");
+        assert!(quotad.terminate().success());
+    }
+}

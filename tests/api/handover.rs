@@ -106,6 +106,7 @@ impl Ledger for Gated {
                 op: quotad::storage::Op::Consume,
                 amount: 1,
                 idempotency_key: None,
+                with_record: false,
             };
             counters.apply(provider, &change).await.unwrap();
             self.busy_units.fetch_add(1, Ordering::SeqCst);
@@ -444,7 +445,9 @@ async fn a_fallback_marks_the_record_outdated_until_the_recovery(counters: Arc<d
     assert_eq!(consume(&a, &calm).await, 1);
     a.redis_down("test");
     assert_eq!(consume(&a, &busy).await, 2, "a fallback: Firestore decides");
-    assert_eq!(consume(&a, &calm).await, 1, "Firestore has not seen Redis's unit yet");
+    // The writer has not carried calm's unit yet: this replica writes it before Firestore
+    // decides (it holds what its changes left in Redis).
+    assert_eq!(consume(&a, &calm).await, 2, "Redis's unit, then the fallback's");
     for id in [&busy, &calm] {
         let mut marked = false;
         let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
@@ -459,6 +462,7 @@ async fn a_fallback_marks_the_record_outdated_until_the_recovery(counters: Arc<d
         op: quotad::storage::Op::Consume,
         amount: 1,
         idempotency_key: None,
+        with_record: false,
     };
     assert_eq!(counters.apply(&busy, &by_other).await.unwrap(), Applied::Outdated);
     assert_eq!(a.reconcile().await.unwrap(), 2, "both reloaded");
@@ -490,6 +494,7 @@ async fn a_record_kept_dirty_past_its_ttl_is_rebased(counters: Arc<dyn Counters>
         op: quotad::storage::Op::Consume,
         amount: 50,
         idempotency_key: None,
+        with_record: false,
     };
     let added = ledger.inner.decide(&busy, &outside, 100, false).await.unwrap();
     assert!(matches!(added, LedgerDecision::Decided(d) if d.allowed && d.used == 51));
@@ -613,6 +618,7 @@ async fn a_fallbacks_mark_follows_its_decision(counters: Arc<dyn Counters>, ledg
         op: quotad::storage::Op::Consume,
         amount: 1,
         idempotency_key: None,
+        with_record: false,
     };
     assert_eq!(counters.apply(&id, &other).await.unwrap(), Applied::Outdated);
 }
@@ -629,6 +635,7 @@ async fn a_lookup_of_an_outdated_record_reloads_it(counters: Arc<dyn Counters>, 
         op: quotad::storage::Op::Consume,
         amount: 5,
         idempotency_key: None,
+        with_record: false,
     };
     ledger.inner.decide(&id, &outside, 100, true).await.unwrap(); // a fallback elsewhere
     counters.mark_outdated(&id).await.unwrap();
@@ -653,8 +660,9 @@ async fn leaving_a_phase_not_yet_followed_still_syncs_first(counters: Arc<dyn Co
         op: quotad::storage::Op::Consume,
         amount: 2,
         idempotency_key: None,
+        with_record: false,
     };
-    assert!(matches!(counters.apply(&id, &by_other).await.unwrap(), Applied::Decided(d) if d.used == 3));
+    assert!(matches!(counters.apply(&id, &by_other).await.unwrap(), Applied::Decided(d, _) if d.used == 3));
     assert_eq!(a.phase().0, Phase::DualWrite, "not followed yet");
     let sync = quotad::domain::sync::SyncJob::new(a.clone());
     let (phase, _) = sync.switch_phase(Phase::FirestoreOnly).await.unwrap();
@@ -664,7 +672,7 @@ async fn leaving_a_phase_not_yet_followed_still_syncs_first(counters: Arc<dyn Co
     // Another switch to redis-primary, then one out of it while the stored phase cannot be
     // read: it may be redis-primary, so the sync runs first here too.
     ledger.set_phase(Phase::RedisPrimary, Utc::now()).await.unwrap();
-    assert!(matches!(counters.apply(&id, &by_other).await.unwrap(), Applied::Decided(d) if d.used == 5));
+    assert!(matches!(counters.apply(&id, &by_other).await.unwrap(), Applied::Decided(d, _) if d.used == 5));
     ledger.fail_phase_read.store(true, Ordering::SeqCst);
     let (phase, _) = sync.switch_phase(Phase::DualWrite).await.unwrap();
     assert_eq!(phase, Phase::DualWrite);

@@ -227,6 +227,7 @@ struct ApplyJob {
     keyed: Option<(String, String)>,
     op: &'static str,
     amount: i64,
+    with_record: bool,
     provider: String,
     id: String,
     answer: oneshot::Sender<Result<Applied, StorageError>>,
@@ -241,6 +242,7 @@ impl Batched for ApplyJob {
             && self.record == next.record
             && self.op == next.op
             && self.amount == next.amount
+            && self.with_record == next.with_record
     }
 }
 
@@ -667,6 +669,7 @@ impl Counters for RedisCounters {
                 .map(|_| (self.keys.idempotency(provider, &id), self.keys.pending_keys(provider))),
             op: if change.op == Op::Consume { "c" } else { "r" },
             amount: change.amount,
+            with_record: change.with_record,
             provider: provider.as_str().to_owned(),
             id,
             answer: answer_to,
@@ -920,7 +923,7 @@ async fn send_applies(link: Arc<Link>, dirty: String, deadline: i64, jobs: Vec<A
             .arg(item.len())
             .arg(job.op)
             .arg(job.amount)
-            .arg(if job.keyed.is_some() { "1" } else { "0" })
+            .arg(u8::from(job.keyed.is_some()) + 2 * u8::from(job.with_record))
             .arg(&job.provider)
             .arg(&job.id);
     }
@@ -1101,7 +1104,8 @@ fn applied(reply: &[Value]) -> Result<Applied, StorageError> {
             limit: int(&reply[3])?,
         })
     };
-    match (text(&reply[0]).as_deref(), decision()) {
+    let status = text(&reply[0]);
+    match (status.as_deref(), decision()) {
         (Some("err"), _) => Err(StorageError::Other {
             backend: "redis",
             message: format!("apply failed: {}", text(&reply[1]).unwrap_or_default()),
@@ -1110,9 +1114,37 @@ fn applied(reply: &[Value]) -> Result<Applied, StorageError> {
         (Some("outdated"), _) => Ok(Applied::Outdated),
         (Some("reused"), _) => Ok(Applied::KeyReused),
         (Some("replay"), Some(d)) => Ok(Applied::Replayed(d)),
-        (Some("ok"), Some(d)) => Ok(Applied::Decided(d)),
+        (Some("ok"), Some(d)) => Ok(Applied::Decided(d, None)),
+        (Some(status), Some(d)) if status.starts_with("ok ") => {
+            let record = unwritten_record(&status[3..], d).ok_or_else(|| bad_reply("apply", reply))?;
+            Ok(Applied::Decided(d, Some(Box::new(record))))
+        }
         _ => Err(bad_reply("apply", reply)),
     }
+}
+
+/// The record an apply call left with changes not yet in the ledger, from its answer
+/// `<ver> <base> <fromw | -> <epoch> <from>` and the decision's `used` and `limit`.
+fn unwritten_record(fields: &str, decision: Decision) -> Option<Record> {
+    let mut fields = fields.splitn(5, ' ');
+    let version = fields.next()?.parse().ok()?;
+    let base = fields.next()?.parse().ok()?;
+    let from_watermark = match fields.next()? {
+        "-" => None,
+        fromw => Some(fromw.parse().ok()?),
+    };
+    Some(Record {
+        used: decision.used,
+        limit: decision.limit,
+        epoch: fields.next()?.to_owned(),
+        base,
+        loaded_from: fields.next()?.to_owned(),
+        version,
+        synced: 0,
+        from_watermark,
+        loaded_ms: None,
+        outdated: false,
+    })
 }
 
 impl RedisCounters {

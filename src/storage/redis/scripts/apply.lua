@@ -13,7 +13,8 @@
 -- ARGV[2] idempotency TTL seconds
 -- per item, from ARGV[a] (a = 3 for the first, then a + 6): ARGV[a] n (1 with an
 --         idempotency key), ARGV[a + 1] 'c' consume | 'r' refund, ARGV[a + 2] amount,
---         ARGV[a + 3] '1' when the idempotency key is used, ARGV[a + 4] provider id (member
+--         ARGV[a + 3] flags: 1 when the idempotency key is used, plus 2 when the item's
+--         last change answers with the record (below), ARGV[a + 4] provider id (member
 --         of the dirty index), ARGV[a + 5] the key's id (field of the hash)
 -- A keyed decision makes the record dirty even when usage is unchanged: the key travels to
 -- the ledger with the next write, so a retry that Firestore decides is answered too.
@@ -37,7 +38,10 @@
 -- A change of an outdated record is answered 'outdated' and changes nothing.
 -- Returns {'late'}, or four values per change: 'miss' | 'outdated' | 'reused' | 'replay' |
 -- 'ok' | 'err', then allowed 0/1, used, limit (zeros after 'miss', 'outdated' and 'reused';
--- the error after 'err').
+-- the error after 'err'). With flag 2, the last change of an item answers 'ok <ver> <base> <fromw | -> <epoch>
+-- <from>' instead of 'ok' while the record holds changes not yet in the ledger: with used and
+-- limit, the record as the item left it, which its sender can write to the ledger if Redis
+-- loses it (or stops answering) before the writer has read it.
 local function s(n) return string.format('%d', n) end
 local t = redis.call('TIME')
 local now_ms = t[1] * 1000 + math.floor(t[2] / 1000)
@@ -45,7 +49,7 @@ if ARGV[1] ~= '0' and now_ms > tonumber(ARGV[1]) then
   local k = 2
   for a = 3, #ARGV, 6 do
     if redis.call('TYPE', KEYS[k])['ok'] == 'hash' then redis.call('HSET', KEYS[k], 'outdated', '1') end
-    k = k + (ARGV[a + 3] == '1' and 3 or 1)
+    k = k + (tonumber(ARGV[a + 3]) % 2 == 1 and 3 or 1)
   end
   return {'late'}
 end
@@ -83,12 +87,14 @@ local function change(record, idem, pending, op, amount_s, provider, id)
   end
   local r = records[record]
   if not r then
-    local v = redis.call('HMGET', record, 'used', 'limit', 'ver', 'synced', 'outdated')
+    local v = redis.call('HMGET', record, 'used', 'limit', 'ver', 'synced', 'outdated', 'epoch', 'base', 'from',
+      'fromw')
     if not v[1] then return 'miss', 0, 0, 0 end
     if v[5] then return 'outdated', 0, 0, 0 end -- read again by each change: it stays outdated
-    local used, limit, ver = tonumber(v[1]), tonumber(v[2]), tonumber(v[3])
-    if not (used and limit and ver) then error('ERR the record ' .. record .. ' is incomplete') end
-    r = {used = used, limit = limit, ver = ver, read_ver = ver, synced = tonumber(v[4]), provider = provider}
+    local used, limit, ver, base = tonumber(v[1]), tonumber(v[2]), tonumber(v[3]), tonumber(v[7])
+    if not (used and limit and ver and base and v[6]) then error('ERR the record ' .. record .. ' is incomplete') end
+    r = {used = used, limit = limit, ver = ver, read_ver = ver, synced = tonumber(v[4]), provider = provider,
+      epoch = v[6], base = base, from = v[8] or '', fromw = v[9]}
     records[record] = r
   end
   local used = r.used
@@ -121,22 +127,28 @@ local function answer(status, allowed, used, limit)
 end
 
 -- decides one item: `n` identical changes in a row, each answered as if sent alone
-local function run(n, record, idem, pending, op, amount_s, provider, id)
+local function run(n, record, idem, pending, op, amount_s, provider, id, with_record)
   for _ = 1, n do answer(change(record, idem, pending, op, amount_s, provider, id)) end
+  local r, last = records[record], #out - 3
+  if with_record and r and out[last] == 'ok' and r.ver > (r.synced or 0) then
+    out[last] = 'ok ' .. s(r.ver) .. ' ' .. s(r.base) .. ' ' .. (r.fromw or '-') .. ' ' .. r.epoch .. ' ' .. r.from
+  end
 end
 
 local k = 2
 for a = 3, #ARGV, 6 do
   local n = tonumber(ARGV[a])
   local record, idem, pending = KEYS[k], nil, nil
-  if ARGV[a + 3] == '1' then
+  local flags = tonumber(ARGV[a + 3])
+  if flags % 2 == 1 then
     idem, pending = KEYS[k + 1], KEYS[k + 2]
     k = k + 3
   else
     k = k + 1
   end
   local answered = #out
-  local ok, err = pcall(run, n, record, idem, pending, ARGV[a + 1], ARGV[a + 2], ARGV[a + 4], ARGV[a + 5])
+  local ok, err = pcall(run, n, record, idem, pending, ARGV[a + 1], ARGV[a + 2], ARGV[a + 4], ARGV[a + 5],
+    flags >= 2)
   if not ok then -- this change failed, and the item's rest with it
     if type(err) == 'table' then err = err.err end
     for _ = (#out - answered) / 4 + 1, n do answer('err', tostring(err), 0, 0) end
