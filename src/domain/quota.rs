@@ -735,11 +735,10 @@ impl QuotaService {
         tracing::debug!(%phase, fallback, "deciding with a Firestore transaction");
         // Counted until it lands: Redis may not decide for the provider meanwhile.
         let _in_flight = fallback.then(|| self.handover.begin(provider));
-        if fallback {
-            // This replica's changes that Redis took and the writer has not carried yet go
-            // to the document first, so that the decision counts them.
-            self.write_held(provider, None).await?;
-        }
+        // This replica's changes that Redis took and the writer has not carried yet go to
+        // the document first, so that the decision counts them. No record loads meanwhile:
+        // Redis is unreachable (a fallback) or the provider is fenced.
+        self.write_held(provider, None, Lineage::May).await?;
         let decided = self.ledger.decide(provider, change, self.default_limit, fallback).await;
         if fallback {
             // After the decision, not before: a replica that meets the mark and reloads the
@@ -791,50 +790,75 @@ impl QuotaService {
         });
     }
 
-    /// Writes a provider's unsynced usage to the ledger, exactly once. Returns `true` when
-    /// the record is clean afterwards (or there is none); `false` when each of its three
-    /// rounds found it changed again, replaced or rebased (callers treat it as kept dirty).
-    /// A round that writes reads the record once: `mark_synced` says what it left.
     /// Writes to the ledger the changes this replica holds for `provider` (see
     /// [`Writer::hold`]), but those of the epoch `except` (Redis has that record: the
-    /// writer carries it). Replays add nothing, so a write that another already made is
-    /// harmless.
-    pub async fn write_held(&self, provider: &ProviderId, except: Option<&str>) -> Result<(), StorageError> {
+    /// writer carries it). Replays add nothing, so a write another already made is harmless.
+    ///
+    /// A held record whose epoch the document does not have yet moves the document to it
+    /// (as the writer's first write of a record does). That is sound only while no other
+    /// record can have been loaded from the document meanwhile: while Redis, which still
+    /// holds the epoch or has lost it and is unreachable, cannot load one (`Lineage::May`).
+    /// Once Redis answers without the epoch, another replica may have loaded a new one from
+    /// the same document, which the move would make stale: then only a document already in
+    /// the held epoch takes the write (`Lineage::Keep`); otherwise those changes are lost
+    /// with Redis's data, and logged.
+    pub async fn write_held(
+        &self,
+        provider: &ProviderId,
+        except: Option<&str>,
+        lineage: Lineage,
+    ) -> Result<(), StorageError> {
         for held in self.writer.held(provider, except) {
+            let ids: Vec<String> = held.keys.iter().map(|(_, (id, _))| id.clone()).collect();
             let keys: Vec<KeyRecord> = held.keys.into_iter().map(|(_, key)| key).collect();
-            let (epoch, version) = (&held.record.epoch, held.record.version);
-            match self.ledger.write_record(provider, &held.record, &keys).await? {
+            let mut record = held.record;
+            if lineage == Lineage::Keep {
+                record.loaded_from = NO_LINEAGE.to_owned();
+            }
+            let (epoch, version) = (&record.epoch, record.version);
+            match self.ledger.write_record(provider, &record, &keys).await? {
                 WriteOutcome::Written { .. } => {
                     metrics::counter!("quotad_store_writes_total", "result" => "written_held").increment(1);
                     tracing::info!(%provider, %epoch, version, "wrote this replica's changes that Redis could not give");
-                    self.writer.landed(provider, epoch, version);
+                    self.writer.landed(provider, epoch, version, Some(&ids));
                 }
-                // the document was reset, or a later epoch carried them (a rebase)
-                WriteOutcome::Stale => self.writer.landed(provider, epoch, u64::MAX),
+                WriteOutcome::Stale => {
+                    metrics::counter!("quotad_store_writes_total", "result" => "stale_held").increment(1);
+                    tracing::warn!(%provider, %epoch, unsynced = record.used - record.base,
+                        "changes this replica held are not in the document's epoch: dropped (the document was \
+                         reset, or a later epoch carried them, or Redis lost them and another record was written)");
+                    self.writer.landed(provider, epoch, u64::MAX, None);
+                }
             }
         }
         Ok(())
     }
 
+    /// Writes a provider's unsynced usage to the ledger, exactly once. Returns `true` when
+    /// the record is clean afterwards (or there is none); `false` when each of its three
+    /// rounds found it changed again, replaced or rebased (callers treat it as kept dirty).
+    /// A round that writes reads the record once: `mark_synced` says what it left.
     pub async fn flush(&self, provider: &ProviderId) -> Result<bool, StorageError> {
         for _ in 0..3 {
             let record = match self.counters.read(provider).await {
                 Ok(record) => record,
                 Err(err) => {
                     // Redis cannot say what is unwritten: this replica writes its own.
-                    self.write_held(provider, None).await?;
+                    if let Err(write) = self.write_held(provider, None, Lineage::May).await {
+                        tracing::debug!(%provider, error = %write, "writing held changes failed");
+                    }
                     return Err(err);
                 }
             };
             // Held changes of an epoch Redis no longer has (it came back without the record,
             // or the record was reloaded since) are written first: nothing else will.
-            self.write_held(provider, record.as_ref().map(|r| r.epoch.as_str()))
-                .await?;
+            let present = record.as_ref().map(|r| r.epoch.as_str());
+            self.write_held(provider, present, Lineage::Keep).await?;
             let Some(record) = record else {
                 return Ok(true);
             };
             if !record.is_dirty() {
-                self.writer.landed(provider, &record.epoch, record.synced);
+                self.writer.landed(provider, &record.epoch, record.synced, None);
                 return Ok(true);
             }
             // Idempotency records decided in Redis travel with the usage, so a retry that
@@ -843,7 +867,7 @@ impl QuotaService {
             match self.ledger.write_record(provider, &record, &keys).await {
                 Ok(WriteOutcome::Written { limit }) => {
                     metrics::counter!("quotad_store_writes_total", "result" => "written").increment(1);
-                    self.writer.landed(provider, &record.epoch, record.version);
+                    self.writer.landed(provider, &record.epoch, record.version, None);
                     let transferred: Vec<String> = keys.into_iter().map(|(id, _)| id).collect();
                     let synced = self
                         .counters
@@ -876,7 +900,7 @@ impl QuotaService {
                     metrics::counter!("quotad_store_writes_total", "result" => "stale").increment(1);
                     tracing::warn!(%provider, epoch = %record.epoch, unsynced = record.used - record.base,
                         "cached record is stale (its document was reset meanwhile): dropping it");
-                    self.writer.landed(provider, &record.epoch, u64::MAX);
+                    self.writer.landed(provider, &record.epoch, u64::MAX, None);
                     self.counters.forget(provider, &record.epoch).await?;
                     return Ok(true);
                 }
@@ -932,6 +956,7 @@ impl QuotaService {
         let settled = futures::future::join_all(items.iter().zip(results).map(|((provider, record, keys), result)| async move {
             match result {
                 Ok(WriteOutcome::Written { limit }) => {
+                    self.writer.landed(provider, &record.epoch, record.version, None);
                     let transferred: Vec<String> = keys.iter().map(|(id, _)| id.clone()).collect();
                     self.counters
                         .mark_synced(provider, &record.epoch, record.version, self.limit_of(limit), self.cache_ttl, &transferred)
@@ -940,6 +965,7 @@ impl QuotaService {
                 }
                 Ok(WriteOutcome::Stale) => {
                     tracing::warn!(%provider, "cached record is stale (its document was reset meanwhile): dropping it");
+                    self.writer.landed(provider, &record.epoch, u64::MAX, None);
                     self.counters.forget(provider, &record.epoch).await?;
                     Ok((0, 0))
                 }
@@ -1145,8 +1171,8 @@ impl QuotaService {
         // before Redis decides again: a record reloaded without them would miss them.
         for provider in self.writer.held_providers() {
             let record = self.counters.read(&provider).await?;
-            self.write_held(&provider, record.as_ref().map(|r| r.epoch.as_str()))
-                .await?;
+            let present = record.as_ref().map(|r| r.epoch.as_str());
+            self.write_held(&provider, present, Lineage::Keep).await?;
         }
         let mut done = 0;
         // Marks of busy records stay for the next reconcile; one must not stop the others.
@@ -1227,6 +1253,18 @@ enum Loaded {
     /// Firestore decides for it in every phase, by one rule.
     Beyond,
 }
+
+/// Whether a held record's write may move its document to the record's epoch (see
+/// [`QuotaService::write_held`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Lineage {
+    May,
+    Keep,
+}
+
+/// The `loaded_from` of a held record that must not move its document's epoch: no document
+/// is ever in it (epochs are hex).
+const NO_LINEAGE: &str = "-";
 
 /// How a decision goes to Firestore.
 #[derive(Debug, Clone, Copy)]

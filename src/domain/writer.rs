@@ -22,7 +22,7 @@ use std::{
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
-use super::{Phase, ProviderId, QuotaService};
+use super::{Phase, ProviderId, QuotaService, quota::Lineage};
 use crate::storage::{KeyRecord, Record};
 
 /// How long a record may stay dirty before a sweep takes it over from whoever wrote it.
@@ -108,17 +108,21 @@ impl Writer {
         self.held.lock().unwrap().keys().cloned().collect()
     }
 
-    /// The ledger holds `version` of `epoch` (or has dropped the epoch, with `u64::MAX`):
-    /// what it covers is no longer held.
-    pub fn landed(&self, provider: &ProviderId, epoch: &str, version: u64) {
+    /// The ledger holds `version` of `epoch` (or has dropped the epoch, with `u64::MAX`),
+    /// and the idempotency records of the changes up to it, or of those in `keys` only (a
+    /// write of what was held: a key held after it was taken is still to write). What it
+    /// covers is no longer held.
+    pub fn landed(&self, provider: &ProviderId, epoch: &str, version: u64, keys: Option<&[String]>) {
         let mut held = self.held.lock().unwrap();
         let Some(entries) = held.get_mut(provider) else {
             return;
         };
         for entry in entries.iter_mut().filter(|h| h.record.epoch == epoch) {
-            entry.keys.retain(|(made, _)| *made > version);
+            entry
+                .keys
+                .retain(|(made, (id, _))| *made > version || keys.is_some_and(|written| !written.contains(id)));
         }
-        entries.retain(|h| h.record.epoch != epoch || h.record.version > version);
+        entries.retain(|h| h.record.epoch != epoch || h.record.version > version || !h.keys.is_empty());
         if entries.is_empty() {
             held.remove(provider);
         }
@@ -196,7 +200,17 @@ pub async fn run(service: Arc<QuotaService>, cancel: CancellationToken) {
 /// written and dropped in firestore-only; in redis-primary the batch sync writes them.
 pub async fn sweep(service: &QuotaService) {
     let phase = service.phase().0;
-    if phase == Phase::RedisPrimary || !service.redis_is_up() {
+    if !service.redis_is_up() {
+        // Other replicas decide in Firestore meanwhile: what this replica's changes left in
+        // Redis reaches the documents within a sweep, not only at its own next fallback.
+        for provider in service.writer().held_providers() {
+            if let Err(err) = service.write_held(&provider, None, Lineage::May).await {
+                tracing::debug!(%provider, error = %err, "writing held changes failed; the next sweep retries");
+            }
+        }
+        return;
+    }
+    if phase == Phase::RedisPrimary {
         return;
     }
     let providers = match service.counters().dirty(SWEEP_AGE, 500).await {
@@ -230,7 +244,7 @@ pub async fn drain(service: &QuotaService, budget: Duration) {
             if tokio::time::Instant::now() >= deadline {
                 break;
             }
-            if let Err(err) = service.write_held(&provider, None).await {
+            if let Err(err) = service.write_held(&provider, None, Lineage::May).await {
                 tracing::warn!(%provider, error = %err, "shutdown: could not write changes Redis did not answer for");
             }
         }
@@ -283,12 +297,14 @@ mod tests {
         assert_eq!(ids, ["c:3", "c:2"]);
         assert_eq!(writer.held(&p, Some("e1")).len(), 1, "but of e1");
 
-        writer.landed(&p, "e1", 2);
+        writer.landed(&p, "e1", 2, None);
         let held = writer.held(&p, Some("e2"));
         assert_eq!(held[0].record.version, 3, "version 3 is not in the ledger yet");
         assert_eq!(held[0].keys, vec![(3, key("c:3").unwrap())]);
-        writer.landed(&p, "e1", 3);
-        writer.landed(&p, "e2", u64::MAX); // dropped by the ledger (stale)
+        writer.landed(&p, "e1", 3, Some(&[])); // a write of what was held before c:3
+        assert_eq!(writer.held(&p, Some("e2"))[0].keys.len(), 1, "c:3 still to write");
+        writer.landed(&p, "e1", 3, Some(&["c:3".to_owned()]));
+        writer.landed(&p, "e2", u64::MAX, None); // dropped by the ledger (stale)
         assert!(writer.held(&p, None).is_empty());
         assert!(writer.held_providers().is_empty());
     }

@@ -681,6 +681,49 @@ async fn leaving_a_phase_not_yet_followed_still_syncs_first(counters: Arc<dyn Co
 
 on_both!(leaving_a_phase_not_yet_followed_still_syncs_first: memory_leaving_a_phase_not_yet_followed_still_syncs_first, redis_leaving_a_phase_not_yet_followed_still_syncs_first);
 
+/// Held changes of an epoch that Redis lost leave the document to a record loaded since:
+/// written, they would take the document to their epoch and make that record stale, and its
+/// usage would go instead (Redis's data loss takes the held changes, as it always could).
+async fn held_changes_of_a_lost_epoch_leave_a_newer_record_its_document(
+    counters: Arc<dyn Counters>,
+    ledger: Arc<Gated>,
+) {
+    let (a, b) = (
+        service(counters.clone(), ledger.clone()),
+        service(counters.clone(), ledger.clone()),
+    );
+    let id = p("lost");
+    assert_eq!(consume(&a, &id).await, 1);
+    assert_eq!(consume(&a, &id).await, 2); // held by a, not written yet
+    let lost = counters.read(&id).await.unwrap().unwrap().epoch;
+    counters.forget(&id, &lost).await.unwrap(); // Redis came back without it
+    assert_eq!(consume(&b, &id).await, 1, "loaded afresh from the document");
+    assert!(a.flush(&id).await.unwrap());
+    assert!(a.writer().held(&id, None).is_empty(), "dropped, not kept for ever");
+    assert!(b.flush(&id).await.unwrap());
+    assert!(counters.read(&id).await.unwrap().is_some(), "b's record is not stale");
+    assert_eq!(ledger.read(&id).await.unwrap().unwrap().used, Some(1), "b's unit");
+    assert_eq!(consume(&b, &id).await, 2);
+    assert!(b.flush(&id).await.unwrap());
+    assert_eq!(ledger.read(&id).await.unwrap().unwrap().used, Some(2));
+}
+
+/// While Redis is away, a replica's sweep writes what its changes left there, so that
+/// another replica's fallback counts them (not only this replica's own next fallback).
+async fn the_sweep_writes_held_changes_while_redis_is_away(counters: Arc<dyn Counters>, ledger: Arc<Gated>) {
+    let (a, b) = (
+        service(counters.clone(), ledger.clone()),
+        service(counters.clone(), ledger.clone()),
+    );
+    let id = p("swept");
+    assert_eq!(consume(&a, &id).await, 1); // held by a, not written yet
+    a.redis_down("test");
+    b.redis_down("test");
+    quotad::domain::writer::sweep(&a).await;
+    assert!(a.writer().held(&id, None).is_empty());
+    assert_eq!(consume(&b, &id).await, 2, "b's fallback counts a's unit");
+}
+
 async fn memory() -> (Arc<dyn Counters>, Arc<Gated>) {
     (
         Arc::new(memory::MemoryCounters::default()),
@@ -706,6 +749,10 @@ on_both!(a_dead_holders_fence_expires: memory_lets_a_dead_holders_fence_expire, 
 on_both!(a_slow_decision_keeps_its_fence: memory_renews_the_fence_of_a_slow_decision, redis_renews_the_fence_of_a_slow_decision);
 
 on_both!(a_fallback_marks_the_record_outdated_until_the_recovery: memory_marks_a_fallbacks_record_outdated_until_the_recovery, redis_marks_a_fallbacks_record_outdated_until_the_recovery);
+
+on_both!(held_changes_of_a_lost_epoch_leave_a_newer_record_its_document: memory_leaves_a_newer_record_its_document, redis_leaves_a_newer_record_its_document);
+
+on_both!(the_sweep_writes_held_changes_while_redis_is_away: memory_sweep_writes_held_changes_while_redis_is_away, redis_sweep_writes_held_changes_while_redis_is_away);
 
 on_both!(a_record_kept_dirty_past_its_ttl_is_rebased: memory_rebases_a_record_kept_dirty_past_its_ttl, redis_rebases_a_record_kept_dirty_past_its_ttl);
 

@@ -1116,8 +1116,12 @@ fn applied(reply: &[Value]) -> Result<Applied, StorageError> {
         (Some("replay"), Some(d)) => Ok(Applied::Replayed(d)),
         (Some("ok"), Some(d)) => Ok(Applied::Decided(d, None)),
         (Some(status), Some(d)) if status.starts_with("ok ") => {
-            let record = unwritten_record(&status[3..], d).ok_or_else(|| bad_reply("apply", reply))?;
-            Ok(Applied::Decided(d, Some(Box::new(record))))
+            // The change is made: an answer it cannot read only loses the record that came.
+            let record = unwritten_record(&status[3..], d);
+            if record.is_none() {
+                tracing::warn!(status, "apply answered a record quotad cannot read");
+            }
+            Ok(Applied::Decided(d, record.map(Box::new)))
         }
         _ => Err(bad_reply("apply", reply)),
     }
