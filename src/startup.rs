@@ -107,6 +107,9 @@ impl Application {
         let health = probe(&self.app, true).await;
         if health.1 {
             adopt_stored_phase(&self.app.quotas).await;
+        } else if health.0 {
+            // Firestore away: the phase mirrored in Redis, rather than QUOTAD_PHASE.
+            self.app.quotas.adopt_mirrored_phase().await;
         }
         check_data(&self.app, health).await;
         tasks.spawn(watch_health(self.app.clone(), cancel.clone()));

@@ -56,6 +56,18 @@ fn assert_unwritten_is(after: &Record, read: &Record) {
     assert_eq!(fields(after), fields(read));
 }
 
+/// An admitted unit's decision at limit 10, without a record.
+fn decided(used: i64) -> Applied {
+    Applied::Decided(
+        Decision {
+            allowed: true,
+            used,
+            limit: 10,
+        },
+        None,
+    )
+}
+
 /// The decision alone: whether the record comes with it depends on what was sent together.
 fn without_record(applied: Applied) -> Applied {
     match applied {
@@ -958,16 +970,6 @@ async fn redis_changes_nothing_for_a_change_it_cannot_write() {
         with_record: true,
     };
     let one = consume(1);
-    let decided = |used| {
-        Applied::Decided(
-            Decision {
-                allowed: true,
-                used,
-                limit: 10,
-            },
-            None,
-        )
-    };
 
     // b's pending idempotency records are not a hash: b's keyed consume (and its retry in
     // the same call) fail, the plain consumes of a and b are applied
@@ -1077,16 +1079,6 @@ async fn redis_fails_one_change_of_a_call_alone() {
     let one = consume(1);
     let ids = [p("a"), p("broken"), p("broken"), p("broken"), p("b"), p("b")];
     let applied = futures::future::join_all(ids.iter().map(|id| counters.apply(id, &one))).await;
-    let decided = |used| {
-        Applied::Decided(
-            Decision {
-                allowed: true,
-                used,
-                limit: 10,
-            },
-            None,
-        )
-    };
     let good: Vec<_> = [0, 4, 5]
         .iter()
         .map(|&i| without_record(applied[i].as_ref().unwrap().clone()))

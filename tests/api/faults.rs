@@ -172,29 +172,38 @@ async fn a_replica_back_from_a_hang_decides_after_its_reconcile() {
     }
 }
 
-#[tokio::test]
-async fn a_failed_firestore_write_is_retried_until_it_lands_once() {
-    let redis = RedisServer::start().await;
-    let emulator: std::net::SocketAddr = emulator_host().parse().unwrap();
-    let mut proxy = TcpProxy::start(emulator).await;
+/// A quotad process on `redis` whose Firestore is behind a proxy that can be taken down,
+/// with provider `p1` at usage 0 of `limit`.
+async fn behind_a_firestore_proxy(redis: &RedisServer, limit: i64) -> (QuotadProcess, TcpProxy, Store) {
+    let proxy = TcpProxy::start(emulator_host().parse().unwrap()).await;
     let project = unique("test-");
     let store = Store::new(project.clone());
-    store.put("p1", Some(0), Some(100)).await;
+    store.put("p1", Some(0), Some(limit)).await;
     let quotad = QuotadProcess::start(&[
         ("REDIS_URL", redis.url()),
-        ("FIRESTORE_PROJECT_ID", project.clone()),
+        ("FIRESTORE_PROJECT_ID", project),
         ("FIRESTORE_EMULATOR_HOST", proxy.address()),
     ])
     .await;
+    (quotad, proxy, store)
+}
+
+/// `POST /quota/p1/consume` on `quotad`: the status.
+async fn consume_status(http: &reqwest::Client, quotad: &QuotadProcess) -> u16 {
+    http.post(format!("{}/quota/p1/consume", quotad.base))
+        .send()
+        .await
+        .unwrap()
+        .status()
+        .as_u16()
+}
+
+#[tokio::test]
+async fn a_failed_firestore_write_is_retried_until_it_lands_once() {
+    let redis = RedisServer::start().await;
+    let (quotad, mut proxy, store) = behind_a_firestore_proxy(&redis, 100).await;
     let http = client();
-    let consume = || async {
-        http.post(format!("{}/quota/p1/consume", quotad.base))
-            .send()
-            .await
-            .unwrap()
-            .status()
-            .as_u16()
-    };
+    let consume = || consume_status(&http, &quotad);
     assert_eq!(consume().await, 200);
     assert_eq!(eventually(DEADLINE, Some(1), || store.used("p1")).await, Some(1));
 
@@ -507,25 +516,9 @@ async fn a_replica_started_while_firestore_is_away_follows_the_phase_mirrored_in
 async fn changes_not_yet_written_reach_firestore_before_a_fallback_decides() {
     for kill in [true, false] {
         let mut redis = RedisServer::start().await;
-        let mut proxy = TcpProxy::start(emulator_host().parse().unwrap()).await;
-        let project = unique("test-");
-        let store = Store::new(project.clone());
-        store.put("p1", Some(0), Some(10)).await;
-        let quotad = QuotadProcess::start(&[
-            ("REDIS_URL", redis.url()),
-            ("FIRESTORE_PROJECT_ID", project.clone()),
-            ("FIRESTORE_EMULATOR_HOST", proxy.address()),
-        ])
-        .await;
+        let (quotad, mut proxy, store) = behind_a_firestore_proxy(&redis, 10).await;
         let http = client();
-        let consume = || async {
-            http.post(format!("{}/quota/p1/consume", quotad.base))
-                .send()
-                .await
-                .unwrap()
-                .status()
-                .as_u16()
-        };
+        let consume = || consume_status(&http, &quotad);
         assert_eq!(consume().await, 200); // the record loads
         proxy.set_up(false).await;
         for _ in 0..6 {
