@@ -87,14 +87,12 @@ local function change(record, idem, pending, op, amount_s, provider, id)
   end
   local r = records[record]
   if not r then
-    local v = redis.call('HMGET', record, 'used', 'limit', 'ver', 'synced', 'outdated', 'epoch', 'base', 'from',
-      'fromw')
+    local v = redis.call('HMGET', record, 'used', 'limit', 'ver', 'synced', 'outdated')
     if not v[1] then return 'miss', 0, 0, 0 end
     if v[5] then return 'outdated', 0, 0, 0 end -- read again by each change: it stays outdated
-    local used, limit, ver, base = tonumber(v[1]), tonumber(v[2]), tonumber(v[3]), tonumber(v[7])
-    if not (used and limit and ver and base and v[6]) then error('ERR the record ' .. record .. ' is incomplete') end
-    r = {used = used, limit = limit, ver = ver, read_ver = ver, synced = tonumber(v[4]), provider = provider,
-      epoch = v[6], base = base, from = v[8] or '', fromw = v[9]}
+    local used, limit, ver = tonumber(v[1]), tonumber(v[2]), tonumber(v[3])
+    if not (used and limit and ver) then error('ERR the record ' .. record .. ' is incomplete') end
+    r = {used = used, limit = limit, ver = ver, read_ver = ver, synced = tonumber(v[4]), provider = provider}
     records[record] = r
   end
   local used = r.used
@@ -131,6 +129,11 @@ local function run(n, record, idem, pending, op, amount_s, provider, id, with_re
   for _ = 1, n do answer(change(record, idem, pending, op, amount_s, provider, id)) end
   local r, last = records[record], #out - 3
   if with_record and r and out[last] == 'ok' and r.ver > (r.synced or 0) then
+    if not r.epoch then -- read once per call, and only when asked for: the hot path reads 5 fields
+      local v = redis.call('HMGET', record, 'epoch', 'base', 'from', 'fromw')
+      if not (v[1] and tonumber(v[2])) then error('ERR the record ' .. record .. ' is incomplete') end
+      r.epoch, r.base, r.from, r.fromw = v[1], tonumber(v[2]), v[3] or '', v[4]
+    end
     out[last] = 'ok ' .. s(r.ver) .. ' ' .. s(r.base) .. ' ' .. (r.fromw or '-') .. ' ' .. r.epoch .. ' ' .. r.from
   end
 end
