@@ -796,12 +796,12 @@ impl QuotaService {
     ///
     /// A held record whose epoch the document does not have yet moves the document to it
     /// (as the writer's first write of a record does). That is sound only while no other
-    /// record can have been loaded from the document meanwhile: while Redis, which still
-    /// holds the epoch or has lost it and is unreachable, cannot load one (`Lineage::May`).
-    /// Once Redis answers without the epoch, another replica may have loaded a new one from
-    /// the same document, which the move would make stale: then only a document already in
-    /// the held epoch takes the write (`Lineage::Keep`); otherwise those changes are lost
-    /// with Redis's data, and logged.
+    /// record can have been loaded from the document and written: while Redis, which still
+    /// holds the epoch or has lost it and is unreachable, cannot load one, or under a fence
+    /// with no dirty record in Redis (`Lineage::May`). Beside a dirty record of another
+    /// epoch, which the move would make stale, only a document already in the held epoch
+    /// takes the write (`Lineage::Keep`); otherwise those changes are lost with Redis's
+    /// data, and logged. See [`QuotaService::write_lost_held`].
     pub async fn write_held(
         &self,
         provider: &ProviderId,
@@ -834,6 +834,33 @@ impl QuotaService {
         Ok(())
     }
 
+    /// Writes the changes this replica holds of epochs Redis no longer has (`present`: the
+    /// epoch it has, if any) under a fence, so that no record loads meanwhile. When Redis
+    /// holds no record, or only a clean one (dropped by the fence: it has written nothing),
+    /// they may take the document to their epoch; beside a dirty record of another epoch
+    /// (loaded since, and perhaps written) they may not ([`Lineage::Keep`]).
+    async fn write_lost_held(&self, provider: &ProviderId, present: Option<&str>) -> Result<(), StorageError> {
+        if self.writer.held(provider, present).is_empty() {
+            return Ok(());
+        }
+        let fence = Fence {
+            counters: self.counters.clone(),
+            provider: provider.clone(),
+            token: new_epoch(),
+            held: true,
+        };
+        let work = async {
+            if self.counters.fence(provider, &fence.token, FENCE_TTL).await? {
+                self.write_held(provider, None, Lineage::May).await
+            } else {
+                self.write_held(provider, present, Lineage::Keep).await
+            }
+        };
+        let written = self.renewing(&fence, work).await;
+        fence.release().await;
+        written
+    }
+
     /// Writes a provider's unsynced usage to the ledger, exactly once. Returns `true` when
     /// the record is clean afterwards (or there is none); `false` when each of its three
     /// rounds found it changed again, replaced or rebased (callers treat it as kept dirty).
@@ -852,8 +879,8 @@ impl QuotaService {
             };
             // Held changes of an epoch Redis no longer has (it came back without the record,
             // or the record was reloaded since) are written first: nothing else will.
-            let present = record.as_ref().map(|r| r.epoch.as_str());
-            self.write_held(provider, present, Lineage::Keep).await?;
+            self.write_lost_held(provider, record.as_ref().map(|r| r.epoch.as_str()))
+                .await?;
             let Some(record) = record else {
                 return Ok(true);
             };
@@ -1171,8 +1198,8 @@ impl QuotaService {
         // before Redis decides again: a record reloaded without them would miss them.
         for provider in self.writer.held_providers() {
             let record = self.counters.read(&provider).await?;
-            let present = record.as_ref().map(|r| r.epoch.as_str());
-            self.write_held(&provider, present, Lineage::Keep).await?;
+            self.write_lost_held(&provider, record.as_ref().map(|r| r.epoch.as_str()))
+                .await?;
         }
         let mut done = 0;
         // Marks of busy records stay for the next reconcile; one must not stop the others.

@@ -708,6 +708,21 @@ async fn held_changes_of_a_lost_epoch_leave_a_newer_record_its_document(
     assert_eq!(ledger.read(&id).await.unwrap().unwrap().used, Some(2));
 }
 
+/// Held changes of an epoch that Redis lost, with no record loaded since, reach the
+/// document (under a fence, so that none loads meanwhile), and the record reloads with them.
+async fn held_changes_of_a_lost_epoch_reach_the_document(counters: Arc<dyn Counters>, ledger: Arc<Gated>) {
+    let a = service(counters.clone(), ledger.clone());
+    let id = p("lost-alone");
+    assert_eq!(consume(&a, &id).await, 1);
+    assert_eq!(consume(&a, &id).await, 2); // held by a, not written yet
+    let lost = counters.read(&id).await.unwrap().unwrap().epoch;
+    counters.forget(&id, &lost).await.unwrap(); // Redis came back without it
+    assert!(a.flush(&id).await.unwrap());
+    assert_eq!(ledger.read(&id).await.unwrap().unwrap().used, Some(2));
+    assert!(!counters.fence_held(&id).await.unwrap(), "the fence is released");
+    assert_eq!(consume(&a, &id).await, 3, "reloaded with them");
+}
+
 /// While Redis is away, a replica's sweep writes what its changes left there, so that
 /// another replica's fallback counts them (not only this replica's own next fallback).
 async fn the_sweep_writes_held_changes_while_redis_is_away(counters: Arc<dyn Counters>, ledger: Arc<Gated>) {
@@ -751,6 +766,8 @@ on_both!(a_slow_decision_keeps_its_fence: memory_renews_the_fence_of_a_slow_deci
 on_both!(a_fallback_marks_the_record_outdated_until_the_recovery: memory_marks_a_fallbacks_record_outdated_until_the_recovery, redis_marks_a_fallbacks_record_outdated_until_the_recovery);
 
 on_both!(held_changes_of_a_lost_epoch_leave_a_newer_record_its_document: memory_leaves_a_newer_record_its_document, redis_leaves_a_newer_record_its_document);
+
+on_both!(held_changes_of_a_lost_epoch_reach_the_document: memory_writes_held_changes_of_a_lost_epoch, redis_writes_held_changes_of_a_lost_epoch);
 
 on_both!(the_sweep_writes_held_changes_while_redis_is_away: memory_sweep_writes_held_changes_while_redis_is_away, redis_sweep_writes_held_changes_while_redis_is_away);
 
