@@ -221,6 +221,7 @@ async fn probe(app: &App, first: bool) -> (bool, bool) {
         }
     }
     app.health.set(redis_ok, firestore_ok);
+    quotas.note_redis_answers(redis_ok);
     if !redis_ok && quotas.redis_is_up() {
         quotas.redis_down("health probe failed");
     }
@@ -286,10 +287,12 @@ async fn watch_health(app: Arc<App>, cancel: CancellationToken) {
             }
         } else {
             let ping = || async {
-                matches!(
+                let answers = matches!(
                     tokio::time::timeout(PROBE_BOUND, app.quotas.counters().ping()).await,
                     Ok(Ok(()))
-                )
+                );
+                app.quotas.note_redis_answers(answers);
+                answers
             };
             tokio::select! {
                 () = cancel.cancelled() => return,

@@ -74,8 +74,6 @@ pub struct QuotaService {
     phase: watch::Sender<(Phase, DateTime<Utc>)>,
     /// Whether the phase was read from the ledger (or its mirror), not taken from config.
     phase_stored: std::sync::atomic::AtomicBool,
-    /// The phase this replica last wrote to the Redis mirror.
-    mirrored_phase: std::sync::Mutex<Option<(Phase, DateTime<Utc>)>>,
     /// Whether Redis decides, and the providers it may not decide for yet.
     handover: Handover,
     writer: Writer,
@@ -94,6 +92,9 @@ pub struct QuotaService {
     recovering: std::sync::atomic::AtomicU64,
     /// Recoveries begun.
     recoveries: std::sync::atomic::AtomicU64,
+    /// Whether Redis answered the health task's last ping (see
+    /// [`QuotaService::lineage_while_away`]).
+    redis_answering: std::sync::atomic::AtomicBool,
     /// Wakes decisions waiting for the recovery when it ends, either way.
     recovery: tokio::sync::Notify,
     /// Decisions waiting for the recovery (tests synchronise on it).
@@ -123,7 +124,6 @@ impl QuotaService {
             cache_ttl,
             phase,
             phase_stored: std::sync::atomic::AtomicBool::new(false),
-            mirrored_phase: std::sync::Mutex::new(None),
             handover: Handover::default(),
             writer: Writer::default(),
             known_sentinel: std::sync::Mutex::new(None),
@@ -131,6 +131,7 @@ impl QuotaService {
             marking: std::sync::Mutex::default(),
             recovering: std::sync::atomic::AtomicU64::new(0),
             recoveries: std::sync::atomic::AtomicU64::new(0),
+            redis_answering: std::sync::atomic::AtomicBool::new(true),
             recovery_waiting: std::sync::atomic::AtomicUsize::new(0),
             recovery: tokio::sync::Notify::new(),
             went_down: tokio::sync::Notify::new(),
@@ -193,15 +194,19 @@ impl QuotaService {
         Ok(self.phase())
     }
 
-    /// Writes the phase read from the ledger to the Redis mirror, unless this replica has
-    /// already mirrored it (a failed write is tried again at the next refresh).
+    /// Writes the phase read from the ledger to the Redis mirror unless the mirror holds it
+    /// already (one read a refresh): a mirror that went stale (Redis restored from an old
+    /// snapshot, or a write that raced a phase change) is mended within a refresh.
     async fn mirror_phase(&self, phase: Phase, since: DateTime<Utc>) {
-        if *self.mirrored_phase.lock().unwrap() == Some((phase, since)) {
-            return;
+        use chrono::SubsecRound;
+        let since = since.trunc_subsecs(6); // what the mirror keeps
+        match self.counters.phase_mirror().await {
+            Ok(Some(mirrored)) if mirrored == (phase, since) => return,
+            Ok(_) => {}
+            Err(err) => return tracing::debug!(error = %err, "reading the phase mirrored in Redis failed"),
         }
-        match self.counters.set_phase_mirror(phase, since).await {
-            Ok(()) => *self.mirrored_phase.lock().unwrap() = Some((phase, since)),
-            Err(err) => tracing::debug!(error = %err, "mirroring the phase in Redis failed"),
+        if let Err(err) = self.counters.set_phase_mirror(phase, since).await {
+            tracing::debug!(error = %err, "mirroring the phase in Redis failed");
         }
     }
 
@@ -262,6 +267,7 @@ impl QuotaService {
     /// up and failing late says nothing about the Redis a probe found answering since (a
     /// failed probe or reconcile round ends that recovery).
     pub fn redis_down(&self, reason: &str) {
+        self.note_redis_answers(false);
         if self.redis_is_up() {
             self.end_recovery();
         }
@@ -317,6 +323,24 @@ impl QuotaService {
     pub fn end_recovery(&self) {
         self.recovering.store(0, std::sync::atomic::Ordering::Release);
         self.recovery.notify_waiters();
+    }
+
+    /// What the health task found of Redis: whether its last ping answered.
+    pub fn note_redis_answers(&self, answers: bool) {
+        self.redis_answering
+            .store(answers, std::sync::atomic::Ordering::Release);
+    }
+
+    /// How held changes are written while Redis is away for this replica's decisions: they
+    /// may take their document to their epoch only while Redis does not answer at all (no
+    /// replica can load a record then); once it answers, other replicas may be back on it,
+    /// loading records from the same documents, and the reconcile writes them under a fence.
+    pub fn lineage_while_away(&self) -> Lineage {
+        if self.redis_answering.load(std::sync::atomic::Ordering::Acquire) {
+            Lineage::Try
+        } else {
+            Lineage::May
+        }
     }
 
     /// Which recovery is on as a reconcile round begins (0 if none), for
@@ -736,9 +760,14 @@ impl QuotaService {
         // Counted until it lands: Redis may not decide for the provider meanwhile.
         let _in_flight = fallback.then(|| self.handover.begin(provider));
         // This replica's changes that Redis took and the writer has not carried yet go to
-        // the document first, so that the decision counts them. No record loads meanwhile:
-        // Redis is unreachable (a fallback) or the provider is fenced.
-        self.write_held(provider, None, Lineage::May).await?;
+        // the document first, so that the decision counts them. No record loads meanwhile
+        // when the provider is fenced, or Redis does not answer.
+        let lineage = if fallback {
+            self.lineage_while_away()
+        } else {
+            Lineage::May
+        };
+        self.write_held(provider, None, lineage).await?;
         let decided = self.ledger.decide(provider, change, self.default_limit, fallback).await;
         if fallback {
             // After the decision, not before: a replica that meets the mark and reloads the
@@ -812,7 +841,7 @@ impl QuotaService {
             let ids: Vec<String> = held.keys.iter().map(|(_, (id, _))| id.clone()).collect();
             let keys: Vec<KeyRecord> = held.keys.into_iter().map(|(_, key)| key).collect();
             let mut record = held.record;
-            if lineage == Lineage::Keep {
+            if lineage != Lineage::May {
                 record.loaded_from = NO_LINEAGE.to_owned();
             }
             let (epoch, version) = (&record.epoch, record.version);
@@ -821,6 +850,9 @@ impl QuotaService {
                     metrics::counter!("quotad_store_writes_total", "result" => "written_held").increment(1);
                     tracing::info!(%provider, %epoch, version, "wrote this replica's changes that Redis could not give");
                     self.writer.landed(provider, epoch, version, Some(&ids));
+                }
+                WriteOutcome::Stale if lineage == Lineage::Try => {
+                    tracing::debug!(%provider, %epoch, "held changes wait for the reconcile");
                 }
                 WriteOutcome::Stale => {
                     metrics::counter!("quotad_store_writes_total", "result" => "stale_held").increment(1);
@@ -871,7 +903,7 @@ impl QuotaService {
                 Ok(record) => record,
                 Err(err) => {
                     // Redis cannot say what is unwritten: this replica writes its own.
-                    if let Err(write) = self.write_held(provider, None, Lineage::May).await {
+                    if let Err(write) = self.write_held(provider, None, self.lineage_while_away()).await {
                         tracing::debug!(%provider, error = %write, "writing held changes failed");
                     }
                     return Err(err);
@@ -1285,8 +1317,14 @@ enum Loaded {
 /// [`QuotaService::write_held`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Lineage {
+    /// It may: no record can have been loaded from the document and written meanwhile.
     May,
+    /// It may not, and never will: a record of another epoch is in Redis. A document in
+    /// another epoch drops the held record.
     Keep,
+    /// It may not for now (Redis answers again, and the reconcile, under a fence, decides):
+    /// a document in another epoch leaves the held record held.
+    Try,
 }
 
 /// The `loaded_from` of a held record that must not move its document's epoch: no document

@@ -22,7 +22,7 @@ use std::{
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
-use super::{Phase, ProviderId, QuotaService, quota::Lineage};
+use super::{Phase, ProviderId, QuotaService};
 use crate::storage::{KeyRecord, Record};
 
 /// How long a record may stay dirty before a sweep takes it over from whoever wrote it.
@@ -204,11 +204,16 @@ pub async fn sweep(service: &QuotaService) {
         // Other replicas decide in Firestore meanwhile: what this replica's changes left in
         // Redis reaches the documents within a sweep, not only at its own next fallback.
         for provider in service.writer().held_providers() {
-            if let Err(err) = service.write_held(&provider, None, Lineage::May).await {
+            if let Err(err) = service.write_held(&provider, None, service.lineage_while_away()).await {
                 tracing::debug!(%provider, error = %err, "writing held changes failed; the next sweep retries");
             }
         }
         return;
+    }
+    // Held changes whose write failed, and that nothing else queues again (another replica
+    // has written the record since, say), are released by a flush.
+    for provider in service.writer().held_providers() {
+        service.writer().enqueue(provider);
     }
     if phase == Phase::RedisPrimary {
         return;
@@ -244,7 +249,7 @@ pub async fn drain(service: &QuotaService, budget: Duration) {
             if tokio::time::Instant::now() >= deadline {
                 break;
             }
-            if let Err(err) = service.write_held(&provider, None, Lineage::May).await {
+            if let Err(err) = service.write_held(&provider, None, service.lineage_while_away()).await {
                 tracing::warn!(%provider, error = %err, "shutdown: could not write changes Redis did not answer for");
             }
         }

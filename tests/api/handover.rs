@@ -723,6 +723,29 @@ async fn held_changes_of_a_lost_epoch_reach_the_document(counters: Arc<dyn Count
     assert_eq!(consume(&a, &id).await, 3, "reloaded with them");
 }
 
+/// Once Redis answers again, while this replica's decisions are still away from it, its
+/// held changes do not take their document from a record another replica (back on Redis
+/// already) has loaded since: they wait for the reconcile, which writes them under a fence.
+async fn held_changes_wait_for_the_reconcile_once_redis_answers(counters: Arc<dyn Counters>, ledger: Arc<Gated>) {
+    let (a, b) = (
+        service(counters.clone(), ledger.clone()),
+        service(counters.clone(), ledger.clone()),
+    );
+    let id = p("answers");
+    assert_eq!(consume(&a, &id).await, 1);
+    assert_eq!(consume(&a, &id).await, 2); // held by a, not written yet
+    let lost = counters.read(&id).await.unwrap().unwrap().epoch;
+    counters.forget(&id, &lost).await.unwrap(); // Redis came back without it
+    a.redis_down("test");
+    a.note_redis_answers(true);
+    assert_eq!(consume(&b, &id).await, 1, "b, back on Redis, loads from the document");
+    quotad::domain::writer::sweep(&a).await;
+    assert_eq!(a.writer().held(&id, None).len(), 1, "kept for the reconcile");
+    assert!(b.flush(&id).await.unwrap());
+    assert!(counters.read(&id).await.unwrap().is_some(), "b's record is not stale");
+    assert_eq!(ledger.read(&id).await.unwrap().unwrap().used, Some(1));
+}
+
 /// While Redis is away, a replica's sweep writes what its changes left there, so that
 /// another replica's fallback counts them (not only this replica's own next fallback).
 async fn the_sweep_writes_held_changes_while_redis_is_away(counters: Arc<dyn Counters>, ledger: Arc<Gated>) {
@@ -768,6 +791,8 @@ on_both!(a_fallback_marks_the_record_outdated_until_the_recovery: memory_marks_a
 on_both!(held_changes_of_a_lost_epoch_leave_a_newer_record_its_document: memory_leaves_a_newer_record_its_document, redis_leaves_a_newer_record_its_document);
 
 on_both!(held_changes_of_a_lost_epoch_reach_the_document: memory_writes_held_changes_of_a_lost_epoch, redis_writes_held_changes_of_a_lost_epoch);
+
+on_both!(held_changes_wait_for_the_reconcile_once_redis_answers: memory_keeps_held_changes_for_the_reconcile, redis_keeps_held_changes_for_the_reconcile);
 
 on_both!(the_sweep_writes_held_changes_while_redis_is_away: memory_sweep_writes_held_changes_while_redis_is_away, redis_sweep_writes_held_changes_while_redis_is_away);
 
@@ -851,3 +876,17 @@ async fn memory_wakes_recovery_waiters_when_it_ends() {
 on_both!(a_failed_round_ends_only_its_own_recovery: memory_ends_only_a_failed_rounds_own_recovery, redis_ends_only_a_failed_rounds_own_recovery);
 
 on_both!(redis_going_down_again_ends_the_wait: memory_ends_the_wait_when_redis_goes_down_again, redis_ends_the_wait_when_redis_goes_down_again);
+
+/// A phase mirror gone stale (Redis restored from an older snapshot) is mended by the next
+/// refresh of the phase from the ledger.
+#[tokio::test]
+async fn a_stale_phase_mirror_is_mended_by_the_next_refresh() {
+    let (counters, ledger) = memory().await;
+    let a = service(counters.clone(), ledger.clone());
+    let (_, since) = a.set_phase(Phase::RedisPrimary).await.unwrap();
+    let older = since - chrono::Duration::hours(1);
+    counters.set_phase_mirror(Phase::DualWrite, older).await.unwrap();
+    a.refresh_phase().await.unwrap();
+    let mirrored = counters.phase_mirror().await.unwrap().unwrap();
+    assert_eq!(mirrored.0, Phase::RedisPrimary);
+}

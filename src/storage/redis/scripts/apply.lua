@@ -126,14 +126,21 @@ end
 
 -- decides one item: `n` identical changes in a row, each answered as if sent alone
 local function run(n, record, idem, pending, op, amount_s, provider, id, with_record)
+  -- the record's lineage, read once per call and only when asked for (the hot path reads 5
+  -- fields), and before any change: a record it cannot read fails the item unchanged
+  local lineage = with_record and records[record]
+  if with_record and not (lineage and lineage.epoch) then
+    local v = redis.call('HMGET', record, 'epoch', 'base', 'from', 'fromw')
+    lineage = nil
+    if v[1] or v[2] then
+      if not (v[1] and tonumber(v[2])) then error('ERR the record ' .. record .. ' is incomplete') end
+      lineage = {epoch = v[1], base = tonumber(v[2]), from = v[3] or '', fromw = v[4]}
+    end
+  end
   for _ = 1, n do answer(change(record, idem, pending, op, amount_s, provider, id)) end
   local r, last = records[record], #out - 3
-  if with_record and r and out[last] == 'ok' and r.ver > (r.synced or 0) then
-    if not r.epoch then -- read once per call, and only when asked for: the hot path reads 5 fields
-      local v = redis.call('HMGET', record, 'epoch', 'base', 'from', 'fromw')
-      if not (v[1] and tonumber(v[2])) then error('ERR the record ' .. record .. ' is incomplete') end
-      r.epoch, r.base, r.from, r.fromw = v[1], tonumber(v[2]), v[3] or '', v[4]
-    end
+  if lineage and r and out[last] == 'ok' and r.ver > (r.synced or 0) then
+    r.epoch, r.base, r.from, r.fromw = lineage.epoch, lineage.base, lineage.from, lineage.fromw
     out[last] = 'ok ' .. s(r.ver) .. ' ' .. s(r.base) .. ' ' .. (r.fromw or '-') .. ' ' .. r.epoch .. ' ' .. r.from
   end
 end
