@@ -274,12 +274,11 @@ fn period(app: &App, normal: Duration) -> Duration {
 /// is connecting when Redis wakes.
 async fn watch_health(app: Arc<App>, cancel: CancellationToken) {
     let mut took = Duration::ZERO;
-    let mut redis_answered = true;
     loop {
         let wait = period(&app, Duration::from_secs(1)).saturating_sub(took);
         // Redis alone is pinged in between only while it does not answer: once it does, the
         // reconcile brings decisions back, and the next full probe comes at its tick.
-        if app.quotas.redis_is_up() || redis_answered {
+        if app.quotas.redis_is_up() || app.quotas.redis_answering() {
             tokio::select! {
                 () = cancel.cancelled() => return,
                 () = tokio::time::sleep(wait) => {}
@@ -302,7 +301,6 @@ async fn watch_health(app: Arc<App>, cancel: CancellationToken) {
         let started = tokio::time::Instant::now();
         let health = probe(&app, false).await;
         took = started.elapsed();
-        redis_answered = health.0;
         check_data(&app, health).await;
     }
 }

@@ -331,12 +331,17 @@ impl QuotaService {
             .store(answers, std::sync::atomic::Ordering::Release);
     }
 
+    /// Whether Redis answered the health task's last ping (a failed call says no too).
+    pub fn redis_answering(&self) -> bool {
+        self.redis_answering.load(std::sync::atomic::Ordering::Acquire)
+    }
+
     /// How held changes are written while Redis is away for this replica's decisions: they
     /// may take their document to their epoch only while Redis does not answer at all (no
     /// replica can load a record then); once it answers, other replicas may be back on it,
     /// loading records from the same documents, and the reconcile writes them under a fence.
     pub fn lineage_while_away(&self) -> Lineage {
-        if self.redis_answering.load(std::sync::atomic::Ordering::Acquire) {
+        if self.redis_answering() {
             Lineage::Try
         } else {
             Lineage::May
@@ -840,10 +845,10 @@ impl QuotaService {
         for held in self.writer.held(provider, except) {
             let ids: Vec<String> = held.keys.iter().map(|(_, (id, _))| id.clone()).collect();
             let keys: Vec<KeyRecord> = held.keys.into_iter().map(|(_, key)| key).collect();
-            let mut record = held.record;
-            if lineage != Lineage::May {
-                record.loaded_from = NO_LINEAGE.to_owned();
-            }
+            let record = match lineage {
+                Lineage::May => held.record,
+                Lineage::Keep | Lineage::Try => held.record.without_lineage(),
+            };
             let (epoch, version) = (&record.epoch, record.version);
             match self.ledger.write_record(provider, &record, &keys).await? {
                 WriteOutcome::Written { .. } => {
@@ -1326,10 +1331,6 @@ pub enum Lineage {
     /// a document in another epoch leaves the held record held.
     Try,
 }
-
-/// The `loaded_from` of a held record that must not move its document's epoch: no document
-/// is ever in it (epochs are hex).
-const NO_LINEAGE: &str = "-";
 
 /// How a decision goes to Firestore.
 #[derive(Debug, Clone, Copy)]

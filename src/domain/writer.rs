@@ -203,11 +203,7 @@ pub async fn sweep(service: &QuotaService) {
     if !service.redis_is_up() {
         // Other replicas decide in Firestore meanwhile: what this replica's changes left in
         // Redis reaches the documents within a sweep, not only at its own next fallback.
-        for provider in service.writer().held_providers() {
-            if let Err(err) = service.write_held(&provider, None, service.lineage_while_away()).await {
-                tracing::debug!(%provider, error = %err, "writing held changes failed; the next sweep retries");
-            }
-        }
+        write_all_held(service, None).await;
         return;
     }
     // Held changes whose write failed, and that nothing else queues again (another replica
@@ -235,6 +231,22 @@ pub async fn sweep(service: &QuotaService) {
     }
 }
 
+/// While Redis is away for this replica's decisions, writes what every provider holds (see
+/// [`QuotaService::write_held`]), until `deadline` if any. Returns how many failed.
+async fn write_all_held(service: &QuotaService, deadline: Option<tokio::time::Instant>) -> usize {
+    let mut failed = 0;
+    for provider in service.writer().held_providers() {
+        if deadline.is_some_and(|at| tokio::time::Instant::now() >= at) {
+            break;
+        }
+        if let Err(err) = service.write_held(&provider, None, service.lineage_while_away()).await {
+            tracing::debug!(%provider, error = %err, "writing held changes failed");
+            failed += 1;
+        }
+    }
+    failed
+}
+
 /// Writes everything queued, for at most `budget` (graceful shutdown).
 pub async fn drain(service: &QuotaService, budget: Duration) {
     let deadline = tokio::time::Instant::now() + budget;
@@ -245,13 +257,9 @@ pub async fn drain(service: &QuotaService, budget: Duration) {
     }
     // Redis away: what this replica's changes left there goes to the ledger from here.
     if !service.redis_is_up() {
-        for provider in service.writer().held_providers() {
-            if tokio::time::Instant::now() >= deadline {
-                break;
-            }
-            if let Err(err) = service.write_held(&provider, None, service.lineage_while_away()).await {
-                tracing::warn!(%provider, error = %err, "shutdown: could not write changes Redis did not answer for");
-            }
+        let failed = write_all_held(service, Some(deadline)).await;
+        if failed > 0 {
+            tracing::warn!(failed, "shutdown: could not write changes Redis did not answer for");
         }
     }
     let left = service.writer().pending();

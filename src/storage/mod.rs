@@ -626,6 +626,17 @@ pub fn delta_for(record: &Record, doc_epoch: Option<&str>, doc_watermark: i64, d
     }
 }
 
+impl Record {
+    /// The record with no lineage: [`delta_for`] adds it only to a document already in its
+    /// epoch, never moving a document to it from the epoch it was loaded from (a document
+    /// is never in epoch `-`: epochs are hex).
+    #[must_use]
+    pub fn without_lineage(mut self) -> Self {
+        self.loaded_from = "-".to_owned();
+        self
+    }
+}
+
 /// See [`delta_for`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DeltaPlan {
@@ -707,6 +718,14 @@ mod tests {
                 proptest::prop_assert_eq!(decision, rule);
             }
         }
+    }
+
+    #[test]
+    fn a_record_without_lineage_adds_only_within_its_epoch() {
+        let lost = record(15, 5).without_lineage();
+        assert_eq!(delta_for(&lost, Some("e2"), 12, 3), DeltaPlan::Add(3));
+        assert_eq!(delta_for(&lost, Some("e1"), 0, 0), DeltaPlan::Stale, "its load's epoch");
+        assert_eq!(delta_for(&lost, None, 0, 0), DeltaPlan::Stale, "a document without one");
     }
 
     #[test]

@@ -681,6 +681,15 @@ async fn leaving_a_phase_not_yet_followed_still_syncs_first(counters: Arc<dyn Co
 
 on_both!(leaving_a_phase_not_yet_followed_still_syncs_first: memory_leaving_a_phase_not_yet_followed_still_syncs_first, redis_leaving_a_phase_not_yet_followed_still_syncs_first);
 
+/// `a` consumes two units of `id`, which it holds (not written yet); then Redis comes back
+/// without the record.
+async fn held_then_lost(a: &QuotaService, counters: &dyn Counters, id: &ProviderId) {
+    assert_eq!(consume(a, id).await, 1);
+    assert_eq!(consume(a, id).await, 2);
+    let lost = counters.read(id).await.unwrap().unwrap().epoch;
+    counters.forget(id, &lost).await.unwrap();
+}
+
 /// Held changes of an epoch that Redis lost leave the document to a record loaded since:
 /// written, they would take the document to their epoch and make that record stale, and its
 /// usage would go instead (Redis's data loss takes the held changes, as it always could).
@@ -693,10 +702,7 @@ async fn held_changes_of_a_lost_epoch_leave_a_newer_record_its_document(
         service(counters.clone(), ledger.clone()),
     );
     let id = p("lost");
-    assert_eq!(consume(&a, &id).await, 1);
-    assert_eq!(consume(&a, &id).await, 2); // held by a, not written yet
-    let lost = counters.read(&id).await.unwrap().unwrap().epoch;
-    counters.forget(&id, &lost).await.unwrap(); // Redis came back without it
+    held_then_lost(&a, counters.as_ref(), &id).await;
     assert_eq!(consume(&b, &id).await, 1, "loaded afresh from the document");
     assert!(a.flush(&id).await.unwrap());
     assert!(a.writer().held(&id, None).is_empty(), "dropped, not kept for ever");
@@ -713,10 +719,7 @@ async fn held_changes_of_a_lost_epoch_leave_a_newer_record_its_document(
 async fn held_changes_of_a_lost_epoch_reach_the_document(counters: Arc<dyn Counters>, ledger: Arc<Gated>) {
     let a = service(counters.clone(), ledger.clone());
     let id = p("lost-alone");
-    assert_eq!(consume(&a, &id).await, 1);
-    assert_eq!(consume(&a, &id).await, 2); // held by a, not written yet
-    let lost = counters.read(&id).await.unwrap().unwrap().epoch;
-    counters.forget(&id, &lost).await.unwrap(); // Redis came back without it
+    held_then_lost(&a, counters.as_ref(), &id).await;
     assert!(a.flush(&id).await.unwrap());
     assert_eq!(ledger.read(&id).await.unwrap().unwrap().used, Some(2));
     assert!(!counters.fence_held(&id).await.unwrap(), "the fence is released");
@@ -732,10 +735,7 @@ async fn held_changes_wait_for_the_reconcile_once_redis_answers(counters: Arc<dy
         service(counters.clone(), ledger.clone()),
     );
     let id = p("answers");
-    assert_eq!(consume(&a, &id).await, 1);
-    assert_eq!(consume(&a, &id).await, 2); // held by a, not written yet
-    let lost = counters.read(&id).await.unwrap().unwrap().epoch;
-    counters.forget(&id, &lost).await.unwrap(); // Redis came back without it
+    held_then_lost(&a, counters.as_ref(), &id).await;
     a.redis_down("test");
     a.note_redis_answers(true);
     assert_eq!(consume(&b, &id).await, 1, "b, back on Redis, loads from the document");
