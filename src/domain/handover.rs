@@ -35,6 +35,12 @@ use super::ProviderId;
 /// decides it. With a Redis call's own timeout (0.8 s) it stays within API.md's 2 s.
 pub const HOLD_LIMIT: Duration = Duration::from_millis(1200);
 
+/// In `dual-write`, how long after Redis went down a replica's Firestore decisions wait
+/// for the other replicas to write the changes their writers had not carried yet (see
+/// `QuotaService::outage_grace`): their calls time out about when this one's did, and a
+/// write takes a Firestore transaction. Within [`HOLD_LIMIT`] of the decision's start.
+pub const OUTAGE_GRACE: Duration = Duration::from_millis(400);
+
 #[derive(Debug, Default)]
 struct Entry {
     /// Firestore decisions for this provider not yet finished.

@@ -8,7 +8,7 @@ use tokio::sync::watch;
 
 use super::{
     Phase, ProviderId,
-    handover::{HOLD_LIMIT, Handover, Waiting},
+    handover::{HOLD_LIMIT, Handover, OUTAGE_GRACE, Waiting},
     writer::Writer,
 };
 use crate::storage::{
@@ -101,6 +101,9 @@ pub struct QuotaService {
     recovery_waiting: std::sync::atomic::AtomicUsize,
     /// Wakes the health task when Redis goes down (it probes at once).
     went_down: tokio::sync::Notify,
+    /// When Redis last went down for this replica's decisions (see
+    /// [`QuotaService::outage_grace`]).
+    down_since: std::sync::Mutex<Option<tokio::time::Instant>>,
     /// Wakes the reconcile when a probe finds Redis and Firestore answering while decisions
     /// are away from Redis (it runs at once).
     answers: tokio::sync::Notify,
@@ -135,6 +138,7 @@ impl QuotaService {
             recovery_waiting: std::sync::atomic::AtomicUsize::new(0),
             recovery: tokio::sync::Notify::new(),
             went_down: tokio::sync::Notify::new(),
+            down_since: std::sync::Mutex::new(None),
             answers: tokio::sync::Notify::new(),
             me: me.clone(),
         })
@@ -272,7 +276,16 @@ impl QuotaService {
             self.end_recovery();
         }
         if self.handover.go_down() {
+            *self.down_since.lock().unwrap() = Some(tokio::time::Instant::now());
             self.went_down.notify_one();
+            // What this replica's changes left in Redis goes to the documents now, for the
+            // other replicas' fallbacks (see `outage_grace`): in a task of its own, since the
+            // sweep may be waiting on the same Redis.
+            if let (Some(me), Ok(runtime)) = (self.me.upgrade(), tokio::runtime::Handle::try_current()) {
+                runtime.spawn(async move {
+                    super::writer::write_all_held(&me, None).await;
+                });
+            }
             tracing::warn!(
                 reason,
                 "Redis unavailable: deciding from Firestore until it answers again"
@@ -397,6 +410,26 @@ impl QuotaService {
         self.recovery_waiting.load(std::sync::atomic::Ordering::Relaxed)
     }
 
+    /// In `dual-write`, a Firestore decision made in the first [`OUTAGE_GRACE`] after
+    /// Redis went down for this replica waits for the rest of it (never past `deadline`).
+    /// Other replicas lose Redis at about the same time, their calls timing out as this
+    /// one's did, and each then writes at once what its changes left in Redis and its
+    /// writer has not carried yet (see [`QuotaService::redis_down`]): a decision in
+    /// between would not count them.
+    async fn outage_grace(&self, phase: Phase, deadline: tokio::time::Instant) {
+        if phase != Phase::DualWrite {
+            return;
+        }
+        let Some(since) = *self.down_since.lock().unwrap() else {
+            return;
+        };
+        let until = (since + OUTAGE_GRACE).min(deadline);
+        if tokio::time::Instant::now() < until {
+            tracing::debug!("waiting for other replicas to write their changes before deciding in Firestore");
+            tokio::time::sleep_until(until).await;
+        }
+    }
+
     /// Whether to use Redis for this request, given the phase.
     fn use_redis(&self, phase: Phase) -> bool {
         phase.redis_decides() && self.redis_is_up()
@@ -504,6 +537,7 @@ impl QuotaService {
                 Ok(outcome) => Ok(outcome),
                 Err(QuotaError::Unavailable(err)) if err.is_redis() => {
                     self.decision_falls_back(&err);
+                    self.outage_grace(phase, deadline).await;
                     self.in_firestore(provider, &change, phase, InFirestore::Fallback).await
                 }
                 Err(err) => Err(err),
@@ -515,6 +549,7 @@ impl QuotaService {
             if phase.redis_decides() {
                 metrics::counter!("quotad_fallbacks_total").increment(1);
             }
+            self.outage_grace(phase, deadline).await;
             self.in_firestore(provider, &change, phase, InFirestore::Fallback).await
         };
         if let Ok(Outcome::Decided(decision) | Outcome::Replayed(decision)) = &outcome {

@@ -23,7 +23,7 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use super::{Phase, ProviderId, QuotaService};
-use crate::storage::{KeyRecord, Record};
+use crate::storage::{KeyRecord, Record, StorageError};
 
 /// How long a record may stay dirty before a sweep takes it over from whoever wrote it.
 const SWEEP_AGE: Duration = Duration::from_secs(2);
@@ -147,6 +147,11 @@ pub async fn write_one(service: &QuotaService) -> Step {
         Err(err) => {
             metrics::counter!("quotad_store_write_retries_total").increment(1);
             tracing::warn!(%provider, error = %err, "Firestore write failed; it will be retried");
+            if matches!(err, StorageError::Unavailable { backend: "redis", .. }) {
+                // As a decision's failed call would: other replicas, whose calls fail too,
+                // decide in Firestore from here, so what this one holds goes there now.
+                service.redis_down(&err.to_string());
+            }
             Step::Failed
         }
     }
@@ -233,7 +238,7 @@ pub async fn sweep(service: &QuotaService) {
 
 /// While Redis is away for this replica's decisions, writes what every provider holds (see
 /// [`QuotaService::write_held`]), until `deadline` if any. Returns how many failed.
-async fn write_all_held(service: &QuotaService, deadline: Option<tokio::time::Instant>) -> usize {
+pub async fn write_all_held(service: &QuotaService, deadline: Option<tokio::time::Instant>) -> usize {
     let mut failed = 0;
     for provider in service.writer().held_providers() {
         if deadline.is_some_and(|at| tokio::time::Instant::now() >= at) {

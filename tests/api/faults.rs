@@ -552,3 +552,49 @@ async fn changes_not_yet_written_reach_firestore_before_a_fallback_decides() {
         assert!(quotad.terminate().success());
     }
 }
+
+/// The same with two replicas: another replica's fallback cannot see what this one holds.
+/// Replica `a` answers 7 consumes in a row, its writes a Firestore transaction behind;
+/// Redis fails; `b` falls back as soon as its call fails, while `a` finds Redis gone only
+/// when its writer's next call fails too, about as late. `a` then writes what it holds at
+/// once, and a `dual-write` fallback begun in the first moments of an outage waits for
+/// that (`OUTAGE_GRACE`): `b` decides from a document that counts all of `a`'s units.
+#[tokio::test]
+async fn a_fallback_counts_the_changes_another_replica_had_not_written() {
+    for kill in [true, false] {
+        let mut redis = RedisServer::start().await;
+        let project = unique("test-");
+        let store = Store::new(project.clone());
+        store.put("p1", Some(0), Some(10)).await;
+        let env = [
+            ("REDIS_URL", redis.url()),
+            ("FIRESTORE_PROJECT_ID", project),
+            ("FIRESTORE_EMULATOR_HOST", emulator_host()),
+        ];
+        let (a, b) = tokio::join!(QuotadProcess::start(&env), QuotadProcess::start(&env));
+        let http = client();
+        for _ in 0..7 {
+            assert_eq!(consume_status(&http, &a).await, 200);
+        }
+        if kill {
+            redis.kill();
+        } else {
+            redis.pause(true);
+        }
+        let mut from_b = Vec::new();
+        for _ in 0..5 {
+            from_b.push(consume_status(&http, &b).await);
+        }
+        assert_eq!(from_b, [200, 200, 200, 429, 429], "kill: {kill}");
+        assert_eq!(store.used("p1").await, Some(10), "kill: {kill}");
+        if kill {
+            redis.launch().await;
+        } else {
+            redis.pause(false);
+        }
+        tokio::time::sleep(Duration::from_secs(2)).await; // a late write would double a unit
+        assert_eq!(store.used("p1").await, Some(10), "kill: {kill}");
+        assert!(a.terminate().success());
+        assert!(b.terminate().success());
+    }
+}

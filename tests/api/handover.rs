@@ -854,6 +854,8 @@ async fn memory_wakes_recovery_waiters_when_it_ends() {
     let (counters, ledger) = memory().await;
     let quotas = service(counters, ledger);
     quotas.redis_down("test");
+    // past the first moments of the outage, in which a dual-write fallback waits anyway
+    tokio::time::sleep(quotad::domain::handover::OUTAGE_GRACE).await;
     for how in ["a failed round", "a failed probe", "Redis back"] {
         quotas.redis_answers();
         let decision = spawn_consume(&quotas, &p(&how.replace(' ', "-")));
@@ -889,4 +891,38 @@ async fn a_stale_phase_mirror_is_mended_by_the_next_refresh() {
     a.refresh_phase().await.unwrap();
     let mirrored = counters.phase_mirror().await.unwrap().unwrap();
     assert_eq!(mirrored.0, Phase::RedisPrimary);
+}
+
+/// Another replica finds Redis gone a little after this one (its own call timed out
+/// later) and then writes what its changes left there: a `dual-write` fallback in the
+/// first moments of the outage waits for the rest of `OUTAGE_GRACE`, and counts them.
+/// Later fallbacks, and those of `redis-primary` (which holds nothing), do not wait.
+/// (Paused time: the clock moves only while every task waits for a timer.)
+#[tokio::test(start_paused = true)]
+async fn memory_a_fallback_waits_for_what_other_replicas_hold_when_redis_goes() {
+    use quotad::domain::handover::OUTAGE_GRACE;
+    let (counters, ledger) = memory().await;
+    let (a, b) = (service(counters.clone(), ledger.clone()), service(counters, ledger));
+    let id = p("shared");
+    for used in 1..=3 {
+        assert_eq!(consume(&a, &id).await, used); // in Redis; no writer runs: `a` holds them
+    }
+    let start = tokio::time::Instant::now();
+    b.redis_down("test");
+    let from_b = spawn_consume(&b, &id);
+    tokio::time::sleep(OUTAGE_GRACE / 4).await;
+    a.redis_down("test"); // writes what it holds
+    assert_eq!(from_b.await.unwrap(), 4, "the fallback counts a's 3 units");
+    assert_eq!(start.elapsed(), OUTAGE_GRACE);
+
+    let later = tokio::time::Instant::now();
+    assert_eq!(consume(&b, &id).await, 5);
+    assert!(later.elapsed() < Duration::from_millis(10), "{:?}", later.elapsed());
+
+    let (counters, ledger) = memory().await;
+    let primary = in_phase(counters, ledger, Phase::RedisPrimary);
+    primary.redis_down("test");
+    let start = tokio::time::Instant::now();
+    assert_eq!(consume(&primary, &id).await, 1);
+    assert!(start.elapsed() < Duration::from_millis(10), "{:?}", start.elapsed());
 }
