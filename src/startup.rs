@@ -334,8 +334,12 @@ async fn reconcile(app: Arc<App>, cancel: CancellationToken) {
             () = tokio::time::sleep(period(&app, Duration::from_millis(500))) => {}
             () = quotas.answers() => {}
         }
+        // The probe's flags can be older than the failure that took Redis down (the probe
+        // sent then may still be waiting on a hung Redis): only a ping answered since says
+        // Redis is back.
         let healthy = app.health.redis.load(std::sync::atomic::Ordering::Relaxed)
-            && app.health.firestore.load(std::sync::atomic::Ordering::Relaxed);
+            && app.health.firestore.load(std::sync::atomic::Ordering::Relaxed)
+            && quotas.redis_answering();
         if !healthy || (quotas.redis_is_up() && last_round.elapsed() < Duration::from_secs(5)) {
             continue;
         }

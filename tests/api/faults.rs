@@ -598,3 +598,53 @@ async fn a_fallback_counts_the_changes_another_replica_had_not_written() {
         assert!(b.terminate().success());
     }
 }
+
+/// A replica that finds Redis hung through a request's call does not go back to it before
+/// a ping answers: the health probe sent as it went down is still waiting on the hung
+/// Redis, so the readiness it last saw says Redis is fine, and a reconcile that trusted it
+/// (with nothing to reload: nothing was decided in Firestore yet, nothing held) brought
+/// decisions back to a Redis that does not answer.
+#[tokio::test]
+async fn decisions_go_back_to_redis_only_once_it_answers() {
+    let redis = RedisServer::start().await;
+    let project = unique("test-");
+    let store = Store::new(project.clone());
+    store.put("p1", Some(0), Some(10)).await;
+    let quotad = QuotadProcess::start(&[
+        ("REDIS_URL", redis.url()),
+        ("FIRESTORE_PROJECT_ID", project),
+        ("FIRESTORE_EMULATOR_HOST", emulator_host()),
+    ])
+    .await;
+    let http = client();
+    assert_eq!(consume_status(&http, &quotad).await, 200);
+    assert_eq!(eventually(DEADLINE, Some(1), || store.used("p1")).await, Some(1));
+    let transitions = || async {
+        let text = http
+            .get(format!("{}/metrics", quotad.base))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        let count = |to: &str| {
+            text.lines()
+                .find(|line| {
+                    line.starts_with("quotad_redis_transitions_total") && line.contains(&format!("to=\"{to}\""))
+                })
+                .and_then(|line| line.rsplit(' ').next()?.parse::<u64>().ok())
+                .unwrap_or(0)
+        };
+        (count("down"), count("up"))
+    };
+    assert_eq!(transitions().await, (0, 0));
+    redis.pause(true);
+    assert_eq!(consume_status(&http, &quotad).await, 200); // a fallback, after the call's timeout
+    // a reconcile round comes every 0.2 s while Redis is away
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert_eq!(transitions().await, (1, 0), "back to a Redis that does not answer");
+    redis.pause(false);
+    assert_eq!(eventually(Duration::from_secs(10), (1, 1), transitions).await, (1, 1));
+    assert!(quotad.terminate().success());
+}
