@@ -620,14 +620,7 @@ async fn decisions_go_back_to_redis_only_once_it_answers() {
     assert_eq!(consume_status(&http, &quotad).await, 200);
     assert_eq!(eventually(DEADLINE, Some(1), || store.used("p1")).await, Some(1));
     let transitions = || async {
-        let text = http
-            .get(format!("{}/metrics", quotad.base))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
+        let text = quotad.metrics(&http).await;
         let count = |to: &str| {
             text.lines()
                 .find(|line| {

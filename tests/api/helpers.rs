@@ -606,6 +606,12 @@ impl QuotadProcess {
         Self { child, base }
     }
 
+    /// The text of `GET /metrics`.
+    pub async fn metrics(&self, http: &Client) -> String {
+        let resp = http.get(format!("{}/metrics", self.base)).send().await.unwrap();
+        resp.text().await.unwrap()
+    }
+
     /// SIGTERM, then wait for the exit status.
     pub fn terminate(mut self) -> std::process::ExitStatus {
         Command::new("kill")

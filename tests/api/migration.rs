@@ -275,14 +275,7 @@ async fn redis_coming_back_empty_in_redis_primary_is_detected_and_reported() {
     redis.kill();
     redis.launch().await;
     let metric = crate::helpers::eventually(Duration::from_secs(15), true, || async {
-        let text = http
-            .get(format!("{}/metrics", server.base))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
+        let text = server.metrics(&http).await;
         text.lines()
             .any(|l| l.starts_with("quotad_redis_data_loss_total{phase=\"redis-primary\"} "))
     })
