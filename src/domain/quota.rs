@@ -275,15 +275,24 @@ impl QuotaService {
         if self.redis_is_up() {
             self.end_recovery();
         }
+        // Set before Redis reads as down, so that no fallback misses its grace; a failure
+        // while already down moves nothing.
+        let now = tokio::time::Instant::now();
+        if self.redis_is_up() {
+            *self.down_since.lock().unwrap() = Some(now);
+        }
         if self.handover.go_down() {
-            *self.down_since.lock().unwrap() = Some(tokio::time::Instant::now());
             self.went_down.notify_one();
             // What this replica's changes left in Redis goes to the documents now, for the
             // other replicas' fallbacks (see `outage_grace`): in a task of its own, since the
-            // sweep may be waiting on the same Redis.
+            // sweep may be waiting on the same Redis. Only into documents already in the held
+            // records' epochs (the usual case: the writer's first write of a record moved its
+            // document there): Redis may be back already (a failure on a dead connection after
+            // a restart), other replicas loading records from the same documents. The rest
+            // waits for the fallback, the sweep or the reconcile.
             if let (Some(me), Ok(runtime)) = (self.me.upgrade(), tokio::runtime::Handle::try_current()) {
                 runtime.spawn(async move {
-                    super::writer::write_all_held(&me, None).await;
+                    super::writer::write_all_held(&me, None, Some(Lineage::Try)).await;
                 });
             }
             tracing::warn!(
@@ -533,24 +542,25 @@ impl QuotaService {
         }
         // A provider Firestore decided for while Redis was away waits for its reload.
         let outcome = if self.use_redis(phase) && self.handover.clear_for(provider, deadline).await {
-            match self.change_in_redis(provider, &change, phase).await {
+            match self.change_in_redis(provider, &change, phase, deadline).await {
                 Ok(outcome) => Ok(outcome),
                 Err(QuotaError::Unavailable(err)) if err.is_redis() => {
                     self.decision_falls_back(&err);
-                    self.outage_grace(phase, deadline).await;
-                    self.in_firestore(provider, &change, phase, InFirestore::Fallback).await
+                    self.in_firestore(provider, &change, phase, InFirestore::Fallback, deadline)
+                        .await
                 }
                 Err(err) => Err(err),
             }
         } else if self.redis_is_up() {
             // firestore-only (or a provider whose hold outlasted its wait)
-            self.in_firestore(provider, &change, phase, InFirestore::Fenced).await
+            self.in_firestore(provider, &change, phase, InFirestore::Fenced, deadline)
+                .await
         } else {
             if phase.redis_decides() {
                 metrics::counter!("quotad_fallbacks_total").increment(1);
             }
-            self.outage_grace(phase, deadline).await;
-            self.in_firestore(provider, &change, phase, InFirestore::Fallback).await
+            self.in_firestore(provider, &change, phase, InFirestore::Fallback, deadline)
+                .await
         };
         if let Ok(Outcome::Decided(decision) | Outcome::Replayed(decision)) = &outcome {
             let (result, result_index) = match &outcome {
@@ -574,10 +584,11 @@ impl QuotaService {
         provider: &ProviderId,
         change: &Change<'_>,
         phase: Phase,
+        deadline: tokio::time::Instant,
     ) -> Result<Outcome, QuotaError> {
         let mut loads = 0;
         let mut waiting = None;
-        let deadline = tokio::time::Instant::now() + FENCE_WAIT;
+        let fence_wait_until = tokio::time::Instant::now() + FENCE_WAIT;
         loop {
             match self.counters.apply(provider, change).await? {
                 Applied::Miss => {
@@ -589,13 +600,17 @@ impl QuotaService {
                                 // Gone between load and apply three times over: fenced
                                 // decisions keep dropping it, or Redis evicts under memory
                                 // pressure. Firestore decides this one (Redis itself answers).
-                                return self.in_firestore(provider, change, phase, InFirestore::Fenced).await;
+                                return self
+                                    .in_firestore(provider, change, phase, InFirestore::Fenced, deadline)
+                                    .await;
                             }
                             continue;
                         }
                         // Firestore decides for it, exactly, as in `firestore-only`.
                         Loaded::Beyond => {
-                            return self.in_firestore(provider, change, phase, InFirestore::Fenced).await;
+                            return self
+                                .in_firestore(provider, change, phase, InFirestore::Fenced, deadline)
+                                .await;
                         }
                         Loaded::Fenced => {}
                     }
@@ -610,15 +625,21 @@ impl QuotaService {
                         waiting = Some(Waiting::new(&self.fence_waiting));
                     }
                     while self.counters.fence_held(provider).await? {
-                        if tokio::time::Instant::now() >= deadline {
-                            return self.in_firestore(provider, change, phase, InFirestore::Fenced).await;
+                        if tokio::time::Instant::now() >= fence_wait_until {
+                            return self
+                                .in_firestore(provider, change, phase, InFirestore::Fenced, deadline)
+                                .await;
                         }
                         tokio::time::sleep(FENCE_POLL).await;
                     }
                 }
                 // Firestore decided for it while this replica could not see (another replica
                 // could not reach Redis): Firestore decides, under a fence that drops it.
-                Applied::Outdated => return self.in_firestore(provider, change, phase, InFirestore::Fenced).await,
+                Applied::Outdated => {
+                    return self
+                        .in_firestore(provider, change, phase, InFirestore::Fenced, deadline)
+                        .await;
+                }
                 applied => return self.answer_of(provider, change, applied, phase),
             }
         }
@@ -667,6 +688,7 @@ impl QuotaService {
         change: &Change<'_>,
         phase: Phase,
         how: InFirestore,
+        deadline: tokio::time::Instant,
     ) -> Result<Outcome, QuotaError> {
         let Some(me) = self.me.upgrade() else {
             return Err(QuotaError::Internal(StorageError::Other {
@@ -684,10 +706,10 @@ impl QuotaService {
                 with_record,
             };
             match how {
-                InFirestore::Fenced => me.change_fenced(&provider, &change, phase).await,
+                InFirestore::Fenced => me.change_fenced(&provider, &change, phase, deadline).await,
                 // Redis may still hold a record this decision makes stale: it is marked,
                 // and reloaded before Redis decides for it again.
-                InFirestore::Fallback => me.change_in_ledger(&provider, &change, phase, true).await,
+                InFirestore::Fallback => me.change_in_ledger(&provider, &change, phase, true, deadline).await,
             }
         });
         task.await.unwrap_or_else(|err| {
@@ -707,6 +729,7 @@ impl QuotaService {
         provider: &ProviderId,
         change: &Change<'_>,
         phase: Phase,
+        deadline: tokio::time::Instant,
     ) -> Result<Outcome, QuotaError> {
         let token = new_epoch();
         let fence = Fence {
@@ -750,7 +773,7 @@ impl QuotaService {
             }
         }
         let outcome = self
-            .renewing(&fence, self.change_in_ledger(provider, change, phase, marked))
+            .renewing(&fence, self.change_in_ledger(provider, change, phase, marked, deadline))
             .await;
         fence.release().await;
         outcome
@@ -795,10 +818,15 @@ impl QuotaService {
         change: &Change<'_>,
         phase: Phase,
         fallback: bool,
+        deadline: tokio::time::Instant,
     ) -> Result<Outcome, QuotaError> {
         tracing::debug!(%phase, fallback, "deciding with a Firestore transaction");
-        // Counted until it lands: Redis may not decide for the provider meanwhile.
+        // Counted until it lands: Redis may not decide for the provider meanwhile (nor
+        // after a recovery that ends while it waits out the outage's first moments).
         let _in_flight = fallback.then(|| self.handover.begin(provider));
+        if fallback {
+            self.outage_grace(phase, deadline).await;
+        }
         // This replica's changes that Redis took and the writer has not carried yet go to
         // the document first, so that the decision counts them. No record loads meanwhile
         // when the provider is fenced, or Redis does not answer.

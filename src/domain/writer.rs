@@ -22,7 +22,7 @@ use std::{
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
-use super::{Phase, ProviderId, QuotaService};
+use super::{Phase, ProviderId, QuotaService, quota::Lineage};
 use crate::storage::{KeyRecord, Record, StorageError};
 
 /// How long a record may stay dirty before a sweep takes it over from whoever wrote it.
@@ -208,7 +208,7 @@ pub async fn sweep(service: &QuotaService) {
     if !service.redis_is_up() {
         // Other replicas decide in Firestore meanwhile: what this replica's changes left in
         // Redis reaches the documents within a sweep, not only at its own next fallback.
-        write_all_held(service, None).await;
+        write_all_held(service, None, None).await;
         return;
     }
     // Held changes whose write failed, and that nothing else queues again (another replica
@@ -237,14 +237,20 @@ pub async fn sweep(service: &QuotaService) {
 }
 
 /// While Redis is away for this replica's decisions, writes what every provider holds (see
-/// [`QuotaService::write_held`]), until `deadline` if any. Returns how many failed.
-pub async fn write_all_held(service: &QuotaService, deadline: Option<tokio::time::Instant>) -> usize {
+/// [`QuotaService::write_held`]), until `deadline` if any, with `lineage` (by default, as
+/// [`QuotaService::lineage_while_away`] says at each write). Returns how many failed.
+pub async fn write_all_held(
+    service: &QuotaService,
+    deadline: Option<tokio::time::Instant>,
+    lineage: Option<Lineage>,
+) -> usize {
     let mut failed = 0;
     for provider in service.writer().held_providers() {
         if deadline.is_some_and(|at| tokio::time::Instant::now() >= at) {
             break;
         }
-        if let Err(err) = service.write_held(&provider, None, service.lineage_while_away()).await {
+        let lineage = lineage.unwrap_or_else(|| service.lineage_while_away());
+        if let Err(err) = service.write_held(&provider, None, lineage).await {
             tracing::debug!(%provider, error = %err, "writing held changes failed");
             failed += 1;
         }
@@ -262,7 +268,7 @@ pub async fn drain(service: &QuotaService, budget: Duration) {
     }
     // Redis away: what this replica's changes left there goes to the ledger from here.
     if !service.redis_is_up() {
-        let failed = write_all_held(service, Some(deadline)).await;
+        let failed = write_all_held(service, Some(deadline), None).await;
         if failed > 0 {
             tracing::warn!(failed, "shutdown: could not write changes Redis did not answer for");
         }

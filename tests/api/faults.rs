@@ -634,8 +634,13 @@ async fn decisions_go_back_to_redis_only_once_it_answers() {
     assert_eq!(transitions().await, (0, 0));
     redis.pause(true);
     assert_eq!(consume_status(&http, &quotad).await, 200); // a fallback, after the call's timeout
-    // a reconcile round comes every 0.2 s while Redis is away
-    tokio::time::sleep(Duration::from_millis(600)).await;
+    // until the probe that was waiting on the hung Redis has given up: the whole time its
+    // stale readiness could mislead a reconcile round (one every 0.2 s while Redis is away)
+    let ready = || async {
+        let resp = http.get(format!("{}/readyz", quotad.base)).send().await.unwrap();
+        resp.status().as_u16()
+    };
+    assert_eq!(eventually(Duration::from_secs(10), 503, ready).await, 503);
     assert_eq!(transitions().await, (1, 0), "back to a Redis that does not answer");
     redis.pause(false);
     assert_eq!(eventually(Duration::from_secs(10), (1, 1), transitions).await, (1, 1));

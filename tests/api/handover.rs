@@ -904,7 +904,9 @@ async fn memory_a_fallback_waits_for_what_other_replicas_hold_when_redis_goes() 
     let (counters, ledger) = memory().await;
     let (a, b) = (service(counters.clone(), ledger.clone()), service(counters, ledger));
     let id = p("shared");
-    for used in 1..=3 {
+    assert_eq!(consume(&a, &id).await, 1);
+    assert!(a.flush(&id).await.unwrap()); // the document is in the record's epoch
+    for used in 2..=3 {
         assert_eq!(consume(&a, &id).await, used); // in Redis; no writer runs: `a` holds them
     }
     let start = tokio::time::Instant::now();
@@ -918,6 +920,26 @@ async fn memory_a_fallback_waits_for_what_other_replicas_hold_when_redis_goes() 
     let later = tokio::time::Instant::now();
     assert_eq!(consume(&b, &id).await, 5);
     assert!(later.elapsed() < Duration::from_millis(10), "{:?}", later.elapsed());
+
+    // A recovery that ends while a fallback waits out the grace holds its provider back
+    // from Redis until the decision has landed (here, with no hand-back task, until the
+    // next decision's wait runs out and Firestore decides it, fenced).
+    let (counters, ledger) = memory().await;
+    let c = service(counters, ledger);
+    let q = p("q");
+    assert_eq!(consume(&c, &q).await, 1);
+    c.redis_down("test");
+    let fallback = spawn_consume(&c, &q);
+    tokio::time::sleep(OUTAGE_GRACE / 4).await;
+    c.redis_answers();
+    c.redis_recovered();
+    let next = spawn_consume(&c, &q);
+    assert_eq!(fallback.await.unwrap(), 2);
+    assert_eq!(
+        next.await.unwrap(),
+        3,
+        "Redis decided from a record without the fallback"
+    );
 
     let (counters, ledger) = memory().await;
     let primary = in_phase(counters, ledger, Phase::RedisPrimary);
