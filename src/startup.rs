@@ -197,6 +197,7 @@ async fn tick(cancel: &CancellationToken, period: Duration) -> bool {
 /// Probes both dependencies once, each bounded so a hung one cannot hold the caller.
 async fn probe(app: &App, first: bool) -> (bool, bool) {
     let quotas = &app.quotas;
+    let failures = quotas.failures();
     let (redis, firestore) = tokio::join!(
         tokio::time::timeout(PROBE_BOUND, quotas.counters().ping()),
         tokio::time::timeout(PROBE_BOUND, quotas.ledger().ping())
@@ -221,11 +222,12 @@ async fn probe(app: &App, first: bool) -> (bool, bool) {
         }
     }
     app.health.set(redis_ok, firestore_ok);
-    quotas.note_redis_answers(redis_ok);
+    quotas.note_redis_answers_since(redis_ok, failures);
     if !redis_ok && quotas.redis_is_up() {
         quotas.redis_down("health probe failed");
     }
-    if redis_ok && firestore_ok {
+    // (an answer older than a failed call begins no recovery: see `note_redis_answers_since`)
+    if redis_ok && firestore_ok && quotas.redis_answering() {
         quotas.redis_answers();
     } else {
         quotas.end_recovery();
@@ -286,11 +288,12 @@ async fn watch_health(app: Arc<App>, cancel: CancellationToken) {
             }
         } else {
             let ping = || async {
+                let failures = app.quotas.failures();
                 let answers = matches!(
                     tokio::time::timeout(PROBE_BOUND, app.quotas.counters().ping()).await,
                     Ok(Ok(()))
                 );
-                app.quotas.note_redis_answers(answers);
+                app.quotas.note_redis_answers_since(answers, failures);
                 answers
             };
             tokio::select! {
@@ -345,12 +348,19 @@ async fn reconcile(app: Arc<App>, cancel: CancellationToken) {
         }
         last_round = tokio::time::Instant::now();
         let round = quotas.recovery_round();
+        let failures = quotas.failures();
         match quotas.reconcile().await {
             Ok(reloaded) => {
                 if reloaded > 0 {
                     tracing::info!(reloaded, "reloaded records Firestore changed while Redis was away");
                 }
-                quotas.redis_recovered();
+                if quotas.failures() == failures {
+                    quotas.redis_recovered();
+                } else {
+                    // A call failed during the round: this Redis is not back (a round that
+                    // needed no Redis call, nothing being held or to reload, cannot tell).
+                    quotas.recovery_failed(round);
+                }
             }
             Err(err) => {
                 quotas.recovery_failed(round);

@@ -104,6 +104,8 @@ pub struct QuotaService {
     /// When Redis last went down for this replica's decisions (see
     /// [`QuotaService::outage_grace`]).
     down_since: std::sync::Mutex<Option<tokio::time::Instant>>,
+    /// Failed calls to Redis (see [`QuotaService::failures`]).
+    failures: std::sync::atomic::AtomicU64,
     /// Wakes the reconcile when a probe finds Redis and Firestore answering while decisions
     /// are away from Redis (it runs at once).
     answers: tokio::sync::Notify,
@@ -139,6 +141,7 @@ impl QuotaService {
             recovery: tokio::sync::Notify::new(),
             went_down: tokio::sync::Notify::new(),
             down_since: std::sync::Mutex::new(None),
+            failures: std::sync::atomic::AtomicU64::new(0),
             answers: tokio::sync::Notify::new(),
             me: me.clone(),
         })
@@ -271,6 +274,7 @@ impl QuotaService {
     /// up and failing late says nothing about the Redis a probe found answering since (a
     /// failed probe or reconcile round ends that recovery).
     pub fn redis_down(&self, reason: &str) {
+        self.failures.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
         self.note_redis_answers(false);
         if self.redis_is_up() {
             self.end_recovery();
@@ -345,6 +349,20 @@ impl QuotaService {
     pub fn end_recovery(&self) {
         self.recovering.store(0, std::sync::atomic::Ordering::Release);
         self.recovery.notify_waiters();
+    }
+
+    /// Calls to Redis that failed so far (see [`QuotaService::redis_down`]): a ping sent, or
+    /// a reconcile round begun, before one of them says nothing of the Redis after it.
+    pub fn failures(&self) -> u64 {
+        self.failures.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// A ping sent when [`QuotaService::failures`] was `before` answered (or not): an answer
+    /// counts only if no call has failed since (a hung Redis answers no ping sent after).
+    pub fn note_redis_answers_since(&self, answers: bool, before: u64) {
+        if !answers || self.failures() == before {
+            self.note_redis_answers(answers);
+        }
     }
 
     /// What the health task found of Redis: whether its last ping answered.
