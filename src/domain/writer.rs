@@ -223,6 +223,10 @@ pub async fn sweep(service: &QuotaService) {
         Ok(providers) => providers,
         Err(err) => {
             tracing::debug!(error = %err, "dirty sweep failed");
+            if matches!(err, StorageError::Unavailable { backend: "redis", .. }) {
+                // an idle replica's first sign of an outage (see `write_one`)
+                service.redis_down(&err.to_string());
+            }
             return;
         }
     };
