@@ -261,6 +261,16 @@ impl QuotaService {
         self.redis_down(&err.to_string());
     }
 
+    /// A call of the writer or the sweep failed: when Redis did not answer, it is down for
+    /// this replica as after a decision's failed call, and what this replica holds goes to
+    /// Firestore at once (see [`QuotaService::redis_down`]); other replicas, whose calls fail
+    /// too, decide there from now.
+    pub fn background_call_failed(&self, err: &StorageError) {
+        if err.is_unavailable() && err.is_redis() {
+            self.redis_failed(err);
+        }
+    }
+
     /// A decision's Redis call failed: Redis is marked down and the decision goes to
     /// Firestore (counted as a fallback).
     fn decision_falls_back(&self, err: &StorageError) {

@@ -23,7 +23,7 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use super::{Phase, ProviderId, QuotaService, quota::Lineage};
-use crate::storage::{KeyRecord, Record, StorageError};
+use crate::storage::{KeyRecord, Record};
 
 /// How long a record may stay dirty before a sweep takes it over from whoever wrote it.
 const SWEEP_AGE: Duration = Duration::from_secs(2);
@@ -147,11 +147,7 @@ pub async fn write_one(service: &QuotaService) -> Step {
         Err(err) => {
             metrics::counter!("quotad_store_write_retries_total").increment(1);
             tracing::warn!(%provider, error = %err, "Firestore write failed; it will be retried");
-            if matches!(err, StorageError::Unavailable { backend: "redis", .. }) {
-                // As a decision's failed call would: other replicas, whose calls fail too,
-                // decide in Firestore from here, so what this one holds goes there now.
-                service.redis_down(&err.to_string());
-            }
+            service.background_call_failed(&err);
             Step::Failed
         }
     }
@@ -223,10 +219,7 @@ pub async fn sweep(service: &QuotaService) {
         Ok(providers) => providers,
         Err(err) => {
             tracing::debug!(error = %err, "dirty sweep failed");
-            if matches!(err, StorageError::Unavailable { backend: "redis", .. }) {
-                // an idle replica's first sign of an outage (see `write_one`)
-                service.redis_down(&err.to_string());
-            }
+            service.background_call_failed(&err); // an idle replica's first sign of an outage
             return;
         }
     };

@@ -172,6 +172,16 @@ async fn a_replica_back_from_a_hang_decides_after_its_reconcile() {
     }
 }
 
+/// The environment of a quotad process on `redis` and the Firestore at `firestore` (the
+/// emulator, or a proxy in front of it), with its documents in `project`.
+fn quotad_env(redis: &RedisServer, project: &str, firestore: String) -> [(&'static str, String); 3] {
+    [
+        ("REDIS_URL", redis.url()),
+        ("FIRESTORE_PROJECT_ID", project.to_owned()),
+        ("FIRESTORE_EMULATOR_HOST", firestore),
+    ]
+}
+
 /// A quotad process on `redis` whose Firestore is behind a proxy that can be taken down,
 /// with provider `p1` at usage 0 of `limit`.
 async fn behind_a_firestore_proxy(redis: &RedisServer, limit: i64) -> (QuotadProcess, TcpProxy, Store) {
@@ -179,12 +189,7 @@ async fn behind_a_firestore_proxy(redis: &RedisServer, limit: i64) -> (QuotadPro
     let project = unique("test-");
     let store = Store::new(project.clone());
     store.put("p1", Some(0), Some(limit)).await;
-    let quotad = QuotadProcess::start(&[
-        ("REDIS_URL", redis.url()),
-        ("FIRESTORE_PROJECT_ID", project),
-        ("FIRESTORE_EMULATOR_HOST", proxy.address()),
-    ])
-    .await;
+    let quotad = QuotadProcess::start(&quotad_env(redis, &project, proxy.address())).await;
     (quotad, proxy, store)
 }
 
@@ -226,12 +231,7 @@ async fn sigterm_flushes_pending_writes_and_exits_zero() {
     let redis = RedisServer::start().await;
     let project = unique("test-");
     let store = Store::new(project.clone());
-    let quotad = QuotadProcess::start(&[
-        ("REDIS_URL", redis.url()),
-        ("FIRESTORE_PROJECT_ID", project.clone()),
-        ("FIRESTORE_EMULATOR_HOST", emulator_host()),
-    ])
-    .await;
+    let quotad = QuotadProcess::start(&quotad_env(&redis, &project, emulator_host())).await;
     let http = client();
     for _ in 0..20 {
         let resp = http
@@ -566,11 +566,7 @@ async fn a_fallback_counts_the_changes_another_replica_had_not_written() {
         let project = unique("test-");
         let store = Store::new(project.clone());
         store.put("p1", Some(0), Some(10)).await;
-        let env = [
-            ("REDIS_URL", redis.url()),
-            ("FIRESTORE_PROJECT_ID", project),
-            ("FIRESTORE_EMULATOR_HOST", emulator_host()),
-        ];
+        let env = quotad_env(&redis, &project, emulator_host());
         let (a, b) = tokio::join!(QuotadProcess::start(&env), QuotadProcess::start(&env));
         let http = client();
         for _ in 0..7 {
@@ -610,12 +606,7 @@ async fn decisions_go_back_to_redis_only_once_it_answers() {
     let project = unique("test-");
     let store = Store::new(project.clone());
     store.put("p1", Some(0), Some(10)).await;
-    let quotad = QuotadProcess::start(&[
-        ("REDIS_URL", redis.url()),
-        ("FIRESTORE_PROJECT_ID", project),
-        ("FIRESTORE_EMULATOR_HOST", emulator_host()),
-    ])
-    .await;
+    let quotad = QuotadProcess::start(&quotad_env(&redis, &project, emulator_host())).await;
     let http = client();
     assert_eq!(consume_status(&http, &quotad).await, 200);
     assert_eq!(eventually(DEADLINE, Some(1), || store.used("p1")).await, Some(1));
