@@ -686,9 +686,11 @@ async fn twice_decided_keys_count_once(ledger: &dyn Ledger) {
     // expiry times are a key's life apart (clocks may disagree about the moment)
     let id = p("twice-later");
     fallback_charged(ledger, &id).await;
+    // (taken after the fallback decided, not from `expires`: on a slow emulator this test
+    // ran for more than the 1 s that `expires` leaves, and the two came less than a life apart)
     let later = (
         idempotency_id(Op::Consume, "k"),
-        format!("4:1:15:100:{}", expires + 86_400_000),
+        format!("4:1:15:100:{}", Utc::now().timestamp_millis() + 2 * 86_400_000 + 1000),
     );
     assert_eq!(
         write_carrying(ledger, &id, &record(15, 0, "e1", "", 2), &later).await,
