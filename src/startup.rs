@@ -222,16 +222,7 @@ async fn probe(app: &App, first: bool) -> (bool, bool) {
         }
     }
     app.health.set(redis_ok, firestore_ok);
-    quotas.note_redis_answers_since(redis_ok, failures);
-    if !redis_ok && quotas.redis_is_up() {
-        quotas.redis_down("health probe failed");
-    }
-    // (an answer older than a failed call begins no recovery: see `note_redis_answers_since`)
-    if redis_ok && firestore_ok && quotas.redis_answering() {
-        quotas.redis_answers();
-    } else {
-        quotas.end_recovery();
-    }
+    quotas.probed(redis_ok, firestore_ok, failures);
     (redis_ok, firestore_ok)
 }
 

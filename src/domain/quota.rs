@@ -106,6 +106,9 @@ pub struct QuotaService {
     down_since: std::sync::Mutex<Option<tokio::time::Instant>>,
     /// Failed calls to Redis (see [`QuotaService::failures`]).
     failures: std::sync::atomic::AtomicU64,
+    /// Requests for the write of everything held that Redis going down starts, not yet
+    /// covered by a round of it (see [`QuotaService::write_held_now`]): 0 while none runs.
+    held_writes: std::sync::atomic::AtomicU64,
     /// Wakes the reconcile when a probe finds Redis and Firestore answering while decisions
     /// are away from Redis (it runs at once).
     answers: tokio::sync::Notify,
@@ -142,6 +145,7 @@ impl QuotaService {
             went_down: tokio::sync::Notify::new(),
             down_since: std::sync::Mutex::new(None),
             failures: std::sync::atomic::AtomicU64::new(0),
+            held_writes: std::sync::atomic::AtomicU64::new(0),
             answers: tokio::sync::Notify::new(),
             me: me.clone(),
         })
@@ -297,24 +301,47 @@ impl QuotaService {
         }
         if self.handover.go_down() {
             self.went_down.notify_one();
-            // What this replica's changes left in Redis goes to the documents now, for the
-            // other replicas' fallbacks (see `outage_grace`): in a task of its own, since the
-            // sweep may be waiting on the same Redis. Only into documents already in the held
-            // records' epochs (the usual case: the writer's first write of a record moved its
-            // document there): Redis may be back already (a failure on a dead connection after
-            // a restart), other replicas loading records from the same documents. The rest
-            // waits for the fallback, the sweep or the reconcile.
-            if let (Some(me), Ok(runtime)) = (self.me.upgrade(), tokio::runtime::Handle::try_current()) {
-                runtime.spawn(async move {
-                    super::writer::write_all_held(&me, None, Some(Lineage::Try)).await;
-                });
-            }
+            self.write_held_now();
             tracing::warn!(
                 reason,
                 "Redis unavailable: deciding from Firestore until it answers again"
             );
             metrics::counter!("quotad_redis_transitions_total", "to" => "down").increment(1);
         }
+    }
+
+    /// What this replica's changes left in Redis goes to the documents now, for the other
+    /// replicas' fallbacks (see `outage_grace`): in a task of its own, since the sweep may be
+    /// waiting on the same Redis. Only into documents already in the held records' epochs
+    /// (the usual case: the writer's first write of a record moved its document there):
+    /// Redis may be back already (a failure on a dead connection after a restart), other
+    /// replicas loading records from the same documents. The rest waits for the fallback,
+    /// the sweep or the reconcile.
+    /// One such task at a time: Redis flapping while Firestore hangs would otherwise start
+    /// one a transition, each waiting on Firestore. A request made while one runs has it go
+    /// round again once it ends (a provider may have been held since its round began).
+    fn write_held_now(&self) {
+        use std::sync::atomic::Ordering;
+        if self.held_writes.fetch_add(1, Ordering::AcqRel) > 0 {
+            return;
+        }
+        let (Some(me), Ok(runtime)) = (self.me.upgrade(), tokio::runtime::Handle::try_current()) else {
+            self.held_writes.store(0, Ordering::Release);
+            return;
+        };
+        runtime.spawn(async move {
+            loop {
+                let asked = me.held_writes.load(Ordering::Acquire);
+                super::writer::write_all_held(&me, None, Some(Lineage::Try)).await;
+                if me
+                    .held_writes
+                    .compare_exchange(asked, 0, Ordering::AcqRel, Ordering::Acquire)
+                    .is_ok()
+                {
+                    break;
+                }
+            }
+        });
     }
 
     /// Called by the health task once Redis answers and a reconciliation begun since it
@@ -372,6 +399,22 @@ impl QuotaService {
     pub fn note_redis_answers_since(&self, answers: bool, before: u64) {
         if !answers || self.failures() == before {
             self.note_redis_answers(answers);
+        }
+    }
+
+    /// What a health probe found, its pings sent when [`QuotaService::failures`] was
+    /// `failures`: a Redis that does not answer is down; both answering begin a recovery
+    /// while decisions are away from Redis, unless a call has failed since the ping was sent
+    /// (a hung Redis may answer a ping sent before it hung); anything else ends one.
+    pub fn probed(&self, redis: bool, firestore: bool, failures: u64) {
+        self.note_redis_answers_since(redis, failures);
+        if !redis && self.redis_is_up() {
+            self.redis_down("health probe failed");
+        }
+        if redis && firestore && self.redis_answering() {
+            self.redis_answers();
+        } else {
+            self.end_recovery();
         }
     }
 

@@ -58,6 +58,10 @@ struct Gated {
     fail_phase_read: AtomicBool,
     entered: Notify,
     open: Semaphore,
+    /// Record writes wait for `writes_open` while set; `writing` counts those in a write.
+    hold_writes: AtomicBool,
+    writing: std::sync::atomic::AtomicUsize,
+    writes_open: Semaphore,
 }
 
 impl Gated {
@@ -73,6 +77,9 @@ impl Gated {
             fail_phase_read: AtomicBool::new(false),
             entered: Notify::new(),
             open: Semaphore::new(0),
+            hold_writes: AtomicBool::new(false),
+            writing: std::sync::atomic::AtomicUsize::new(0),
+            writes_open: Semaphore::new(0),
         })
     }
 }
@@ -99,7 +106,13 @@ impl Ledger for Gated {
         record: &Record,
         keys: &[KeyRecord],
     ) -> Result<WriteOutcome, StorageError> {
+        self.writing.fetch_add(1, Ordering::SeqCst);
+        if self.hold_writes.load(Ordering::SeqCst) {
+            self.entered.notify_one();
+            self.writes_open.acquire().await.unwrap().forget();
+        }
         let written = self.inner.write_record(provider, record, keys).await;
+        self.writing.fetch_sub(1, Ordering::SeqCst);
         let busy = self.busy.lock().unwrap().clone();
         if let Some((counters, _)) = busy.filter(|(_, kept)| kept == provider) {
             let change = Change {
@@ -947,4 +960,87 @@ async fn memory_a_fallback_waits_for_what_other_replicas_hold_when_redis_goes() 
     let start = tokio::time::Instant::now();
     assert_eq!(consume(&primary, &id).await, 1);
     assert!(start.elapsed() < Duration::from_millis(10), "{:?}", start.elapsed());
+}
+
+/// Redis flapping while Firestore hangs starts one write of what a replica holds, not one
+/// a transition, each waiting on Firestore; a transition while it runs has it go round
+/// again once Firestore answers, so what was held since reaches the document too.
+#[tokio::test(start_paused = true)]
+async fn memory_one_write_of_what_is_held_runs_however_often_redis_goes() {
+    let (counters, ledger) = memory().await;
+    let a = service(counters, ledger.clone());
+    let (x, y) = (p("x"), p("y"));
+    for id in [&x, &y] {
+        assert_eq!(consume(&a, id).await, 1);
+        assert!(a.flush(id).await.unwrap()); // the documents are in the records' epochs
+    }
+    assert_eq!(consume(&a, &x).await, 2); // held: no writer runs here
+    ledger.hold_writes.store(true, Ordering::SeqCst);
+    a.redis_down("test");
+    ledger.entered.notified().await; // the first round's write of x hangs
+    for used in 2..=6 {
+        a.redis_answers();
+        a.redis_recovered();
+        assert!(a.redis_is_up());
+        assert_eq!(consume(&a, &y).await, used); // in Redis, held
+        a.redis_down("test");
+    }
+    // With time paused, a sleep ends only once every task waits: any other write started
+    // by the transitions above has reached the gate by then.
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert_eq!(ledger.writing.load(Ordering::SeqCst), 1, "one write at a time");
+
+    ledger.hold_writes.store(false, Ordering::SeqCst);
+    ledger.writes_open.add_permits(1);
+    until(
+        || ledger.writing.load(Ordering::SeqCst) == 0,
+        "the write ends, and the round after it",
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(50)).await; // every task idle again
+    assert_eq!(ledger.read(&x).await.unwrap().unwrap().used, Some(2));
+    assert_eq!(
+        ledger.read(&y).await.unwrap().unwrap().used,
+        Some(6),
+        "the round after the hung one wrote what was held since"
+    );
+
+    // Done: the next transition starts a write again.
+    a.redis_answers();
+    a.redis_recovered();
+    assert_eq!(consume(&a, &x).await, 3);
+    a.redis_down("test");
+    until(
+        || a.writer().held_providers().is_empty(),
+        "the next transition writes x",
+    )
+    .await;
+    assert_eq!(ledger.read(&x).await.unwrap().unwrap().used, Some(3));
+}
+
+/// A probe's ping sent before a call failed says nothing of the Redis after it (a hung
+/// Redis answers what it read before it hung): its answer begins no recovery, and a later
+/// ping's does.
+#[tokio::test]
+async fn memory_an_answer_older_than_a_failed_call_begins_no_recovery() {
+    let (counters, ledger) = memory().await;
+    let a = service(counters, ledger);
+    let sent = a.failures();
+    a.redis_down("a decision's call fails while the probe's pings are out");
+    a.probed(true, true, sent);
+    assert!(!a.redis_answering());
+    assert_eq!(a.recovery_round(), 0, "a recovery began on a stale answer");
+
+    let sent = a.failures();
+    a.probed(true, false, sent);
+    assert!(a.redis_answering());
+    assert_eq!(a.recovery_round(), 0, "Firestore does not answer");
+    a.probed(true, true, sent);
+    assert_ne!(a.recovery_round(), 0, "both answer since the last failure");
+
+    let sent = a.failures();
+    a.redis_down("another call fails");
+    a.probed(true, true, sent);
+    assert_eq!(a.recovery_round(), 0, "a stale answer ends the recovery");
+    assert!(!a.redis_is_up());
 }
