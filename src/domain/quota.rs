@@ -106,8 +106,9 @@ pub struct QuotaService {
     down_since: std::sync::Mutex<Option<tokio::time::Instant>>,
     /// Failed calls to Redis (see [`QuotaService::failures`]).
     failures: std::sync::atomic::AtomicU64,
-    /// Requests for the write of everything held that Redis going down starts, not yet
-    /// covered by a round of it (see [`QuotaService::write_held_now`]): 0 while none runs.
+    /// Down transitions since the running write of everything held began (see
+    /// [`QuotaService::write_held_now`]), 0 while none runs: it ends after a round that
+    /// began after the last of them.
     held_writes: std::sync::atomic::AtomicU64,
     /// Wakes the reconcile when a probe finds Redis and Firestore answering while decisions
     /// are away from Redis (it runs at once).
@@ -282,7 +283,8 @@ impl QuotaService {
         metrics::counter!("quotad_fallbacks_total").increment(1);
     }
 
-    /// Marks Redis down (see `redis_failed`); the health task calls it when a probe fails.
+    /// Marks Redis down (see `redis_failed`); a health probe whose ping fails calls it (see
+    /// [`QuotaService::probed`]).
     /// Clears a recovery flag left over from before Redis was up (a probe that raced the
     /// recovery's end). Once Redis is down it ends no recovery: a call sent while Redis was
     /// up and failing late says nothing about the Redis a probe found answering since (a
@@ -322,14 +324,16 @@ impl QuotaService {
     /// round again once it ends (a provider may have been held since its round began).
     fn write_held_now(&self) {
         use std::sync::atomic::Ordering;
+        let (Some(me), Ok(runtime)) = (self.me.upgrade(), tokio::runtime::Handle::try_current()) else {
+            return; // no runtime to run it (the sweep writes them while Redis is away)
+        };
         if self.held_writes.fetch_add(1, Ordering::AcqRel) > 0 {
             return;
         }
-        let (Some(me), Ok(runtime)) = (self.me.upgrade(), tokio::runtime::Handle::try_current()) else {
-            self.held_writes.store(0, Ordering::Release);
-            return;
-        };
         runtime.spawn(async move {
+            // A round that panics or is dropped must not leave the count up: no later
+            // transition would write what is held again.
+            let running = HeldWrites(&me.held_writes);
             loop {
                 let asked = me.held_writes.load(Ordering::Acquire);
                 super::writer::write_all_held(&me, None, Some(Lineage::Try)).await;
@@ -341,6 +345,7 @@ impl QuotaService {
                     break;
                 }
             }
+            std::mem::forget(running);
         });
     }
 
@@ -494,8 +499,8 @@ impl QuotaService {
     /// Redis went down for this replica waits for the rest of it (never past `deadline`).
     /// Other replicas lose Redis at about the same time, their calls timing out as this
     /// one's did, and each then writes at once what its changes left in Redis and its
-    /// writer has not carried yet (see [`QuotaService::redis_down`]): a decision in
-    /// between would not count them.
+    /// writer has not carried yet (see [`QuotaService::redis_down`]; after the write in
+    /// progress, if one is): a decision in between would not count them.
     async fn outage_grace(&self, phase: Phase, deadline: tokio::time::Instant) {
         if phase != Phase::DualWrite {
             return;
@@ -1520,5 +1525,15 @@ impl StorageError {
             self,
             StorageError::Unavailable { backend: "redis", .. } | StorageError::Other { backend: "redis", .. }
         )
+    }
+}
+
+/// Sets the count of [`QuotaService::write_held_now`] back to 0 when its task ends without
+/// finishing (a panic, or the runtime dropping it): forgotten when it finishes.
+struct HeldWrites<'a>(&'a std::sync::atomic::AtomicU64);
+
+impl Drop for HeldWrites<'_> {
+    fn drop(&mut self) {
+        self.0.store(0, std::sync::atomic::Ordering::Release);
     }
 }

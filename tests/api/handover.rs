@@ -45,8 +45,9 @@ macro_rules! on_both {
 /// The real ledger, except that a decision can be held before it reaches it (and so
 /// before its "changed outside" mark is written, or just after it with `mark_first`, as
 /// the Firestore adapter writes it before its transaction), and a read after it returns;
-/// clearing one provider's mark can be made to fail; and another replica's consume can be
-/// made to follow every record write (a record it keeps dirty).
+/// clearing one provider's mark can be made to fail; another replica's consume can be
+/// made to follow every record write (a record it keeps dirty); and record writes can be
+/// held (`hold_writes`), counted while in a write.
 struct Gated {
     inner: Arc<dyn Ledger>,
     hold_next: AtomicBool,
@@ -62,6 +63,8 @@ struct Gated {
     hold_writes: AtomicBool,
     writing: std::sync::atomic::AtomicUsize,
     writes_open: Semaphore,
+    /// The next record write panics (a bug in a write path).
+    panic_next_write: AtomicBool,
 }
 
 impl Gated {
@@ -80,6 +83,7 @@ impl Gated {
             hold_writes: AtomicBool::new(false),
             writing: std::sync::atomic::AtomicUsize::new(0),
             writes_open: Semaphore::new(0),
+            panic_next_write: AtomicBool::new(false),
         })
     }
 }
@@ -106,6 +110,10 @@ impl Ledger for Gated {
         record: &Record,
         keys: &[KeyRecord],
     ) -> Result<WriteOutcome, StorageError> {
+        assert!(
+            !self.panic_next_write.swap(false, Ordering::SeqCst),
+            "a record write panics (test)"
+        );
         self.writing.fetch_add(1, Ordering::SeqCst);
         if self.hold_writes.load(Ordering::SeqCst) {
             self.entered.notify_one();
@@ -1016,6 +1024,28 @@ async fn memory_one_write_of_what_is_held_runs_however_often_redis_goes() {
     )
     .await;
     assert_eq!(ledger.read(&x).await.unwrap().unwrap().used, Some(3));
+
+    // A write that panics ends its task, and the next transition writes again.
+    a.redis_answers();
+    a.redis_recovered();
+    assert_eq!(consume(&a, &x).await, 4);
+    ledger.panic_next_write.store(true, Ordering::SeqCst);
+    a.redis_down("test");
+    until(
+        || !ledger.panic_next_write.load(Ordering::SeqCst),
+        "the write that panics",
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(50)).await; // the task has ended
+    a.redis_answers();
+    a.redis_recovered();
+    a.redis_down("test");
+    until(
+        || a.writer().held_providers().is_empty(),
+        "the transition after a panicked write writes x",
+    )
+    .await;
+    assert_eq!(ledger.read(&x).await.unwrap().unwrap().used, Some(4));
 }
 
 /// A probe's ping sent before a call failed says nothing of the Redis after it (a hung
@@ -1042,5 +1072,10 @@ async fn memory_an_answer_older_than_a_failed_call_begins_no_recovery() {
     a.redis_down("another call fails");
     a.probed(true, true, sent);
     assert_eq!(a.recovery_round(), 0, "a stale answer ends the recovery");
-    assert!(!a.redis_is_up());
+
+    a.redis_recovered();
+    assert!(a.redis_is_up());
+    a.probed(false, true, a.failures());
+    assert!(!a.redis_is_up(), "a ping that fails takes Redis down");
+    assert!(!a.redis_answering());
 }
