@@ -900,6 +900,7 @@ impl QuotaService {
         // Counted until it lands: Redis may not decide for the provider meanwhile (nor
         // after a recovery that ends while it waits out the outage's first moments).
         let _in_flight = fallback.then(|| self.handover.begin(provider));
+        let _landing = fallback.then(|| self.fence_fallback(provider));
         if fallback {
             self.outage_grace(phase, deadline).await;
         }
@@ -923,6 +924,43 @@ impl QuotaService {
             LedgerDecision::Replayed(decision) => Ok(Outcome::Replayed(decision)),
             LedgerDecision::KeyReused => Err(QuotaError::KeyReused),
         }
+    }
+
+    /// A fallback's fence (see [`Counters::fence_outdated`]), in a task of its own: taken
+    /// when Redis runs it (a hung Redis: when it wakes, before what other replicas send
+    /// after), renewed while the decision runs, released once it has landed, which dropping
+    /// the returned sender says. Without it, a Redis that wakes while the decision waits out
+    /// its grace or its transaction would let another replica load the document without it,
+    /// or decide from a record that misses it, and both admit the last unit. A Redis that
+    /// does not take the call leaves it to the outdated mark after the decision.
+    fn fence_fallback(&self, provider: &ProviderId) -> tokio::sync::oneshot::Sender<()> {
+        let (landing, landed) = tokio::sync::oneshot::channel::<()>();
+        let (counters, provider) = (self.counters.clone(), provider.clone());
+        tokio::spawn(async move {
+            let token = new_epoch();
+            let taken = counters.fence_outdated(&provider, &token, FENCE_TTL).await;
+            tokio::pin!(landed);
+            if let Err(err) = &taken {
+                tracing::debug!(%provider, error = %err, "could not fence a fallback's provider");
+                let _ = landed.await;
+            } else {
+                loop {
+                    tokio::select! {
+                        _ = &mut landed => break,
+                        () = tokio::time::sleep(FENCE_RENEW) => {
+                            if let Err(err) = counters.renew_fence(&provider, &token, FENCE_TTL).await {
+                                tracing::debug!(%provider, error = %err, "could not renew a fallback's fence");
+                            }
+                        }
+                    }
+                }
+            }
+            // Also when the fence failed: a call that timed out may still have run.
+            if let Err(err) = counters.unfence(&provider, &token).await {
+                tracing::debug!(%provider, error = %err, "could not release a fallback's fence");
+            }
+        });
+        landing
     }
 
     /// A fallback decided in Firestore: its provider's record in Redis is marked outdated

@@ -166,6 +166,19 @@ impl Counters for MemoryCounters {
         Ok(true)
     }
 
+    async fn fence_outdated(&self, provider: &ProviderId, token: &str, ttl: Duration) -> Result<(), StorageError> {
+        let mut state = self.state.lock().unwrap();
+        let now = Instant::now();
+        let (generation, held) = state.fences.entry(provider.clone()).or_default();
+        held.retain(|_, expiry| *expiry > now);
+        held.insert(token.to_owned(), now + ttl);
+        *generation += 1;
+        if let Some(record) = state.live(provider) {
+            record.outdated = true;
+        }
+        Ok(())
+    }
+
     async fn renew_fence(&self, provider: &ProviderId, token: &str, ttl: Duration) -> Result<(), StorageError> {
         let mut state = self.state.lock().unwrap();
         let (_, held) = state.fences.entry(provider.clone()).or_default();

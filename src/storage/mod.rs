@@ -353,6 +353,12 @@ pub trait Counters: Send + Sync {
     /// that decision. Drops the record unless it is dirty; returns whether it is gone (if
     /// not: flush it, then [`Counters::evict_clean`]).
     async fn fence(&self, provider: &ProviderId, token: &str, ttl: Duration) -> Result<bool, StorageError>;
+    /// Takes a fence (as [`Counters::fence`]) for a decision that Firestore makes because
+    /// Redis did not answer the deciding replica, and marks the record outdated (keeping
+    /// it) instead of dropping it: from when Redis runs it, no replica loads a record, or
+    /// decides from one, that may miss that decision. Sent so that a hung Redis runs it when
+    /// it wakes, before what other replicas send after (as [`Counters::mark_outdated`]).
+    async fn fence_outdated(&self, provider: &ProviderId, token: &str, ttl: Duration) -> Result<(), StorageError>;
     /// Extends a fence its holder still works under: it expires `ttl` from now.
     async fn renew_fence(&self, provider: &ProviderId, token: &str, ttl: Duration) -> Result<(), StorageError>;
     /// Whether a fence is held on the provider (loads are refused while one is).

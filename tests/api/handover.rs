@@ -319,21 +319,20 @@ async fn a_fallback_whose_mark_a_failed_reconcile_cleared_holds_its_provider(
     *ledger.fail_clear.lock().unwrap() = Some(other.clone());
     assert!(
         a.reconcile().await.is_err(),
-        "reloads `held`, clears its mark, fails on `other`"
+        "defers `held` (its fallback's fence refuses the reload), fails on `other`"
     );
-    assert_eq!(
-        consume(&b, &held).await,
-        2,
-        "B loads the record before A's decision lands"
-    );
+    // B reaches Redis: the fallback's fence has the record out of use, so Firestore decides
+    // B's consume, before A's (a Redis that the fallback's fence did not reach, killed and
+    // back empty, lets B load the document without A's decision: the hold below is for that)
+    assert_eq!(consume(&b, &held).await, 2);
     ledger.open.add_permits(1);
-    assert_eq!(first.await.unwrap(), 2, "Firestore's view: 1 + 1");
+    assert_eq!(first.await.unwrap(), 3, "A's decision counts B's");
 
     *ledger.fail_clear.lock().unwrap() = None;
     a.reconcile().await.unwrap(); // lists `other` only
     a.redis_recovered();
     assert!(a.handover().is_held(&held));
-    assert_eq!(a.hand_back().await, 1); // writes B's unit, drops the record
+    assert_eq!(a.hand_back().await, 1);
     assert_eq!(consume(&a, &held).await, 4, "Redis decided from the reloaded record");
     assert!(a.flush(&held).await.unwrap());
     assert_eq!(ledger.read(&held).await.unwrap().unwrap().used, Some(4));
@@ -606,32 +605,22 @@ async fn a_firestore_only_decision_meeting_a_busy_record_decides_in_redis(
     assert_eq!(ledger.read(&id).await.unwrap().unwrap().used, Some(17));
 }
 
-/// A fallback's mark follows its decision: a replica that reloads the record while the
-/// decision is still on its way to Firestore loads a document without it, and the mark that
-/// lands after the decision takes that record out of use again.
-async fn a_fallbacks_mark_follows_its_decision(counters: Arc<dyn Counters>, ledger: Arc<Gated>) {
+/// A fallback fences its provider as soon as Redis takes the call (a Redis that wakes from
+/// a hang while the decision waits out its grace or its transaction serves the other
+/// replicas at once): until the decision has landed, no replica decides from the record,
+/// nor loads the document without it. (Before the fence, a replica still deciding in Redis
+/// and one deciding in Firestore each admitted the last unit; found by a black-box soak
+/// that paused Redis for 0.67 s.)
+async fn a_fallback_fences_its_provider_until_it_lands(counters: Arc<dyn Counters>, ledger: Arc<Gated>) {
     let a = service(counters.clone(), ledger.clone());
-    let id = p("mark-after");
-    let by_a = a_held_fallback(&a, &ledger, &id).await;
-    // Another replica drops the record and loads the document as it is: used 1.
-    assert!(counters.evict_clean(&id).await.unwrap());
-    let doc = ledger.read(&id).await.unwrap().unwrap();
-    let seed = quotad::storage::Seed {
-        used: doc.used(),
-        limit: 100,
-        epoch: "reloaded".into(),
-        loaded_from: doc.epoch.clone().unwrap_or_default(),
-        keys: vec![],
-        fence: counters.fence_gen(&id).await.unwrap(),
-    };
-    assert!(counters.load(&id, &seed, Duration::from_secs(300)).await.unwrap());
-    ledger.open.add_permits(1);
-    assert_eq!(by_a.await.unwrap(), 2, "A decided in Firestore");
+    let b = service(counters.clone(), ledger.clone());
+    let id = p("fenced-fallback");
+    let by_a = a_held_fallback(&a, &ledger, &id).await; // the document at 1; A's decision held
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    while !counters.read(&id).await.unwrap().is_some_and(|r| r.outdated) {
+    while !counters.fence_held(&id).await.unwrap() {
         assert!(
             tokio::time::Instant::now() < deadline,
-            "the reloaded record was never marked"
+            "the fallback never fenced its provider"
         );
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
@@ -641,10 +630,37 @@ async fn a_fallbacks_mark_follows_its_decision(counters: Arc<dyn Counters>, ledg
         idempotency_key: None,
         with_record: false,
     };
-    assert_eq!(counters.apply(&id, &other).await.unwrap(), Applied::Outdated);
+    assert_eq!(
+        counters.apply(&id, &other).await.unwrap(),
+        Applied::Outdated,
+        "the record is out of use"
+    );
+    // B, which reaches Redis, decides in Firestore (under a fence of its own, dropping the
+    // record): before A's decision, which counts it.
+    assert_eq!(consume(&b, &id).await, 2);
+    assert!(b.redis_is_up());
+    let seed = quotad::storage::Seed {
+        used: 2,
+        limit: 100,
+        epoch: "reloaded".into(),
+        loaded_from: String::new(),
+        keys: vec![],
+        fence: counters.fence_gen(&id).await.unwrap(),
+    };
+    assert!(
+        !counters.load(&id, &seed, Duration::from_secs(300)).await.unwrap(),
+        "a load while the fallback is in flight is refused"
+    );
+    let next = spawn_consume(&b, &id);
+    until(|| b.fence_waiting() == 1, "B's next decision waits for the fence").await;
+    ledger.open.add_permits(1);
+    assert_eq!(by_a.await.unwrap(), 3, "A's decision counts B's");
+    assert_eq!(next.await.unwrap(), 4, "B loads the document with A's decision");
+    assert!(b.flush(&id).await.unwrap());
+    assert_eq!(ledger.read(&id).await.unwrap().unwrap().used, Some(4));
 }
 
-on_both!(a_fallbacks_mark_follows_its_decision: memory_marks_a_fallbacks_record_after_its_decision, redis_marks_a_fallbacks_record_after_its_decision);
+on_both!(a_fallback_fences_its_provider_until_it_lands: memory_fences_a_fallbacks_provider_until_it_lands, redis_fences_a_fallbacks_provider_until_it_lands);
 
 /// A lookup of an outdated record reloads it (its unsynced usage written first) and reads
 /// through: in `redis-primary` it shows the document with that usage, and caches it.

@@ -381,6 +381,25 @@ impl RedisCounters {
         self.link.invoke(invocation).await
     }
 
+    /// Runs a script on the connection kept for outdated marks and fallback fences, which a
+    /// hang does not take down (the shared one is dropped at its first timeout, and no new
+    /// one can be made while Redis hangs): a call sent while Redis hangs waits in it and runs
+    /// when Redis wakes, before what is sent after it. Its answer is waited for up to
+    /// [`MARK_WAIT`].
+    async fn on_marks_connection(&self, invocation: &::redis::ScriptInvocation<'_>) -> Result<(), StorageError> {
+        let mut conn = self.link.marks_connection().await?;
+        let done = invocation.invoke_async::<i64>(&mut conn).await;
+        if let Err(err) = &done
+            && err.is_timeout()
+            && self.link.connection.read().unwrap().is_some()
+        {
+            // Redis answers the shared connection, yet ran nothing here for MARK_WAIT: this
+            // connection's path is dead (a hang would have taken the shared one down too)
+            *self.link.marks.write().unwrap() = None;
+        }
+        done.map(|_| ()).map_err(|err| classify(&err))
+    }
+
     /// Runs an arbitrary command (tests and tools look inside Redis with it).
     pub async fn query<T: ::redis::FromRedisValue + Send>(&self, cmd: ::redis::Cmd) -> Result<T, StorageError> {
         self.call(|mut conn| async move { cmd.query_async(&mut conn).await })
@@ -608,6 +627,19 @@ impl Counters for RedisCounters {
         Ok(gone == 1)
     }
 
+    /// On the connection of [`RedisCounters::mark_outdated`], for the same reason.
+    async fn fence_outdated(&self, provider: &ProviderId, token: &str, ttl: Duration) -> Result<(), StorageError> {
+        let mut invocation = FENCE.prepare_invoke();
+        invocation
+            .key(self.keys.record(provider))
+            .key(self.keys.fences(provider))
+            .key(self.keys.fence_gen(provider))
+            .arg(token)
+            .arg(u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX))
+            .arg("outdated");
+        self.on_marks_connection(&invocation).await
+    }
+
     async fn renew_fence(&self, provider: &ProviderId, token: &str, ttl: Duration) -> Result<(), StorageError> {
         let mut invocation = RENEW_FENCE.prepare_invoke();
         invocation
@@ -719,24 +751,11 @@ impl Counters for RedisCounters {
         self.query(cmd).await
     }
 
-    /// Sent on a connection of its own, which a hang does not take down (the shared one is
-    /// dropped at its first timeout, and no new one can be made while Redis hangs): a mark
-    /// sent while Redis hangs waits in it and runs when Redis wakes, before what is sent
-    /// after it. Its answer is waited for up to [`MARK_WAIT`].
+    /// Sent on a connection of its own (see [`RedisCounters::on_marks_connection`]).
     async fn mark_outdated(&self, provider: &ProviderId) -> Result<(), StorageError> {
         let mut invocation = MARK_OUTDATED.prepare_invoke();
         invocation.key(self.keys.record(provider));
-        let mut conn = self.link.marks_connection().await?;
-        let marked = invocation.invoke_async::<i64>(&mut conn).await;
-        if let Err(err) = &marked
-            && err.is_timeout()
-            && self.link.connection.read().unwrap().is_some()
-        {
-            // Redis answers the shared connection, yet ran no mark for MARK_WAIT: this
-            // connection's path is dead (a hang would have taken the shared one down too)
-            *self.link.marks.write().unwrap() = None;
-        }
-        marked.map(|_| ()).map_err(|err| classify(&err))
+        self.on_marks_connection(&invocation).await
     }
 
     async fn evict_clean(&self, provider: &ProviderId) -> Result<bool, StorageError> {
