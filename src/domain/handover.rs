@@ -14,8 +14,9 @@
 //! (at most [`HOLD_LIMIT`], then Firestore decides it). Other providers go back to Redis
 //! at once, so a busy provider cannot keep the whole replica on Firestore.
 //!
-//! Other replicas' fallbacks are caught by their marks, which the periodic reconcile
-//! reloads within 5 s.
+//! Other replicas' fallbacks are caught by their fences while they are in flight (where
+//! Redis takes the call), then by their marks, which the periodic reconcile reloads within
+//! 5 s.
 
 use std::{
     collections::HashMap,

@@ -84,6 +84,9 @@ pub struct QuotaService {
     /// Providers whose record a fallback is marking outdated (one mark in flight each),
     /// with whether another fallback landed since that mark was sent (it is sent again).
     marking: std::sync::Mutex<std::collections::HashMap<ProviderId, bool>>,
+    /// Fallbacks in flight per provider, which share one fence (see
+    /// [`QuotaService::fence_fallback`]), with what tells its holder they have all landed.
+    fallback_fences: FallbackFences,
     /// Redis is down for decisions, but a probe has found it (and Firestore) answering:
     /// the reconcile that brings decisions back runs, and decisions wait for it (see
     /// [`QuotaService::await_recovery`]). 0 when no recovery is on, else which one (from
@@ -138,6 +141,7 @@ impl QuotaService {
             known_sentinel: std::sync::Mutex::new(None),
             fence_waiting: std::sync::atomic::AtomicUsize::new(0),
             marking: std::sync::Mutex::default(),
+            fallback_fences: FallbackFences::default(),
             recovering: std::sync::atomic::AtomicU64::new(0),
             recoveries: std::sync::atomic::AtomicU64::new(0),
             redis_answering: std::sync::atomic::AtomicBool::new(true),
@@ -900,7 +904,8 @@ impl QuotaService {
         // Counted until it lands: Redis may not decide for the provider meanwhile (nor
         // after a recovery that ends while it waits out the outage's first moments).
         let _in_flight = fallback.then(|| self.handover.begin(provider));
-        let _landing = fallback.then(|| self.fence_fallback(provider));
+        // (not in firestore-only: no replica decides in Redis then)
+        let _landing = (fallback && phase.redis_decides()).then(|| self.fence_fallback(provider));
         if fallback {
             self.outage_grace(phase, deadline).await;
         }
@@ -926,41 +931,28 @@ impl QuotaService {
         }
     }
 
-    /// A fallback's fence (see [`Counters::fence_outdated`]), in a task of its own: taken
-    /// when Redis runs it (a hung Redis: when it wakes, before what other replicas send
-    /// after), renewed while the decision runs, released once it has landed, which dropping
-    /// the returned sender says. Without it, a Redis that wakes while the decision waits out
-    /// its grace or its transaction would let another replica load the document without it,
-    /// or decide from a record that misses it, and both admit the last unit. A Redis that
-    /// does not take the call leaves it to the outdated mark after the decision.
-    fn fence_fallback(&self, provider: &ProviderId) -> tokio::sync::oneshot::Sender<()> {
-        let (landing, landed) = tokio::sync::oneshot::channel::<()>();
-        let (counters, provider) = (self.counters.clone(), provider.clone());
-        tokio::spawn(async move {
-            let token = new_epoch();
-            let taken = counters.fence_outdated(&provider, &token, FENCE_TTL).await;
-            tokio::pin!(landed);
-            if let Err(err) = &taken {
-                tracing::debug!(%provider, error = %err, "could not fence a fallback's provider");
-                let _ = landed.await;
-            } else {
-                loop {
-                    tokio::select! {
-                        _ = &mut landed => break,
-                        () = tokio::time::sleep(FENCE_RENEW) => {
-                            if let Err(err) = counters.renew_fence(&provider, &token, FENCE_TTL).await {
-                                tracing::debug!(%provider, error = %err, "could not renew a fallback's fence");
-                            }
-                        }
-                    }
-                }
-            }
-            // Also when the fence failed: a call that timed out may still have run.
-            if let Err(err) = counters.unfence(&provider, &token).await {
-                tracing::debug!(%provider, error = %err, "could not release a fallback's fence");
-            }
-        });
-        landing
+    /// A fallback's fence (see [`Counters::fence_outdated`]), one per provider however
+    /// many of this replica's fallbacks are in flight for it, held by a task of its own:
+    /// taken when Redis runs it (a hung Redis: when it wakes, before what other replicas send
+    /// after), renewed while decisions run, released once the last has landed, which
+    /// dropping the returned guards says. Without it, a Redis that wakes while a decision
+    /// waits out its grace or its transaction would let another replica load the document
+    /// without it, or decide from a record that misses it, and both admit the last unit. A
+    /// Redis that does not take the call leaves it to the outdated mark after the decision.
+    fn fence_fallback(&self, provider: &ProviderId) -> FallbackFence {
+        let mut fences = self.fallback_fences.lock().unwrap();
+        let (count, landed) = fences
+            .entry(provider.clone())
+            .or_insert_with(|| (0, Arc::new(tokio::sync::Notify::new())));
+        *count += 1;
+        if *count == 1 {
+            let (counters, provider, landed) = (self.counters.clone(), provider.clone(), landed.clone());
+            tokio::spawn(hold_fallback_fence(counters, provider, landed));
+        }
+        FallbackFence {
+            fences: self.fallback_fences.clone(),
+            provider: provider.clone(),
+        }
     }
 
     /// A fallback decided in Firestore: its provider's record in Redis is marked outdated
@@ -1563,6 +1555,66 @@ impl StorageError {
             self,
             StorageError::Unavailable { backend: "redis", .. } | StorageError::Other { backend: "redis", .. }
         )
+    }
+}
+
+type FallbackFences = Arc<std::sync::Mutex<std::collections::HashMap<ProviderId, (usize, Arc<tokio::sync::Notify>)>>>;
+
+/// One fallback in flight under its provider's fence (see [`QuotaService::fence_fallback`]):
+/// the last one to drop has the fence released.
+struct FallbackFence {
+    fences: FallbackFences,
+    provider: ProviderId,
+}
+
+impl Drop for FallbackFence {
+    fn drop(&mut self) {
+        let mut fences = self.fences.lock().unwrap();
+        if let Some((count, landed)) = fences.get_mut(&self.provider) {
+            *count -= 1;
+            if *count == 0 {
+                landed.notify_one(); // kept for the holder if it is not waiting yet
+                fences.remove(&self.provider);
+            }
+        }
+    }
+}
+
+/// Holds a provider's fallback fence (see [`QuotaService::fence_fallback`]) until `landed`.
+/// The release goes on the fence's connection, behind it (a fence that timed out may still
+/// run), and is tried again until it is done or the fence has expired anyway.
+async fn hold_fallback_fence(counters: Arc<dyn Counters>, provider: ProviderId, landed: Arc<tokio::sync::Notify>) {
+    let token = new_epoch();
+    let sent = tokio::time::Instant::now();
+    let fenced = counters.fence_outdated(&provider, &token, FENCE_TTL).await;
+    // A call that failed at once (Redis refused it) never ran; one that waited may yet.
+    let may_run = fenced.is_ok() || sent.elapsed() >= Duration::from_secs(1);
+    match fenced {
+        Ok(()) => loop {
+            tokio::select! {
+                () = landed.notified() => break,
+                () = tokio::time::sleep(FENCE_RENEW) => {
+                    if let Err(err) = counters.renew_fence(&provider, &token, FENCE_TTL).await {
+                        tracing::debug!(%provider, error = %err, "could not renew a fallback's fence");
+                    }
+                }
+            }
+        },
+        Err(err) => {
+            tracing::debug!(%provider, error = %err, "could not fence a fallback's provider");
+            landed.notified().await;
+        }
+    }
+    let until = tokio::time::Instant::now() + FENCE_TTL;
+    loop {
+        match counters.unfence_outdated(&provider, &token).await {
+            Ok(()) => return,
+            Err(_) if !may_run => return,
+            Err(err) if tokio::time::Instant::now() >= until => {
+                return tracing::warn!(%provider, error = %err, "could not release a fallback's fence; it expires");
+            }
+            Err(_) => tokio::time::sleep(FENCE_POLL * 20).await,
+        }
     }
 }
 

@@ -179,6 +179,10 @@ impl Counters for MemoryCounters {
         Ok(())
     }
 
+    async fn unfence_outdated(&self, provider: &ProviderId, token: &str) -> Result<(), StorageError> {
+        self.unfence(provider, token).await
+    }
+
     async fn renew_fence(&self, provider: &ProviderId, token: &str, ttl: Duration) -> Result<(), StorageError> {
         let mut state = self.state.lock().unwrap();
         let (_, held) = state.fences.entry(provider.clone()).or_default();

@@ -359,6 +359,9 @@ pub trait Counters: Send + Sync {
     /// decides from one, that may miss that decision. Sent so that a hung Redis runs it when
     /// it wakes, before what other replicas send after (as [`Counters::mark_outdated`]).
     async fn fence_outdated(&self, provider: &ProviderId, token: &str, ttl: Duration) -> Result<(), StorageError>;
+    /// Releases a fence taken with [`Counters::fence_outdated`], sent as that was (so that
+    /// it runs after it).
+    async fn unfence_outdated(&self, provider: &ProviderId, token: &str) -> Result<(), StorageError>;
     /// Extends a fence its holder still works under: it expires `ttl` from now.
     async fn renew_fence(&self, provider: &ProviderId, token: &str, ttl: Duration) -> Result<(), StorageError>;
     /// Whether a fence is held on the provider (loads are refused while one is).

@@ -299,7 +299,8 @@ async fn a_fallback_in_flight_holds_its_provider(counters: Arc<dyn Counters>, le
 /// Every provider Firestore decided for while Redis was away is held at the recovery,
 /// not only those still in flight: a reconcile that failed partway may have cleared a
 /// mark while its decision was in flight, and another replica (which reaches Redis) may
-/// have loaded the record before the decision landed.
+/// have loaded the record before the decision landed (where the fallback's fence did not
+/// reach Redis).
 async fn a_fallback_whose_mark_a_failed_reconcile_cleared_holds_its_provider(
     counters: Arc<dyn Counters>,
     ledger: Arc<Gated>,
@@ -319,14 +320,16 @@ async fn a_fallback_whose_mark_a_failed_reconcile_cleared_holds_its_provider(
     *ledger.fail_clear.lock().unwrap() = Some(other.clone());
     assert!(
         a.reconcile().await.is_err(),
-        "defers `held` (its fallback's fence refuses the reload), fails on `other`"
+        "reloads `held`, clears its mark, fails on `other`"
     );
-    // B reaches Redis: the fallback's fence has the record out of use, so Firestore decides
-    // B's consume, before A's (a Redis that the fallback's fence did not reach, killed and
-    // back empty, lets B load the document without A's decision: the hold below is for that)
-    assert_eq!(consume(&b, &held).await, 2);
+    // B reaches Redis, and would load the record before A's decision lands but for the
+    // fallback's fence (which a Redis killed and back empty would not hold: the hold below
+    // is for that): its load waits for A's decision.
+    let by_b = spawn_consume(&b, &held);
+    until(|| b.fence_waiting() == 1, "B's load waits for A's fence").await;
     ledger.open.add_permits(1);
-    assert_eq!(first.await.unwrap(), 3, "A's decision counts B's");
+    assert_eq!(first.await.unwrap(), 2, "Firestore's view: 1 + 1");
+    assert_eq!(by_b.await.unwrap(), 3, "B loaded the document with A's decision");
 
     *ledger.fail_clear.lock().unwrap() = None;
     a.reconcile().await.unwrap(); // lists `other` only
@@ -661,6 +664,57 @@ async fn a_fallback_fences_its_provider_until_it_lands(counters: Arc<dyn Counter
 }
 
 on_both!(a_fallback_fences_its_provider_until_it_lands: memory_fences_a_fallbacks_provider_until_it_lands, redis_fences_a_fallbacks_provider_until_it_lands);
+
+/// A fallback's mark follows its decision: where its fence did not hold (Redis lost it, as
+/// a restart would), a replica that reloads the record while the decision is still on its
+/// way to Firestore loads a document without it, and the mark that lands after the
+/// decision takes that record out of use again. Real Redis only: the fence is deleted.
+#[tokio::test]
+async fn redis_marks_a_fallbacks_record_after_its_decision_where_its_fence_was_lost() {
+    let _ = emulator_host();
+    let redis = Arc::new(RedisCounters::new(&redis_url(), &(unique("h") + ":")).unwrap());
+    let ledger = Gated::new(Arc::new(FirestoreLedger::new(&unique("handover-"), "providers")));
+    let counters: Arc<dyn Counters> = redis.clone();
+    let a = service(counters.clone(), ledger.clone());
+    let id = p("mark-after");
+    let by_a = a_held_fallback(&a, &ledger, &id).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !counters.fence_held(&id).await.unwrap() {
+        assert!(tokio::time::Instant::now() < deadline, "no fence");
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    let fences = redis.keys().fences(&id);
+    let _: i64 = redis.query(::redis::cmd("DEL").arg(fences).clone()).await.unwrap();
+    // Another replica drops the record and loads the document as it is: used 1.
+    assert!(counters.evict_clean(&id).await.unwrap());
+    let doc = ledger.read(&id).await.unwrap().unwrap();
+    let seed = quotad::storage::Seed {
+        used: doc.used(),
+        limit: 100,
+        epoch: "reloaded".into(),
+        loaded_from: doc.epoch.clone().unwrap_or_default(),
+        keys: vec![],
+        fence: counters.fence_gen(&id).await.unwrap(),
+    };
+    assert!(counters.load(&id, &seed, Duration::from_secs(300)).await.unwrap());
+    ledger.open.add_permits(1);
+    assert_eq!(by_a.await.unwrap(), 2, "A decided in Firestore");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !counters.read(&id).await.unwrap().is_some_and(|r| r.outdated) {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the reloaded record was never marked"
+        );
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    let other = quotad::storage::Change {
+        op: quotad::storage::Op::Consume,
+        amount: 1,
+        idempotency_key: None,
+        with_record: false,
+    };
+    assert_eq!(counters.apply(&id, &other).await.unwrap(), Applied::Outdated);
+}
 
 /// A lookup of an outdated record reloads it (its unsynced usage written first) and reads
 /// through: in `redis-primary` it shows the document with that usage, and caches it.

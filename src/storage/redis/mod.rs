@@ -39,11 +39,11 @@ pub const CALL_TIMEOUT: Duration = Duration::from_millis(800);
 /// syncing (seen once in a clean-clone CI run).
 pub const APPLY_DEADLINE: Duration = Duration::from_millis(250);
 
-/// How long the sender of an outdated mark waits for its answer (see
-/// [`Counters::mark_outdated`]): through a hang, so that a provider has one mark at a time
-/// queued in a hung Redis (one per this period in a longer hang; a mark that is not waited
-/// for still runs). A mark unanswered this long while Redis answers the shared connection
-/// finds its own connection dead.
+/// How long the sender of an outdated mark or a fallback's fence waits for its answer (see
+/// [`Counters::mark_outdated`], [`Counters::fence_outdated`]): through a hang, so that a
+/// provider has one mark and one fence at a time queued in a hung Redis (one per this
+/// period in a longer hang; a call that is not waited for still runs). A call unanswered
+/// this long while Redis answers the shared connection finds its own connection dead.
 pub const MARK_WAIT: Duration = Duration::from_secs(30);
 
 static APPLY: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("scripts/apply.lua")));
@@ -83,9 +83,10 @@ struct Link {
     connect_lock: tokio::sync::Mutex<()>,
     /// When the last connection attempt failed.
     failed_connect: RwLock<Option<std::time::Instant>>,
-    /// A second connection, for outdated marks only (see [`Counters::mark_outdated`]):
-    /// made with the shared one, or by a mark, when there is none; dropped only when it
-    /// is found dead, not when Redis hangs.
+    /// A second connection, for outdated marks and fallbacks' fences only (see
+    /// [`Counters::mark_outdated`], [`Counters::fence_outdated`]): made with the shared one,
+    /// or by a mark, when there is none; dropped only when it is found dead, not when Redis
+    /// hangs.
     marks: RwLock<Option<ConnectionManager>>,
 }
 
@@ -439,11 +440,13 @@ impl Link {
             .inspect_err(|_| *self.failed_connect.write().unwrap() = Some(std::time::Instant::now()))?;
         // Preload every script, so the first request of each kind is one EVALSHA too
         // (invoke_async still reloads on NOSCRIPT, e.g. after a Redis restart, but only for a
-        // caller still waiting: a mark queued in a hung Redis is run after its caller gave
-        // up, so it must find its script there).
+        // caller still waiting: a mark or a fallback's fence queued in a hung Redis is run
+        // after its caller gave up, so it must find its script there).
         for script in [
             &*APPLY,
             &*MARK_OUTDATED,
+            &*FENCE,
+            &*UNFENCE,
             &*LOAD,
             &*MARK_SYNCED,
             &*EVICT_CLEAN,
@@ -488,7 +491,7 @@ impl Link {
         .and_then(|made| made.map_err(|e| classify(&e)))
     }
 
-    /// The connection for outdated marks, made when there is none.
+    /// The connection for outdated marks and fallbacks' fences, made when there is none.
     async fn marks_connection(&self) -> Result<ConnectionManager, StorageError> {
         if let Some(conn) = self.marks.read().unwrap().clone() {
             return Ok(conn);
@@ -637,6 +640,15 @@ impl Counters for RedisCounters {
             .arg(token)
             .arg(u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX))
             .arg("outdated");
+        self.on_marks_connection(&invocation).await
+    }
+
+    async fn unfence_outdated(&self, provider: &ProviderId, token: &str) -> Result<(), StorageError> {
+        let mut invocation = UNFENCE.prepare_invoke();
+        invocation
+            .key(self.keys.fences(provider))
+            .key(self.keys.fence_gen(provider))
+            .arg(token);
         self.on_marks_connection(&invocation).await
     }
 
