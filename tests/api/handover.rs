@@ -258,6 +258,29 @@ async fn until(mut done: impl FnMut() -> bool, what: &str) {
     }
 }
 
+/// [`until`] for a condition that needs a call to read.
+async fn until_async<F, Fut>(mut done: F, what: &str)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !done().await {
+        assert!(tokio::time::Instant::now() < deadline, "never: {what}");
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+}
+
+/// A consume of 1 sent to the counters directly, as another replica's.
+fn bare_consume() -> quotad::storage::Change<'static> {
+    quotad::storage::Change {
+        op: quotad::storage::Op::Consume,
+        amount: 1,
+        idempotency_key: None,
+        with_record: false,
+    }
+}
+
 /// A fallback still in flight when Redis returns: its provider waits for the decision to
 /// land and its record to reload; another provider goes back to Redis at once.
 async fn a_fallback_in_flight_holds_its_provider(counters: Arc<dyn Counters>, ledger: Arc<Gated>) {
@@ -619,22 +642,13 @@ async fn a_fallback_fences_its_provider_until_it_lands(counters: Arc<dyn Counter
     let b = service(counters.clone(), ledger.clone());
     let id = p("fenced-fallback");
     let by_a = a_held_fallback(&a, &ledger, &id).await; // the document at 1; A's decision held
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    while !counters.fence_held(&id).await.unwrap() {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the fallback never fenced its provider"
-        );
-        tokio::time::sleep(Duration::from_millis(2)).await;
-    }
-    let other = quotad::storage::Change {
-        op: quotad::storage::Op::Consume,
-        amount: 1,
-        idempotency_key: None,
-        with_record: false,
-    };
+    until_async(
+        || async { counters.fence_held(&id).await.unwrap() },
+        "the fallback fences its provider",
+    )
+    .await;
     assert_eq!(
-        counters.apply(&id, &other).await.unwrap(),
+        counters.apply(&id, &bare_consume()).await.unwrap(),
         Applied::Outdated,
         "the record is out of use"
     );
@@ -678,11 +692,11 @@ async fn redis_marks_a_fallbacks_record_after_its_decision_where_its_fence_was_l
     let a = service(counters.clone(), ledger.clone());
     let id = p("mark-after");
     let by_a = a_held_fallback(&a, &ledger, &id).await;
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    while !counters.fence_held(&id).await.unwrap() {
-        assert!(tokio::time::Instant::now() < deadline, "no fence");
-        tokio::time::sleep(Duration::from_millis(2)).await;
-    }
+    until_async(
+        || async { counters.fence_held(&id).await.unwrap() },
+        "the fallback fences its provider",
+    )
+    .await;
     let fences = redis.keys().fences(&id);
     let _: i64 = redis.query(::redis::cmd("DEL").arg(fences).clone()).await.unwrap();
     // Another replica drops the record and loads the document as it is: used 1.
@@ -699,21 +713,12 @@ async fn redis_marks_a_fallbacks_record_after_its_decision_where_its_fence_was_l
     assert!(counters.load(&id, &seed, Duration::from_secs(300)).await.unwrap());
     ledger.open.add_permits(1);
     assert_eq!(by_a.await.unwrap(), 2, "A decided in Firestore");
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    while !counters.read(&id).await.unwrap().is_some_and(|r| r.outdated) {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the reloaded record was never marked"
-        );
-        tokio::time::sleep(Duration::from_millis(2)).await;
-    }
-    let other = quotad::storage::Change {
-        op: quotad::storage::Op::Consume,
-        amount: 1,
-        idempotency_key: None,
-        with_record: false,
-    };
-    assert_eq!(counters.apply(&id, &other).await.unwrap(), Applied::Outdated);
+    until_async(
+        || async { counters.read(&id).await.unwrap().is_some_and(|r| r.outdated) },
+        "the mark after the decision marks the reloaded record",
+    )
+    .await;
+    assert_eq!(counters.apply(&id, &bare_consume()).await.unwrap(), Applied::Outdated);
 }
 
 /// A lookup of an outdated record reloads it (its unsynced usage written first) and reads

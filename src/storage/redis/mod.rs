@@ -401,6 +401,25 @@ impl RedisCounters {
         done.map(|_| ()).map_err(|err| classify(&err))
     }
 
+    /// A `fence.lua` call (`mode`: '' or 'outdated').
+    fn fence_call(
+        &self,
+        provider: &ProviderId,
+        token: &str,
+        ttl: Duration,
+        mode: &str,
+    ) -> ::redis::ScriptInvocation<'static> {
+        let mut invocation = FENCE.prepare_invoke();
+        invocation
+            .key(self.keys.record(provider))
+            .key(self.keys.fences(provider))
+            .key(self.keys.fence_gen(provider))
+            .arg(token)
+            .arg(u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX))
+            .arg(mode);
+        invocation
+    }
+
     /// Runs an arbitrary command (tests and tools look inside Redis with it).
     pub async fn query<T: ::redis::FromRedisValue + Send>(&self, cmd: ::redis::Cmd) -> Result<T, StorageError> {
         self.call(|mut conn| async move { cmd.query_async(&mut conn).await })
@@ -619,28 +638,14 @@ impl Counters for RedisCounters {
     }
 
     async fn fence(&self, provider: &ProviderId, token: &str, ttl: Duration) -> Result<bool, StorageError> {
-        let mut invocation = FENCE.prepare_invoke();
-        invocation
-            .key(self.keys.record(provider))
-            .key(self.keys.fences(provider))
-            .key(self.keys.fence_gen(provider))
-            .arg(token)
-            .arg(u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX));
-        let gone: i64 = self.invoke(invocation).await?;
+        let gone: i64 = self.invoke(self.fence_call(provider, token, ttl, "")).await?;
         Ok(gone == 1)
     }
 
     /// On the connection of [`RedisCounters::mark_outdated`], for the same reason.
     async fn fence_outdated(&self, provider: &ProviderId, token: &str, ttl: Duration) -> Result<(), StorageError> {
-        let mut invocation = FENCE.prepare_invoke();
-        invocation
-            .key(self.keys.record(provider))
-            .key(self.keys.fences(provider))
-            .key(self.keys.fence_gen(provider))
-            .arg(token)
-            .arg(u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX))
-            .arg("outdated");
-        self.on_marks_connection(&invocation).await
+        self.on_marks_connection(&self.fence_call(provider, token, ttl, "outdated"))
+            .await
     }
 
     async fn unfence_outdated(&self, provider: &ProviderId, token: &str) -> Result<(), StorageError> {
