@@ -21,7 +21,7 @@
 use std::{
     collections::HashMap,
     sync::{
-        Mutex,
+        Arc, Mutex,
         atomic::{AtomicBool, AtomicUsize, Ordering},
     },
     time::Duration,
@@ -48,6 +48,9 @@ struct Entry {
     in_flight: usize,
     /// Whether Redis must reload the record before it decides for the provider again.
     reload: bool,
+    /// While decisions are in flight: what says they have all landed (see
+    /// [`InFlight::first`]).
+    landed: Option<Arc<Notify>>,
 }
 
 /// Whether Redis decides, and which providers it may not decide for yet.
@@ -85,6 +88,16 @@ impl Default for Handover {
 pub struct InFlight<'a> {
     handover: &'a Handover,
     provider: ProviderId,
+    first: Option<Arc<Notify>>,
+}
+
+impl InFlight<'_> {
+    /// For the first of its provider's decisions in flight (none were): what is notified
+    /// once the last of them has landed (a fallback's fence lasts as long, see
+    /// `QuotaService::change_in_ledger`).
+    pub fn first(&self) -> Option<Arc<Notify>> {
+        self.first.clone()
+    }
 }
 
 impl Handover {
@@ -128,12 +141,14 @@ impl Handover {
         let mut entries = self.entries.lock().unwrap();
         let up = self.up.load(Ordering::Acquire);
         let entry = entries.entry(provider.clone()).or_default();
+        let first = (entry.in_flight == 0).then(|| entry.landed.insert(Arc::new(Notify::new())).clone());
         entry.in_flight += 1;
         entry.reload |= up;
         self.any.store(true, Ordering::Release);
         InFlight {
             handover: self,
             provider: provider.clone(),
+            first,
         }
     }
 
@@ -143,6 +158,11 @@ impl Handover {
             return;
         };
         entry.in_flight -= 1;
+        if entry.in_flight == 0
+            && let Some(landed) = entry.landed.take()
+        {
+            landed.notify_one(); // kept for its waiter if it is not waiting yet
+        }
         if entry.in_flight == 0 && entry.reload {
             drop(entries);
             self.ready.notify_one();

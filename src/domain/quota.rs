@@ -8,7 +8,7 @@ use tokio::sync::watch;
 
 use super::{
     Phase, ProviderId,
-    handover::{HOLD_LIMIT, Handover, OUTAGE_GRACE, Waiting},
+    handover::{HOLD_LIMIT, Handover, InFlight, OUTAGE_GRACE, Waiting},
     writer::Writer,
 };
 use crate::storage::{
@@ -84,9 +84,6 @@ pub struct QuotaService {
     /// Providers whose record a fallback is marking outdated (one mark in flight each),
     /// with whether another fallback landed since that mark was sent (it is sent again).
     marking: std::sync::Mutex<std::collections::HashMap<ProviderId, bool>>,
-    /// Fallbacks in flight per provider, which share one fence (see
-    /// [`QuotaService::fence_fallback`]), with what tells its holder they have all landed.
-    fallback_fences: FallbackFences,
     /// Redis is down for decisions, but a probe has found it (and Firestore) answering:
     /// the reconcile that brings decisions back runs, and decisions wait for it (see
     /// [`QuotaService::await_recovery`]). 0 when no recovery is on, else which one (from
@@ -141,7 +138,6 @@ impl QuotaService {
             known_sentinel: std::sync::Mutex::new(None),
             fence_waiting: std::sync::atomic::AtomicUsize::new(0),
             marking: std::sync::Mutex::default(),
-            fallback_fences: FallbackFences::default(),
             recovering: std::sync::atomic::AtomicU64::new(0),
             recoveries: std::sync::atomic::AtomicU64::new(0),
             redis_answering: std::sync::atomic::AtomicBool::new(true),
@@ -903,9 +899,14 @@ impl QuotaService {
         tracing::debug!(%phase, fallback, "deciding with a Firestore transaction");
         // Counted until it lands: Redis may not decide for the provider meanwhile (nor
         // after a recovery that ends while it waits out the outage's first moments).
-        let _in_flight = fallback.then(|| self.handover.begin(provider));
-        // (not in firestore-only: no replica decides in Redis then)
-        let _landing = (fallback && phase.redis_decides()).then(|| self.fence_fallback(provider));
+        let in_flight = fallback.then(|| self.handover.begin(provider));
+        // The provider's first fallback in flight fences it until the last has landed (not
+        // in firestore-only: no replica decides in Redis then).
+        if phase.redis_decides()
+            && let Some(landed) = in_flight.as_ref().and_then(InFlight::first)
+        {
+            tokio::spawn(hold_fallback_fence(self.counters.clone(), provider.clone(), landed));
+        }
         if fallback {
             self.outage_grace(phase, deadline).await;
         }
@@ -928,30 +929,6 @@ impl QuotaService {
             LedgerDecision::Decided(decision) => Ok(Outcome::Decided(decision)),
             LedgerDecision::Replayed(decision) => Ok(Outcome::Replayed(decision)),
             LedgerDecision::KeyReused => Err(QuotaError::KeyReused),
-        }
-    }
-
-    /// A fallback's fence (see [`Counters::fence_outdated`]), one per provider however
-    /// many of this replica's fallbacks are in flight for it, held by a task of its own:
-    /// taken when Redis runs it (a hung Redis: when it wakes, before what other replicas send
-    /// after), renewed while decisions run, released once the last has landed, which
-    /// dropping the returned guards says. Without it, a Redis that wakes while a decision
-    /// waits out its grace or its transaction would let another replica load the document
-    /// without it, or decide from a record that misses it, and both admit the last unit. A
-    /// Redis that does not take the call leaves it to the outdated mark after the decision.
-    fn fence_fallback(&self, provider: &ProviderId) -> FallbackFence {
-        let mut fences = self.fallback_fences.lock().unwrap();
-        let (count, landed) = fences
-            .entry(provider.clone())
-            .or_insert_with(|| (0, Arc::new(tokio::sync::Notify::new())));
-        *count += 1;
-        if *count == 1 {
-            let (counters, provider, landed) = (self.counters.clone(), provider.clone(), landed.clone());
-            tokio::spawn(hold_fallback_fence(counters, provider, landed));
-        }
-        FallbackFence {
-            fences: self.fallback_fences.clone(),
-            provider: provider.clone(),
         }
     }
 
@@ -1558,29 +1535,13 @@ impl StorageError {
     }
 }
 
-type FallbackFences = Arc<std::sync::Mutex<std::collections::HashMap<ProviderId, (usize, Arc<tokio::sync::Notify>)>>>;
-
-/// One fallback in flight under its provider's fence (see [`QuotaService::fence_fallback`]):
-/// the last one to drop has the fence released.
-struct FallbackFence {
-    fences: FallbackFences,
-    provider: ProviderId,
-}
-
-impl Drop for FallbackFence {
-    fn drop(&mut self) {
-        let mut fences = self.fences.lock().unwrap();
-        if let Some((count, landed)) = fences.get_mut(&self.provider) {
-            *count -= 1;
-            if *count == 0 {
-                landed.notify_one(); // kept for the holder if it is not waiting yet
-                fences.remove(&self.provider);
-            }
-        }
-    }
-}
-
-/// Holds a provider's fallback fence (see [`QuotaService::fence_fallback`]) until `landed`.
+/// A fallback's fence (see [`Counters::fence_outdated`]), one per provider however many of
+/// this replica's fallbacks are in flight for it: taken when Redis runs it (a hung Redis:
+/// when it wakes, before what other replicas send after), renewed while decisions run,
+/// released once the last has `landed`. Without it, a Redis that wakes while a decision
+/// waits out its grace or its transaction would let another replica load the document
+/// without it, or decide from a record that misses it, and both admit the last unit. A
+/// Redis that does not take the call leaves it to the outdated mark after the decision.
 /// The release goes on the fence's connection, behind it (a fence that timed out may still
 /// run), and is tried again until it is done or the fence has expired anyway.
 async fn hold_fallback_fence(counters: Arc<dyn Counters>, provider: ProviderId, landed: Arc<tokio::sync::Notify>) {

@@ -100,6 +100,15 @@ impl CountersState {
         })
     }
 
+    /// Takes fence `token` on the provider until `ttl` from now (expired ones go).
+    fn take_fence(&mut self, provider: &ProviderId, token: &str, ttl: Duration) {
+        let now = Instant::now();
+        let (generation, held) = self.fences.entry(provider.clone()).or_default();
+        held.retain(|_, expiry| *expiry > now);
+        held.insert(token.to_owned(), now + ttl);
+        *generation += 1;
+    }
+
     fn live(&mut self, provider: &ProviderId) -> Option<&mut Record> {
         let expired = self
             .records
@@ -153,11 +162,7 @@ impl Counters for MemoryCounters {
 
     async fn fence(&self, provider: &ProviderId, token: &str, ttl: Duration) -> Result<bool, StorageError> {
         let mut state = self.state.lock().unwrap();
-        let now = Instant::now();
-        let (generation, held) = state.fences.entry(provider.clone()).or_default();
-        held.retain(|_, expiry| *expiry > now);
-        held.insert(token.to_owned(), now + ttl);
-        *generation += 1;
+        state.take_fence(provider, token, ttl);
         if state.live(provider).is_some_and(|r| r.is_dirty()) {
             return Ok(false);
         }
@@ -167,12 +172,8 @@ impl Counters for MemoryCounters {
     }
 
     async fn fence_outdated(&self, provider: &ProviderId, token: &str, ttl: Duration) -> Result<(), StorageError> {
-        let mut state = self.state.lock().unwrap();
-        let now = Instant::now();
-        let (generation, held) = state.fences.entry(provider.clone()).or_default();
-        held.retain(|_, expiry| *expiry > now);
-        held.insert(token.to_owned(), now + ttl);
-        *generation += 1;
+        let mut state = self.state.lock().unwrap(); // one step, as the script's
+        state.take_fence(provider, token, ttl);
         if let Some(record) = state.live(provider) {
             record.outdated = true;
         }

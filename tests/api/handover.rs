@@ -685,9 +685,7 @@ on_both!(a_fallback_fences_its_provider_until_it_lands: memory_fences_a_fallback
 /// decision takes that record out of use again. Real Redis only: the fence is deleted.
 #[tokio::test]
 async fn redis_marks_a_fallbacks_record_after_its_decision_where_its_fence_was_lost() {
-    let _ = emulator_host();
-    let redis = Arc::new(RedisCounters::new(&redis_url(), &(unique("h") + ":")).unwrap());
-    let ledger = Gated::new(Arc::new(FirestoreLedger::new(&unique("handover-"), "providers")));
+    let (redis, ledger) = real_redis();
     let counters: Arc<dyn Counters> = redis.clone();
     let a = service(counters.clone(), ledger.clone());
     let id = p("mark-after");
@@ -866,6 +864,12 @@ async fn memory() -> (Arc<dyn Counters>, Arc<Gated>) {
 }
 
 async fn real() -> (Arc<dyn Counters>, Arc<Gated>) {
+    let (redis, ledger) = real_redis();
+    (redis, ledger)
+}
+
+/// [`real`], with the Redis adapter's own type (to look inside Redis).
+fn real_redis() -> (Arc<RedisCounters>, Arc<Gated>) {
     let _ = emulator_host();
     let counters = RedisCounters::new(&redis_url(), &(unique("h") + ":")).unwrap();
     let ledger = FirestoreLedger::new(&unique("handover-"), "providers");
@@ -899,9 +903,7 @@ on_both!(a_record_kept_dirty_past_its_ttl_is_rebased: memory_rebases_a_record_ke
 /// gives it one): a busy provider's record never stays without a reload for good.
 #[tokio::test]
 async fn redis_gives_a_record_of_an_older_quotad_its_load_time() {
-    let _ = emulator_host();
-    let redis = Arc::new(RedisCounters::new(&redis_url(), &(unique("h") + ":")).unwrap());
-    let ledger = Gated::new(Arc::new(FirestoreLedger::new(&unique("handover-"), "providers")));
+    let (redis, ledger) = real_redis();
     let a = QuotaService::new(
         redis.clone(),
         ledger.clone(),
