@@ -378,17 +378,18 @@ rcli FLUSHALL >/dev/null
 SHA=$(rcli SCRIPT LOAD "$(cat src/storage/redis/scripts/apply.lua)")
 RK='bench:q:{hot}' DK='bench:dirty'
 # One change per call (quotad sends the changes that are ready together in one call; under
-# load a call carries several): dirty index, then the record (a change without an
-# idempotency key sends no other key); deadline 0 (none), TTL, then per item: n (1 here), op, amount, keyed,
-# provider, key id.
+# load a call carries several): dirty index, the sender's receipts, then the record (a
+# change without an idempotency key sends no other key); deadline 0 (none), TTL, the
+# receipt's slot and the call's number (1 and 1: quotad's calls take the slots in turn), then
+# per item: n (1 here), op, amount, keyed, provider, key id.
 # The record as load.lua writes it.
 rcli HSET "$RK" used 0 limit "$HUGE" epoch 0 base 0 from 0 ver 0 synced 0 >/dev/null
-CHECK=$(rcli EVALSHA "$SHA" 2 "$DK" "$RK" 0 86400 1 c 1 0 hot '' | tr '\n' ' ')
+CHECK=$(rcli EVALSHA "$SHA" 3 "$DK" bench:rcpt "$RK" 0 86400 1 1 1 c 1 0 hot '' | tr '\n' ' ')
 echo "one EVALSHA by redis-cli -> $CHECK" >&2
 [[ $CHECK == "ok 1 1 $HUGE " ]] || die "EVALSHA did not answer ok: $CHECK"
 rcli HSET "$RK" used 0 ver 0 >/dev/null
 redis_bench "redis EVALSHA apply.lua (ops/s)" "redis-benchmark -c 50 -n $REDIS_N" apply \
-  EVALSHA "$SHA" 2 "$DK" "$RK" 0 86400 1 c 1 0 hot ''
+  EVALSHA "$SHA" 3 "$DK" bench:rcpt "$RK" 0 86400 1 1 1 c 1 0 hot ''
 REDIS_USED=$(rcli HGET "$RK" used)
 echo "record used after the run: $REDIS_USED (expected $REDIS_N)" >&2
 [[ $REDIS_USED == "$REDIS_N" ]] || PROBLEMS+=("apply.lua record used $REDIS_USED after redis-benchmark, expected $REDIS_N")

@@ -13,7 +13,7 @@ use super::{
 };
 use crate::storage::{
     Applied, Change, Counters, Decision, EXACT_MAX, IdempotencyEntry, KeyRecord, Ledger, LedgerDecision, Op, Seed,
-    StorageError, Synced, WriteOutcome, exact, idempotency_id, new_epoch,
+    Settled, StorageError, Synced, Unanswered, WriteOutcome, exact, idempotency_id, new_epoch,
 };
 use crate::telemetry::Cached;
 
@@ -113,6 +113,10 @@ pub struct QuotaService {
     /// Wakes the reconcile when a probe finds Redis and Firestore answering while decisions
     /// are away from Redis (it runs at once).
     answers: tokio::sync::Notify,
+    /// Usage of unanswered calls to take out of the ledger, with the document epoch it is
+    /// in (see [`QuotaService::settle_unanswered`]), forgotten by Redis already: kept here
+    /// until the ledger has it. Held by the settlement that runs.
+    unsettled: tokio::sync::Mutex<Vec<(ProviderId, i64, String)>>,
     /// This service, for the tasks Firestore decisions run in.
     me: std::sync::Weak<QuotaService>,
 }
@@ -148,6 +152,7 @@ impl QuotaService {
             failures: std::sync::atomic::AtomicU64::new(0),
             held_writes: std::sync::atomic::AtomicU64::new(0),
             answers: tokio::sync::Notify::new(),
+            unsettled: tokio::sync::Mutex::default(),
             me: me.clone(),
         })
     }
@@ -1374,6 +1379,63 @@ impl QuotaService {
         Ok(lost)
     }
 
+    /// Takes the usage of this replica's calls that Redis ran without their answer
+    /// arriving (it stopped before sending it, or the connection dropped) back out: the
+    /// Firestore fallback decided those changes too (or failed, and its client was told
+    /// so). Out of the cached record where there is one (the writer takes that to the
+    /// document like any change), else out of the document, which the record's write reached
+    /// first, and the provider is reloaded, as after a fallback. Given up (logged) where an
+    /// operator has set `used` since. A keyed change needs none of this: the document
+    /// settles its key (see `settle_twice_decided`). One settlement at a time.
+    pub async fn settle_unanswered(&self) -> Result<(), StorageError> {
+        let mut unsettled = self.unsettled.lock().await;
+        let phase = self.phase().0;
+        for unanswered in self.counters.settle_unanswered().await? {
+            let Unanswered {
+                provider,
+                usage,
+                settled,
+                ..
+            } = &unanswered;
+            let place = match settled {
+                Settled::Record => "record",
+                Settled::Lost => "lost",
+                Settled::Ledger { .. } => "ledger",
+            };
+            tracing::warn!(%provider, usage, place, "a call Redis ran without answering was decided in Firestore \
+                too: its usage is taken back out");
+            match settled {
+                Settled::Record if phase != Phase::RedisPrimary => self.writer.enqueue(provider.clone()),
+                Settled::Ledger { epoch } => {
+                    if self.counters.forget_unanswered(&unanswered).await? {
+                        unsettled.push((provider.clone(), *usage, epoch.clone()));
+                    }
+                    continue; // counted once it lands
+                }
+                _ => {}
+            }
+            metrics::counter!("quotad_unanswered_settled_total", "in" => place).increment(1);
+        }
+        while let Some((provider, usage, epoch)) = unsettled.pop() {
+            match self.ledger.add_used(&provider, -usage, &epoch).await {
+                Ok(true) => {
+                    metrics::counter!("quotad_unanswered_settled_total", "in" => "ledger").increment(1);
+                    // a record loaded before it landed reloads
+                    self.ledger.note_changed_outside(&provider).await?;
+                }
+                Ok(false) => {
+                    tracing::warn!(%provider, usage, "an operator set the usage since: nothing to take out");
+                    metrics::counter!("quotad_unanswered_settled_total", "in" => "lost").increment(1);
+                }
+                Err(err) => {
+                    unsettled.push((provider, usage, epoch));
+                    return Err(err);
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Reloads the providers Firestore decided while Redis was away: writes what Redis
     /// still holds unsynced, then drops the records so the next request loads them.
     pub async fn reconcile(&self) -> Result<usize, StorageError> {
@@ -1383,6 +1445,13 @@ impl QuotaService {
             let record = self.counters.read(&provider).await?;
             self.write_lost_held(&provider, record.as_ref().map(|r| r.epoch.as_str()))
                 .await?;
+        }
+        // Before the reloads, which then take what it settled in records along.
+        if let Err(err) = self.settle_unanswered().await {
+            if err.is_unavailable() {
+                return Err(err);
+            }
+            tracing::warn!(error = %err, "settling calls Redis did not answer failed; will retry");
         }
         let mut done = 0;
         // Marks of busy records stay for the next reconcile; one must not stop the others.

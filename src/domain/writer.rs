@@ -258,6 +258,13 @@ pub async fn write_all_held(
 /// Writes everything queued, for at most `budget` (graceful shutdown).
 pub async fn drain(service: &QuotaService, budget: Duration) {
     let deadline = tokio::time::Instant::now() + budget;
+    // Before the queue empties, which takes what it settles in records along: only this
+    // replica knows which of its calls went unanswered.
+    match tokio::time::timeout_at(deadline, service.settle_unanswered()).await {
+        Ok(Ok(())) => {}
+        Ok(Err(err)) => tracing::warn!(error = %err, "shutdown: could not settle calls Redis did not answer"),
+        Err(_) => tracing::warn!("shutdown: settling calls Redis did not answer took too long"),
+    }
     while service.writer().pending() > 0 && tokio::time::Instant::now() < deadline {
         if write_one(service).await == Step::Failed {
             tokio::time::sleep(Duration::from_millis(100)).await;

@@ -544,6 +544,22 @@ impl Ledger for FirestoreLedger {
     }
 
     #[tracing::instrument(skip_all, fields(provider = %provider), err(level = "debug"))]
+    async fn add_used(&self, provider: &ProviderId, delta: i64, epoch: &str) -> Result<bool, StorageError> {
+        self.modify(provider, |doc| {
+            let used = doc.aiCallsUsed.as_ref().map(num);
+            let Some(used) = used.filter(|_| doc.quotadEpoch.as_deref() == Some(epoch)) else {
+                return (false, None);
+            };
+            let write = ProviderWrite {
+                aiCallsUsed: Some(super::usage_after_write(used, delta, 0)),
+                ..ProviderWrite::default()
+            };
+            (true, Some(write))
+        })
+        .await
+    }
+
+    #[tracing::instrument(skip_all, fields(provider = %provider), err(level = "debug"))]
     async fn set_quota(
         &self,
         provider: &ProviderId,

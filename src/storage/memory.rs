@@ -627,6 +627,18 @@ impl Ledger for MemoryLedger {
         Ok(LedgerDecision::Decided(decision))
     }
 
+    async fn add_used(&self, provider: &ProviderId, delta: i64, epoch: &str) -> Result<bool, StorageError> {
+        let mut state = self.state.lock().unwrap();
+        if let Some(doc) = state.docs.get_mut(provider)
+            && let Some(used) = doc.used
+            && doc.epoch.as_deref() == Some(epoch)
+        {
+            doc.used = Some(super::usage_after_write(used, delta, 0));
+            return Ok(true);
+        }
+        Ok(false)
+    }
+
     async fn set_quota(
         &self,
         provider: &ProviderId,

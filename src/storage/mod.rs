@@ -404,6 +404,21 @@ pub trait Counters: Send + Sync {
     /// decided for the provider in Firestore while it could not reach Redis says so, for the
     /// replicas that still can. A load or a rebase clears the mark.
     async fn mark_outdated(&self, provider: &ProviderId) -> Result<(), StorageError>;
+    /// Takes back out the usage of this replica's changes whose call went unanswered but
+    /// that the backend ran (Redis stopped after running it, or the connection dropped):
+    /// their sender decided them from the ledger as well. Where the provider's record is
+    /// cached the usage comes out of it, as a change of its own ([`Settled::Record`]); the
+    /// rest, whose usage has reached the ledger, is for the caller to take out there, then
+    /// forget with [`Counters::forget_unanswered`] (until then it is returned again).
+    /// Backends that always answer have none.
+    async fn settle_unanswered(&self) -> Result<Vec<Unanswered>, StorageError> {
+        Ok(Vec::new())
+    }
+    /// Forgets what [`Counters::settle_unanswered`] returned for the ledger, which the
+    /// caller takes out there; `false` when it was forgotten already (by a concurrent call).
+    async fn forget_unanswered(&self, _unanswered: &Unanswered) -> Result<bool, StorageError> {
+        Ok(false)
+    }
     /// Drops a clean record. Returns `false` (and keeps it) when it is dirty.
     async fn evict_clean(&self, provider: &ProviderId) -> Result<bool, StorageError>;
     /// Drops the record if it is still of `epoch`, dirty or not (its document was reset).
@@ -487,6 +502,31 @@ pub enum LedgerDecision {
     KeyReused,
 }
 
+/// Usage that an unanswered call added to a provider (see
+/// [`Counters::settle_unanswered`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Unanswered {
+    pub provider: ProviderId,
+    /// What the call added to the provider's usage (negative: it refunded).
+    pub usage: i64,
+    /// The backend's id of the call.
+    pub call: u64,
+    pub settled: Settled,
+}
+
+/// Where [`Counters::settle_unanswered`] took an unanswered call's usage out.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Settled {
+    /// Out of the cached record.
+    Record,
+    /// Nowhere: the record is of another lineage than the call's (an operator set `used`
+    /// since, and the call's usage went with the old epoch).
+    Lost,
+    /// Not yet: the record was written and dropped. The ledger's to take out, while the
+    /// document is still in `epoch` (the record's, which wrote it there).
+    Ledger { epoch: String },
+}
+
 /// The durable system of record.
 #[async_trait]
 pub trait Ledger: Send + Sync {
@@ -524,6 +564,10 @@ pub trait Ledger: Send + Sync {
         default_limit: i64,
         mark_changed: bool,
     ) -> Result<LedgerDecision, StorageError>;
+    /// Adds `delta` to the document's usage (never below 0), as another writer would (no
+    /// epoch or watermark of quotad's changes), if the document is in `epoch`. Returns
+    /// whether it did.
+    async fn add_used(&self, provider: &ProviderId, delta: i64, epoch: &str) -> Result<bool, StorageError>;
     /// Sets `used` and/or `limit`. When `used` is set the document starts `new_epoch` with
     /// that usage as its watermark. Returns the document after the write.
     async fn set_quota(

@@ -7,12 +7,12 @@ use chrono::{SubsecRound, Utc};
 use quotad::{
     domain::{Phase, ProviderId},
     storage::{
-        Applied, Change, Counters, Decision, Ledger, LedgerDecision, Op, Record, Seed, Synced, WriteOutcome,
-        firestore::FirestoreLedger, idempotency_id, memory, redis::RedisCounters,
+        Applied, Change, Counters, Decision, Ledger, LedgerDecision, Op, Record, Seed, Settled, Synced, Unanswered,
+        WriteOutcome, firestore::FirestoreLedger, idempotency_id, memory, redis::RedisCounters,
     },
 };
 
-use crate::helpers::{RedisServer, emulator_host, explicit, planned, redis_url, unique};
+use crate::helpers::{RedisServer, TcpProxy, emulator_host, explicit, planned, redis_url, unique};
 
 const TTL: Duration = Duration::from_secs(300);
 
@@ -475,6 +475,14 @@ async fn ledger_contract(ledger: Arc<dyn Ledger>) {
         WriteOutcome::Stale
     );
     assert_eq!(ledger.read(&id).await.unwrap().unwrap().used, Some(18));
+    // Usage taken out as another writer would, only in the epoch named.
+    assert!(!ledger.add_used(&id, -2, "e1").await.unwrap());
+    assert!(ledger.add_used(&id, -2, "e2").await.unwrap());
+    assert_eq!(ledger.read(&id).await.unwrap().unwrap().used, Some(16));
+    assert!(ledger.add_used(&id, 2, "e2").await.unwrap());
+    assert!(!ledger.add_used(&p("nowhere"), -2, "e2").await.unwrap());
+    assert_eq!(ledger.read(&p("nowhere")).await.unwrap(), None);
+    assert_eq!(ledger.read(&id).await.unwrap().unwrap().used, Some(18));
     assert_eq!(ledger.changed_outside(10).await.unwrap(), vec![id.clone()]);
     ledger.clear_changed_outside(&id).await.unwrap();
     assert!(ledger.changed_outside(10).await.unwrap().is_empty());
@@ -772,6 +780,82 @@ async fn redis_sends_changes_ready_together_in_one_call() {
     // load, read and the applies: 270 changes in one poll of join_all are at most three
     // calls of 128; the load and a possible retry add a few
     assert!((1..=8).contains(&used), "{used} EVALSHA calls for 270 changes");
+}
+
+/// Calls that Redis ran but whose answers never came (a proxy holds them back) leave
+/// receipts, and their sender takes the usage of their plain changes back out: of a record
+/// still in the call's lineage; of nothing where an operator's quota replaced the record;
+/// for the ledger (in the record's epoch) where the record was written and dropped, until
+/// forgotten. A keyed change leaves none (its key settles it).
+#[tokio::test]
+async fn redis_settles_what_it_ran_without_answering() {
+    let redis = RedisServer::start().await;
+    let proxy = TcpProxy::start(format!("127.0.0.1:{}", redis.port).parse().unwrap()).await;
+    let counters = RedisCounters::new(&format!("redis://{}/", proxy.address()), "u:").unwrap();
+    counters.ping().await.unwrap();
+    let (kept, replaced, dropped) = (p("kept"), p("replaced"), p("dropped"));
+    for id in [&kept, &replaced, &dropped] {
+        counters.load(id, &seed(5, 10), TTL).await.unwrap();
+    }
+    proxy.hold_replies(true);
+    let keyed = Change {
+        idempotency_key: Some("k"),
+        ..consume(1)
+    };
+    let two = consume(2);
+    let (plain, keyed) = tokio::join!(
+        futures::future::join_all([&kept, &replaced, &dropped].map(|id| counters.apply(id, &two))),
+        counters.apply(&kept, &keyed)
+    );
+    assert!(
+        plain.iter().all(Result::is_err) && keyed.is_err(),
+        "{plain:?} {keyed:?}"
+    );
+    proxy.hold_replies(false);
+    counters.ping().await.unwrap();
+    assert_eq!(counters.read(&kept).await.unwrap().unwrap().used, 8, "Redis ran them");
+    let operators = Seed {
+        epoch: "e2".into(),
+        loaded_from: "e2".into(),
+        ..seed(3, 10)
+    };
+    counters.replace(&replaced, &operators, TTL).await.unwrap();
+    counters.forget(&dropped, "e1").await.unwrap();
+
+    let settle = || async {
+        let mut settled: Vec<(String, i64, Settled)> = counters
+            .settle_unanswered()
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|u: Unanswered| (u.provider.as_str().to_owned(), u.usage, u.settled))
+            .collect();
+        settled.sort_by(|a, b| a.0.cmp(&b.0));
+        settled
+    };
+    let ledger = ("dropped".to_owned(), 2, Settled::Ledger { epoch: "e1".into() });
+    assert_eq!(
+        settle().await,
+        [
+            ledger.clone(),
+            ("kept".to_owned(), 2, Settled::Record),
+            ("replaced".to_owned(), 2, Settled::Lost)
+        ]
+    );
+    let record = counters.read(&kept).await.unwrap().unwrap();
+    assert_eq!(
+        (record.used, record.version, record.synced),
+        (6, 3, 0),
+        "out, as a change of its own"
+    );
+    assert_eq!(counters.read(&replaced).await.unwrap().unwrap().used, 3);
+    // the ledger's part stays until forgotten, once
+    assert_eq!(settle().await, [ledger]);
+    let unanswered = counters.settle_unanswered().await.unwrap().remove(0);
+    assert!(counters.forget_unanswered(&unanswered).await.unwrap());
+    assert!(!counters.forget_unanswered(&unanswered).await.unwrap());
+    assert_eq!(settle().await, []);
+    assert_eq!(counters.read(&kept).await.unwrap().unwrap().used, 6);
 }
 
 #[tokio::test]

@@ -6,8 +6,8 @@ use quotad::domain::Phase;
 use serde_json::{Value, json};
 
 use crate::helpers::{
-    QuotadProcess, RedisServer, Shared, Store, TcpProxy, TestApp, client, emulator_host, eventually, ok, problem,
-    spawn_with, unique,
+    ADMIN, QuotadProcess, RedisServer, Shared, Store, TcpProxy, TestApp, client, emulator_host, eventually, ok,
+    problem, spawn_with, unique,
 };
 
 const DEADLINE: Duration = Duration::from_secs(30);
@@ -610,18 +610,7 @@ async fn decisions_go_back_to_redis_only_once_it_answers() {
     let http = client();
     assert_eq!(consume_status(&http, &quotad).await, 200);
     assert_eq!(eventually(DEADLINE, Some(1), || store.used("p1")).await, Some(1));
-    let transitions = || async {
-        let text = quotad.metrics(&http).await;
-        let count = |to: &str| {
-            text.lines()
-                .find(|line| {
-                    line.starts_with("quotad_redis_transitions_total") && line.contains(&format!("to=\"{to}\""))
-                })
-                .and_then(|line| line.rsplit(' ').next()?.parse::<u64>().ok())
-                .unwrap_or(0)
-        };
-        (count("down"), count("up"))
-    };
+    let transitions = || redis_transitions(&http, &quotad);
     assert_eq!(transitions().await, (0, 0));
     redis.pause(true);
     assert_eq!(consume_status(&http, &quotad).await, 200); // a fallback, after the call's timeout
@@ -636,4 +625,121 @@ async fn decisions_go_back_to_redis_only_once_it_answers() {
     redis.pause(false);
     assert_eq!(eventually(Duration::from_secs(10), (1, 1), transitions).await, (1, 1));
     assert!(quotad.terminate().success());
+}
+
+/// How often a quotad process saw Redis go down and come back up.
+async fn redis_transitions(http: &reqwest::Client, quotad: &QuotadProcess) -> (u64, u64) {
+    let text = quotad.metrics(http).await;
+    let count = |to: &str| {
+        text.lines()
+            .find(|line| line.starts_with("quotad_redis_transitions_total") && line.contains(&format!("to=\"{to}\"")))
+            .and_then(|line| line.rsplit(' ').next()?.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    (count("down"), count("up"))
+}
+
+/// Changes that Redis ran but whose answer never came back (Redis stopped between running
+/// the call and sending the reply; here a proxy holds the replies back) are decided again
+/// by the Firestore fallback, which cannot tell whether Redis took them. Each counts once: a
+/// keyed one when the record's write brings Redis's answer to the document, a plain one when
+/// its sender, once Redis answers, finds the call's receipt and takes its usage back out (of
+/// the record while it is cached; of the document when another replica has written and
+/// dropped the record first).
+#[tokio::test]
+async fn changes_redis_ran_without_answering_count_once() {
+    let redis = RedisServer::start().await;
+    let proxy = TcpProxy::start(format!("127.0.0.1:{}", redis.port).parse().unwrap()).await;
+    let project = unique("test-");
+    let store = Store::new(project.clone());
+    let mut env = quotad_env(&redis, &project, emulator_host()).to_vec();
+    env.push(("QUOTAD_PHASE", "dual-write".into()));
+    let direct = env.clone();
+    env[0].1 = format!("redis://{}/", proxy.address());
+    let quotad = QuotadProcess::start(&env).await;
+    let http = client();
+    let change = |provider: &str, op: &str, key: Option<&'static str>| {
+        let mut request = http
+            .post(format!("{}/quota/{provider}/{op}", quotad.base))
+            .json(&json!({"amount": 1}));
+        if let Some(key) = key {
+            request = request.header("Idempotency-Key", key);
+        }
+        async move { ok(request.send().await.unwrap()).await["used"].clone() }
+    };
+    let settled = || async {
+        let text = quotad.metrics(&http).await;
+        ["record", "ledger", "lost"].map(|place| {
+            let label = format!("quotad_unanswered_settled_total{{in=\"{place}\"}} ");
+            text.lines()
+                .find_map(|line| line.strip_prefix(&label)?.parse::<u64>().ok())
+                .unwrap_or(0)
+        })
+    };
+    // provider, op, idempotency key, usage after it, where its sender settles it (a keyed
+    // change: nowhere); in the last rounds another replica writes and drops the record while
+    // the replies are held, or an operator sets the usage (3: what Redis ran went with it)
+    let rounds = [
+        ("p1", "consume", Some("k"), 7, [0, 0, 0]),
+        ("p2", "consume", None, 7, [1, 0, 0]),
+        ("p3", "refund", None, 5, [1, 0, 0]),
+        ("p4", "consume", None, 7, [0, 1, 0]),
+        ("p5", "consume", None, 3, [0, 0, 1]),
+    ];
+    let mut other = None;
+    for (round, (provider, op, key, after, places)) in (1..).zip(rounds) {
+        store.put(provider, Some(5), Some(10)).await;
+        assert_eq!(change(provider, "consume", None).await, 6);
+        assert_eq!(eventually(DEADLINE, Some(6), || store.used(provider)).await, Some(6));
+        let before = settled().await;
+
+        proxy.hold_replies(true);
+        let answer = if provider == "p5" { 7 } else { after };
+        assert_eq!(
+            change(provider, op, key).await,
+            answer,
+            "{provider}: decided by the fallback"
+        );
+        if provider == "p4" {
+            // started only now, so that no reconcile of its own reloads the others first
+            let other = other.insert(QuotadProcess::start(&direct).await);
+            let path = format!("{}/admin/quota/{provider}/invalidate", other.base);
+            ok(http.post(path).bearer_auth(ADMIN).send().await.unwrap()).await;
+            // the fallback's change and the one Redis ran
+            assert_eq!(store.used(provider).await, Some(after + 1));
+        }
+        if provider == "p5" {
+            let other = other.as_ref().unwrap();
+            let path = format!("{}/admin/quota/{provider}", other.base);
+            let set = http.put(path).bearer_auth(ADMIN).json(&json!({"used": after}));
+            assert_eq!(ok(set.send().await.unwrap()).await["used"], after);
+            // cached again, in the operator's epoch
+            let lookup = http
+                .get(format!("{}/quota/{provider}", other.base))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(ok(lookup).await["used"], after);
+        }
+        proxy.hold_replies(false);
+        assert_eq!(
+            eventually(DEADLINE, (round, round), || redis_transitions(&http, &quotad)).await,
+            (round, round)
+        );
+        let after_round = settled().await;
+        assert_eq!(
+            [0, 1, 2].map(|i| after_round[i] - before[i]),
+            places,
+            "{provider}: settled in the record, in the ledger, given up"
+        );
+        if let Some(key) = key {
+            assert_eq!(change(provider, op, Some(key)).await, after, "{provider}: a replay");
+        }
+        assert_eq!(change(provider, "consume", None).await, after + 1, "{provider}");
+    }
+    assert!(quotad.terminate().success()); // every pending write flushed
+    assert!(other.unwrap().terminate().success());
+    for (provider, _, _, after, _) in rounds {
+        assert_eq!(store.used(provider).await, Some(after + 1), "{provider}");
+    }
 }

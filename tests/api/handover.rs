@@ -156,6 +156,9 @@ impl Ledger for Gated {
         }
         self.inner.decide(provider, change, default_limit, mark_changed).await
     }
+    async fn add_used(&self, provider: &ProviderId, delta: i64, epoch: &str) -> Result<bool, StorageError> {
+        self.inner.add_used(provider, delta, epoch).await
+    }
     async fn set_quota(
         &self,
         provider: &ProviderId,

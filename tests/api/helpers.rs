@@ -500,6 +500,8 @@ pub struct TcpProxy {
     target: SocketAddr,
     up: Arc<AtomicBool>,
     generation: Arc<tokio::sync::watch::Sender<u64>>,
+    /// While true, what the target answers is read but not passed on (see `hold_replies`).
+    holding: Arc<tokio::sync::watch::Sender<bool>>,
     accept: Option<tokio::task::JoinHandle<()>>,
 }
 
@@ -512,6 +514,7 @@ impl TcpProxy {
             target,
             up: Arc::new(AtomicBool::new(false)),
             generation: Arc::new(generation),
+            holding: Arc::new(tokio::sync::watch::channel(false).0),
             accept: None,
         };
         proxy.set_up(true).await;
@@ -535,21 +538,53 @@ impl TcpProxy {
             return;
         }
         let listener = TcpListener::bind(("127.0.0.1", self.port)).await.unwrap();
-        let (target, generation) = (self.target, self.generation.clone());
+        let (target, generation, holding) = (self.target, self.generation.clone(), self.holding.clone());
         self.accept = Some(tokio::spawn(async move {
-            while let Ok((mut client, _)) = listener.accept().await {
+            while let Ok((client, _)) = listener.accept().await {
                 let mut cut = generation.subscribe();
+                let held = holding.subscribe();
                 tokio::spawn(async move {
-                    let Ok(mut upstream) = TcpStream::connect(target).await else {
+                    let Ok(upstream) = TcpStream::connect(target).await else {
                         return;
                     };
+                    let (mut from_client, mut to_client) = client.into_split();
+                    let (mut from_target, mut to_target) = upstream.into_split();
                     tokio::select! {
-                        _ = tokio::io::copy_bidirectional(&mut client, &mut upstream) => {}
+                        _ = tokio::io::copy(&mut from_client, &mut to_target) => {}
+                        _ = pass_on_unless_held(&mut from_target, &mut to_client, held) => {}
                         _ = cut.changed() => {}
                     }
                 });
             }
         }));
+    }
+
+    /// Holds back (`true`) or passes on (`false`, with what was held) what the target
+    /// answers, while requests still reach it: the target runs a command and its sender
+    /// waits for the answer in vain, as when Redis stops between running a call and
+    /// sending its reply.
+    pub fn hold_replies(&self, hold: bool) {
+        self.holding.send_replace(hold);
+    }
+}
+
+/// Copies `from` to `to`, each chunk read only once `held` is false.
+async fn pass_on_unless_held(
+    from: &mut (impl tokio::io::AsyncRead + Unpin),
+    to: &mut (impl tokio::io::AsyncWrite + Unpin),
+    mut held: tokio::sync::watch::Receiver<bool>,
+) -> std::io::Result<()> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut buf = vec![0; 64 * 1024];
+    loop {
+        let n = from.read(&mut buf).await?;
+        if n == 0 {
+            return Ok(());
+        }
+        if held.wait_for(|hold| !hold).await.is_err() {
+            return Ok(());
+        }
+        to.write_all(&buf[..n]).await?;
     }
 }
 

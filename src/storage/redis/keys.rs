@@ -60,6 +60,11 @@ impl Keys {
         format!("{}dirty", self.prefix)
     }
 
+    /// A replica's receipts of its apply calls (hash; see `scripts/apply.lua`).
+    pub fn receipts(&self, replica: &str) -> String {
+        format!("{}rcpt:{replica}", self.prefix)
+    }
+
     /// The id of this Redis data set (gone when Redis comes back empty).
     pub fn sentinel(&self) -> String {
         format!("{}sentinel", self.prefix)

@@ -17,8 +17,8 @@ use tokio::sync::oneshot;
 
 pub use self::keys::Keys;
 use super::{
-    Applied, Change, Counters, Decision, IDEMPOTENCY_TTL, IdempotencyEntry, KeyRecord, Op, Record, Seed, StorageError,
-    Synced, idempotency_id,
+    Applied, Change, Counters, Decision, IDEMPOTENCY_TTL, IdempotencyEntry, KeyRecord, Op, Record, Seed, Settled,
+    StorageError, Synced, Unanswered, idempotency_id,
 };
 use crate::domain::{
     Phase, ProviderId,
@@ -61,6 +61,34 @@ static RENEW_FENCE: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!
 static REBASE: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("scripts/rebase.lua")));
 static MARK_OUTDATED: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("scripts/mark_outdated.lua")));
 static UNFENCE: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("scripts/unfence.lua")));
+static SETTLE_RECEIPT: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("scripts/settle_receipt.lua")));
+
+/// How many receipts a replica keeps in Redis (see `apply.lua`): its calls take the slots
+/// in turn, so an unanswered call's receipt is read before this many more calls of its
+/// sender (each waits for Redis) have run.
+const RECEIPT_SLOTS: u64 = 4096;
+
+/// This replica's receipts of apply calls (see `apply.lua`), and the calls that went
+/// unanswered: Redis may have run them.
+struct Receipts {
+    key: String,
+    next: std::sync::atomic::AtomicU64,
+    unanswered: Mutex<std::collections::VecDeque<u64>>,
+}
+
+impl Receipts {
+    fn unanswered(&self, seq: u64) {
+        let mut unanswered = self.unanswered.lock().unwrap();
+        if unanswered.len() as u64 >= RECEIPT_SLOTS {
+            // its slot has been taken by a later call already
+            tracing::warn!(
+                seq = unanswered.pop_front(),
+                "too many unanswered calls to settle; the oldest is given up"
+            );
+        }
+        unanswered.push_back(seq);
+    }
+}
 
 /// Redis-backed counters.
 pub struct RedisCounters {
@@ -74,6 +102,7 @@ pub struct RedisCounters {
     checks: Batches<CheckJob>,
     /// Record reads waiting to be sent together.
     reads: Batches<ReadJob>,
+    receipts: Arc<Receipts>,
 }
 
 /// The shared connection, made lazily and remade after failures.
@@ -359,6 +388,11 @@ impl RedisCounters {
             applies: Batches::new(),
             checks: Batches::new(),
             reads: Batches::new(),
+            receipts: Arc::new(Receipts {
+                key: Keys::new(prefix).receipts(&uuid::Uuid::new_v4().simple().to_string()),
+                next: std::sync::atomic::AtomicU64::new(0),
+                unanswered: Mutex::new(std::collections::VecDeque::new()),
+            }),
         })
     }
 
@@ -725,7 +759,8 @@ impl Counters for RedisCounters {
         };
         self.applies.queue(job, || {
             let (link, dirty, deadline) = (self.link.clone(), self.keys.dirty(), self.apply_deadline_ms());
-            move |jobs| send_applies(link.clone(), dirty.clone(), deadline, jobs)
+            let receipts = self.receipts.clone();
+            move |jobs| send_applies(link.clone(), dirty.clone(), receipts.clone(), deadline, jobs)
         });
         answer(answered).await
     }
@@ -773,6 +808,69 @@ impl Counters for RedisCounters {
         let mut invocation = MARK_OUTDATED.prepare_invoke();
         invocation.key(self.keys.record(provider));
         self.on_marks_connection(&invocation).await
+    }
+
+    async fn settle_unanswered(&self) -> Result<Vec<Unanswered>, StorageError> {
+        let calls: Vec<u64> = self.receipts.unanswered.lock().unwrap().iter().copied().collect();
+        let mut settled = Vec::new();
+        for call in calls {
+            let read = ::redis::cmd("HGET")
+                .arg(&self.receipts.key)
+                .arg(call % RECEIPT_SLOTS)
+                .clone();
+            let receipt: Option<String> = match self.query(read).await {
+                Ok(receipt) => receipt,
+                Err(err) if err.is_unavailable() => return Err(err),
+                Err(err) => {
+                    // e.g. the hash holds another type: nothing to settle with, ever
+                    tracing::warn!(call, error = %err, "an unanswered call's receipt cannot be read; given up");
+                    None
+                }
+            };
+            let parts: Vec<&str> = receipt.as_deref().unwrap_or_default().split(' ').collect();
+            let mut ledger = false;
+            // another call's receipt (a later one took the slot, or this one left none)
+            // settles nothing
+            if parts.first() == Some(&call.to_string().as_str()) {
+                for provider in parts[1..].iter().step_by(3).filter_map(|p| ProviderId::parse(p).ok()) {
+                    let answer: String = match self.invoke(self.settle_receipt(&provider, call, "settle")).await {
+                        Ok(answer) => answer,
+                        Err(err) if err.is_unavailable() => return Err(err),
+                        Err(err) => {
+                            tracing::warn!(call, %provider, error = %err, "an unanswered call cannot be settled; given up");
+                            continue;
+                        }
+                    };
+                    let mut answer = answer.split(' ');
+                    let (outcome, usage) = (answer.next(), answer.next().and_then(|u| u.parse().ok()));
+                    let settled_as = match (outcome, answer.next()) {
+                        (Some("record"), _) => Settled::Record,
+                        (Some("lost"), _) => Settled::Lost,
+                        (Some("ledger"), Some(epoch)) => Settled::Ledger {
+                            epoch: epoch.to_owned(),
+                        },
+                        _ => continue, // gone
+                    };
+                    ledger |= matches!(settled_as, Settled::Ledger { .. });
+                    settled.push(Unanswered {
+                        provider,
+                        usage: usage.unwrap_or_default(),
+                        call,
+                        settled: settled_as,
+                    });
+                }
+            }
+            if !ledger {
+                self.receipts.unanswered.lock().unwrap().retain(|c| *c != call);
+            }
+        }
+        Ok(settled)
+    }
+
+    async fn forget_unanswered(&self, unanswered: &Unanswered) -> Result<bool, StorageError> {
+        let invocation = self.settle_receipt(&unanswered.provider, unanswered.call, "forget");
+        let answer: String = self.invoke(invocation).await?;
+        Ok(answer == "forgotten")
     }
 
     async fn evict_clean(&self, provider: &ProviderId) -> Result<bool, StorageError> {
@@ -946,9 +1044,16 @@ fn now_ms() -> i64 {
 /// script answers 'err' for it) fails alone. Identical changes in a row without idempotency
 /// keys (a hot provider's, as a rule) go as one item with their number: the script reads
 /// the item's arguments once and still answers each change.
-async fn send_applies(link: Arc<Link>, dirty: String, deadline: i64, jobs: Vec<ApplyJob>) {
+async fn send_applies(link: Arc<Link>, dirty: String, receipts: Arc<Receipts>, deadline: i64, jobs: Vec<ApplyJob>) {
+    let seq = receipts.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let mut invocation = APPLY.prepare_invoke();
-    invocation.key(dirty).arg(deadline).arg(IDEMPOTENCY_TTL.as_secs());
+    invocation
+        .key(dirty)
+        .key(&receipts.key)
+        .arg(deadline)
+        .arg(IDEMPOTENCY_TTL.as_secs())
+        .arg(seq % RECEIPT_SLOTS)
+        .arg(seq);
     for item in jobs.chunk_by(ApplyJob::same_item) {
         let job = &item[0];
         invocation.key(&job.record);
@@ -964,6 +1069,10 @@ async fn send_applies(link: Arc<Link>, dirty: String, deadline: i64, jobs: Vec<A
             .arg(&job.id);
     }
     let reply: Result<Vec<Value>, StorageError> = link.invoke(invocation).await;
+    if reply.is_err() {
+        // Redis may have run it: its sender decides from Firestore meanwhile
+        receipts.unanswered(seq);
+    }
     let reply = reply.and_then(|values| match values.as_slice() {
         [late] if text(late).as_deref() == Some("late") => Err(unavailable("Redis ran the script after its deadline")),
         _ => Ok(values),
@@ -1198,6 +1307,20 @@ impl RedisCounters {
             .arg(self.apply_deadline_ms());
         let held: i64 = self.invoke(invocation).await?;
         Ok(held == 1)
+    }
+
+    /// A `settle_receipt.lua` call for the part of call `call`'s receipt about `provider`.
+    fn settle_receipt(&self, provider: &ProviderId, call: u64, mode: &str) -> ::redis::ScriptInvocation<'static> {
+        let mut invocation = SETTLE_RECEIPT.prepare_invoke();
+        invocation
+            .key(&self.receipts.key)
+            .key(self.keys.record(provider))
+            .key(self.keys.dirty())
+            .arg(call % RECEIPT_SLOTS)
+            .arg(call)
+            .arg(provider.as_str())
+            .arg(mode);
+        invocation
     }
 
     /// The Redis time after which an apply or sync-lock call sent now must not change

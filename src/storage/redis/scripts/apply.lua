@@ -3,6 +3,7 @@
 -- exactly as if each had been its own call.
 -- KEYS[1] dirty index (sorted set; the one key outside the providers' slots: on Redis
 --         Cluster it would be sharded by slot, and a call would carry one provider only)
+-- KEYS[2] the sender's receipts (hash: slot -> receipt; outside the slots too)
 -- per item (n identical changes in a row without idempotency keys, as a hot provider's
 --         changes of one call are, or one change), in order: its record hash; then, only
 --         when it carries an idempotency key, that key and the provider's idempotency
@@ -11,7 +12,8 @@
 --         has stopped waiting and decided from Firestore instead); it marks its records
 --         outdated (below)
 -- ARGV[2] idempotency TTL seconds
--- per item, from ARGV[a] (a = 3 for the first, then a + 6): ARGV[a] n (1 with an
+-- ARGV[3] the receipt's slot in KEYS[2] ('': no receipt), ARGV[4] the call's sequence number
+-- per item, from ARGV[a] (a = 5 for the first, then a + 6): ARGV[a] n (1 with an
 --         idempotency key), ARGV[a + 1] 'c' consume | 'r' refund, ARGV[a + 2] amount,
 --         ARGV[a + 3] flags: 1 when the idempotency key is used, plus 2 when the item's
 --         last change answers with the record (below), ARGV[a + 4] provider id (member
@@ -36,6 +38,15 @@
 -- only now because Redis hung meanwhile. Other replicas, which may reach Redis again before
 -- the sender's reconciliation has reloaded the records, must not decide from them.
 -- A change of an outdated record is answered 'outdated' and changes nothing.
+-- A call that changed usage without idempotency keys leaves a receipt: '<seq>' and then, per
+-- provider, '<provider> <usage it added> <record epoch>' (space-separated; ids and epochs
+-- have no spaces), in the
+-- sender's hash at its slot (the sender's calls take the slots in turn). A sender whose call
+-- went unanswered (Redis stopped after running it, or the connection dropped) decides from
+-- Firestore meanwhile, and reads the receipt once Redis answers to take the usage back out
+-- (settle_receipt.lua): the change counts once. A keyed change needs none: its idempotency
+-- record settles it (the ledger's settle_twice_decided). The receipt is written with
+-- redis.pcall: a broken hash loses it, and never fails the call.
 -- Returns {'late'}, or four values per change: 'miss' | 'outdated' | 'reused' | 'replay' |
 -- 'ok' | 'err', then allowed 0/1, used, limit (zeros after 'miss', 'outdated' and 'reused';
 -- the error after 'err'). With flag 2, the last change of an item answers 'ok <ver> <base> <fromw | -> <epoch>
@@ -46,8 +57,8 @@ local function s(n) return string.format('%d', n) end
 local t = redis.call('TIME')
 local now_ms = t[1] * 1000 + math.floor(t[2] / 1000)
 if ARGV[1] ~= '0' and now_ms > tonumber(ARGV[1]) then
-  local k = 2
-  for a = 3, #ARGV, 6 do
+  local k = 3
+  for a = 5, #ARGV, 6 do
     if redis.call('TYPE', KEYS[k])['ok'] == 'hash' then redis.call('HSET', KEYS[k], 'outdated', '1') end
     k = k + (tonumber(ARGV[a + 3]) % 2 == 1 and 3 or 1)
   end
@@ -62,7 +73,7 @@ local expires_s = s(now_ms + tonumber(ttl) * 1000)
 local index_type = redis.call('TYPE', KEYS[1])['ok']
 if index_type ~= 'zset' and index_type ~= 'none' then
   local out, message = {}, 'the dirty index ' .. KEYS[1] .. ' is a ' .. index_type
-  for a = 3, #ARGV, 6 do
+  for a = 5, #ARGV, 6 do
     for _ = 1, tonumber(ARGV[a]) do
       out[#out + 1], out[#out + 2], out[#out + 3], out[#out + 4] = 'err', message, 0, 0
     end
@@ -87,12 +98,13 @@ local function change(record, idem, pending, op, amount_s, provider, id)
   end
   local r = records[record]
   if not r then
-    local v = redis.call('HMGET', record, 'used', 'limit', 'ver', 'synced', 'outdated')
+    local v = redis.call('HMGET', record, 'used', 'limit', 'ver', 'synced', 'outdated', 'epoch')
     if not v[1] then return 'miss', 0, 0, 0 end
     if v[5] then return 'outdated', 0, 0, 0 end -- read again by each change: it stays outdated
     local used, limit, ver = tonumber(v[1]), tonumber(v[2]), tonumber(v[3])
     if not (used and limit and ver) then error('ERR the record ' .. record .. ' is incomplete') end
-    r = {used = used, limit = limit, ver = ver, read_ver = ver, synced = tonumber(v[4]), provider = provider}
+    r = {used = used, limit = limit, ver = ver, read_ver = ver, synced = tonumber(v[4]), provider = provider,
+      receipt_epoch = v[6] or '-'}
     records[record] = r
   end
   local used = r.used
@@ -108,6 +120,7 @@ local function change(record, idem, pending, op, amount_s, provider, id)
     redis.call('PEXPIRE', pending, ttl_ms_s)
     redis.call('SET', idem, answer, 'EX', ttl)
   end
+  if new_used ~= used and not idem then r.plain = (r.plain or 0) + new_used - used end
   if new_used ~= used or idem then
     if not r.queued then
       r.queued = true
@@ -126,7 +139,7 @@ end
 
 -- decides one item: `n` identical changes in a row, each answered as if sent alone
 local function run(n, record, idem, pending, op, amount_s, provider, id, with_record)
-  -- the record's lineage, read once per call and only when asked for (the hot path reads 5
+  -- the record's lineage, read once per call and only when asked for (the hot path reads 6
   -- fields), and before any change: a record it cannot read fails the item unchanged
   local lineage = with_record and records[record]
   if with_record and not (lineage and lineage.epoch) then
@@ -145,8 +158,8 @@ local function run(n, record, idem, pending, op, amount_s, provider, id, with_re
   end
 end
 
-local k = 2
-for a = 3, #ARGV, 6 do
+local k = 3
+for a = 5, #ARGV, 6 do
   local n = tonumber(ARGV[a])
   local record, idem, pending = KEYS[k], nil, nil
   local flags = tonumber(ARGV[a + 3])
@@ -178,6 +191,22 @@ if #written > 0 then
     local r = records[record]
     redis.call('HSET', record, 'used', s(r.used), 'ver', s(r.ver))
     if not r.synced or r.read_ver <= r.synced then redis.call('PERSIST', record) end
+  end
+  if ARGV[3] ~= '' then
+    local receipt = {ARGV[4]}
+    for _, record in ipairs(written) do
+      local r = records[record]
+      if r.plain and r.plain ~= 0 then
+        receipt[#receipt + 1] = r.provider
+        receipt[#receipt + 1] = s(r.plain)
+        receipt[#receipt + 1] = r.receipt_epoch
+      end
+    end
+    if #receipt > 1 then
+      -- the hash lives an hour from its sender's last call of each 64 (or its first)
+      local added = redis.pcall('HSET', KEYS[2], ARGV[3], table.concat(receipt, ' '))
+      if added == 1 or tonumber(ARGV[4]) % 64 == 0 then redis.pcall('PEXPIRE', KEYS[2], 3600000) end
+    end
   end
 end
 return out
