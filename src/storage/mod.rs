@@ -240,9 +240,11 @@ fn fallback_epoch(raw: &str) -> Option<&str> {
 /// Its change is then in the document twice, once through that decision and once through
 /// the record's delta. Redis's answer stands (Redis replays it): the fallback's change is
 /// taken out of the document, and the map takes Redis's answer, so a later write of the
-/// same key finds nothing to settle. Returns what to add to the document's usage. (A
-/// fallback refund that left usage at 0 may have given back less than its amount: it is
-/// left as it is.)
+/// same key finds nothing to settle. Except where Redis denied a consume that the fallback
+/// admitted: that admission may have been acted on, so it stays, and so does its answer
+/// (without its epoch: settled). Returns what to add to the document's usage. (A fallback
+/// refund that left usage at 0 may have given back less than its amount: it is left as it
+/// is.)
 pub fn settle_twice_decided(
     known: &mut std::collections::BTreeMap<String, String>,
     keys: &[KeyRecord],
@@ -263,6 +265,16 @@ pub fn settle_twice_decided(
             continue;
         };
         if theirs.expires_ms <= now_ms || (theirs.expires_ms - ours.expires_ms).abs() >= idempotency_ttl_ms() {
+            continue;
+        }
+        if !id.starts_with("r:") && theirs.decision.allowed && !ours.decision.allowed {
+            // Redis denied what the fallback admitted (another change made room before the
+            // fallback read the document): the fallback's admission may have been acted on,
+            // so it stays counted, and its answer is the one kept, settled.
+            tracing::warn!(key = %id, "an idempotency key was decided twice: Redis denied what the Firestore \
+                fallback admitted, whose admission counts");
+            metrics::counter!("quotad_idempotency_settled_total").increment(1);
+            known.insert(id.clone(), theirs.render());
             continue;
         }
         let undo = match (theirs.decision.allowed, id.starts_with("r:")) {

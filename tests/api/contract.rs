@@ -679,6 +679,27 @@ async fn twice_decided_keys_count_once(ledger: &dyn Ledger) {
         Some(63)
     );
 
+    // A consume the fallback admitted and Redis denied (its record was at the limit, and a
+    // refund made room before the fallback read the document): the admission stays counted,
+    // and the fallback's answer is the one kept.
+    let id = p("twice-denied");
+    fallback_charged(ledger, &id).await;
+    let denied = (idempotency_id(Op::Consume, "k"), format!("4:0:10:10:{expires}"));
+    for version in [2, 3] {
+        assert_eq!(
+            write_carrying(ledger, &id, &record(10, 0, "e1", "", version), &denied).await,
+            Some(14)
+        );
+    }
+    let replay = ledger
+        .decide(&id, &keyed(Op::Consume, 4, "k"), 100, true)
+        .await
+        .unwrap();
+    assert!(
+        matches!(replay, LedgerDecision::Replayed(d) if d.allowed && d.used == 14),
+        "{replay:?}"
+    );
+
     // The fallback's change is no longer in the document once an operator set `used` (a new
     // epoch): a key Redis decided before, carried by a later record's write (its own record
     // was dropped as stale, its pending answers stayed), settles nothing.
