@@ -252,7 +252,7 @@ fn plan_record_write(
         return (WriteOutcome::Stale, None);
     }
     let mut known = doc.quotadKeys.clone().unwrap_or_default();
-    let correction = settle_twice_decided(&mut known, keys, doc.quotadEpoch.as_deref(), now);
+    let (correction, settled) = settle_twice_decided(&mut known, keys, doc.quotadEpoch.as_deref(), now);
     let used = doc.aiCallsUsed.as_ref().map_or(0, num);
     if let DeltaPlan::Add(delta) = plan {
         write.aiCallsUsed = Some(super::usage_after_write(used, delta, correction));
@@ -262,7 +262,7 @@ fn plan_record_write(
     } else if correction != 0 {
         write.aiCallsUsed = Some(super::usage_after_write(used, 0, correction));
     }
-    if correction != 0 || keys.iter().any(|(id, _)| !known.contains_key(id)) {
+    if settled || keys.iter().any(|(id, _)| !known.contains_key(id)) {
         merge_keys(&mut known, keys, now);
         write.quotadKeys = Some(known);
     }
@@ -547,7 +547,12 @@ impl Ledger for FirestoreLedger {
     async fn add_used(&self, provider: &ProviderId, delta: i64, epoch: &str) -> Result<bool, StorageError> {
         self.modify(provider, |doc| {
             let used = doc.aiCallsUsed.as_ref().map(num);
-            let Some(used) = used.filter(|_| doc.quotadEpoch.as_deref() == Some(epoch)) else {
+            let in_epoch = !epoch.is_empty()
+                && doc
+                    .quotadEpoch
+                    .as_deref()
+                    .is_some_and(|e| e.get(..8).unwrap_or(e) == epoch);
+            let Some(used) = used.filter(|_| in_epoch) else {
                 return (false, None);
             };
             let write = ProviderWrite {

@@ -569,7 +569,7 @@ impl Ledger for MemoryLedger {
         ) {
             return Ok(WriteOutcome::Stale);
         }
-        let correction = settle_twice_decided(&mut doc.keys, keys, doc.epoch.as_deref(), now_ms());
+        let (correction, _) = settle_twice_decided(&mut doc.keys, keys, doc.epoch.as_deref(), now_ms());
         merge_keys(&mut doc.keys, keys, now_ms());
         let delta = match delta_for(record, doc.epoch.as_deref(), doc.watermark, doc.version) {
             DeltaPlan::Stale => return Ok(WriteOutcome::Stale),
@@ -631,7 +631,8 @@ impl Ledger for MemoryLedger {
         let mut state = self.state.lock().unwrap();
         if let Some(doc) = state.docs.get_mut(provider)
             && let Some(used) = doc.used
-            && doc.epoch.as_deref() == Some(epoch)
+            && !epoch.is_empty()
+            && doc.epoch.as_deref().is_some_and(|e| e.get(..8).unwrap_or(e) == epoch)
         {
             doc.used = Some(super::usage_after_write(used, delta, 0));
             return Ok(true);

@@ -242,16 +242,17 @@ fn fallback_epoch(raw: &str) -> Option<&str> {
 /// taken out of the document, and the map takes Redis's answer, so a later write of the
 /// same key finds nothing to settle. Except where Redis denied a consume that the fallback
 /// admitted: that admission may have been acted on, so it stays, and so does its answer
-/// (without its epoch: settled). Returns what to add to the document's usage. (A fallback
-/// refund that left usage at 0 may have given back less than its amount: it is left as it
-/// is.)
+/// (without its epoch: settled); Redis's own record of the key still replays its denial
+/// until it expires. Returns what to add to the document's usage, and whether `known`
+/// changed. (A fallback refund that left usage at 0 may have given back less than its
+/// amount: it is left as it is.)
 pub fn settle_twice_decided(
     known: &mut std::collections::BTreeMap<String, String>,
     keys: &[KeyRecord],
     doc_epoch: Option<&str>,
     now_ms: i64,
-) -> i64 {
-    let mut correction = 0;
+) -> (i64, bool) {
+    let (mut correction, mut changed) = (0, false);
     for (id, entry) in keys {
         let Some(prior) = known.get(id).filter(|prior| *prior != entry) else {
             continue;
@@ -275,6 +276,7 @@ pub fn settle_twice_decided(
                 fallback admitted, whose admission counts");
             metrics::counter!("quotad_idempotency_settled_total").increment(1);
             known.insert(id.clone(), theirs.render());
+            changed = true;
             continue;
         }
         let undo = match (theirs.decision.allowed, id.starts_with("r:")) {
@@ -287,8 +289,9 @@ pub fn settle_twice_decided(
         metrics::counter!("quotad_idempotency_settled_total").increment(1);
         correction += undo;
         known.insert(id.clone(), entry.clone());
+        changed = true;
     }
-    correction
+    (correction, changed)
 }
 
 /// A recorded first answer: `amount:allowed:used:limit:expiresMs`.
@@ -535,7 +538,8 @@ pub enum Settled {
     /// since, and the call's usage went with the old epoch).
     Lost,
     /// Not yet: the record was written and dropped. The ledger's to take out, while the
-    /// document is still in `epoch` (the record's, which wrote it there).
+    /// document is still in the record's epoch, which wrote it there (`epoch`: its first
+    /// characters).
     Ledger { epoch: String },
 }
 
@@ -577,8 +581,8 @@ pub trait Ledger: Send + Sync {
         mark_changed: bool,
     ) -> Result<LedgerDecision, StorageError>;
     /// Adds `delta` to the document's usage (never below 0), as another writer would (no
-    /// epoch or watermark of quotad's changes), if the document is in `epoch`. Returns
-    /// whether it did.
+    /// epoch or watermark of quotad's changes), if `epoch` is the first 8 characters of the
+    /// document's epoch (all of a shorter one; epochs are random). Returns whether it did.
     async fn add_used(&self, provider: &ProviderId, delta: i64, epoch: &str) -> Result<bool, StorageError>;
     /// Sets `used` and/or `limit`. When `used` is set the document starts `new_epoch` with
     /// that usage as its watermark. Returns the document after the write.

@@ -483,6 +483,17 @@ async fn ledger_contract(ledger: Arc<dyn Ledger>) {
     assert!(!ledger.add_used(&p("nowhere"), -2, "e2").await.unwrap());
     assert_eq!(ledger.read(&p("nowhere")).await.unwrap(), None);
     assert_eq!(ledger.read(&id).await.unwrap().unwrap().used, Some(18));
+    // A receipt names an epoch by its first 8 characters.
+    let long = quotad::storage::new_epoch();
+    let other = p("l-epoch");
+    ledger
+        .write_record(&other, &record(5, 0, &long, "", 1), &[])
+        .await
+        .unwrap();
+    assert!(!ledger.add_used(&other, -1, &long[..7]).await.unwrap());
+    assert!(!ledger.add_used(&other, -1, &long).await.unwrap());
+    assert!(ledger.add_used(&other, -1, &long[..8]).await.unwrap());
+    assert_eq!(ledger.read(&other).await.unwrap().unwrap().used, Some(4));
     assert_eq!(ledger.changed_outside(10).await.unwrap(), vec![id.clone()]);
     ledger.clear_changed_outside(&id).await.unwrap();
     assert!(ledger.changed_outside(10).await.unwrap().is_empty());
@@ -684,7 +695,7 @@ async fn twice_decided_keys_count_once(ledger: &dyn Ledger) {
     // and the fallback's answer is the one kept.
     let id = p("twice-denied");
     fallback_charged(ledger, &id).await;
-    let denied = (idempotency_id(Op::Consume, "k"), format!("4:0:10:10:{expires}"));
+    let denied = (idempotency_id(Op::Consume, "k"), format!("4:0:98:100:{expires}"));
     for version in [2, 3] {
         assert_eq!(
             write_carrying(ledger, &id, &record(10, 0, "e1", "", version), &denied).await,
@@ -698,6 +709,12 @@ async fn twice_decided_keys_count_once(ledger: &dyn Ledger) {
     assert!(
         matches!(replay, LedgerDecision::Replayed(d) if d.allowed && d.used == 14),
         "{replay:?}"
+    );
+    let keys = ledger.read(&id).await.unwrap().unwrap().keys;
+    let kept = keys.iter().find(|(key, _)| *key == denied.0).unwrap();
+    assert!(
+        kept.1.starts_with("4:1:14:100:") && kept.1.split(':').count() == 5,
+        "the fallback's answer, settled (no epoch): {kept:?}"
     );
 
     // The fallback's change is no longer in the document once an operator set `used` (a new

@@ -39,8 +39,8 @@
 -- the sender's reconciliation has reloaded the records, must not decide from them.
 -- A change of an outdated record is answered 'outdated' and changes nothing.
 -- A call that changed usage without idempotency keys leaves a receipt: '<seq>' and then, per
--- provider, '<provider> <usage it added> <record epoch>' (space-separated; ids and epochs
--- have no spaces), in the
+-- provider, '<provider> <usage it added> <the record epoch's first 8 characters>'
+-- (space-separated; ids and epochs have no spaces), in the
 -- sender's hash at its slot (the sender's calls take the slots in turn). A sender whose call
 -- went unanswered (Redis stopped after running it, or the connection dropped) decides from
 -- Firestore meanwhile, and reads the receipt once Redis answers to take the usage back out
@@ -104,7 +104,7 @@ local function change(record, idem, pending, op, amount_s, provider, id)
     local used, limit, ver = tonumber(v[1]), tonumber(v[2]), tonumber(v[3])
     if not (used and limit and ver) then error('ERR the record ' .. record .. ' is incomplete') end
     r = {used = used, limit = limit, ver = ver, read_ver = ver, synced = tonumber(v[4]), provider = provider,
-      receipt_epoch = v[6] or '-'}
+      receipt_epoch = v[6] and string.sub(v[6], 1, 8) or '-'}
     records[record] = r
   end
   local used = r.used

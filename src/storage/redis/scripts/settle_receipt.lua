@@ -49,7 +49,8 @@ end
 local v = redis.call('HMGET', KEYS[2], 'used', 'ver', 'epoch', 'from')
 local used, ver = tonumber(v[1]), tonumber(v[2])
 if not (used and ver) then return 'ledger ' .. string.format('%d', added) .. ' ' .. epoch end
-if v[3] ~= epoch and v[4] ~= epoch then
+-- (epochs are random: 8 hex characters tell them apart)
+if string.sub(v[3] or '', 1, 8) ~= epoch and string.sub(v[4] or '', 1, 8) ~= epoch then
   forget()
   return 'lost ' .. string.format('%d', added)
 end
