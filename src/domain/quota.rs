@@ -1384,8 +1384,8 @@ impl QuotaService {
     /// Firestore fallback decided those changes too (or failed, and its client was told
     /// so). Out of the cached record where there is one (the writer takes that to the
     /// document like any change), else out of the document, which the record's write reached
-    /// first, and the provider is reloaded, as after a fallback. Given up (logged) where an
-    /// operator has set `used` since. A keyed change needs none of this: the document
+    /// first, and the provider is reloaded, as after a fallback. Given up (logged) where the
+    /// call's epoch is gone (an operator has set `used` since). A keyed change needs none of this: the document
     /// settles its key (see `settle_twice_decided`). One settlement at a time.
     pub async fn settle_unanswered(&self) -> Result<(), StorageError> {
         let mut unsettled = self.unsettled.lock().await;
@@ -1424,7 +1424,8 @@ impl QuotaService {
                     self.ledger.note_changed_outside(&provider).await?;
                 }
                 Ok(false) => {
-                    tracing::warn!(%provider, usage, "an operator set the usage since: nothing to take out");
+                    tracing::warn!(%provider, usage, "the document is in another epoch now (an operator set the \
+                        usage, or a later record was written and dropped): not taken out");
                     metrics::counter!("quotad_unanswered_settled_total", "in" => "lost").increment(1);
                 }
                 Err(err) => {
