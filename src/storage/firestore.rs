@@ -547,16 +547,11 @@ impl Ledger for FirestoreLedger {
     async fn add_used(&self, provider: &ProviderId, delta: i64, epoch: &str) -> Result<bool, StorageError> {
         self.modify(provider, |doc| {
             let used = doc.aiCallsUsed.as_ref().map(num);
-            let in_epoch = !epoch.is_empty()
-                && doc
-                    .quotadEpoch
-                    .as_deref()
-                    .is_some_and(|e| e.get(..8).unwrap_or(e) == epoch);
-            let Some(used) = used.filter(|_| in_epoch) else {
+            let Some(used) = super::used_after_adding(used, doc.quotadEpoch.as_deref(), delta, epoch) else {
                 return (false, None);
             };
             let write = ProviderWrite {
-                aiCallsUsed: Some(super::usage_after_write(used, delta, 0)),
+                aiCallsUsed: Some(used),
                 ..ProviderWrite::default()
             };
             (true, Some(write))

@@ -629,15 +629,12 @@ impl Ledger for MemoryLedger {
 
     async fn add_used(&self, provider: &ProviderId, delta: i64, epoch: &str) -> Result<bool, StorageError> {
         let mut state = self.state.lock().unwrap();
-        if let Some(doc) = state.docs.get_mut(provider)
-            && let Some(used) = doc.used
-            && !epoch.is_empty()
-            && doc.epoch.as_deref().is_some_and(|e| e.get(..8).unwrap_or(e) == epoch)
-        {
-            doc.used = Some(super::usage_after_write(used, delta, 0));
-            return Ok(true);
-        }
-        Ok(false)
+        let Some(doc) = state.docs.get_mut(provider) else {
+            return Ok(false);
+        };
+        let used = super::used_after_adding(doc.used, doc.epoch.as_deref(), delta, epoch);
+        doc.used = used.or(doc.used);
+        Ok(used.is_some())
     }
 
     async fn set_quota(

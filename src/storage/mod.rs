@@ -268,27 +268,22 @@ pub fn settle_twice_decided(
         if theirs.expires_ms <= now_ms || (theirs.expires_ms - ours.expires_ms).abs() >= idempotency_ttl_ms() {
             continue;
         }
-        if !id.starts_with("r:") && theirs.decision.allowed && !ours.decision.allowed {
-            // Redis denied what the fallback admitted (another change made room before the
-            // fallback read the document): the fallback's admission may have been acted on,
-            // so it stays counted, and its answer is the one kept, settled.
-            tracing::warn!(key = %id, "an idempotency key was decided twice: Redis denied what the Firestore \
-                fallback admitted, whose admission counts");
-            metrics::counter!("quotad_idempotency_settled_total").increment(1);
-            known.insert(id.clone(), theirs.render());
-            changed = true;
-            continue;
-        }
-        let undo = match (theirs.decision.allowed, id.starts_with("r:")) {
-            (false, _) => 0,
-            (true, false) => -theirs.amount,
-            (true, true) if theirs.decision.used > 0 => theirs.amount,
+        // what to add to the usage, and the answer that stands: Redis's, but where Redis
+        // denied a consume the fallback admitted (another change made room before the
+        // fallback read the document) the admission may have been acted on, so it stays
+        // counted, and its answer stands, settled (without its epoch)
+        let (undo, stands) = match (theirs.decision.allowed, id.starts_with("r:")) {
+            (true, false) if !ours.decision.allowed => (0, theirs.render()),
+            (false, _) => (0, entry.clone()),
+            (true, false) => (-theirs.amount, entry.clone()),
+            (true, true) if theirs.decision.used > 0 => (theirs.amount, entry.clone()),
             (true, true) => continue,
         };
-        tracing::warn!(key = %id, undo, "an idempotency key was decided twice (Redis and the Firestore fallback): counted once");
+        tracing::warn!(key = %id, undo, fallback_stands = stands != *entry,
+            "an idempotency key was decided twice (Redis and the Firestore fallback): counted once");
         metrics::counter!("quotad_idempotency_settled_total").increment(1);
         correction += undo;
-        known.insert(id.clone(), entry.clone());
+        known.insert(id.clone(), stands);
         changed = true;
     }
     (correction, changed)
@@ -671,6 +666,15 @@ pub fn decide_stored(used: i64, limit: i64, change: &Change<'_>) -> (Decision, i
 /// saturating at the ends of i64 (another writer may store anything).
 pub fn usage_after_write(stored: i64, delta: i64, correction: i64) -> i64 {
     stored.saturating_add(delta).saturating_add(correction).max(0)
+}
+
+/// A document's `aiCallsUsed` after [`Ledger::add_used`] adds `delta`, or `None` when it
+/// has no usage, or is not in the epoch `epoch` names: its first 8 characters (all of a
+/// shorter one), as receipts name it (`settle_receipt.lua` compares the same).
+pub fn used_after_adding(used: Option<i64>, doc_epoch: Option<&str>, delta: i64, epoch: &str) -> Option<i64> {
+    let named = |e: &str| !epoch.is_empty() && e.get(..8).unwrap_or(e) == epoch;
+    used.filter(|_| doc_epoch.is_some_and(named))
+        .map(|used| usage_after_write(used, delta, 0))
 }
 
 /// A fresh random epoch id.

@@ -77,6 +77,11 @@ struct Receipts {
 }
 
 impl Receipts {
+    /// The slot of call `seq`'s receipt.
+    fn slot(seq: u64) -> u64 {
+        seq % RECEIPT_SLOTS
+    }
+
     fn unanswered(&self, seq: u64) {
         let mut unanswered = self.unanswered.lock().unwrap();
         if unanswered.len() as u64 >= RECEIPT_SLOTS {
@@ -816,7 +821,7 @@ impl Counters for RedisCounters {
         for call in calls {
             let read = ::redis::cmd("HGET")
                 .arg(&self.receipts.key)
-                .arg(call % RECEIPT_SLOTS)
+                .arg(Receipts::slot(call))
                 .clone();
             let receipt: Option<String> = match self.query(read).await {
                 Ok(receipt) => receipt,
@@ -1052,7 +1057,7 @@ async fn send_applies(link: Arc<Link>, dirty: String, receipts: Arc<Receipts>, d
         .key(&receipts.key)
         .arg(deadline)
         .arg(IDEMPOTENCY_TTL.as_secs())
-        .arg(seq % RECEIPT_SLOTS)
+        .arg(Receipts::slot(seq))
         .arg(seq);
     for item in jobs.chunk_by(ApplyJob::same_item) {
         let job = &item[0];
@@ -1316,7 +1321,7 @@ impl RedisCounters {
             .key(&self.receipts.key)
             .key(self.keys.record(provider))
             .key(self.keys.dirty())
-            .arg(call % RECEIPT_SLOTS)
+            .arg(Receipts::slot(call))
             .arg(call)
             .arg(provider.as_str())
             .arg(mode);
