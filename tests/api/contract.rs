@@ -650,8 +650,9 @@ async fn twice_decided_keys_count_once(ledger: &dyn Ledger) {
     let id = p("twice");
     // Redis's answers decided after the fallback's (a retry reached Redis), or before it
     // (Redis ran the call and its reply was lost): each answer expires a key's life after
-    // its decision
-    let expires = Utc::now().timestamp_millis() + 86_400_000 + 1000;
+    // its decision (taken when needed: on a slow emulator this test runs for seconds)
+    let later = || Utc::now().timestamp_millis() + 86_400_000 + 1000;
+    let expires = later();
     let earlier = Utc::now().timestamp_millis() + 86_400_000 - 60_000;
     let keyed = |op, amount, key| Change {
         op,
@@ -705,7 +706,7 @@ async fn twice_decided_keys_count_once(ledger: &dyn Ledger) {
         matches!(fallback, LedgerDecision::Decided(d) if !d.allowed),
         "{fallback:?}"
     );
-    let admitted = (idempotency_id(Op::Consume, "d"), format!("50:1:63:100:{expires}"));
+    let admitted = (idempotency_id(Op::Consume, "d"), format!("50:1:63:100:{}", later()));
     assert_eq!(
         write_carrying(ledger, &id, &record(63, 0, "e1", "", 5), &admitted).await,
         Some(63)
@@ -778,7 +779,7 @@ async fn twice_decided_keys_count_once(ledger: &dyn Ledger) {
     // taken out
     let id = p("twice-denied-later");
     fallback_charged(ledger, &id).await;
-    let denied = (idempotency_id(Op::Consume, "k"), format!("4:0:98:100:{expires}"));
+    let denied = (idempotency_id(Op::Consume, "k"), format!("4:0:98:100:{}", later()));
     assert_eq!(
         write_carrying(ledger, &id, &record(10, 0, "e1", "", 2), &denied).await,
         Some(10)
