@@ -12,8 +12,8 @@ use super::{
     writer::Writer,
 };
 use crate::storage::{
-    Applied, Change, Counters, Decision, EXACT_MAX, IdempotencyEntry, KeyRecord, Ledger, LedgerDecision, Op, Seed,
-    Settled, StorageError, Synced, Unanswered, WriteOutcome, exact, idempotency_id, new_epoch,
+    Applied, Change, Counters, Decision, EXACT_MAX, IdempotencyEntry, KeyRecord, Ledger, LedgerDecision, Op, Record,
+    Seed, Settled, StorageError, Synced, Unanswered, WriteOutcome, exact, idempotency_id, new_epoch,
 };
 use crate::telemetry::Cached;
 
@@ -1124,13 +1124,7 @@ impl QuotaService {
                     }
                 }
                 Ok(WriteOutcome::Stale) => {
-                    // The document was set to another epoch (an operator's PUT while Redis was
-                    // away): its absolute value replaced what this record had not written.
-                    metrics::counter!("quotad_store_writes_total", "result" => "stale").increment(1);
-                    tracing::warn!(%provider, epoch = %record.epoch, unsynced = record.used - record.base,
-                        "cached record is stale (its document was reset meanwhile): dropping it");
-                    self.writer.landed(provider, &record.epoch, u64::MAX, None);
-                    self.counters.forget(provider, &record.epoch).await?;
+                    self.drop_stale(provider, &record).await?;
                     return Ok(true);
                 }
                 Err(err) => {
@@ -1140,6 +1134,25 @@ impl QuotaService {
             }
         }
         Ok(false)
+    }
+
+    /// A record's write found its document in an epoch that is neither the record's nor
+    /// the one it was loaded from. Either the document was set to another epoch (an
+    /// operator's PUT while Redis was away), whose absolute value replaced what the record
+    /// had not written: Redis still holds the record, and it is dropped (logged). Or the
+    /// write was slow, and the record it read was written and replaced meanwhile: Redis
+    /// holds another, and there is nothing to drop.
+    async fn drop_stale(&self, provider: &ProviderId, record: &Record) -> Result<(), StorageError> {
+        self.writer.landed(provider, &record.epoch, u64::MAX, None);
+        let (epoch, unsynced) = (&record.epoch, record.used - record.base);
+        if self.counters.forget(provider, epoch).await? {
+            metrics::counter!("quotad_store_writes_total", "result" => "stale").increment(1);
+            tracing::warn!(%provider, %epoch, unsynced,
+                "cached record is stale (its document was reset meanwhile): dropping it");
+        } else {
+            tracing::debug!(%provider, %epoch, "a write read a record that was replaced before it landed");
+        }
+        Ok(())
     }
 
     /// Writes many dirty records in one batch (the batch sync): `(written, failed)`. A
@@ -1182,29 +1195,36 @@ impl QuotaService {
                 }
             }
         };
-        let settled = futures::future::join_all(items.iter().zip(results).map(|((provider, record, keys), result)| async move {
-            match result {
-                Ok(WriteOutcome::Written { limit, overruled }) => {
-                    self.writer.landed(provider, &record.epoch, record.version, None);
-                    self.replay_overruled(provider, &overruled).await;
-                    let transferred: Vec<String> = keys.iter().map(|(id, _)| id.clone()).collect();
-                    self.counters
-                        .mark_synced(provider, &record.epoch, record.version, self.limit_of(limit), self.cache_ttl, &transferred)
-                        .await?;
-                    Ok::<_, StorageError>((1, 0))
+        let settled = futures::future::join_all(items.iter().zip(results).map(
+            |((provider, record, keys), result)| async move {
+                match result {
+                    Ok(WriteOutcome::Written { limit, overruled }) => {
+                        self.writer.landed(provider, &record.epoch, record.version, None);
+                        self.replay_overruled(provider, &overruled).await;
+                        let transferred: Vec<String> = keys.iter().map(|(id, _)| id.clone()).collect();
+                        self.counters
+                            .mark_synced(
+                                provider,
+                                &record.epoch,
+                                record.version,
+                                self.limit_of(limit),
+                                self.cache_ttl,
+                                &transferred,
+                            )
+                            .await?;
+                        Ok::<_, StorageError>((1, 0))
+                    }
+                    Ok(WriteOutcome::Stale) => {
+                        self.drop_stale(provider, record).await?;
+                        Ok((0, 0))
+                    }
+                    Err(err) => {
+                        tracing::warn!(%provider, error = %err, "sync: write failed");
+                        Ok((0, 1))
+                    }
                 }
-                Ok(WriteOutcome::Stale) => {
-                    tracing::warn!(%provider, "cached record is stale (its document was reset meanwhile): dropping it");
-                    self.writer.landed(provider, &record.epoch, u64::MAX, None);
-                    self.counters.forget(provider, &record.epoch).await?;
-                    Ok((0, 0))
-                }
-                Err(err) => {
-                    tracing::warn!(%provider, error = %err, "sync: write failed");
-                    Ok((0, 1))
-                }
-            }
-        }))
+            },
+        ))
         .await;
         let (mut written, mut failed) = (0u64, 0u64);
         for outcome in settled {

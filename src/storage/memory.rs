@@ -353,17 +353,17 @@ impl Counters for MemoryCounters {
         Ok(true)
     }
 
-    async fn forget(&self, provider: &ProviderId, epoch: &str) -> Result<(), StorageError> {
+    async fn forget(&self, provider: &ProviderId, epoch: &str) -> Result<bool, StorageError> {
         let mut state = self.state.lock().unwrap();
-        if state
+        let of_epoch = state
             .records
             .get(provider)
-            .is_some_and(|cached| cached.record.epoch == epoch)
-        {
+            .is_some_and(|cached| cached.record.epoch == epoch);
+        if of_epoch {
             state.records.remove(provider);
             state.dirty_since.remove(provider);
         }
-        Ok(())
+        Ok(of_epoch)
     }
 
     async fn replace(&self, provider: &ProviderId, seed: &Seed, ttl: Duration) -> Result<(), StorageError> {

@@ -457,7 +457,8 @@ pub trait Counters: Send + Sync {
     /// Drops a clean record. Returns `false` (and keeps it) when it is dirty.
     async fn evict_clean(&self, provider: &ProviderId) -> Result<bool, StorageError>;
     /// Drops the record if it is still of `epoch`, dirty or not (its document was reset).
-    async fn forget(&self, provider: &ProviderId, epoch: &str) -> Result<(), StorageError>;
+    /// Returns whether it did.
+    async fn forget(&self, provider: &ProviderId, epoch: &str) -> Result<bool, StorageError>;
     /// Replaces the record (an operator set the quota); it is clean. Under a fence, or when
     /// a fence was taken since `seed.fence` was read, it drops the record instead.
     async fn replace(&self, provider: &ProviderId, seed: &Seed, ttl: Duration) -> Result<(), StorageError>;

@@ -364,7 +364,9 @@ async fn fences_contract(counters: &dyn Counters) {
     assert!(counters.read(&id).await.unwrap().is_some());
     let taken = counters.fence_gen(&id).await.unwrap();
     assert!(taken > 0);
-    counters.forget(&id, "e1").await.unwrap();
+    assert!(!counters.forget(&id, "e0").await.unwrap(), "another epoch's: kept");
+    assert!(counters.read(&id).await.unwrap().is_some());
+    assert!(counters.forget(&id, "e1").await.unwrap());
     assert!(!counters.load(&id, &at(taken), TTL).await.unwrap(), "held: refused");
     assert_eq!(counters.read(&id).await.unwrap(), None);
     counters.unfence(&id, "t1").await.unwrap();

@@ -910,14 +910,14 @@ impl Counters for RedisCounters {
         Ok(gone == 1)
     }
 
-    async fn forget(&self, provider: &ProviderId, epoch: &str) -> Result<(), StorageError> {
+    async fn forget(&self, provider: &ProviderId, epoch: &str) -> Result<bool, StorageError> {
         let mut invocation = FORGET.prepare_invoke();
         invocation
             .key(self.keys.record(provider))
             .key(self.keys.dirty())
             .arg(epoch)
             .arg(provider.as_str());
-        self.invoke::<i64>(invocation).await.map(|_| ())
+        self.invoke::<i64>(invocation).await.map(|dropped| dropped == 1)
     }
 
     async fn replace(&self, provider: &ProviderId, seed: &Seed, ttl: Duration) -> Result<(), StorageError> {
