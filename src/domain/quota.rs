@@ -1002,9 +1002,8 @@ impl QuotaService {
             };
             let (epoch, version) = (&record.epoch, record.version);
             match self.ledger.write_record(provider, &record, &keys).await? {
-                WriteOutcome::Written { overruled, .. } => {
+                WriteOutcome::Written { .. } => {
                     metrics::counter!("quotad_store_writes_total", "result" => "written_held").increment(1);
-                    self.replay_overruled(provider, &overruled).await;
                     tracing::info!(%provider, %epoch, version, "wrote this replica's changes that Redis could not give");
                     self.writer.landed(provider, epoch, version, Some(&ids));
                 }
@@ -1021,18 +1020,6 @@ impl QuotaService {
             }
         }
         Ok(())
-    }
-
-    /// Makes Redis replay the answers of keys a write settled for the Firestore fallback
-    /// (see [`WriteOutcome::Written`]); failing that (logged), it replays its own.
-    async fn replay_overruled(&self, provider: &ProviderId, overruled: &[KeyRecord]) {
-        if overruled.is_empty() {
-            return;
-        }
-        if let Err(err) = self.counters.set_answers(provider, overruled).await {
-            tracing::warn!(%provider, error = %err, keys = overruled.len(),
-                "Redis could not take the answers the ledger settled: it replays its own");
-        }
     }
 
     /// Writes the changes this replica holds of epochs Redis no longer has (`present`: the
@@ -1093,10 +1080,9 @@ impl QuotaService {
             // Firestore decides (Redis away, or a phase change) is answered, not charged.
             let keys = self.counters.pending_keys(provider).await?;
             match self.ledger.write_record(provider, &record, &keys).await {
-                Ok(WriteOutcome::Written { limit, overruled }) => {
+                Ok(WriteOutcome::Written { limit }) => {
                     metrics::counter!("quotad_store_writes_total", "result" => "written").increment(1);
                     self.writer.landed(provider, &record.epoch, record.version, None);
-                    self.replay_overruled(provider, &overruled).await;
                     let transferred: Vec<String> = keys.into_iter().map(|(id, _)| id).collect();
                     let synced = self
                         .counters
@@ -1198,9 +1184,8 @@ impl QuotaService {
         let settled = futures::future::join_all(items.iter().zip(results).map(
             |((provider, record, keys), result)| async move {
                 match result {
-                    Ok(WriteOutcome::Written { limit, overruled }) => {
+                    Ok(WriteOutcome::Written { limit }) => {
                         self.writer.landed(provider, &record.epoch, record.version, None);
-                        self.replay_overruled(provider, &overruled).await;
                         let transferred: Vec<String> = keys.iter().map(|(id, _)| id.clone()).collect();
                         self.counters
                             .mark_synced(

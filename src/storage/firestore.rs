@@ -252,8 +252,7 @@ fn plan_record_write(
         return (WriteOutcome::Stale, None);
     }
     let mut known = doc.quotadKeys.clone().unwrap_or_default();
-    let settled = settle_twice_decided(&mut known, keys, doc.quotadEpoch.as_deref(), now);
-    let correction = settled.correction;
+    let (correction, settled) = settle_twice_decided(&mut known, keys, doc.quotadEpoch.as_deref(), now);
     let used = doc.aiCallsUsed.as_ref().map_or(0, num);
     if let DeltaPlan::Add(delta) = plan {
         write.aiCallsUsed = Some(super::usage_after_write(used, delta, correction));
@@ -263,13 +262,12 @@ fn plan_record_write(
     } else if correction != 0 {
         write.aiCallsUsed = Some(super::usage_after_write(used, 0, correction));
     }
-    if settled.changed || keys.iter().any(|(id, _)| !known.contains_key(id)) {
+    if settled || keys.iter().any(|(id, _)| !known.contains_key(id)) {
         merge_keys(&mut known, keys, now);
         write.quotadKeys = Some(known);
     }
     let changes = !write.mask().is_empty();
-    let overruled = settled.overruled;
-    (WriteOutcome::Written { limit, overruled }, changes.then_some(write))
+    (WriteOutcome::Written { limit }, changes.then_some(write))
 }
 
 /// Whether a write failed only because another writer changed the document first.
@@ -472,7 +470,7 @@ impl Ledger for FirestoreLedger {
             for (k, (i, outcome, _, _)) in planned.iter().enumerate() {
                 let landed = response.statuses.get(k).is_none_or(|status| status.code == 0);
                 results[*i] = Some(if landed {
-                    Ok(outcome.clone())
+                    Ok(*outcome)
                 } else {
                     let (provider, record, keys) = &items[*i];
                     self.write_record(provider, record, keys).await

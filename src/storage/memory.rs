@@ -328,14 +328,6 @@ impl Counters for MemoryCounters {
             .unwrap_or_default())
     }
 
-    async fn set_answers(&self, provider: &ProviderId, keys: &[KeyRecord]) -> Result<(), StorageError> {
-        let mut state = self.state.lock().unwrap();
-        for (id, entry) in keys {
-            state.keys.insert((provider.clone(), id.clone()), entry.clone());
-        }
-        Ok(())
-    }
-
     async fn mark_outdated(&self, provider: &ProviderId) -> Result<(), StorageError> {
         if let Some(record) = self.state.lock().unwrap().live(provider) {
             record.outdated = true;
@@ -577,8 +569,7 @@ impl Ledger for MemoryLedger {
         ) {
             return Ok(WriteOutcome::Stale);
         }
-        let settled = settle_twice_decided(&mut doc.keys, keys, doc.epoch.as_deref(), now_ms());
-        let correction = settled.correction;
+        let (correction, _) = settle_twice_decided(&mut doc.keys, keys, doc.epoch.as_deref(), now_ms());
         merge_keys(&mut doc.keys, keys, now_ms());
         let delta = match delta_for(record, doc.epoch.as_deref(), doc.watermark, doc.version) {
             DeltaPlan::Stale => return Ok(WriteOutcome::Stale),
@@ -597,10 +588,7 @@ impl Ledger for MemoryLedger {
                 correction,
             ));
         }
-        Ok(WriteOutcome::Written {
-            limit: doc.limit,
-            overruled: settled.overruled,
-        })
+        Ok(WriteOutcome::Written { limit: doc.limit })
     }
 
     async fn decide(

@@ -238,25 +238,21 @@ fn fallback_epoch(raw: &str) -> Option<&str> {
 /// Redis's answer was still alive (their expiry times less than a key's life apart), was
 /// decided twice: while Redis was away the fallback could not see Redis's unsynced records.
 /// Its change is then in the document twice, once through that decision and once through
-/// the record's delta, and counted once: where both admitted (or refunded), the
-/// fallback's change is taken out and Redis's answer stands (Redis replays it). Where one
-/// admitted a consume and the other denied it, the later decision stands, with its
-/// change: a caller retries only an answer it never got (Redis ran the call and its reply
-/// was lost, or the answer timed out on the way), so the later answer is the one it acted
-/// on. Each answer's expiry is its decision's time plus a key's life, which orders them
-/// (Redis's clock against the replica's: equal, Redis's counts as later). A fallback's
-/// answer that stands is kept without its epoch (settled). The map takes the answer that
-/// stands, so a later write of the same key finds nothing to settle; Redis's own record of
-/// the key is to replay the fallback's where that stands ([`Settlement::overruled`]).
-/// (A fallback refund that left usage at 0 may have given back less than its amount: it is
-/// left as it is.)
+/// the record's delta. Redis's answer stands (Redis replays it): the fallback's change is
+/// taken out of the document, and the map takes Redis's answer, so a later write of the
+/// same key finds nothing to settle. Except where Redis denied a consume that the fallback
+/// admitted: that admission may have been acted on, so it stays, and so does its answer
+/// (without its epoch: settled); Redis's own record of the key still replays its denial
+/// until it expires. Returns what to add to the document's usage, and whether `known`
+/// changed. (A fallback refund that left usage at 0 may have given back less than its
+/// amount: it is left as it is.)
 pub fn settle_twice_decided(
     known: &mut std::collections::BTreeMap<String, String>,
     keys: &[KeyRecord],
     doc_epoch: Option<&str>,
     now_ms: i64,
-) -> Settlement {
-    let mut settled = Settlement::default();
+) -> (i64, bool) {
+    let (mut correction, mut changed) = (0, false);
     for (id, entry) in keys {
         let Some(prior) = known.get(id).filter(|prior| *prior != entry) else {
             continue;
@@ -272,42 +268,25 @@ pub fn settle_twice_decided(
         if theirs.expires_ms <= now_ms || (theirs.expires_ms - ours.expires_ms).abs() >= idempotency_ttl_ms() {
             continue;
         }
-        // what to add to the usage, and the answer that stands
-        let fallback_later = theirs.expires_ms > ours.expires_ms;
-        let refund = id.starts_with("r:");
-        let (undo, stands) = match (refund, theirs.decision.allowed, ours.decision.allowed) {
-            (true, true, _) if theirs.decision.used > 0 => (theirs.amount, entry.clone()),
-            (true, true, _) => continue,
-            (false, true, true) => (-theirs.amount, entry.clone()),
-            (false, true, false) if fallback_later => (0, theirs.render()),
-            (false, true, false) => (-theirs.amount, entry.clone()),
-            (false, false, true) if fallback_later => (-ours.amount, theirs.render()),
-            (_, false, _) => (0, entry.clone()),
+        // what to add to the usage, and the answer that stands: Redis's, but where Redis
+        // denied a consume the fallback admitted (another change made room before the
+        // fallback read the document) the admission may have been acted on, so it stays
+        // counted, and its answer stands, settled (without its epoch)
+        let (undo, stands) = match (theirs.decision.allowed, id.starts_with("r:")) {
+            (true, false) if !ours.decision.allowed => (0, theirs.render()),
+            (false, _) => (0, entry.clone()),
+            (true, false) => (-theirs.amount, entry.clone()),
+            (true, true) if theirs.decision.used > 0 => (theirs.amount, entry.clone()),
+            (true, true) => continue,
         };
-        let fallback_stands = stands != *entry;
-        tracing::warn!(key = %id, undo, fallback_stands,
+        tracing::warn!(key = %id, undo, fallback_stands = stands != *entry,
             "an idempotency key was decided twice (Redis and the Firestore fallback): counted once");
         metrics::counter!("quotad_idempotency_settled_total").increment(1);
-        settled.correction += undo;
-        if fallback_stands {
-            settled.overruled.push((id.clone(), stands.clone()));
-        }
+        correction += undo;
         known.insert(id.clone(), stands);
-        settled.changed = true;
+        changed = true;
     }
-    settled
-}
-
-/// What [`settle_twice_decided`] did.
-#[derive(Debug, Default)]
-pub struct Settlement {
-    /// What to add to the document's usage.
-    pub correction: i64,
-    /// Whether the map changed.
-    pub changed: bool,
-    /// The keys whose answer the fallback's overrules, with that answer: Redis is to replay
-    /// it ([`Counters::set_answers`]).
-    pub overruled: Vec<KeyRecord>,
+    (correction, changed)
 }
 
 /// A recorded first answer: `amount:allowed:used:limit:expiresMs`.
@@ -431,10 +410,6 @@ pub trait Counters: Send + Sync {
     ) -> Result<Synced, StorageError>;
     /// Idempotency records decided here and not yet in the ledger.
     async fn pending_keys(&self, provider: &ProviderId) -> Result<Vec<KeyRecord>, StorageError>;
-    /// Replaces the answers of idempotency records with the ledger's `keys` (a key decided
-    /// twice whose Firestore answer stands, see [`WriteOutcome::Written`]): their retries
-    /// are answered as the ledger answers them.
-    async fn set_answers(&self, provider: &ProviderId, keys: &[KeyRecord]) -> Result<(), StorageError>;
     /// Marks the record outdated ([`Record::outdated`]), if there is one: a replica that
     /// decided for the provider in Firestore while it could not reach Redis says so, for the
     /// replicas that still can. A load or a rebase clears the mark.
@@ -521,16 +496,11 @@ impl Document {
 }
 
 /// What a [`Ledger::write_record`] did.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum WriteOutcome {
     /// The delta landed (or had landed before); the ledger holds this version. `limit` is
-    /// the document's limit (or `None` when it stores none); `overruled`, the keys the
-    /// record carried whose answer the Firestore fallback's overrules (see
-    /// [`settle_twice_decided`]), with that answer.
-    Written {
-        limit: Option<i64>,
-        overruled: Vec<KeyRecord>,
-    },
+    /// the document's limit (or `None` when it stores none).
+    Written { limit: Option<i64> },
     /// The document belongs to another epoch now: this record is stale.
     Stale,
 }

@@ -639,69 +639,6 @@ async fn redis_transitions(http: &reqwest::Client, quotad: &QuotadProcess) -> (u
     (count("down"), count("up"))
 }
 
-/// A keyed consume that Redis admitted without its answer coming back, and that the
-/// Firestore fallback then denied (a legacy writer had taken the document to its limit
-/// meanwhile): its caller was told 429, so once Redis answers the denial stands, in the
-/// document's usage (the record's write brings Redis's admission along, and it is taken
-/// back out) and in every replay of the key, which Redis answers again after the reload.
-#[tokio::test]
-async fn a_key_the_fallback_denied_after_redis_ran_it_stays_denied() {
-    let redis = RedisServer::start().await;
-    let proxy = TcpProxy::start(format!("127.0.0.1:{}", redis.port).parse().unwrap()).await;
-    let project = unique("test-");
-    let store = Store::new(project.clone());
-    let mut env = quotad_env(&redis, &project, emulator_host()).to_vec();
-    env.push(("QUOTAD_PHASE", "dual-write".into()));
-    env[0].1 = format!("redis://{}/", proxy.address());
-    let quotad = QuotadProcess::start(&env).await;
-    let http = client();
-    let consume = |key: Option<&'static str>| {
-        let mut request = http
-            .post(format!("{}/quota/p/consume", quotad.base))
-            .json(&json!({"amount": 1}));
-        if let Some(key) = key {
-            request = request.header("Idempotency-Key", key);
-        }
-        async move {
-            let resp = request.send().await.unwrap();
-            let status = resp.status().as_u16();
-            (status, resp.json::<Value>().await.unwrap()["used"].clone())
-        }
-    };
-    let settled = || async {
-        let text = quotad.metrics(&http).await;
-        text.lines()
-            .find_map(|line| {
-                line.strip_prefix("quotad_idempotency_settled_total ")?
-                    .parse::<u64>()
-                    .ok()
-            })
-            .unwrap_or(0)
-    };
-    store.put("p", Some(5), Some(10)).await;
-    assert_eq!(consume(None).await, (200, json!(6)));
-    assert_eq!(eventually(DEADLINE, Some(6), || store.used("p")).await, Some(6));
-    store.add_used("p", 4).await; // the cached record still says 6
-
-    proxy.hold_replies(true);
-    assert_eq!(consume(Some("k")).await, (429, json!(10)), "the fallback's answer");
-    proxy.hold_replies(false);
-    assert_eq!(
-        eventually(DEADLINE, (1, 1), || redis_transitions(&http, &quotad)).await,
-        (1, 1)
-    );
-    assert_eq!(
-        eventually(DEADLINE, 1, settled).await,
-        1,
-        "the record's write settled the key"
-    );
-    assert_eq!(store.used("p").await, Some(10), "Redis's admission taken back out");
-    assert_eq!(consume(Some("k")).await, (429, json!(10)), "a replay");
-    assert_eq!(consume(None).await.0, 429);
-    assert!(quotad.terminate().success());
-    assert_eq!(store.used("p").await, Some(10));
-}
-
 /// Changes that Redis ran but whose answer never came back (Redis stopped between running
 /// the call and sending the reply; here a proxy holds the replies back) are decided again
 /// by the Firestore fallback, which cannot tell whether Redis took them. Each counts once: a

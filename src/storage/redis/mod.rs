@@ -599,15 +599,6 @@ impl Link {
     }
 }
 
-/// A ledger's idempotency record as Redis keeps it: the answer (`amount:allowed:used:limit`)
-/// and when it expires (unix ms).
-fn replay_answer(entry: &str) -> Option<(String, i64)> {
-    let entry = IdempotencyEntry::parse(entry)?;
-    let d = entry.decision;
-    let answer = format!("{}:{}:{}:{}", entry.amount, u8::from(d.allowed), d.used, d.limit);
-    Some((answer, entry.expires_ms))
-}
-
 fn int(value: &Value) -> Option<i64> {
     match value {
         Value::Int(n) => Some(*n),
@@ -815,22 +806,6 @@ impl Counters for RedisCounters {
         let mut cmd = ::redis::cmd("HGETALL");
         cmd.arg(self.keys.pending_keys(provider));
         self.query(cmd).await
-    }
-
-    async fn set_answers(&self, provider: &ProviderId, keys: &[KeyRecord]) -> Result<(), StorageError> {
-        let mut pipe = ::redis::pipe();
-        for (id, entry) in keys {
-            if let Some((answer, expires_ms)) = replay_answer(entry) {
-                pipe.cmd("SET")
-                    .arg(self.keys.idempotency(provider, id))
-                    .arg(answer)
-                    .arg("PXAT")
-                    .arg(expires_ms)
-                    .ignore();
-            }
-        }
-        self.call(|mut conn| async move { pipe.query_async::<()>(&mut conn).await })
-            .await
     }
 
     /// Sent on a connection of its own (see [`RedisCounters::on_marks_connection`]).
@@ -1373,12 +1348,20 @@ impl RedisCounters {
         keys: &[KeyRecord],
     ) {
         for (id, entry) in keys {
-            if let Some((answer, expires_ms)) = replay_answer(entry) {
-                invocation
-                    .key(self.keys.idempotency(provider, id))
-                    .arg(answer)
-                    .arg(expires_ms);
-            }
+            let Some(entry) = IdempotencyEntry::parse(entry) else {
+                continue;
+            };
+            let d = entry.decision;
+            invocation
+                .key(self.keys.idempotency(provider, id))
+                .arg(format!(
+                    "{}:{}:{}:{}",
+                    entry.amount,
+                    u8::from(d.allowed),
+                    d.used,
+                    d.limit
+                ))
+                .arg(entry.expires_ms);
         }
     }
 
