@@ -243,9 +243,11 @@ fn fallback_epoch(raw: &str) -> Option<&str> {
 /// same key finds nothing to settle. Except where Redis denied a consume that the fallback
 /// admitted: that admission may have been acted on, so it stays, and so does its answer
 /// (without its epoch: settled); Redis's own record of the key still replays its denial
-/// until it expires. Returns what to add to the document's usage, and whether `known`
-/// changed. (A fallback refund that left usage at 0 may have given back less than its
-/// amount: it is left as it is.)
+/// until it expires. Two answers of different amounts are two requests (a key reused,
+/// which Redis and the fallback could not see of each other): both stand, nothing is
+/// settled. Returns what to add to the document's usage, and whether `known` changed. (A
+/// fallback refund that left usage at 0 may have given back less than its amount: it is
+/// left as it is.)
 pub fn settle_twice_decided(
     known: &mut std::collections::BTreeMap<String, String>,
     keys: &[KeyRecord],
@@ -265,7 +267,10 @@ pub fn settle_twice_decided(
         let (Some(theirs), Some(ours)) = (IdempotencyEntry::parse(prior), IdempotencyEntry::parse(entry)) else {
             continue;
         };
-        if theirs.expires_ms <= now_ms || (theirs.expires_ms - ours.expires_ms).abs() >= idempotency_ttl_ms() {
+        if theirs.expires_ms <= now_ms
+            || (theirs.expires_ms - ours.expires_ms).abs() >= idempotency_ttl_ms()
+            || theirs.amount != ours.amount
+        {
             continue;
         }
         // what to add to the usage, and the answer that stands: Redis's, but where Redis

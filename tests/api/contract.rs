@@ -719,6 +719,17 @@ async fn twice_decided_keys_count_once(ledger: &dyn Ledger) {
         "the fallback's answer, settled (no epoch): {kept:?}"
     );
 
+    // A key reused with another amount (the first request's 200 arrived; the second, which
+    // Redis would have refused with 422, reached the fallback while Redis was away): two
+    // requests, both counted, nothing settled
+    let id = p("twice-amounts");
+    fallback_charged(ledger, &id).await;
+    let other_amount = (idempotency_id(Op::Consume, "k"), format!("1:1:11:100:{expires}"));
+    assert_eq!(
+        write_carrying(ledger, &id, &record(11, 0, "e1", "", 2), &other_amount).await,
+        Some(15)
+    );
+
     // The fallback's change is no longer in the document once an operator set `used` (a new
     // epoch): a key Redis decided before, carried by a later record's write (its own record
     // was dropped as stale, its pending answers stayed), settles nothing.
