@@ -1125,15 +1125,16 @@ impl QuotaService {
     /// A record's write found its document in an epoch that is neither the record's nor
     /// the one it was loaded from. Either the document was set to another epoch (an
     /// operator's PUT while Redis was away), whose absolute value replaced what the record
-    /// had not written: Redis still holds the record, and it is dropped (logged). Or the
-    /// write was slow, and the record it read was written and replaced meanwhile: Redis
-    /// holds another, and there is nothing to drop.
+    /// had not written: Redis still holds the record, and it is dropped (logged), its
+    /// pending idempotency records marked (see [`Counters::forget`]). Or the write was
+    /// slow, and the record it read was written and replaced meanwhile (or another replica
+    /// dropped it first): Redis no longer holds it, and there is nothing to drop.
     async fn drop_stale(&self, provider: &ProviderId, record: &Record) -> Result<(), StorageError> {
         self.writer.landed(provider, &record.epoch, u64::MAX, None);
-        let (epoch, unsynced) = (&record.epoch, record.used - record.base);
+        let (epoch, since_load) = (&record.epoch, record.used - record.base);
         if self.counters.forget(provider, epoch).await? {
             metrics::counter!("quotad_store_writes_total", "result" => "stale").increment(1);
-            tracing::warn!(%provider, %epoch, unsynced,
+            tracing::warn!(%provider, %epoch, since_load,
                 "cached record is stale (its document was reset meanwhile): dropping it");
         } else {
             tracing::debug!(%provider, %epoch, "a write read a record that was replaced before it landed");

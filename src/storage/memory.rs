@@ -11,9 +11,9 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 
 use super::{
-    Applied, Change, Counters, Decision, DeltaPlan, Document, IdempotencyEntry, KeyRecord, Ledger, LedgerDecision,
-    Record, Seed, StorageError, Synced, WriteOutcome, delta_for, fallback_key_entry, idempotency_id, merge_keys,
-    settle_twice_decided,
+    Applied, Change, Counters, DROPPED_TAG, Decision, DeltaPlan, Document, IdempotencyEntry, KeyRecord, Ledger,
+    LedgerDecision, Record, Seed, StorageError, Synced, WriteOutcome, delta_for, fallback_key_entry, idempotency_id,
+    merge_keys, settle_twice_decided,
 };
 use crate::domain::{
     Phase, ProviderId,
@@ -89,6 +89,16 @@ impl CountersState {
             self.keys
                 .entry((provider.clone(), id.clone()))
                 .or_insert_with(|| entry.clone());
+        }
+    }
+
+    /// As Redis's `pending_dropped.lua`: the pending idempotency records of a record whose
+    /// usage never reaches the ledger are marked ([`DROPPED_TAG`]).
+    fn mark_pending_dropped(&mut self, provider: &ProviderId) {
+        for entry in self.pending.get_mut(provider).into_iter().flat_map(|p| p.values_mut()) {
+            if entry.matches(':').count() == 4 {
+                entry.push_str(DROPPED_TAG);
+            }
         }
     }
 
@@ -354,12 +364,14 @@ impl Counters for MemoryCounters {
         if of_epoch {
             state.records.remove(provider);
             state.dirty_since.remove(provider);
+            state.mark_pending_dropped(provider);
         }
         Ok(of_epoch)
     }
 
     async fn replace(&self, provider: &ProviderId, seed: &Seed, ttl: Duration) -> Result<(), StorageError> {
         let mut state = self.state.lock().unwrap();
+        state.mark_pending_dropped(provider);
         if state.fenced(provider, seed.fence) {
             state.records.remove(provider);
             state.dirty_since.remove(provider);

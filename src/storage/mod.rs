@@ -227,6 +227,11 @@ pub fn fallback_key_entry(entry: &IdempotencyEntry, doc_epoch: Option<&str>) -> 
     format!("{}:{}", entry.render(), doc_epoch.unwrap_or("-"))
 }
 
+/// Ends a pending idempotency record decided by a record whose usage never reaches the
+/// ledger (dropped as stale, or replaced by an operator's `used`): an epoch no document
+/// has. Redis's `pending_dropped.lua` appends the same.
+pub const DROPPED_TAG: &str = ":dropped";
+
 /// The document epoch a [`fallback_key_entry`] was recorded at (`None`: not the fallback's).
 fn fallback_epoch(raw: &str) -> Option<&str> {
     raw.splitn(6, ':').nth(5)
@@ -243,7 +248,9 @@ fn fallback_epoch(raw: &str) -> Option<&str> {
 /// same key finds nothing to settle. Except where Redis denied a consume that the fallback
 /// admitted: that admission may have been acted on, so it stays, and so does its answer
 /// (without its epoch: settled); Redis's own record of the key still replays its denial
-/// until it expires. Two answers of different amounts are two requests (a key reused,
+/// until it expires. Redis's answer of a record that was dropped before its write
+/// ([`DROPPED_TAG`]) has no usage in the document to take out: nothing is settled. Two
+/// answers of different amounts are two requests (a key reused,
 /// which Redis and the fallback could not see of each other): both stand, nothing is
 /// settled. Returns what to add to the document's usage, and whether `known` changed. (A
 /// fallback refund that left usage at 0 may have given back less than its amount: it is
@@ -259,6 +266,9 @@ pub fn settle_twice_decided(
         let Some(prior) = known.get(id).filter(|prior| *prior != entry) else {
             continue;
         };
+        if entry.ends_with(DROPPED_TAG) {
+            continue;
+        }
         // only the fallback's decisions carry an epoch, and only one of this epoch is in
         // the document's usage
         if fallback_epoch(prior) != Some(doc_epoch.unwrap_or("-")) {
@@ -436,11 +446,14 @@ pub trait Counters: Send + Sync {
     }
     /// Drops a clean record. Returns `false` (and keeps it) when it is dirty.
     async fn evict_clean(&self, provider: &ProviderId) -> Result<bool, StorageError>;
-    /// Drops the record if it is still of `epoch`, dirty or not (its document was reset).
-    /// Returns whether it did.
+    /// Drops the record if it is still of `epoch`, dirty or not (its document was reset),
+    /// and marks the idempotency records it had not written ([`DROPPED_TAG`]): they still
+    /// go to the ledger, but are never settled there. Returns whether it dropped it.
     async fn forget(&self, provider: &ProviderId, epoch: &str) -> Result<bool, StorageError>;
     /// Replaces the record (an operator set the quota); it is clean. Under a fence, or when
-    /// a fence was taken since `seed.fence` was read, it drops the record instead.
+    /// a fence was taken since `seed.fence` was read, it drops the record instead. Either
+    /// way the replaced record's pending idempotency records are marked, as
+    /// [`Counters::forget`] marks them.
     async fn replace(&self, provider: &ProviderId, seed: &Seed, ttl: Duration) -> Result<(), StorageError>;
     /// Sets the limit of a cached record, if there is one.
     async fn set_limit(&self, provider: &ProviderId, limit: i64) -> Result<(), StorageError>;

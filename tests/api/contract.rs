@@ -7,8 +7,8 @@ use chrono::{SubsecRound, Utc};
 use quotad::{
     domain::{Phase, ProviderId},
     storage::{
-        Applied, Change, Counters, Decision, Ledger, LedgerDecision, Op, Record, Seed, Settled, Synced, Unanswered,
-        WriteOutcome, firestore::FirestoreLedger, idempotency_id, memory, redis::RedisCounters,
+        Applied, Change, Counters, DROPPED_TAG, Decision, Ledger, LedgerDecision, Op, Record, Seed, Settled, Synced,
+        Unanswered, WriteOutcome, firestore::FirestoreLedger, idempotency_id, memory, redis::RedisCounters,
     },
 };
 
@@ -161,6 +161,8 @@ async fn counters_contract(counters: Arc<dyn Counters>) {
         without_record(counters.apply(&id, &refund_key).await.unwrap()),
         decided(true, 0)
     );
+
+    pending_answers_of_a_dropped_record_are_marked(counters.as_ref()).await;
 
     // Synced up to an older version: still dirty; of another epoch: left alone; up to the
     // latest: clean. Each time it says so, as the record read afterwards does.
@@ -336,6 +338,51 @@ async fn ttl_from_load_contract(counters: &dyn Counters) {
     assert!(
         record.is_some() || rebased.elapsed() >= ttl,
         "clean within a TTL of its rebase: kept"
+    );
+}
+
+/// The idempotency records a record had not written when it was dropped as stale, or
+/// replaced by an operator's `used`, still go to the ledger (their retries are answered),
+/// marked: their usage never reaches it, so the ledger settles nothing against them.
+async fn pending_answers_of_a_dropped_record_are_marked(counters: &dyn Counters) {
+    let keyed = |key| Change {
+        op: Op::Consume,
+        amount: 1,
+        idempotency_key: Some(key),
+        with_record: true,
+    };
+    let pending = |id| async move {
+        let mut entries: Vec<String> = counters
+            .pending_keys(&id)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|(_, entry)| entry)
+            .collect();
+        entries.sort();
+        entries.iter().map(|e| e.ends_with(DROPPED_TAG)).collect::<Vec<_>>()
+    };
+    let id = p("dropped");
+    counters.load(&id, &seed(0, 5), TTL).await.unwrap();
+    counters.apply(&id, &keyed("a")).await.unwrap();
+    assert!(!counters.forget(&id, "e0").await.unwrap(), "another epoch's: kept");
+    assert_eq!(pending(id.clone()).await, [false]);
+    assert!(counters.forget(&id, "e1").await.unwrap());
+    assert_eq!(
+        pending(id.clone()).await,
+        [true],
+        "marked with the record it was decided by"
+    );
+    // a record loaded since decides another; an operator's `used` replaces it: marked too,
+    // the first only once
+    counters.load(&id, &seed(0, 5), TTL).await.unwrap();
+    counters.apply(&id, &keyed("b")).await.unwrap();
+    counters.replace(&id, &seed(3, 5), TTL).await.unwrap();
+    let entries = counters.pending_keys(&id).await.unwrap();
+    assert_eq!(entries.len(), 2);
+    assert!(
+        entries.iter().all(|(_, e)| e.matches(DROPPED_TAG).count() == 1),
+        "{entries:?}"
     );
 }
 
@@ -740,6 +787,30 @@ async fn twice_decided_keys_count_once(ledger: &dyn Ledger) {
     assert_eq!(
         write_carrying(ledger, &id, &record(1, 0, "e4", "e3", 1), &stale).await,
         Some(1)
+    );
+    // nor, when the fallback decided the key again after the reset (in the operator's epoch),
+    // does Redis's answer of the dropped record: its usage was never in the document
+    let id = p("twice-dropped");
+    ledger
+        .write_record(&id, &record(10, 0, "e1", "", 1), &[])
+        .await
+        .unwrap();
+    ledger.set_quota(&id, Some(0), None, "e3").await.unwrap();
+    let fallback = ledger
+        .decide(&id, &keyed(Op::Consume, 4, "k"), 100, true)
+        .await
+        .unwrap();
+    assert!(
+        matches!(fallback, LedgerDecision::Decided(d) if d.allowed && d.used == 4),
+        "{fallback:?}"
+    );
+    let dropped = (
+        idempotency_id(Op::Consume, "k"),
+        format!("4:1:14:100:{expires}{DROPPED_TAG}"),
+    );
+    assert_eq!(
+        write_carrying(ledger, &id, &record(1, 0, "e4", "e3", 1), &dropped).await,
+        Some(5)
     );
     // nor does a key Redis decided again after the fallback's answer had run its life: their
     // expiry times are a key's life apart (clocks may disagree about the moment)

@@ -47,12 +47,22 @@ pub const APPLY_DEADLINE: Duration = Duration::from_millis(250);
 pub const MARK_WAIT: Duration = Duration::from_secs(30);
 
 static APPLY: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("scripts/apply.lua")));
-static LOAD: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("scripts/load.lua")));
+static LOAD: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(concat!(
+        include_str!("scripts/pending_dropped.lua"),
+        include_str!("scripts/load.lua")
+    ))
+});
 static MARK_SYNCED: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("scripts/mark_synced.lua")));
 static EVICT_CLEAN: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("scripts/evict_clean.lua")));
 static SET_LIMIT: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("scripts/set_limit.lua")));
 static RATE_LIMIT: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("scripts/ratelimit.lua")));
-static FORGET: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("scripts/forget.lua")));
+static FORGET: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(concat!(
+        include_str!("scripts/pending_dropped.lua"),
+        include_str!("scripts/forget.lua")
+    ))
+});
 static LOCK: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("scripts/lock.lua")));
 static DIRTY: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("scripts/dirty.lua")));
 static FENCE: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("scripts/fence.lua")));
@@ -890,6 +900,7 @@ impl Counters for RedisCounters {
         invocation
             .key(self.keys.record(provider))
             .key(self.keys.dirty())
+            .key(self.keys.pending_keys(provider))
             .arg(epoch)
             .arg(provider.as_str());
         self.invoke::<i64>(invocation).await.map(|dropped| dropped == 1)
@@ -1378,6 +1389,7 @@ impl RedisCounters {
             .key(self.keys.dirty())
             .key(self.keys.fences(provider))
             .key(self.keys.fence_gen(provider))
+            .key(self.keys.pending_keys(provider))
             .arg(seed.used)
             .arg(seed.limit)
             .arg(&seed.epoch)

@@ -1,10 +1,11 @@
 -- Create a record from the ledger unless one exists (another replica may have won the race).
 -- KEYS[1] record hash, KEYS[2] dirty index, KEYS[3] fences (sorted set: token -> expiry
--- ms), KEYS[4] fence generation
+-- ms), KEYS[4] fence generation, KEYS[5] the provider's pending idempotency records
 -- ARGV[1] used, ARGV[2] limit, ARGV[3] epoch, ARGV[4] loaded-from epoch, ARGV[5] TTL seconds,
--- ARGV[6] '1' to replace an existing record (an operator set the quota), ARGV[7] provider
--- id, ARGV[8] the fence generation read before the document; KEYS[5..] idempotency keys
--- the ledger recorded, with ARGV[9..] their answers and expiry (pairs:
+-- ARGV[6] '1' to replace an existing record (an operator set the quota: the replaced
+-- record's pending idempotency records are marked, see mark_pending_dropped), ARGV[7]
+-- provider id, ARGV[8] the fence generation read before the document; KEYS[6..]
+-- idempotency keys the ledger recorded, with ARGV[9..] their answers and expiry (pairs:
 -- 'amount:allowed:used:limit', unix ms), set unless present
 -- The record keeps its load time ('at', Redis ms): mark_synced gives a record that turns
 -- clean the cache TTL from then.
@@ -20,6 +21,7 @@ if redis.call('ZCOUNT', KEYS[3], '(' .. now_s, '+inf') > 0
   if ARGV[6] == '1' then
     redis.call('DEL', KEYS[1])
     redis.call('ZREM', KEYS[2], ARGV[7])
+    mark_pending_dropped(KEYS[5])
   end
   return 2
 end
@@ -27,9 +29,12 @@ redis.call('DEL', KEYS[1])
 redis.call('HSET', KEYS[1], 'used', ARGV[1], 'limit', ARGV[2], 'epoch', ARGV[3], 'base', ARGV[1],
   'from', ARGV[4], 'ver', '0', 'synced', '0', 'at', now_s)
 redis.call('EXPIRE', KEYS[1], ARGV[5])
-if ARGV[6] == '1' then redis.call('ZREM', KEYS[2], ARGV[7]) end
-for i = 5, #KEYS do
-  local answer, expires = ARGV[2 * i - 1], ARGV[2 * i]
+if ARGV[6] == '1' then
+  redis.call('ZREM', KEYS[2], ARGV[7])
+  mark_pending_dropped(KEYS[5])
+end
+for i = 6, #KEYS do
+  local answer, expires = ARGV[2 * i - 3], ARGV[2 * i - 2]
   redis.call('SET', KEYS[i], answer, 'PXAT', expires, 'NX')
 end
 return 1
