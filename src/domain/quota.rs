@@ -1082,20 +1082,7 @@ impl QuotaService {
             match self.ledger.write_record(provider, &record, &keys).await {
                 Ok(WriteOutcome::Written { limit }) => {
                     metrics::counter!("quotad_store_writes_total", "result" => "written").increment(1);
-                    self.writer.landed(provider, &record.epoch, record.version, None);
-                    let transferred: Vec<String> = keys.into_iter().map(|(id, _)| id).collect();
-                    let synced = self
-                        .counters
-                        .mark_synced(
-                            provider,
-                            &record.epoch,
-                            record.version,
-                            self.limit_of(limit),
-                            self.cache_ttl,
-                            &transferred,
-                        )
-                        .await?;
-                    match synced {
+                    match self.note_written(provider, &record, limit, &keys).await? {
                         Synced::Clean => return Ok(true),
                         // Kept dirty for longer than the cache TTL (a busy provider): rebased,
                         // it takes in what other writers added meanwhile (failing, it is tried
@@ -1120,6 +1107,31 @@ impl QuotaService {
             }
         }
         Ok(false)
+    }
+
+    /// A record's write landed: the writer and Redis learn what the ledger holds now (its
+    /// version and limit, and the idempotency records `keys` that went with it). Says what
+    /// is left in Redis (see [`Counters::mark_synced`]).
+    async fn note_written(
+        &self,
+        provider: &ProviderId,
+        record: &Record,
+        limit: Option<i64>,
+        keys: &[KeyRecord],
+    ) -> Result<Synced, StorageError> {
+        self.writer.landed(provider, &record.epoch, record.version, None);
+        let transferred: Vec<String> = keys.iter().map(|(id, _)| id.clone()).collect();
+        let limit = self.limit_of(limit);
+        self.counters
+            .mark_synced(
+                provider,
+                &record.epoch,
+                record.version,
+                limit,
+                self.cache_ttl,
+                &transferred,
+            )
+            .await
     }
 
     /// A record's write found its document in an epoch that is neither the record's nor
@@ -1186,18 +1198,7 @@ impl QuotaService {
             |((provider, record, keys), result)| async move {
                 match result {
                     Ok(WriteOutcome::Written { limit }) => {
-                        self.writer.landed(provider, &record.epoch, record.version, None);
-                        let transferred: Vec<String> = keys.iter().map(|(id, _)| id.clone()).collect();
-                        self.counters
-                            .mark_synced(
-                                provider,
-                                &record.epoch,
-                                record.version,
-                                self.limit_of(limit),
-                                self.cache_ttl,
-                                &transferred,
-                            )
-                            .await?;
+                        self.note_written(provider, record, limit, keys).await?;
                         Ok::<_, StorageError>((1, 0))
                     }
                     Ok(WriteOutcome::Stale) => {
