@@ -1012,7 +1012,7 @@ impl QuotaService {
                 }
                 WriteOutcome::Stale => {
                     metrics::counter!("quotad_store_writes_total", "result" => "stale_held").increment(1);
-                    tracing::warn!(%provider, %epoch, unsynced = record.used - record.base,
+                    tracing::warn!(%provider, %epoch, since_load = record.used - record.base,
                         "changes this replica held are not in the document's epoch: dropped (the document was \
                          reset, or a later epoch carried them, or Redis lost them and another record was written)");
                     self.writer.landed(provider, epoch, u64::MAX, None);

@@ -371,6 +371,14 @@ impl Counters for MemoryCounters {
 
     async fn replace(&self, provider: &ProviderId, seed: &Seed, ttl: Duration) -> Result<(), StorageError> {
         let mut state = self.state.lock().unwrap();
+        // as load.lua: a record loaded from the operator's document stays
+        if !seed.loaded_from.is_empty()
+            && state
+                .live(provider)
+                .is_some_and(|record| record.loaded_from == seed.loaded_from)
+        {
+            return Ok(());
+        }
         state.mark_pending_dropped(provider);
         if state.fenced(provider, seed.fence) {
             state.records.remove(provider);

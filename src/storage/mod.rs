@@ -250,11 +250,11 @@ fn fallback_epoch(raw: &str) -> Option<&str> {
 /// (without its epoch: settled); Redis's own record of the key still replays its denial
 /// until it expires. Redis's answer of a record that was dropped before its write
 /// ([`DROPPED_TAG`]) has no usage in the document to take out: nothing is settled. Two
-/// answers of different amounts are two requests (a key reused,
-/// which Redis and the fallback could not see of each other): both stand, nothing is
-/// settled. Returns what to add to the document's usage, and whether `known` changed. (A
-/// fallback refund that left usage at 0 may have given back less than its amount: it is
-/// left as it is.)
+/// answers of different amounts are two requests (a key reused, which Redis and the
+/// fallback could not see of each other): both changes stay counted, and the map keeps the
+/// first request's answer (the earlier expiry). Returns what to add to the document's
+/// usage, and whether `known` changed. (A fallback refund that left usage at 0 may have
+/// given back less than its amount: it is left as it is.)
 pub fn settle_twice_decided(
     known: &mut std::collections::BTreeMap<String, String>,
     keys: &[KeyRecord],
@@ -277,10 +277,15 @@ pub fn settle_twice_decided(
         let (Some(theirs), Some(ours)) = (IdempotencyEntry::parse(prior), IdempotencyEntry::parse(entry)) else {
             continue;
         };
-        if theirs.expires_ms <= now_ms
-            || (theirs.expires_ms - ours.expires_ms).abs() >= idempotency_ttl_ms()
-            || theirs.amount != ours.amount
-        {
+        if theirs.expires_ms <= now_ms || (theirs.expires_ms - ours.expires_ms).abs() >= idempotency_ttl_ms() {
+            continue;
+        }
+        if theirs.amount != ours.amount {
+            // the first request's answer is the key's (the other is told 422 from now on)
+            if ours.expires_ms < theirs.expires_ms {
+                known.insert(id.clone(), entry.clone());
+                changed = true;
+            }
             continue;
         }
         // what to add to the usage, and the answer that stands: Redis's, but where Redis

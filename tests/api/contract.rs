@@ -162,8 +162,6 @@ async fn counters_contract(counters: Arc<dyn Counters>) {
         decided(true, 0)
     );
 
-    pending_answers_of_a_dropped_record_are_marked(counters.as_ref()).await;
-
     // Synced up to an older version: still dirty; of another epoch: left alone; up to the
     // latest: clean. Each time it says so, as the record read afterwards does.
     let record = counters.read(&id).await.unwrap().unwrap();
@@ -236,6 +234,7 @@ async fn counters_contract(counters: Arc<dyn Counters>) {
     fences_contract(counters.as_ref()).await;
     outdated_contract(counters.as_ref()).await;
     ttl_from_load_contract(counters.as_ref()).await;
+    pending_answers_of_a_dropped_record_are_marked(counters.as_ref()).await;
 }
 
 /// A record marked outdated (a replica decided for its provider in Firestore without
@@ -377,13 +376,49 @@ async fn pending_answers_of_a_dropped_record_are_marked(counters: &dyn Counters)
     // the first only once
     counters.load(&id, &seed(0, 5), TTL).await.unwrap();
     counters.apply(&id, &keyed("b")).await.unwrap();
-    counters.replace(&id, &seed(3, 5), TTL).await.unwrap();
+    let operators = Seed {
+        epoch: "e2".into(),
+        loaded_from: "e2".into(),
+        ..seed(3, 5)
+    };
+    counters.replace(&id, &operators, TTL).await.unwrap();
     let entries = counters.pending_keys(&id).await.unwrap();
     assert_eq!(entries.len(), 2);
     assert!(
         entries.iter().all(|(_, e)| e.matches(DROPPED_TAG).count() == 1),
         "{entries:?}"
     );
+    // a replacement refused (a fence was taken since the document was read) drops the
+    // record: marked too
+    let id = p("dropped-fenced");
+    counters.load(&id, &seed(0, 5), TTL).await.unwrap();
+    counters.apply(&id, &keyed("c")).await.unwrap();
+    let since = Seed {
+        fence: 99,
+        ..seed(3, 5)
+    };
+    counters.replace(&id, &since, TTL).await.unwrap();
+    assert_eq!(counters.read(&id).await.unwrap(), None);
+    assert_eq!(pending(id.clone()).await, [true]);
+    // a record loaded from the operator's document (by another replica, before the
+    // replacement) starts from the operator's `used`: it stays, unmarked
+    let id = p("dropped-not");
+    let operators = Seed {
+        epoch: "e7".into(),
+        loaded_from: "e7".into(),
+        ..seed(3, 5)
+    };
+    let loaded = Seed {
+        epoch: "e8".into(),
+        loaded_from: "e7".into(),
+        ..seed(3, 5)
+    };
+    counters.load(&id, &loaded, TTL).await.unwrap();
+    counters.apply(&id, &keyed("d")).await.unwrap();
+    counters.replace(&id, &operators, TTL).await.unwrap();
+    let kept = counters.read(&id).await.unwrap().unwrap();
+    assert_eq!((kept.epoch.as_str(), kept.used), ("e8", 4));
+    assert_eq!(pending(id.clone()).await, [false]);
 }
 
 /// Fences: while one is held no record loads, nor after it if the document was read
@@ -768,14 +803,18 @@ async fn twice_decided_keys_count_once(ledger: &dyn Ledger) {
 
     // A key reused with another amount (the first request's 200 arrived; the second, which
     // Redis would have refused with 422, reached the fallback while Redis was away): two
-    // requests, both counted, nothing settled
+    // requests, both counted, nothing settled; the key answers as the first did (Redis's
+    // here: decided a minute before the fallback's)
     let id = p("twice-amounts");
     fallback_charged(ledger, &id).await;
-    let other_amount = (idempotency_id(Op::Consume, "k"), format!("1:1:11:100:{expires}"));
+    let first = Utc::now().timestamp_millis() + 86_400_000 - 60_000;
+    let other_amount = (idempotency_id(Op::Consume, "k"), format!("1:1:11:100:{first}"));
     assert_eq!(
         write_carrying(ledger, &id, &record(11, 0, "e1", "", 2), &other_amount).await,
         Some(15)
     );
+    let keys = ledger.read(&id).await.unwrap().unwrap().keys;
+    assert!(keys.contains(&other_amount), "{keys:?}");
 
     // The fallback's change is no longer in the document once an operator set `used` (a new
     // epoch): a key Redis decided before, carried by a later record's write (its own record

@@ -14,6 +14,10 @@
 -- read, so the document may miss a decision. A refused replacement drops the record (the
 -- next request loads it).
 if ARGV[6] ~= '1' and redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+-- a record loaded from the operator's document (another replica's, between the document's
+-- write and this call) starts from the operator's `used` already and holds only later
+-- decisions: it stays, and its idempotency records are not marked
+if ARGV[6] == '1' and ARGV[4] ~= '' and redis.call('HGET', KEYS[1], 'from') == ARGV[4] then return 0 end
 local t = redis.call('TIME')
 local now_s = string.format('%d', t[1] * 1000 + math.floor(t[2] / 1000))
 if redis.call('ZCOUNT', KEYS[3], '(' .. now_s, '+inf') > 0

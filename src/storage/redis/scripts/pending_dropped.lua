@@ -5,7 +5,9 @@
 -- decides is answered, not charged; but marked ('...:dropped', an epoch no document has),
 -- so that the ledger never settles them against the fallback's answer of the same key
 -- (settle_twice_decided): their usage is not in the document to take out.
+-- A key of another type is left alone: the script's other writes have run.
 local function mark_pending_dropped(pending)
+  if redis.call('TYPE', pending)['ok'] ~= 'hash' then return end
   local entries = redis.call('HGETALL', pending)
   for i = 1, #entries, 2 do
     local entry = entries[i + 1]
