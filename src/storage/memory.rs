@@ -12,8 +12,8 @@ use chrono::{DateTime, Utc};
 
 use super::{
     Applied, Change, Counters, DROPPED_TAG, Decision, DeltaPlan, Document, IdempotencyEntry, KeyRecord, Ledger,
-    LedgerDecision, Record, Seed, StorageError, Synced, WriteOutcome, delta_for, fallback_key_entry, idempotency_id,
-    merge_keys, settle_twice_decided,
+    LedgerDecision, Record, Seed, StorageError, Synced, WriteOutcome, delta_for, fallback_epoch, fallback_key_entry,
+    idempotency_id, merge_keys, settle_twice_decided,
 };
 use crate::domain::{
     Phase, ProviderId,
@@ -96,7 +96,7 @@ impl CountersState {
     /// usage never reaches the ledger are marked ([`DROPPED_TAG`]).
     fn mark_pending_dropped(&mut self, provider: &ProviderId) {
         for entry in self.pending.get_mut(provider).into_iter().flat_map(|p| p.values_mut()) {
-            if entry.matches(':').count() == 4 {
+            if fallback_epoch(entry).is_none() {
                 entry.push_str(DROPPED_TAG);
             }
         }

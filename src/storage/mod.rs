@@ -232,7 +232,8 @@ pub fn fallback_key_entry(entry: &IdempotencyEntry, doc_epoch: Option<&str>) -> 
 /// has. Redis's `pending_dropped.lua` appends the same.
 pub const DROPPED_TAG: &str = ":dropped";
 
-/// The document epoch a [`fallback_key_entry`] was recorded at (`None`: not the fallback's).
+/// The document epoch a [`fallback_key_entry`] was recorded at (`None`: not the fallback's;
+/// a pending record Redis marked has [`DROPPED_TAG`]'s instead).
 fn fallback_epoch(raw: &str) -> Option<&str> {
     raw.splitn(6, ':').nth(5)
 }

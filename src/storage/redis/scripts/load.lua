@@ -18,6 +18,8 @@ if ARGV[6] ~= '1' and redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
 -- write and this call) starts from the operator's `used` already and holds only later
 -- decisions: it stays, and its idempotency records are not marked
 if ARGV[6] == '1' and ARGV[4] ~= '' and redis.call('HGET', KEYS[1], 'from') == ARGV[4] then return 0 end
+-- a replacement drops the record it replaces, or the record is dropped when refused below
+if ARGV[6] == '1' then mark_pending_dropped(KEYS[5]) end
 local t = redis.call('TIME')
 local now_s = string.format('%d', t[1] * 1000 + math.floor(t[2] / 1000))
 if redis.call('ZCOUNT', KEYS[3], '(' .. now_s, '+inf') > 0
@@ -25,7 +27,6 @@ if redis.call('ZCOUNT', KEYS[3], '(' .. now_s, '+inf') > 0
   if ARGV[6] == '1' then
     redis.call('DEL', KEYS[1])
     redis.call('ZREM', KEYS[2], ARGV[7])
-    mark_pending_dropped(KEYS[5])
   end
   return 2
 end
@@ -33,10 +34,7 @@ redis.call('DEL', KEYS[1])
 redis.call('HSET', KEYS[1], 'used', ARGV[1], 'limit', ARGV[2], 'epoch', ARGV[3], 'base', ARGV[1],
   'from', ARGV[4], 'ver', '0', 'synced', '0', 'at', now_s)
 redis.call('EXPIRE', KEYS[1], ARGV[5])
-if ARGV[6] == '1' then
-  redis.call('ZREM', KEYS[2], ARGV[7])
-  mark_pending_dropped(KEYS[5])
-end
+if ARGV[6] == '1' then redis.call('ZREM', KEYS[2], ARGV[7]) end
 for i = 6, #KEYS do
   local answer, expires = ARGV[2 * i - 3], ARGV[2 * i - 2]
   redis.call('SET', KEYS[i], answer, 'PXAT', expires, 'NX')
