@@ -589,6 +589,7 @@ impl Ledger for MemoryLedger {
         ) {
             return Ok(WriteOutcome::Stale);
         }
+        let moved = super::moved_by_others(record, doc.epoch.as_deref(), doc.used.unwrap_or(0), doc.watermark);
         let (correction, _) = settle_twice_decided(&mut doc.keys, keys, doc.epoch.as_deref(), now_ms());
         merge_keys(&mut doc.keys, keys, now_ms());
         let delta = match delta_for(record, doc.epoch.as_deref(), doc.watermark, doc.version) {
@@ -608,7 +609,10 @@ impl Ledger for MemoryLedger {
                 correction,
             ));
         }
-        Ok(WriteOutcome::Written { limit: doc.limit })
+        Ok(WriteOutcome::Written {
+            limit: doc.limit,
+            moved,
+        })
     }
 
     async fn decide(

@@ -528,11 +528,17 @@ async fn ledger_contract(ledger: Arc<dyn Ledger>) {
     let r1 = record(3, 0, "e1", "", 3);
     assert_eq!(
         ledger.write_record(&id, &r1, &[]).await.unwrap(),
-        WriteOutcome::Written { limit: None }
+        WriteOutcome::Written {
+            limit: None,
+            moved: false
+        }
     );
     assert_eq!(
         ledger.write_record(&id, &r1, &[]).await.unwrap(),
-        WriteOutcome::Written { limit: None }
+        WriteOutcome::Written {
+            limit: None,
+            moved: false
+        }
     );
     assert_eq!(ledger.read(&id).await.unwrap().unwrap().used, Some(3));
     // A later version adds only the difference; an older one adds nothing.
@@ -578,6 +584,25 @@ async fn ledger_contract(ledger: Arc<dyn Ledger>) {
     assert!(!ledger.add_used(&other, -1, &long).await.unwrap());
     assert!(ledger.add_used(&other, -1, &long[..8]).await.unwrap());
     assert_eq!(ledger.read(&other).await.unwrap().unwrap().used, Some(4));
+    // A write tells when the document, in its epoch, holds usage the record does not count.
+    let moved = p("l-moved");
+    let written = |moved| WriteOutcome::Written { limit: None, moved };
+    for (used, version) in [(2, 2), (3, 3)] {
+        let r = record(used, 0, "m1", "", version);
+        assert_eq!(ledger.write_record(&moved, &r, &[]).await.unwrap(), written(false));
+    }
+    ledger.decide(&moved, &consume(4), 100, false).await.unwrap(); // a replica without Redis
+    let r = record(4, 0, "m1", "", 4);
+    assert_eq!(ledger.write_record(&moved, &r, &[]).await.unwrap(), written(true));
+    assert_eq!(ledger.write_record(&moved, &r, &[]).await.unwrap(), written(true)); // already there
+    assert_eq!(ledger.read(&moved).await.unwrap().unwrap().used, Some(8));
+    // rebased on the document's 8: its writes count everything again
+    for (used, version) in [(9, 1), (10, 2)] {
+        let r = record(used, 8, "m2", "m1", version);
+        assert_eq!(ledger.write_record(&moved, &r, &[]).await.unwrap(), written(false));
+    }
+    assert_eq!(ledger.read(&moved).await.unwrap().unwrap().used, Some(10));
+
     assert_eq!(ledger.changed_outside(10).await.unwrap(), vec![id.clone()]);
     ledger.clear_changed_outside(&id).await.unwrap();
     assert!(ledger.changed_outside(10).await.unwrap().is_empty());

@@ -528,15 +528,14 @@ async fn a_fallback_marks_the_record_outdated_until_the_recovery(counters: Arc<d
     assert_eq!(ledger.read(&busy).await.unwrap().unwrap().used, Some(3));
 }
 
-/// A record that another replica keeps dirty never turns clean, so it never expires; once
-/// it has outlived the cache TTL, the writes that follow rebase it, and it takes in what
-/// other writers (a legacy Cloud Function) added to the document meanwhile.
-async fn a_record_kept_dirty_past_its_ttl_is_rebased(counters: Arc<dyn Counters>, ledger: Arc<Gated>) {
-    let ttl = Duration::from_secs(1);
+/// A record that another replica keeps dirty never turns clean, so it never expires and
+/// never reloads. A write that finds its document holding usage others added (a legacy Cloud
+/// Function) rebases it at once, and so does a write once it has outlived the cache TTL.
+async fn a_record_kept_dirty_is_rebased(counters: Arc<dyn Counters>, ledger: Arc<Gated>) {
+    let ttl = Duration::from_secs(2);
     let a = QuotaService::new(counters.clone(), ledger.clone(), 100, ttl, Phase::DualWrite);
     let busy = p("busy");
     assert_eq!(consume(&a, &busy).await, 1);
-    let loaded = tokio::time::Instant::now(); // the record was loaded before
     assert!(a.flush(&busy).await.unwrap()); // the document is in the record's epoch
     // another writer adds 50 to the document, behind the cache
     let outside = quotad::storage::Change {
@@ -551,14 +550,25 @@ async fn a_record_kept_dirty_past_its_ttl_is_rebased(counters: Arc<dyn Counters>
     *ledger.busy.lock().unwrap() = Some((counters.clone(), busy.clone()));
     consume(&a, &busy).await;
     assert!(!a.flush(&busy).await.unwrap(), "kept dirty");
+    let moved = counters.read(&busy).await.unwrap().unwrap();
     assert!(
-        counters.read(&busy).await.unwrap().unwrap().used < 50,
-        "within the TTL: as loaded"
+        moved.used > 50,
+        "the write found the other writer's 50: rebased ({moved:?})"
     );
-    tokio::time::sleep_until(loaded + ttl + Duration::from_millis(100)).await;
+    let rebased = tokio::time::Instant::now(); // the rebase set its load time before
+    // Nothing moves now: the record keeps its epoch while the TTL runs (the first of these
+    // writes moves the document to the epoch).
+    assert!(!a.flush(&busy).await.unwrap());
+    assert!(!a.flush(&busy).await.unwrap());
+    assert_eq!(
+        counters.read(&busy).await.unwrap().unwrap().epoch,
+        moved.epoch,
+        "within the TTL"
+    );
+    tokio::time::sleep_until(rebased + ttl + Duration::from_millis(100)).await;
     assert!(!a.flush(&busy).await.unwrap(), "still kept dirty");
-    let record = counters.read(&busy).await.unwrap().unwrap();
-    assert!(record.used > 50, "past the TTL: rebased onto the document ({record:?})");
+    let outlived = counters.read(&busy).await.unwrap().unwrap();
+    assert_ne!(outlived.epoch, moved.epoch, "past the TTL: rebased ({outlived:?})");
     // every unit once: two consumes here, the other writer's 50 and the other replica's
     *ledger.busy.lock().unwrap() = None;
     assert!(a.flush(&busy).await.unwrap());
@@ -899,7 +909,7 @@ on_both!(held_changes_wait_for_the_reconcile_once_redis_answers: memory_keeps_he
 
 on_both!(the_sweep_writes_held_changes_while_redis_is_away: memory_sweep_writes_held_changes_while_redis_is_away, redis_sweep_writes_held_changes_while_redis_is_away);
 
-on_both!(a_record_kept_dirty_past_its_ttl_is_rebased: memory_rebases_a_record_kept_dirty_past_its_ttl, redis_rebases_a_record_kept_dirty_past_its_ttl);
+on_both!(a_record_kept_dirty_is_rebased: memory_rebases_a_record_kept_dirty, redis_rebases_a_record_kept_dirty);
 
 /// A record an older quotad loaded has no load time. Turned clean, it gets one (its TTL
 /// runs from then, not from each write); kept dirty, the next write rebases it (and so
