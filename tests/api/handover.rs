@@ -833,6 +833,32 @@ async fn held_changes_of_a_lost_epoch_reach_the_document(counters: Arc<dyn Count
     assert_eq!(consume(&a, &id).await, 3, "reloaded with them");
 }
 
+/// Held changes of an epoch whose record was rebased in place are carried by the rebased
+/// record: they are released, not written again as lost (which found the document moved on
+/// to the new epoch, and logged them dropped).
+async fn held_changes_a_rebase_carried_are_released(counters: Arc<dyn Counters>, ledger: Arc<Gated>) {
+    let (a, b) = (
+        service(counters.clone(), ledger.clone()),
+        service(counters.clone(), ledger.clone()),
+    );
+    let id = p("carried");
+    assert_eq!(consume(&a, &id).await, 1); // held by a
+    assert!(b.flush(&id).await.unwrap()); // written by b: a does not know
+    let outside = bare_consume(); // another writer adds 1 behind the cache
+    ledger.inner.decide(&id, &outside, 100, false).await.unwrap();
+    assert_eq!(consume(&b, &id).await, 2);
+    assert!(b.flush(&id).await.unwrap()); // finds the other writer's unit: rebased
+    let rebased = counters.read(&id).await.unwrap().unwrap();
+    assert_eq!((rebased.used, rebased.from_watermark), (3, Some(2)), "{rebased:?}");
+    ledger.panic_next_write.store(true, Ordering::SeqCst);
+    assert!(a.flush(&id).await.unwrap(), "nothing to write");
+    ledger.panic_next_write.store(false, Ordering::SeqCst);
+    assert!(a.writer().held(&id, None).is_empty());
+    assert_eq!(consume(&a, &id).await, 4);
+    assert!(a.flush(&id).await.unwrap());
+    assert_eq!(ledger.read(&id).await.unwrap().unwrap().used, Some(4));
+}
+
 /// Once Redis answers again, while this replica's decisions are still away from it, its
 /// held changes do not take their document from a record another replica (back on Redis
 /// already) has loaded since: they wait for the reconcile, which writes them under a fence.
@@ -902,6 +928,8 @@ on_both!(a_slow_decision_keeps_its_fence: memory_renews_the_fence_of_a_slow_deci
 on_both!(a_fallback_marks_the_record_outdated_until_the_recovery: memory_marks_a_fallbacks_record_outdated_until_the_recovery, redis_marks_a_fallbacks_record_outdated_until_the_recovery);
 
 on_both!(held_changes_of_a_lost_epoch_leave_a_newer_record_its_document: memory_leaves_a_newer_record_its_document, redis_leaves_a_newer_record_its_document);
+
+on_both!(held_changes_a_rebase_carried_are_released: memory_releases_held_changes_a_rebase_carried, redis_releases_held_changes_a_rebase_carried);
 
 on_both!(held_changes_of_a_lost_epoch_reach_the_document: memory_writes_held_changes_of_a_lost_epoch, redis_writes_held_changes_of_a_lost_epoch);
 
