@@ -1092,23 +1092,20 @@ impl QuotaService {
             // Firestore decides (Redis away, or a phase change) is answered, not charged.
             let keys = self.counters.pending_keys(provider).await?;
             match self.ledger.write_record(provider, &record, &keys).await {
-                Ok(WriteOutcome::Written { limit, moved }) => {
+                Ok(WriteOutcome::Written { limit }) => {
                     metrics::counter!("quotad_store_writes_total", "result" => "written").increment(1);
-                    let synced = self.note_written(provider, &record, limit, &keys).await?;
-                    // The document held usage the record does not count (see
-                    // [`crate::storage::moved_by_others`]), or the record was kept dirty for
-                    // longer than the cache TTL (a busy provider, which never reloads): rebased,
-                    // it takes in what others added (failing, it is tried after the next write).
-                    if synced != Synced::Replaced && (moved || synced == Synced::Outlived) {
-                        let why = if moved { "moved" } else { "outlived" };
-                        if let Err(err) = self.rebase_written(provider, why).await {
-                            tracing::warn!(%provider, why, error = %err, "rebase after a write failed");
-                        }
-                    }
-                    match synced {
+                    match self.note_written(provider, &record, limit, &keys).await? {
                         Synced::Clean => return Ok(true),
+                        // Kept dirty for longer than the cache TTL (a busy provider): rebased,
+                        // it takes in what other writers added meanwhile (failing, it is tried
+                        // again after the next write).
+                        Synced::Outlived => {
+                            if let Err(err) = self.rebase(provider).await {
+                                tracing::warn!(%provider, error = %err, "rebase after the cache TTL failed");
+                            }
+                        }
                         // changed meanwhile, or replaced: the next round reads what is there
-                        Synced::Dirty | Synced::Outlived | Synced::Replaced => {}
+                        Synced::Dirty | Synced::Replaced => {}
                     }
                 }
                 Ok(WriteOutcome::Stale) => {
@@ -1212,7 +1209,7 @@ impl QuotaService {
         let settled = futures::future::join_all(items.iter().zip(results).map(
             |((provider, record, keys), result)| async move {
                 match result {
-                    Ok(WriteOutcome::Written { limit, .. }) => {
+                    Ok(WriteOutcome::Written { limit }) => {
                         self.note_written(provider, record, limit, keys).await?;
                         Ok::<_, StorageError>((1, 0))
                     }
@@ -1280,25 +1277,6 @@ impl QuotaService {
         self.counters
             .rebase(provider, &record.epoch, used, watermark, &new_epoch(), &doc.keys)
             .await
-    }
-
-    /// [`QuotaService::rebase`] after a write of the record landed (see [`QuotaService::flush`]),
-    /// unless it is outdated: a replica's Firestore decision for it may still be in flight,
-    /// and the reconcile reloads it once that has landed.
-    async fn rebase_written(&self, provider: &ProviderId, why: &'static str) -> Result<(), StorageError> {
-        if self
-            .counters
-            .read(provider)
-            .await?
-            .is_some_and(|record| record.outdated)
-        {
-            return Ok(());
-        }
-        if self.rebase(provider).await? {
-            tracing::debug!(%provider, why, "rebased the record on its document");
-            metrics::counter!("quotad_rebases_total", "why" => why).increment(1);
-        }
-        Ok(())
     }
 
     /// Drops the record for a reload or, when other replicas keep it dirty, rebases it.

@@ -254,8 +254,6 @@ fn plan_record_write(
     let mut known = doc.quotadKeys.clone().unwrap_or_default();
     let (correction, settled) = settle_twice_decided(&mut known, keys, doc.quotadEpoch.as_deref(), now);
     let used = doc.aiCallsUsed.as_ref().map_or(0, num);
-    let watermark = doc.quotadWatermark.as_ref().map_or(0, num);
-    let moved = super::moved_by_others(record, doc.quotadEpoch.as_deref(), used, watermark);
     if let DeltaPlan::Add(delta) = plan {
         write.aiCallsUsed = Some(super::usage_after_write(used, delta, correction));
         write.quotadEpoch = Some(record.epoch.clone());
@@ -269,7 +267,7 @@ fn plan_record_write(
         write.quotadKeys = Some(known);
     }
     let changes = !write.mask().is_empty();
-    (WriteOutcome::Written { limit, moved }, changes.then_some(write))
+    (WriteOutcome::Written { limit }, changes.then_some(write))
 }
 
 /// Whether a write failed only because another writer changed the document first.

@@ -217,7 +217,7 @@ impl Counters for MemoryCounters {
         let carried = record.used - doc_watermark;
         let dirty = record.is_dirty();
         *record = Record {
-            used: doc_used + carried,
+            used: (doc_used + carried).max(0), // as the document stops at 0
             limit: record.limit,
             epoch: new_epoch.to_owned(),
             base: doc_used,
@@ -589,7 +589,6 @@ impl Ledger for MemoryLedger {
         ) {
             return Ok(WriteOutcome::Stale);
         }
-        let moved = super::moved_by_others(record, doc.epoch.as_deref(), doc.used.unwrap_or(0), doc.watermark);
         let (correction, _) = settle_twice_decided(&mut doc.keys, keys, doc.epoch.as_deref(), now_ms());
         merge_keys(&mut doc.keys, keys, now_ms());
         let delta = match delta_for(record, doc.epoch.as_deref(), doc.watermark, doc.version) {
@@ -609,10 +608,7 @@ impl Ledger for MemoryLedger {
                 correction,
             ));
         }
-        Ok(WriteOutcome::Written {
-            limit: doc.limit,
-            moved,
-        })
+        Ok(WriteOutcome::Written { limit: doc.limit })
     }
 
     async fn decide(

@@ -523,9 +523,8 @@ impl Document {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum WriteOutcome {
     /// The delta landed (or had landed before); the ledger holds this version. `limit` is
-    /// the document's limit (or `None` when it stores none). `moved`: the document, already
-    /// in the record's epoch, held usage the record does not (see [`moved_by_others`]).
-    Written { limit: Option<i64>, moved: bool },
+    /// the document's limit (or `None` when it stores none).
+    Written { limit: Option<i64> },
     /// The document belongs to another epoch now: this record is stale.
     Stale,
 }
@@ -734,16 +733,6 @@ impl Record {
         self.loaded_from = "-".to_owned();
         self
     }
-}
-
-/// Whether a document in the record's epoch holds usage that the record does not count.
-/// In its epoch a document's usage less quotad's watermark is what others changed since the
-/// record was loaded or rebased: a legacy Cloud Function's increment, a replica that could
-/// not reach Redis deciding in Firestore, an idempotency settlement. Each write of the epoch
-/// adds exactly the watermark's move, so with nobody else the two are equal. (A document
-/// still in the epoch the record was loaded from is left to the next write.)
-pub fn moved_by_others(record: &Record, doc_epoch: Option<&str>, doc_used: i64, doc_watermark: i64) -> bool {
-    doc_epoch == Some(record.epoch.as_str()) && doc_used != doc_watermark
 }
 
 /// See [`delta_for`].

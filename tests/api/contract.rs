@@ -528,17 +528,11 @@ async fn ledger_contract(ledger: Arc<dyn Ledger>) {
     let r1 = record(3, 0, "e1", "", 3);
     assert_eq!(
         ledger.write_record(&id, &r1, &[]).await.unwrap(),
-        WriteOutcome::Written {
-            limit: None,
-            moved: false
-        }
+        WriteOutcome::Written { limit: None }
     );
     assert_eq!(
         ledger.write_record(&id, &r1, &[]).await.unwrap(),
-        WriteOutcome::Written {
-            limit: None,
-            moved: false
-        }
+        WriteOutcome::Written { limit: None }
     );
     assert_eq!(ledger.read(&id).await.unwrap().unwrap().used, Some(3));
     // A later version adds only the difference; an older one adds nothing.
@@ -584,25 +578,6 @@ async fn ledger_contract(ledger: Arc<dyn Ledger>) {
     assert!(!ledger.add_used(&other, -1, &long).await.unwrap());
     assert!(ledger.add_used(&other, -1, &long[..8]).await.unwrap());
     assert_eq!(ledger.read(&other).await.unwrap().unwrap().used, Some(4));
-    // A write tells when the document, in its epoch, holds usage the record does not count.
-    let moved = p("l-moved");
-    let written = |moved| WriteOutcome::Written { limit: None, moved };
-    for (used, version) in [(2, 2), (3, 3)] {
-        let r = record(used, 0, "m1", "", version);
-        assert_eq!(ledger.write_record(&moved, &r, &[]).await.unwrap(), written(false));
-    }
-    ledger.decide(&moved, &consume(4), 100, false).await.unwrap(); // a replica without Redis
-    let r = record(4, 0, "m1", "", 4);
-    assert_eq!(ledger.write_record(&moved, &r, &[]).await.unwrap(), written(true));
-    assert_eq!(ledger.write_record(&moved, &r, &[]).await.unwrap(), written(true)); // already there
-    assert_eq!(ledger.read(&moved).await.unwrap().unwrap().used, Some(8));
-    // rebased on the document's 8: its writes count everything again
-    for (used, version) in [(9, 1), (10, 2)] {
-        let r = record(used, 8, "m2", "m1", version);
-        assert_eq!(ledger.write_record(&moved, &r, &[]).await.unwrap(), written(false));
-    }
-    assert_eq!(ledger.read(&moved).await.unwrap().unwrap().used, Some(10));
-
     assert_eq!(ledger.changed_outside(10).await.unwrap(), vec![id.clone()]);
     ledger.clear_changed_outside(&id).await.unwrap();
     assert!(ledger.changed_outside(10).await.unwrap().is_empty());
@@ -1202,6 +1177,16 @@ async fn rebase_keeps_every_unit_once(counters: Arc<dyn Counters>, ledger: Arc<d
     ledger.write_record(&id, &in_flight, &[]).await.unwrap(); // adds -1
     ledger.write_record(&id, &rebased, &[]).await.unwrap(); // adds the rest: 0
     assert_eq!(ledger.read(&id).await.unwrap().unwrap().used, Some(6));
+
+    // Refunds below zero: the document stopped at 0 while its watermark stayed at 6, and
+    // Redis refunded more since. The rebased usage stops at 0 too, never below (a negative
+    // usage would admit more than the limit).
+    let low = p("rebase-low");
+    counters.load(&low, &seed(1, 10), TTL).await.unwrap();
+    let epoch = counters.read(&low).await.unwrap().unwrap().epoch;
+    assert!(counters.rebase(&low, &epoch, 0, 6, "e-low", &[]).await.unwrap());
+    let rebased = counters.read(&low).await.unwrap().unwrap();
+    assert_eq!((rebased.used, rebased.base), (0, 0), "{rebased:?}");
 }
 
 #[tokio::test]

@@ -190,32 +190,6 @@ async fn other_writers_increments_survive_dual_write() {
     }
 }
 
-/// Usage another writer adds to a cached provider's document counts in Redis's decisions
-/// once the provider's next write has landed (it finds the document holding usage the record
-/// does not count, and rebases the record), not only after the cache TTL (300 s here).
-#[tokio::test]
-async fn other_writers_usage_counts_in_redis_once_the_next_write_lands() {
-    let app = spawn_app().await;
-    let store = app.shared.store();
-    store.put("p1", Some(0), Some(110)).await;
-    ok(app.consume("p1", 1).await).await; // cached; its write lands
-    assert_eq!(eventually(STORE_DEADLINE, Some(1), || store.used("p1")).await, Some(1));
-    store.add_used("p1", 100).await; // a legacy Cloud Function, behind the cache's back
-    assert_eq!(ok(app.consume("p1", 1).await).await["used"], 2); // Redis does not know yet
-    let seen = eventually(STORE_DEADLINE, 102, || async {
-        app.quota("p1").await["used"].as_i64().unwrap()
-    })
-    .await;
-    assert_eq!(seen, 102, "Redis never counted the other writer's usage");
-    assert_eq!(store.used("p1").await, Some(102));
-    problem(app.consume("p1", 9).await, 429, "quota_exceeded").await;
-    assert_eq!(ok(app.consume("p1", 8).await).await["used"], 110);
-    assert_eq!(
-        eventually(STORE_DEADLINE, Some(110), || store.used("p1")).await,
-        Some(110)
-    );
-}
-
 #[tokio::test]
 async fn a_retried_consume_is_answered_again_and_charged_once_across_replicas() {
     let shared = Shared::real();

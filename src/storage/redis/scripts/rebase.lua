@@ -1,6 +1,7 @@
 -- Reloads a live record without dropping it (see Counters::rebase): if it is still of
 -- epoch ARGV[1], it becomes epoch ARGV[4] with base ARGV[2] (the document's usage) and
--- carries what it holds above ARGV[3] (the document's watermark of ARGV[1], read with it).
+-- carries what it holds above ARGV[3] (the document's watermark of ARGV[1], read with it),
+-- never below 0 (the document stops at 0 when refunds pass it, and its watermark does not).
 -- KEYS[1] record hash; KEYS[2..] idempotency keys the ledger recorded, with ARGV[5..] their
 -- answers and expiry (pairs: 'amount:allowed:used:limit', unix ms), set unless present
 -- Returns 1 when rebased, 0 when the record is gone or of another epoch.
@@ -10,7 +11,7 @@ local carried = tonumber(v[2]) - tonumber(ARGV[3])
 local dirty = tonumber(v[3]) > tonumber(v[4])
 local t = redis.call('TIME')
 redis.call('HSET', KEYS[1], 'epoch', ARGV[4], 'base', ARGV[2],
-  'used', string.format('%d', tonumber(ARGV[2]) + carried), 'from', ARGV[1],
+  'used', string.format('%d', math.max(0, tonumber(ARGV[2]) + carried)), 'from', ARGV[1],
   'ver', dirty and '1' or '0', 'synced', '0', 'fromw', ARGV[3],
   'at', string.format('%d', t[1] * 1000 + math.floor(t[2] / 1000))) -- loaded now (see load.lua)
 redis.call('HDEL', KEYS[1], 'outdated') -- it holds what the document holds now
