@@ -12,9 +12,8 @@ use super::{
     writer::Writer,
 };
 use crate::storage::{
-    Applied, Change, Counters, Decision, EXACT_MAX, IdempotencyEntry, KeyRecord, Ledger, LedgerDecision, Op,
-    RebaseRead, Record, Seed, Settled, StorageError, Synced, Unanswered, WriteOutcome, exact, idempotency_id,
-    new_epoch,
+    Applied, Change, Counters, Decision, EXACT_MAX, IdempotencyEntry, KeyRecord, Ledger, LedgerDecision, Op, Record,
+    Seed, Settled, StorageError, Synced, Unanswered, WriteOutcome, exact, idempotency_id, new_epoch,
 };
 use crate::telemetry::Cached;
 
@@ -1267,7 +1266,6 @@ impl QuotaService {
         let Some(record) = self.counters.read(provider).await? else {
             return Ok(true); // gone: the next request loads it
         };
-        let fence = self.counters.fence_gen(provider).await?; // before the document, as a load
         let doc = self.ledger.read(provider).await?.unwrap_or_default();
         // Not before the document has seen the record's epoch; and never onto a usage
         // beyond what Redis counts exactly (the record is dropped instead, when it can be).
@@ -1277,13 +1275,7 @@ impl QuotaService {
             return Ok(false);
         }
         self.counters
-            .rebase(
-                provider,
-                &record.epoch,
-                RebaseRead { used, watermark, fence },
-                &new_epoch(),
-                &doc.keys,
-            )
+            .rebase(provider, &record.epoch, used, watermark, &new_epoch(), &doc.keys)
             .await
     }
 

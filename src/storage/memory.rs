@@ -12,8 +12,8 @@ use chrono::{DateTime, Utc};
 
 use super::{
     Applied, Change, Counters, DROPPED_TAG, Decision, DeltaPlan, Document, IdempotencyEntry, KeyRecord, Ledger,
-    LedgerDecision, RebaseRead, Record, Seed, StorageError, Synced, WriteOutcome, delta_for, fallback_epoch,
-    fallback_key_entry, idempotency_id, merge_keys, settle_twice_decided,
+    LedgerDecision, Record, Seed, StorageError, Synced, WriteOutcome, delta_for, fallback_epoch, fallback_key_entry,
+    idempotency_id, merge_keys, settle_twice_decided,
 };
 use crate::domain::{
     Phase, ProviderId,
@@ -205,15 +205,12 @@ impl Counters for MemoryCounters {
         &self,
         provider: &ProviderId,
         epoch: &str,
-        doc: RebaseRead,
+        doc_used: i64,
+        doc_watermark: i64,
         new_epoch: &str,
         keys: &[KeyRecord],
     ) -> Result<bool, StorageError> {
-        let (doc_used, doc_watermark) = (doc.used, doc.watermark);
         let mut state = self.state.lock().unwrap();
-        if state.fenced(provider, doc.fence) {
-            return Ok(false);
-        }
         let Some(record) = state.live(provider).filter(|r| r.epoch == epoch) else {
             return Ok(false);
         };

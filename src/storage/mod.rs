@@ -150,15 +150,6 @@ pub enum Applied {
     KeyReused,
 }
 
-/// What a [`Counters::rebase`] read of the document: its usage and quotad's watermark, and
-/// the provider's fence generation ([`Counters::fence_gen`]) read before them.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct RebaseRead {
-    pub used: i64,
-    pub watermark: i64,
-    pub fence: u64,
-}
-
 /// What [`Counters::mark_synced`] left of a record.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Synced {
@@ -407,17 +398,16 @@ pub trait Counters: Send + Sync {
     /// Whether a fence is held on the provider (loads are refused while one is).
     async fn fence_held(&self, provider: &ProviderId) -> Result<bool, StorageError>;
     /// Reloads a live record without dropping it (one that other replicas keep dirty): if it
-    /// is still of `epoch`, it becomes `new_epoch` with the document's usage `doc.used` as its
-    /// base, carrying what it holds above `doc.watermark` (the document's watermark of
-    /// `epoch`, read with `doc.used`), never below 0; the document's idempotency records
-    /// `keys` come along. Refused, as a load is, while a fence is held or when one was taken
-    /// since `doc.fence` was read: the document may miss a Firestore decision. Returns
-    /// whether it did.
+    /// is still of `epoch`, it becomes `new_epoch` with the document's usage `doc_used` as its
+    /// base, carrying what it holds above `doc_watermark` (the document's watermark of
+    /// `epoch`, read with `doc_used`); the document's idempotency records `keys` come along.
+    /// Returns whether it did.
     async fn rebase(
         &self,
         provider: &ProviderId,
         epoch: &str,
-        doc: RebaseRead,
+        doc_used: i64,
+        doc_watermark: i64,
         new_epoch: &str,
         keys: &[KeyRecord],
     ) -> Result<bool, StorageError>;

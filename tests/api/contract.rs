@@ -7,9 +7,8 @@ use chrono::{SubsecRound, Utc};
 use quotad::{
     domain::{Phase, ProviderId},
     storage::{
-        Applied, Change, Counters, DROPPED_TAG, Decision, KeyRecord, Ledger, LedgerDecision, Op, RebaseRead, Record,
-        Seed, Settled, Synced, Unanswered, WriteOutcome, firestore::FirestoreLedger, idempotency_id, memory,
-        redis::RedisCounters,
+        Applied, Change, Counters, DROPPED_TAG, Decision, Ledger, LedgerDecision, Op, Record, Seed, Settled, Synced,
+        Unanswered, WriteOutcome, firestore::FirestoreLedger, idempotency_id, memory, redis::RedisCounters,
     },
 };
 
@@ -260,7 +259,7 @@ async fn outdated_contract(counters: &dyn Counters) {
     assert_eq!(counters.read(&id).await.unwrap().unwrap(), marked, "nothing applied");
     assert!(counters.pending_keys(&id).await.unwrap().is_empty(), "no key recorded");
     // A rebase holds what the document holds now: the mark goes.
-    assert!(rebase(counters, &id, "e1", 7, 1, "e2", &[]).await);
+    assert!(counters.rebase(&id, "e1", 7, 1, "e2", &[]).await.unwrap());
     let rebased = counters.read(&id).await.unwrap().unwrap();
     assert!(!rebased.outdated && rebased.used == 8, "{rebased:?}");
     let applied = counters.apply(&id, &consume(1)).await.unwrap();
@@ -332,7 +331,7 @@ async fn ttl_from_load_contract(counters: &dyn Counters) {
     counters.apply(&id, &consume(1)).await.unwrap();
     tokio::time::sleep(ttl).await;
     let rebased = tokio::time::Instant::now();
-    assert!(rebase(counters, &id, "e1", 5, 0, "e2", &[]).await);
+    assert!(counters.rebase(&id, "e1", 5, 0, "e2", &[]).await.unwrap());
     counters.mark_synced(&id, "e2", 1, 100, ttl, &[]).await.unwrap();
     let record = counters.read(&id).await.unwrap();
     assert!(
@@ -520,21 +519,6 @@ fn record(used: i64, base: i64, epoch: &str, loaded_from: &str, version: u64) ->
         loaded_ms: None,
         outdated: false,
     }
-}
-
-/// [`Counters::rebase`] with the fence generation read now: no fenced decision between.
-async fn rebase(
-    counters: &dyn Counters,
-    id: &ProviderId,
-    epoch: &str,
-    used: i64,
-    watermark: i64,
-    new_epoch: &str,
-    keys: &[KeyRecord],
-) -> bool {
-    let fence = counters.fence_gen(id).await.unwrap();
-    let read = RebaseRead { used, watermark, fence };
-    counters.rebase(id, epoch, read, new_epoch, keys).await.unwrap()
 }
 
 async fn ledger_contract(ledger: Arc<dyn Ledger>) {
@@ -1151,9 +1135,9 @@ async fn rebase_keeps_every_unit_once(counters: Arc<dyn Counters>, ledger: Arc<d
     ledger.decide(&id, &consume(4), 100, false).await.unwrap();
     let doc = ledger.read(&id).await.unwrap().unwrap();
     assert_eq!((doc.used, doc.watermark), (Some(7), Some(3)));
-    assert!(rebase(counters.as_ref(), &id, "e1", 7, 3, "e2", &doc.keys).await);
+    assert!(counters.rebase(&id, "e1", 7, 3, "e2", &doc.keys).await.unwrap());
     assert!(
-        !rebase(counters.as_ref(), &id, "e1", 7, 3, "e3", &[]).await,
+        !counters.rebase(&id, "e1", 7, 3, "e3", &[]).await.unwrap(),
         "no longer of e1"
     );
     let rebased = counters.read(&id).await.unwrap().unwrap();
@@ -1166,7 +1150,7 @@ async fn rebase_keeps_every_unit_once(counters: Arc<dyn Counters>, ledger: Arc<d
     assert!(matches!(write(in_flight).await, WriteOutcome::Stale));
     assert_eq!(ledger.read(&id).await.unwrap().unwrap().used, Some(10));
     // A record not of the epoch named is left alone; a missing one too.
-    assert!(!rebase(counters.as_ref(), &p("absent"), "e1", 0, 0, "e4", &[]).await);
+    assert!(!counters.rebase(&p("absent"), "e1", 0, 0, "e4", &[]).await.unwrap());
 
     // After a refund the late write is negative, and so is what the record carries.
     let id = p("rebased-refund");
@@ -1187,7 +1171,7 @@ async fn rebase_keeps_every_unit_once(counters: Arc<dyn Counters>, ledger: Arc<d
     counters.apply(&id, &refund).await.unwrap(); // used 4
     let in_flight = counters.read(&id).await.unwrap().unwrap();
     ledger.decide(&id, &consume(2), 100, false).await.unwrap(); // the document: 7
-    assert!(rebase(counters.as_ref(), &id, "e1", 7, 5, "e2", &[]).await);
+    assert!(counters.rebase(&id, "e1", 7, 5, "e2", &[]).await.unwrap());
     let rebased = counters.read(&id).await.unwrap().unwrap();
     assert_eq!(rebased.used, 6);
     ledger.write_record(&id, &in_flight, &[]).await.unwrap(); // adds -1
@@ -1200,47 +1184,9 @@ async fn rebase_keeps_every_unit_once(counters: Arc<dyn Counters>, ledger: Arc<d
     let low = p("rebase-low");
     counters.load(&low, &seed(1, 10), TTL).await.unwrap();
     let epoch = counters.read(&low).await.unwrap().unwrap().epoch;
-    assert!(rebase(counters.as_ref(), &low, &epoch, 0, 6, "e-low", &[]).await);
+    assert!(counters.rebase(&low, &epoch, 0, 6, "e-low", &[]).await.unwrap());
     let rebased = counters.read(&low).await.unwrap().unwrap();
     assert_eq!((rebased.used, rebased.base), (0, 0), "{rebased:?}");
-
-    // Refused, as a load is, while a fence is held or once one was taken since the fence
-    // generation was read (before the document): that read may miss a Firestore decision.
-    let fenced = p("rebase-fenced");
-    counters.load(&fenced, &seed(3, 10), TTL).await.unwrap();
-    counters.apply(&fenced, &consume(1)).await.unwrap(); // dirty: the fence keeps it
-    let epoch = counters.read(&fenced).await.unwrap().unwrap().epoch;
-    let read = |fence| RebaseRead {
-        used: 3,
-        watermark: 3,
-        fence,
-    };
-    let before = counters.fence_gen(&fenced).await.unwrap();
-    assert!(!counters.fence(&fenced, "decider", TTL).await.unwrap(), "kept: dirty");
-    let during = counters.fence_gen(&fenced).await.unwrap();
-    assert!(
-        !counters
-            .rebase(&fenced, &epoch, read(during), "e-f1", &[])
-            .await
-            .unwrap(),
-        "held"
-    );
-    counters.unfence(&fenced, "decider").await.unwrap();
-    assert!(
-        !counters
-            .rebase(&fenced, &epoch, read(before), "e-f1", &[])
-            .await
-            .unwrap(),
-        "taken since"
-    );
-    let after = counters.fence_gen(&fenced).await.unwrap();
-    assert!(
-        counters
-            .rebase(&fenced, &epoch, read(after), "e-f1", &[])
-            .await
-            .unwrap()
-    );
-    assert_eq!(counters.read(&fenced).await.unwrap().unwrap().used, 4);
 }
 
 #[tokio::test]

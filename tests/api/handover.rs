@@ -840,15 +840,9 @@ async fn held_changes_a_rebase_carried_are_released(counters: Arc<dyn Counters>,
     let doc = ledger.read(&id).await.unwrap().unwrap();
     assert_eq!((doc.used, doc.watermark), (Some(2), Some(2)));
     let new_epoch = quotad::storage::new_epoch();
-    let fence = counters.fence_gen(&id).await.unwrap();
-    let read = quotad::storage::RebaseRead {
-        used: 2,
-        watermark: 2,
-        fence,
-    };
     assert!(
         counters
-            .rebase(&id, &record.epoch, read, &new_epoch, &[])
+            .rebase(&id, &record.epoch, 2, 2, &new_epoch, &[])
             .await
             .unwrap()
     );

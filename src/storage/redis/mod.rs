@@ -17,8 +17,8 @@ use tokio::sync::oneshot;
 
 pub use self::keys::Keys;
 use super::{
-    Applied, Change, Counters, Decision, IDEMPOTENCY_TTL, IdempotencyEntry, KeyRecord, Op, RebaseRead, Record, Seed,
-    Settled, StorageError, Synced, Unanswered, idempotency_id,
+    Applied, Change, Counters, Decision, IDEMPOTENCY_TTL, IdempotencyEntry, KeyRecord, Op, Record, Seed, Settled,
+    StorageError, Synced, Unanswered, idempotency_id,
 };
 use crate::domain::{
     Phase, ProviderId,
@@ -719,20 +719,18 @@ impl Counters for RedisCounters {
         &self,
         provider: &ProviderId,
         epoch: &str,
-        doc: RebaseRead,
+        doc_used: i64,
+        doc_watermark: i64,
         new_epoch: &str,
         keys: &[KeyRecord],
     ) -> Result<bool, StorageError> {
         let mut invocation = REBASE.prepare_invoke();
         invocation
             .key(self.keys.record(provider))
-            .key(self.keys.fences(provider))
-            .key(self.keys.fence_gen(provider))
             .arg(epoch)
-            .arg(doc.used)
-            .arg(doc.watermark)
-            .arg(new_epoch)
-            .arg(doc.fence);
+            .arg(doc_used)
+            .arg(doc_watermark)
+            .arg(new_epoch);
         self.with_ledger_keys(&mut invocation, provider, keys);
         let done: i64 = self.invoke(invocation).await?;
         Ok(done == 1)
