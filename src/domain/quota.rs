@@ -1022,23 +1022,21 @@ impl QuotaService {
         Ok(())
     }
 
-    /// A record rebased in place from the epoch of changes this replica holds carries them:
-    /// each was made in Redis on the record before the rebase, which took along everything
-    /// its document's watermark did not hold (see [`Counters::rebase`]). They are no longer
-    /// held, rather than written as lost (a plain load, which may follow Redis losing the
-    /// record, carries nothing: only a rebase sets `from_watermark`).
-    fn carried_by_rebase(&self, provider: &ProviderId, record: Option<&Record>) {
-        if let Some(record) = record.filter(|r| r.from_watermark.is_some()) {
-            self.writer.landed(provider, &record.loaded_from, u64::MAX, None);
-        }
-    }
-
     /// Writes the changes this replica holds of epochs Redis no longer has (`present`: the
-    /// epoch it has, if any) under a fence, so that no record loads meanwhile. When Redis
+    /// record it has, if any) under a fence, so that no record loads meanwhile. When Redis
     /// holds no record, or only a clean one (dropped by the fence: it has written nothing),
     /// they may take the document to their epoch; beside a dirty record of another epoch
     /// (loaded since, and perhaps written) they may not ([`Lineage::Keep`]).
-    async fn write_lost_held(&self, provider: &ProviderId, present: Option<&str>) -> Result<(), StorageError> {
+    /// Changes of the epoch that `present` (the record Redis has) was rebased from in place
+    /// are not lost: each was made in Redis on the record before the rebase, which carried
+    /// everything its document's watermark did not hold (see [`Counters::rebase`]). They are
+    /// released, not written (a plain load, which may follow Redis losing the record,
+    /// carries nothing: only a rebase sets `from_watermark`).
+    async fn write_lost_held(&self, provider: &ProviderId, present: Option<&Record>) -> Result<(), StorageError> {
+        if let Some(rebased) = present.filter(|r| r.from_watermark.is_some()) {
+            self.writer.landed(provider, &rebased.loaded_from, u64::MAX, None);
+        }
+        let present = present.map(|r| r.epoch.as_str());
         if self.writer.held(provider, present).is_empty() {
             return Ok(());
         }
@@ -1078,9 +1076,7 @@ impl QuotaService {
             };
             // Held changes of an epoch Redis no longer has (it came back without the record,
             // or the record was reloaded since) are written first: nothing else will.
-            self.carried_by_rebase(provider, record.as_ref());
-            self.write_lost_held(provider, record.as_ref().map(|r| r.epoch.as_str()))
-                .await?;
+            self.write_lost_held(provider, record.as_ref()).await?;
             let Some(record) = record else {
                 return Ok(true);
             };
@@ -1478,9 +1474,7 @@ impl QuotaService {
         // before Redis decides again: a record reloaded without them would miss them.
         for provider in self.writer.held_providers() {
             let record = self.counters.read(&provider).await?;
-            self.carried_by_rebase(&provider, record.as_ref());
-            self.write_lost_held(&provider, record.as_ref().map(|r| r.epoch.as_str()))
-                .await?;
+            self.write_lost_held(&provider, record.as_ref()).await?;
         }
         // Before the reloads, which then take what it settled in records along.
         if let Err(err) = self.settle_unanswered().await {

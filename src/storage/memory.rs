@@ -217,7 +217,7 @@ impl Counters for MemoryCounters {
         let carried = record.used - doc_watermark;
         let dirty = record.is_dirty();
         *record = Record {
-            used: (doc_used + carried).max(0), // as the document stops at 0
+            used: super::usage_after_write(doc_used, carried, 0), // as the document: never below 0
             limit: record.limit,
             epoch: new_epoch.to_owned(),
             base: doc_used,
