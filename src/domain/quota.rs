@@ -12,8 +12,9 @@ use super::{
     writer::Writer,
 };
 use crate::storage::{
-    Applied, Change, Counters, Decision, EXACT_MAX, IdempotencyEntry, KeyRecord, Ledger, LedgerDecision, Op, Record,
-    Seed, Settled, StorageError, Synced, Unanswered, WriteOutcome, exact, idempotency_id, new_epoch,
+    Applied, Change, Counters, Decision, EXACT_MAX, FALLBACK_RECENT_MS, FallbackMark, IdempotencyEntry, KeyRecord,
+    Ledger, LedgerDecision, Op, Record, Seed, Settled, StorageError, Synced, Unanswered, WriteOutcome, exact,
+    idempotency_id, new_epoch,
 };
 use crate::telemetry::Cached;
 
@@ -117,6 +118,8 @@ pub struct QuotaService {
     /// in (see [`QuotaService::settle_unanswered`]), forgotten by Redis already: kept here
     /// until the ledger has it. Held by the settlement that runs.
     unsettled: tokio::sync::Mutex<Vec<(ProviderId, i64, String)>>,
+    /// This replica's id in the fallback marks it leaves in documents (random per process).
+    replica: String,
     /// This service, for the tasks Firestore decisions run in.
     me: std::sync::Weak<QuotaService>,
 }
@@ -153,6 +156,7 @@ impl QuotaService {
             held_writes: std::sync::atomic::AtomicU64::new(0),
             answers: tokio::sync::Notify::new(),
             unsettled: tokio::sync::Mutex::default(),
+            replica: uuid::Uuid::new_v4().simple().to_string(),
             me: me.clone(),
         })
     }
@@ -585,6 +589,7 @@ impl QuotaService {
         let fence = self.counters.fence_gen(provider).await?;
         let doc = self.ledger.read(provider).await?.unwrap_or_default();
         let beyond = doc.used_beyond_exact();
+        let away = doc.fallback.as_ref().is_some_and(|mark| self.deciding_elsewhere(mark));
         let seed = Seed {
             used: doc.used(),
             limit: self.limit_of(doc.limit),
@@ -595,6 +600,10 @@ impl QuotaService {
         };
         if beyond {
             return Ok((seed, Loaded::Beyond));
+        }
+        if away {
+            metrics::counter!("quotad_loads_left_to_firestore_total").increment(1);
+            return Ok((seed, Loaded::Away));
         }
         let loaded = self.counters.load(provider, &seed, self.cache_ttl).await?;
         Ok((seed, if loaded { Loaded::Cached } else { Loaded::Fenced }))
@@ -688,7 +697,7 @@ impl QuotaService {
                             continue;
                         }
                         // Firestore decides for it, exactly, as in `firestore-only`.
-                        Loaded::Beyond => {
+                        Loaded::Beyond | Loaded::Away => {
                             return self
                                 .in_firestore(provider, change, phase, InFirestore::Fenced, deadline)
                                 .await;
@@ -924,7 +933,15 @@ impl QuotaService {
             Lineage::May
         };
         self.write_held(provider, None, lineage).await?;
-        let decided = self.ledger.decide(provider, change, self.default_limit, fallback).await;
+        let decided = self
+            .ledger
+            .decide(
+                provider,
+                change,
+                self.default_limit,
+                fallback.then_some(self.replica.as_str()),
+            )
+            .await;
         if fallback {
             // After the decision, not before: a replica that meets the mark and reloads the
             // record must find the decision in the document (an error may have landed too).
@@ -1088,8 +1105,11 @@ impl QuotaService {
             // Firestore decides (Redis away, or a phase change) is answered, not charged.
             let keys = self.counters.pending_keys(provider).await?;
             match self.ledger.write_record(provider, &record, &keys).await {
-                Ok(WriteOutcome::Written { limit }) => {
+                Ok(WriteOutcome::Written { limit, fallback }) => {
                     metrics::counter!("quotad_store_writes_total", "result" => "written").increment(1);
+                    if fallback.is_some_and(|mark| self.missed_by(&record, &mark)) {
+                        self.outdated_by_write(provider).await;
+                    }
                     match self.note_written(provider, &record, limit, &keys).await? {
                         Synced::Clean => return Ok(true),
                         // Kept dirty for longer than the cache TTL (a busy provider): rebased,
@@ -1115,6 +1135,33 @@ impl QuotaService {
             }
         }
         Ok(false)
+    }
+
+    /// Whether `mark` says that another replica, unable to reach Redis, decided in
+    /// Firestore after `record` was loaded (or so shortly before that clocks cannot tell:
+    /// [`CLOCK_SLACK_MS`]). Redis never saw that decision, and this replica reaches Redis
+    /// while that one cannot mark the record outdated itself.
+    fn missed_by(&self, record: &Record, mark: &FallbackMark) -> bool {
+        mark.by != self.replica && mark.at_ms >= record.loaded_ms.unwrap_or(0) - CLOCK_SLACK_MS
+    }
+
+    /// Whether `mark` says that another replica decides in Firestore for lack of Redis
+    /// these moments ([`FALLBACK_RECENT_MS`]; [`CLOCK_SLACK_MS`] more for clocks apart).
+    fn deciding_elsewhere(&self, mark: &FallbackMark) -> bool {
+        mark.by != self.replica && Utc::now().timestamp_millis() - mark.at_ms < FALLBACK_RECENT_MS + CLOCK_SLACK_MS
+    }
+
+    /// A write found that another replica decided in Firestore beside the cached record
+    /// ([`QuotaService::missed_by`]): the record is marked outdated, as that replica's own
+    /// mark would have done had it reached Redis (see [`QuotaService::mark_outdated_later`]).
+    /// Until it is reloaded, decisions for the provider go to Firestore; and while that
+    /// replica keeps deciding there, so do they ([`Loaded::Away`]).
+    async fn outdated_by_write(&self, provider: &ProviderId) {
+        metrics::counter!("quotad_fallbacks_seen_total").increment(1);
+        tracing::info!(%provider, "another replica decides in Firestore for lack of Redis: the cached record is outdated");
+        if let Err(err) = self.counters.mark_outdated(provider).await {
+            tracing::warn!(%provider, error = %err, "could not mark the record outdated");
+        }
     }
 
     /// A record's write landed: the writer and Redis learn what the ledger holds now (its
@@ -1205,7 +1252,7 @@ impl QuotaService {
         let settled = futures::future::join_all(items.iter().zip(results).map(
             |((provider, record, keys), result)| async move {
                 match result {
-                    Ok(WriteOutcome::Written { limit }) => {
+                    Ok(WriteOutcome::Written { limit, .. }) => {
                         self.note_written(provider, record, limit, keys).await?;
                         Ok::<_, StorageError>((1, 0))
                     }
@@ -1550,6 +1597,12 @@ const FENCE_WAIT: Duration = Duration::from_secs(6);
 /// How often a decision that met a fence looks again.
 const FENCE_POLL: Duration = Duration::from_millis(5);
 
+/// How far apart replicas' clocks (and Redis's) may be when they compare a fallback mark
+/// ([`crate::storage::FallbackMark`]) with a record's load time or their own clock, in ms.
+/// NTP keeps servers within milliseconds; more skew than this only costs exactness in a
+/// network split that cuts one replica off from Redis.
+const CLOCK_SLACK_MS: i64 = 1_000;
+
 /// What [`QuotaService::load`] did with the document it read.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Loaded {
@@ -1561,6 +1614,11 @@ enum Loaded {
     /// Not cached: its usage lies beyond what Redis counts exactly ([`exact`]), so that
     /// Firestore decides for it in every phase, by one rule.
     Beyond,
+    /// Not cached: another replica decided for it in Firestore lately, for lack of Redis
+    /// ([`QuotaService::deciding_elsewhere`]). Firestore decides here too until that
+    /// replica stops: two replicas deciding apart, one in Redis and one in Firestore,
+    /// would each admit what the other has.
+    Away,
 }
 
 /// Whether a held record's write may move its document to the record's epoch (see

@@ -130,6 +130,7 @@ mod tests {
             epoch: Some(epoch.into()),
             watermark: Some(watermark),
             keys: vec![],
+            fallback: None,
         }
     }
 

@@ -2,7 +2,9 @@
 //! `FIRESTORE_EMULATOR_HOST` is set).
 //!
 //! Provider documents stay compatible with the legacy ones (`aiCallsUsed`, `aiCallsLimit`);
-//! quotad adds `quotadEpoch`, `quotadWatermark` and `quotadVersion`. Its own documents live
+//! quotad adds `quotadEpoch`, `quotadWatermark`, `quotadVersion`, `quotadKeys` (idempotency
+//! records) and `quotadFallback` (the last decision a replica made here for lack of Redis,
+//! see [`FallbackMark`]). Its own documents live
 //! outside the provider collection: `quotad/phase`, `quotad/redis-sentinel` and
 //! `quotad_changed/*` (providers decided by Firestore while Redis was away); in
 //! `quotad_internal` and `quotad_internal_changed` when the provider collection is named
@@ -17,8 +19,9 @@ use futures::StreamExt;
 use serde::{Deserialize, Serialize};
 
 use super::{
-    Change, DeltaPlan, Document, IdempotencyEntry, KeyRecord, Ledger, LedgerDecision, Record, RecordWrite,
-    StorageError, WriteOutcome, delta_for, fallback_key_entry, idempotency_id, merge_keys, settle_twice_decided,
+    Change, DeltaPlan, Document, FallbackMark, IdempotencyEntry, KeyRecord, Ledger, LedgerDecision, Record,
+    RecordWrite, StorageError, WriteOutcome, delta_for, fallback_key_entry, idempotency_id, merge_keys,
+    settle_twice_decided,
 };
 use crate::domain::{Phase, ProviderId};
 
@@ -85,6 +88,8 @@ struct ProviderDoc {
     quotadVersion: Option<Num>,
     #[serde(default)]
     quotadKeys: Option<BTreeMap<String, String>>,
+    #[serde(default)]
+    quotadFallback: Option<String>,
 }
 
 impl ProviderDoc {
@@ -95,7 +100,12 @@ impl ProviderDoc {
             epoch: self.quotadEpoch.clone(),
             watermark: self.quotadWatermark.as_ref().map(num),
             keys: live_keys(self.quotadKeys.as_ref()),
+            fallback: self.fallback(),
         }
+    }
+
+    fn fallback(&self) -> Option<FallbackMark> {
+        self.quotadFallback.as_deref().and_then(FallbackMark::parse)
     }
 }
 
@@ -126,6 +136,8 @@ struct ProviderWrite {
     quotadVersion: Option<i64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     quotadKeys: Option<BTreeMap<String, String>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    quotadFallback: Option<String>,
 }
 
 impl ProviderWrite {
@@ -137,6 +149,7 @@ impl ProviderWrite {
             ("quotadWatermark", self.quotadWatermark.is_some()),
             ("quotadVersion", self.quotadVersion.is_some()),
             ("quotadKeys", self.quotadKeys.is_some()),
+            ("quotadFallback", self.quotadFallback.is_some()),
         ];
         fields
             .into_iter()
@@ -267,7 +280,8 @@ fn plan_record_write(
         write.quotadKeys = Some(known);
     }
     let changes = !write.mask().is_empty();
-    (WriteOutcome::Written { limit }, changes.then_some(write))
+    let fallback = doc.fallback();
+    (WriteOutcome::Written { limit, fallback }, changes.then_some(write))
 }
 
 /// Whether a write failed only because another writer changed the document first.
@@ -470,7 +484,7 @@ impl Ledger for FirestoreLedger {
             for (k, (i, outcome, _, _)) in planned.iter().enumerate() {
                 let landed = response.statuses.get(k).is_none_or(|status| status.code == 0);
                 results[*i] = Some(if landed {
-                    Ok(*outcome)
+                    Ok(outcome.clone())
                 } else {
                     let (provider, record, keys) = &items[*i];
                     self.write_record(provider, record, keys).await
@@ -489,9 +503,9 @@ impl Ledger for FirestoreLedger {
         provider: &ProviderId,
         change: &Change<'_>,
         default_limit: i64,
-        mark_changed: bool,
+        fallback_by: Option<&str>,
     ) -> Result<LedgerDecision, StorageError> {
-        if mark_changed {
+        if fallback_by.is_some() {
             // Before the decision: a marker without a change only costs a reload.
             self.note_changed_outside(provider).await?;
         }
@@ -527,11 +541,21 @@ impl Ledger for FirestoreLedger {
                     );
                     write.quotadKeys = Some(keys);
                 }
-                let changes = write.aiCallsUsed.is_some() || write.quotadKeys.is_some();
+                let mut changes = write.aiCallsUsed.is_some() || write.quotadKeys.is_some();
+                if let Some(by) = fallback_by
+                    && (changes || FallbackMark::due(doc.fallback().as_ref(), by, now))
+                {
+                    let mark = FallbackMark {
+                        by: by.to_owned(),
+                        at_ms: now,
+                    };
+                    write.quotadFallback = Some(mark.render());
+                    changes = true;
+                }
                 (LedgerDecision::Decided(decision), changes.then_some(write))
             })
             .await;
-        if mark_changed
+        if fallback_by.is_some()
             && decided.is_ok()
             && let Err(err) = self.note_changed_outside(provider).await
         {

@@ -11,9 +11,9 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 
 use super::{
-    Applied, Change, Counters, DROPPED_TAG, Decision, DeltaPlan, Document, IdempotencyEntry, KeyRecord, Ledger,
-    LedgerDecision, Record, Seed, StorageError, Synced, WriteOutcome, delta_for, fallback_epoch, fallback_key_entry,
-    idempotency_id, merge_keys, settle_twice_decided,
+    Applied, Change, Counters, DROPPED_TAG, Decision, DeltaPlan, Document, FallbackMark, IdempotencyEntry, KeyRecord,
+    Ledger, LedgerDecision, Record, Seed, StorageError, Synced, WriteOutcome, delta_for, fallback_epoch,
+    fallback_key_entry, idempotency_id, merge_keys, settle_twice_decided,
 };
 use crate::domain::{
     Phase, ProviderId,
@@ -521,6 +521,7 @@ struct Doc {
     version: u64,
     /// Idempotency records kept in the document (as `quotadKeys` in Firestore).
     keys: BTreeMap<String, String>,
+    fallback: Option<FallbackMark>,
 }
 
 #[derive(Default)]
@@ -558,6 +559,7 @@ fn document_of(doc: &Doc) -> Document {
             .filter(|(_, entry)| IdempotencyEntry::parse(entry).is_some_and(|e| e.expires_ms > now_ms()))
             .map(|(id, entry)| (id.clone(), entry.clone()))
             .collect(),
+        fallback: doc.fallback.clone(),
     }
 }
 
@@ -608,7 +610,10 @@ impl Ledger for MemoryLedger {
                 correction,
             ));
         }
-        Ok(WriteOutcome::Written { limit: doc.limit })
+        Ok(WriteOutcome::Written {
+            limit: doc.limit,
+            fallback: doc.fallback.clone(),
+        })
     }
 
     async fn decide(
@@ -616,7 +621,7 @@ impl Ledger for MemoryLedger {
         provider: &ProviderId,
         change: &Change<'_>,
         default_limit: i64,
-        mark_changed: bool,
+        fallback_by: Option<&str>,
     ) -> Result<LedgerDecision, StorageError> {
         let mut state = self.state.lock().unwrap();
         let id = change.idempotency_key.map(|k| idempotency_id(change.op, k));
@@ -632,8 +637,18 @@ impl Ledger for MemoryLedger {
         let (decision, stored) = super::decide_stored(used, doc.limit.unwrap_or(default_limit), change);
         if stored != used {
             state.docs.entry(provider.clone()).or_default().used = Some(stored);
-            if mark_changed && !state.changed.contains(provider) {
+            if fallback_by.is_some() && !state.changed.contains(provider) {
                 state.changed.push(provider.clone());
+            }
+        }
+        if let Some(by) = fallback_by {
+            let now = now_ms();
+            if stored != used || id.is_some() || FallbackMark::due(doc.fallback.as_ref(), by, now) {
+                let mark = FallbackMark {
+                    by: by.to_owned(),
+                    at_ms: now,
+                };
+                state.docs.entry(provider.clone()).or_default().fallback = Some(mark);
             }
         }
         if let Some(id) = id {

@@ -499,7 +499,50 @@ pub struct Document {
     pub watermark: Option<i64>,
     /// Idempotency records decided by (or carried into) this document, unexpired.
     pub keys: Vec<KeyRecord>,
+    /// The last Firestore decision a replica made for lack of Redis.
+    pub fallback: Option<FallbackMark>,
 }
+
+/// A Firestore decision that a replica made because it could not reach Redis, as the
+/// document records it (`quotadFallback`: `<unix ms> <replica id>`): which replica, and
+/// when by its clock. A replica that does reach Redis learns from it, at its next write or
+/// load, that the record Redis holds misses decisions (only one replica may have lost
+/// Redis, a network split): see `QuotaService::flush` and `QuotaService::load`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FallbackMark {
+    pub by: String,
+    pub at_ms: i64,
+}
+
+impl FallbackMark {
+    /// A mark is written again by the replica that wrote it after this long (ms), however
+    /// often it decides: readers take a mark younger than [`FALLBACK_RECENT_MS`] for a
+    /// replica still deciding in Firestore.
+    pub const REFRESH_MS: i64 = 500;
+
+    pub fn render(&self) -> String {
+        format!("{} {}", self.at_ms, self.by)
+    }
+
+    pub fn parse(raw: &str) -> Option<Self> {
+        let (at, by) = raw.split_once(' ')?;
+        Some(Self {
+            at_ms: at.parse().ok()?,
+            by: by.to_owned(),
+        })
+    }
+
+    /// Whether a fallback decision by replica `by` at `now_ms` writes its mark: unless the
+    /// document's `current` one is its own and younger than [`FallbackMark::REFRESH_MS`]
+    /// (and the decision writes nothing else).
+    pub fn due(current: Option<&Self>, by: &str, now_ms: i64) -> bool {
+        !current.is_some_and(|mark| mark.by == by && (0..Self::REFRESH_MS).contains(&(now_ms - mark.at_ms)))
+    }
+}
+
+/// How long (ms) a replica takes another's fallback mark for a replica still deciding in
+/// Firestore: its loads then leave the provider to Firestore (see `QuotaService::load`).
+pub const FALLBACK_RECENT_MS: i64 = 2_000;
 
 impl Document {
     /// Its usage as quotad counts it ([`exact`]); 0 when it stores none.
@@ -520,11 +563,15 @@ impl Document {
 }
 
 /// What a [`Ledger::write_record`] did.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum WriteOutcome {
     /// The delta landed (or had landed before); the ledger holds this version. `limit` is
     /// the document's limit (or `None` when it stores none).
-    Written { limit: Option<i64> },
+    Written {
+        limit: Option<i64>,
+        /// The document's [`Document::fallback`] as the write read it.
+        fallback: Option<FallbackMark>,
+    },
     /// The document belongs to another epoch now: this record is stale.
     Stale,
 }
@@ -591,14 +638,17 @@ pub trait Ledger: Send + Sync {
         Ok(answers)
     }
     /// Decides a consume or refund in one transaction on the document, with its
-    /// idempotency record, retrying on contention. Marks the provider as changed outside
-    /// Redis when `mark_changed` (the fallback path), so Redis reloads it later.
+    /// idempotency record, retrying on contention. On the fallback path `fallback_by` is
+    /// the deciding replica's id: the provider is marked as changed outside Redis, so Redis
+    /// reloads it later, and the document records the fallback ([`Document::fallback`],
+    /// written again at most once a second by the same replica: see
+    /// [`FallbackMark::due`]).
     async fn decide(
         &self,
         provider: &ProviderId,
         change: &Change<'_>,
         default_limit: i64,
-        mark_changed: bool,
+        fallback_by: Option<&str>,
     ) -> Result<LedgerDecision, StorageError>;
     /// Adds `delta` to the document's usage (never below 0), as another writer would (no
     /// epoch or watermark of quotad's changes), if `epoch` is the first 8 characters of the
@@ -830,5 +880,26 @@ mod tests {
     fn another_epoch_makes_the_record_stale() {
         assert_eq!(delta_for(&record(15, 5), Some("e3"), 0, 0), DeltaPlan::Stale);
         assert_eq!(delta_for(&record(15, 5), None, 0, 0), DeltaPlan::Stale);
+    }
+
+    #[test]
+    fn a_fallback_mark_is_rewritten_for_another_replica_or_once_it_ages() {
+        let mark = FallbackMark {
+            by: "a".into(),
+            at_ms: 1_000,
+        };
+        assert_eq!(FallbackMark::parse(&mark.render()), Some(mark.clone()));
+        assert_eq!(FallbackMark::parse("soon a"), None);
+        assert!(FallbackMark::due(None, "a", 1_000));
+        assert!(!FallbackMark::due(Some(&mark), "a", 1_000));
+        assert!(!FallbackMark::due(
+            Some(&mark),
+            "a",
+            1_000 + FallbackMark::REFRESH_MS - 1
+        ));
+        assert!(FallbackMark::due(Some(&mark), "a", 1_000 + FallbackMark::REFRESH_MS));
+        assert!(FallbackMark::due(Some(&mark), "b", 1_000));
+        // a mark from a clock ahead of this one's is written again, not trusted for long
+        assert!(FallbackMark::due(Some(&mark), "a", 999));
     }
 }

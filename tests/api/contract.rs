@@ -528,11 +528,17 @@ async fn ledger_contract(ledger: Arc<dyn Ledger>) {
     let r1 = record(3, 0, "e1", "", 3);
     assert_eq!(
         ledger.write_record(&id, &r1, &[]).await.unwrap(),
-        WriteOutcome::Written { limit: None }
+        WriteOutcome::Written {
+            limit: None,
+            fallback: None
+        }
     );
     assert_eq!(
         ledger.write_record(&id, &r1, &[]).await.unwrap(),
-        WriteOutcome::Written { limit: None }
+        WriteOutcome::Written {
+            limit: None,
+            fallback: None
+        }
     );
     assert_eq!(ledger.read(&id).await.unwrap().unwrap().used, Some(3));
     // A later version adds only the difference; an older one adds nothing.
@@ -540,7 +546,7 @@ async fn ledger_contract(ledger: Arc<dyn Ledger>) {
     ledger.write_record(&id, &record(4, 0, "e1", "", 4), &[]).await.unwrap();
     assert_eq!(ledger.read(&id).await.unwrap().unwrap().used, Some(5));
     // Another writer's increment survives; a new epoch loaded at 5 adds what it used since.
-    let decided = ledger.decide(&id, &consume(10), 100, true).await.unwrap();
+    let decided = ledger.decide(&id, &consume(10), 100, Some("elsewhere")).await.unwrap();
     assert_eq!(
         decided,
         LedgerDecision::Decided(Decision {
@@ -549,10 +555,28 @@ async fn ledger_contract(ledger: Arc<dyn Ledger>) {
             limit: 100
         })
     );
-    ledger
-        .write_record(&id, &record(8, 5, "e2", "e1", 1), &[])
+    // The fallback left its mark: which replica decided, and when; a write reads it back,
+    // and a decision that is not a fallback leaves it as it is.
+    let before = Utc::now().timestamp_millis();
+    let mark = ledger
+        .read(&id)
         .await
-        .unwrap();
+        .unwrap()
+        .unwrap()
+        .fallback
+        .expect("a fallback mark");
+    assert_eq!(mark.by, "elsewhere");
+    assert!((before - 60_000..=before).contains(&mark.at_ms), "{mark:?} at {before}");
+    assert_eq!(
+        ledger
+            .write_record(&id, &record(8, 5, "e2", "e1", 1), &[])
+            .await
+            .unwrap(),
+        WriteOutcome::Written {
+            limit: None,
+            fallback: Some(mark.clone())
+        }
+    );
     assert_eq!(ledger.read(&id).await.unwrap().unwrap().used, Some(18));
     assert_eq!(
         ledger.write_record(&id, &record(9, 0, "e1", "", 6), &[]).await.unwrap(),
@@ -564,6 +588,8 @@ async fn ledger_contract(ledger: Arc<dyn Ledger>) {
     assert!(ledger.add_used(&id, -2, "e2").await.unwrap());
     assert_eq!(ledger.read(&id).await.unwrap().unwrap().used, Some(16));
     assert!(ledger.add_used(&id, 2, "e2").await.unwrap());
+    ledger.decide(&id, &consume(0), 100, None).await.unwrap();
+    assert_eq!(ledger.read(&id).await.unwrap().unwrap().fallback, Some(mark));
     assert!(!ledger.add_used(&p("nowhere"), -2, "e2").await.unwrap());
     assert_eq!(ledger.read(&p("nowhere")).await.unwrap(), None);
     assert_eq!(ledger.read(&id).await.unwrap().unwrap().used, Some(18));
@@ -593,7 +619,7 @@ async fn ledger_contract(ledger: Arc<dyn Ledger>) {
         idempotency_key: Some("k"),
         with_record: true,
     };
-    let first = ledger.decide(&id, &keyed, 100, false).await.unwrap();
+    let first = ledger.decide(&id, &keyed, 100, None).await.unwrap();
     assert_eq!(
         first,
         LedgerDecision::Decided(Decision {
@@ -603,7 +629,7 @@ async fn ledger_contract(ledger: Arc<dyn Ledger>) {
         })
     );
     assert_eq!(
-        ledger.decide(&id, &keyed, 100, false).await.unwrap(),
+        ledger.decide(&id, &keyed, 100, None).await.unwrap(),
         LedgerDecision::Replayed(Decision {
             allowed: true,
             used: 20,
@@ -615,11 +641,11 @@ async fn ledger_contract(ledger: Arc<dyn Ledger>) {
         ..keyed.clone()
     };
     assert_eq!(
-        ledger.decide(&id, &other, 100, false).await.unwrap(),
+        ledger.decide(&id, &other, 100, None).await.unwrap(),
         LedgerDecision::KeyReused
     );
     assert_eq!(
-        ledger.decide(&id, &consume(1), 100, false).await.unwrap(),
+        ledger.decide(&id, &consume(1), 100, None).await.unwrap(),
         LedgerDecision::Decided(Decision {
             allowed: false,
             used: 20,
@@ -646,7 +672,7 @@ async fn ledger_contract(ledger: Arc<dyn Ledger>) {
     assert_eq!(ledger.read(&id).await.unwrap().unwrap().used, Some(6));
     // An unknown document takes the default limit in a decision.
     assert_eq!(
-        ledger.decide(&p("l2"), &consume(3), 2, false).await.unwrap(),
+        ledger.decide(&p("l2"), &consume(3), 2, None).await.unwrap(),
         LedgerDecision::Decided(Decision {
             allowed: false,
             used: 0,
@@ -700,7 +726,7 @@ async fn fallback_charged(ledger: &dyn Ledger, id: &ProviderId) {
         idempotency_key: Some("k"),
         with_record: true,
     };
-    let fallback = ledger.decide(id, &change, 100, true).await.unwrap();
+    let fallback = ledger.decide(id, &change, 100, Some("elsewhere")).await.unwrap();
     assert!(
         matches!(fallback, LedgerDecision::Decided(d) if d.allowed && d.used == 14),
         "{fallback:?}"
@@ -746,7 +772,10 @@ async fn twice_decided_keys_count_once(ledger: &dyn Ledger) {
 
     // a refund of 3 decided by Redis (16 -> 13) and again by the fallback (16 -> 13 in the
     // document, whose usage already holds Redis's 16)
-    let fallback = ledger.decide(&id, &keyed(Op::Refund, 3, "r"), 100, true).await.unwrap();
+    let fallback = ledger
+        .decide(&id, &keyed(Op::Refund, 3, "r"), 100, Some("elsewhere"))
+        .await
+        .unwrap();
     assert!(
         matches!(fallback, LedgerDecision::Decided(d) if d.used == 13),
         "{fallback:?}"
@@ -761,7 +790,7 @@ async fn twice_decided_keys_count_once(ledger: &dyn Ledger) {
     // lowered to 40 meanwhile): the denial took nothing, so nothing is taken out
     ledger.set_quota(&id, None, Some(40), "unused").await.unwrap();
     let fallback = ledger
-        .decide(&id, &keyed(Op::Consume, 50, "d"), 100, true)
+        .decide(&id, &keyed(Op::Consume, 50, "d"), 100, Some("elsewhere"))
         .await
         .unwrap();
     assert!(
@@ -787,7 +816,7 @@ async fn twice_decided_keys_count_once(ledger: &dyn Ledger) {
         );
     }
     let replay = ledger
-        .decide(&id, &keyed(Op::Consume, 4, "k"), 100, true)
+        .decide(&id, &keyed(Op::Consume, 4, "k"), 100, Some("elsewhere"))
         .await
         .unwrap();
     assert!(
@@ -836,7 +865,7 @@ async fn twice_decided_keys_count_once(ledger: &dyn Ledger) {
         .unwrap();
     ledger.set_quota(&id, Some(0), None, "e3").await.unwrap();
     let fallback = ledger
-        .decide(&id, &keyed(Op::Consume, 4, "k"), 100, true)
+        .decide(&id, &keyed(Op::Consume, 4, "k"), 100, Some("elsewhere"))
         .await
         .unwrap();
     assert!(
@@ -1058,15 +1087,15 @@ async fn keys_travel(counters: Arc<dyn Counters>, ledger: Arc<dyn Ledger>) {
     };
     // The ledger answers the retry without charging it.
     assert_eq!(
-        ledger.decide(&id, &keyed("from-redis", 2), 10, false).await.unwrap(),
+        ledger.decide(&id, &keyed("from-redis", 2), 10, None).await.unwrap(),
         LedgerDecision::Replayed(decision)
     );
     assert_eq!(
-        ledger.decide(&id, &keyed("from-redis", 3), 10, false).await.unwrap(),
+        ledger.decide(&id, &keyed("from-redis", 3), 10, None).await.unwrap(),
         LedgerDecision::KeyReused
     );
     // A key the ledger decided reaches Redis with the next load.
-    let by_ledger = ledger.decide(&id, &keyed("from-ledger", 1), 10, false).await.unwrap();
+    let by_ledger = ledger.decide(&id, &keyed("from-ledger", 1), 10, None).await.unwrap();
     let LedgerDecision::Decided(decision) = by_ledger else {
         panic!("{by_ledger:?}")
     };
@@ -1132,7 +1161,7 @@ async fn rebase_keeps_every_unit_once(counters: Arc<dyn Counters>, ledger: Arc<d
     let in_flight = counters.read(&id).await.unwrap().unwrap(); // a writer read it: used 5
     counters.apply(&id, &consume(1)).await.unwrap(); // used 6
     // Another writer (a fallback) adds 4 to the document.
-    ledger.decide(&id, &consume(4), 100, false).await.unwrap();
+    ledger.decide(&id, &consume(4), 100, None).await.unwrap();
     let doc = ledger.read(&id).await.unwrap().unwrap();
     assert_eq!((doc.used, doc.watermark), (Some(7), Some(3)));
     assert!(counters.rebase(&id, "e1", 7, 3, "e2", &doc.keys).await.unwrap());
@@ -1170,7 +1199,7 @@ async fn rebase_keeps_every_unit_once(counters: Arc<dyn Counters>, ledger: Arc<d
     };
     counters.apply(&id, &refund).await.unwrap(); // used 4
     let in_flight = counters.read(&id).await.unwrap().unwrap();
-    ledger.decide(&id, &consume(2), 100, false).await.unwrap(); // the document: 7
+    ledger.decide(&id, &consume(2), 100, None).await.unwrap(); // the document: 7
     assert!(counters.rebase(&id, "e1", 7, 5, "e2", &[]).await.unwrap());
     let rebased = counters.read(&id).await.unwrap().unwrap();
     assert_eq!(rebased.used, 6);

@@ -743,3 +743,47 @@ async fn changes_redis_ran_without_answering_count_once() {
         assert_eq!(store.used(provider).await, Some(after + 1), "{provider}");
     }
 }
+
+/// One replica cut off from Redis (a network split), the other still reaching it: the cut
+/// one decides in Firestore, the other must not keep deciding from a record that misses
+/// those decisions. Limit 30 with 4 used, 60 concurrent consumes over the two: exactly 26
+/// admitted, and the document holds every one of them.
+#[tokio::test]
+async fn one_replica_cut_off_from_redis_leaves_decisions_exact() {
+    let (shared, redis) = Shared::with_own_redis().await;
+    let mut proxy = TcpProxy::start(format!("127.0.0.1:{}", redis.port).parse().unwrap()).await;
+    let cut = spawn_with(&shared, |config| {
+        config.redis_url = Some(format!("redis://{}/", proxy.address()))
+    })
+    .await;
+    let other = spawn_with(&shared, |_| {}).await;
+    let store = shared.store();
+    store.put("p1", Some(0), Some(30)).await;
+    for app in [&cut, &other] {
+        for _ in 0..2 {
+            ok(app.consume("p1", 1).await).await;
+        }
+    }
+    assert_eq!(eventually(DEADLINE, Some(4), || store.used("p1")).await, Some(4));
+    proxy.set_up(false).await;
+    let calls = (0..60).map(|i| {
+        let app = if i % 2 == 0 { &cut } else { &other };
+        async move { app.consume("p1", 1).await.status().as_u16() }
+    });
+    // Eight at a time, as clients keep coming: the two replicas' decisions interleave.
+    let statuses: Vec<u16> =
+        futures::StreamExt::collect(futures::StreamExt::buffered(futures::stream::iter(calls), 8)).await;
+    let admitted = statuses.iter().filter(|s| **s == 200).count();
+    assert_eq!(
+        statuses.iter().filter(|s| **s == 429).count(),
+        60 - admitted,
+        "{statuses:?}"
+    );
+    let expected = Some(4 + admitted as i64);
+    assert_eq!(
+        eventually(DEADLINE, expected, || store.used("p1")).await,
+        expected,
+        "lost or doubled"
+    );
+    assert_eq!(admitted, 26, "{statuses:?}");
+}

@@ -145,16 +145,16 @@ impl Ledger for Gated {
         provider: &ProviderId,
         change: &Change<'_>,
         default_limit: i64,
-        mark_changed: bool,
+        fallback_by: Option<&str>,
     ) -> Result<LedgerDecision, StorageError> {
         if self.hold_next.swap(false, Ordering::SeqCst) {
-            if mark_changed && self.mark_first.load(Ordering::SeqCst) {
+            if fallback_by.is_some() && self.mark_first.load(Ordering::SeqCst) {
                 self.inner.note_changed_outside(provider).await?;
             }
             self.entered.notify_one();
             self.open.acquire().await.unwrap().forget();
         }
-        self.inner.decide(provider, change, default_limit, mark_changed).await
+        self.inner.decide(provider, change, default_limit, fallback_by).await
     }
     async fn add_used(&self, provider: &ProviderId, delta: i64, epoch: &str) -> Result<bool, StorageError> {
         self.inner.add_used(provider, delta, epoch).await
@@ -545,7 +545,7 @@ async fn a_record_kept_dirty_past_its_ttl_is_rebased(counters: Arc<dyn Counters>
         idempotency_key: None,
         with_record: false,
     };
-    let added = ledger.inner.decide(&busy, &outside, 100, false).await.unwrap();
+    let added = ledger.inner.decide(&busy, &outside, 100, None).await.unwrap();
     assert!(matches!(added, LedgerDecision::Decided(d) if d.allowed && d.used == 51));
     // another replica consumes after every write: the record stays dirty
     *ledger.busy.lock().unwrap() = Some((counters.clone(), busy.clone()));
@@ -734,7 +734,9 @@ async fn a_lookup_of_an_outdated_record_reloads_it(counters: Arc<dyn Counters>, 
         idempotency_key: None,
         with_record: false,
     };
-    ledger.inner.decide(&id, &outside, 100, true).await.unwrap(); // a fallback elsewhere
+    // Decided in Firestore elsewhere, and marked (as a fallback long past would leave it: a
+    // recent fallback keeps lookups off the cache, see the test below).
+    ledger.inner.decide(&id, &outside, 100, None).await.unwrap();
     counters.mark_outdated(&id).await.unwrap();
     let seen = a.get(&id).await.unwrap();
     assert_eq!((seen.used, seen.source), (6, Source::Store));
@@ -744,6 +746,48 @@ async fn a_lookup_of_an_outdated_record_reloads_it(counters: Arc<dyn Counters>, 
 }
 
 on_both!(a_lookup_of_an_outdated_record_reloads_it: memory_reloads_an_outdated_record_for_a_lookup, redis_reloads_an_outdated_record_for_a_lookup);
+
+/// Another replica, cut off from Redis (a network split), decides in Firestore and cannot
+/// mark the record this one decides from. This one's next write finds the fallback's mark
+/// in the document and marks the record outdated itself; from then on, while the other
+/// replica's mark is recent, decisions and lookups here go to Firestore too and nothing is
+/// cached: each replica sees what the other decided.
+async fn a_fallback_seen_by_a_write_sends_decisions_to_firestore(counters: Arc<dyn Counters>, ledger: Arc<Gated>) {
+    let a = service(counters.clone(), ledger.clone());
+    let id = p("split");
+    assert_eq!(consume(&a, &id).await, 1);
+    assert!(a.flush(&id).await.unwrap());
+    let elsewhere = quotad::storage::Change {
+        op: quotad::storage::Op::Consume,
+        amount: 5,
+        idempotency_key: None,
+        with_record: false,
+    };
+    ledger
+        .inner
+        .decide(&id, &elsewhere, 100, Some("cut-off"))
+        .await
+        .unwrap(); // the document: 6
+    // Decided from the record, which has not seen it (a write will); written: 7.
+    assert_eq!(consume(&a, &id).await, 2);
+    assert!(!counters.read(&id).await.unwrap().unwrap().outdated);
+    a.flush(&id).await.unwrap();
+    assert!(
+        counters.read(&id).await.unwrap().unwrap().outdated,
+        "the write marks it"
+    );
+    assert_eq!(ledger.read(&id).await.unwrap().unwrap().used, Some(7));
+    // Firestore decides now, and the record is dropped and not loaded again.
+    assert_eq!(consume(&a, &id).await, 8);
+    assert_eq!(consume(&a, &id).await, 9);
+    assert_eq!(counters.read(&id).await.unwrap(), None);
+    let seen = a.get(&id).await.unwrap();
+    assert_eq!((seen.used, seen.source), (9, Source::Store));
+    assert_eq!(counters.read(&id).await.unwrap(), None);
+    assert_eq!(ledger.read(&id).await.unwrap().unwrap().used, Some(9));
+}
+
+on_both!(a_fallback_seen_by_a_write_sends_decisions_to_firestore: memory_a_fallback_seen_by_a_write_sends_decisions_to_firestore, redis_a_fallback_seen_by_a_write_sends_decisions_to_firestore);
 
 /// A replica asked to leave `redis-primary` before it has followed another's switch into it
 /// (its view is a poll behind) still syncs first: it decides from the stored phase.
