@@ -12,9 +12,8 @@ use super::{
     writer::Writer,
 };
 use crate::storage::{
-    Applied, Change, Counters, Decision, EXACT_MAX, FALLBACK_RECENT_MS, FallbackMark, IdempotencyEntry, KeyRecord,
-    Ledger, LedgerDecision, Op, Record, Seed, Settled, StorageError, Synced, Unanswered, WriteOutcome, exact,
-    idempotency_id, new_epoch,
+    Applied, Change, Counters, Decision, EXACT_MAX, FallbackMark, IdempotencyEntry, KeyRecord, Ledger, LedgerDecision,
+    Op, Record, Seed, Settled, StorageError, Synced, Unanswered, WriteOutcome, exact, idempotency_id, new_epoch,
 };
 use crate::telemetry::Cached;
 
@@ -1107,21 +1106,23 @@ impl QuotaService {
             match self.ledger.write_record(provider, &record, &keys).await {
                 Ok(WriteOutcome::Written { limit, fallback }) => {
                     metrics::counter!("quotad_store_writes_total", "result" => "written").increment(1);
-                    if fallback.is_some_and(|mark| self.missed_by(&record, &mark)) {
-                        self.outdated_by_write(provider).await;
+                    let missed = fallback.is_some_and(|mark| self.missed_by(&record, &mark));
+                    if missed {
+                        self.outdated_by_mark(provider).await;
                     }
                     match self.note_written(provider, &record, limit, &keys).await? {
                         Synced::Clean => return Ok(true),
                         // Kept dirty for longer than the cache TTL (a busy provider): rebased,
                         // it takes in what other writers added meanwhile (failing, it is tried
-                        // again after the next write).
-                        Synced::Outlived => {
+                        // again after the next write). Not when just marked outdated: a
+                        // rebase would clear the mark, and the record is reloaded anyway.
+                        Synced::Outlived if !missed => {
                             if let Err(err) = self.rebase(provider).await {
                                 tracing::warn!(%provider, error = %err, "rebase after the cache TTL failed");
                             }
                         }
                         // changed meanwhile, or replaced: the next round reads what is there
-                        Synced::Dirty | Synced::Replaced => {}
+                        Synced::Outlived | Synced::Dirty | Synced::Replaced => {}
                     }
                 }
                 Ok(WriteOutcome::Stale) => {
@@ -1138,25 +1139,25 @@ impl QuotaService {
     }
 
     /// Whether `mark` says that another replica, unable to reach Redis, decided in
-    /// Firestore after `record` was loaded (or so shortly before that clocks cannot tell:
-    /// [`CLOCK_SLACK_MS`]). Redis never saw that decision, and this replica reaches Redis
-    /// while that one cannot mark the record outdated itself.
+    /// Firestore after `record` was loaded ([`FallbackMark::missed_by`]). Redis never saw
+    /// that decision, and this replica reaches Redis while that one cannot mark the record
+    /// outdated itself.
     fn missed_by(&self, record: &Record, mark: &FallbackMark) -> bool {
-        mark.by != self.replica && mark.at_ms >= record.loaded_ms.unwrap_or(0) - CLOCK_SLACK_MS
+        mark.missed_by(&self.replica, record.loaded_ms, Utc::now().timestamp_millis())
     }
 
     /// Whether `mark` says that another replica decides in Firestore for lack of Redis
-    /// these moments ([`FALLBACK_RECENT_MS`]; [`CLOCK_SLACK_MS`] more for clocks apart).
+    /// these moments ([`FallbackMark::deciding_elsewhere`]).
     fn deciding_elsewhere(&self, mark: &FallbackMark) -> bool {
-        mark.by != self.replica && Utc::now().timestamp_millis() - mark.at_ms < FALLBACK_RECENT_MS + CLOCK_SLACK_MS
+        mark.deciding_elsewhere(&self.replica, Utc::now().timestamp_millis())
     }
 
-    /// A write found that another replica decided in Firestore beside the cached record
-    /// ([`QuotaService::missed_by`]): the record is marked outdated, as that replica's own
+    /// A write or a rebase found that another replica decided in Firestore beside the
+    /// cached record ([`QuotaService::missed_by`]): the record is marked outdated, as that replica's own
     /// mark would have done had it reached Redis (see [`QuotaService::mark_outdated_later`]).
     /// Until it is reloaded, decisions for the provider go to Firestore; and while that
     /// replica keeps deciding there, so do they ([`Loaded::Away`]).
-    async fn outdated_by_write(&self, provider: &ProviderId) {
+    async fn outdated_by_mark(&self, provider: &ProviderId) {
         metrics::counter!("quotad_fallbacks_seen_total").increment(1);
         tracing::info!(%provider, "another replica decides in Firestore for lack of Redis: the cached record is outdated");
         if let Err(err) = self.counters.mark_outdated(provider).await {
@@ -1317,9 +1318,16 @@ impl QuotaService {
         if doc.epoch.as_deref() != Some(record.epoch.as_str()) || rebased.abs() > i128::from(EXACT_MAX) {
             return Ok(false);
         }
-        self.counters
+        let rebased = self
+            .counters
             .rebase(provider, &record.epoch, used, watermark, &new_epoch(), &doc.keys)
-            .await
+            .await?;
+        // Another replica decides in Firestore these moments: the rebased record would miss
+        // its next decisions, as a loaded one would (see `Loaded::Away`).
+        if rebased && doc.fallback.is_some_and(|mark| self.deciding_elsewhere(&mark)) {
+            self.outdated_by_mark(provider).await;
+        }
+        Ok(rebased)
     }
 
     /// Drops the record for a reload or, when other replicas keep it dirty, rebases it.
@@ -1596,12 +1604,6 @@ const FENCE_WAIT: Duration = Duration::from_secs(6);
 
 /// How often a decision that met a fence looks again.
 const FENCE_POLL: Duration = Duration::from_millis(5);
-
-/// How far apart replicas' clocks (and Redis's) may be when they compare a fallback mark
-/// ([`crate::storage::FallbackMark`]) with a record's load time or their own clock, in ms.
-/// NTP keeps servers within milliseconds; more skew than this only costs exactness in a
-/// network split that cuts one replica off from Redis.
-const CLOCK_SLACK_MS: i64 = 1_000;
 
 /// What [`QuotaService::load`] did with the document it read.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

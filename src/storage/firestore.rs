@@ -510,9 +510,11 @@ impl Ledger for FirestoreLedger {
             self.note_changed_outside(provider).await?;
         }
         let key_field = change.idempotency_key.map(|k| idempotency_id(change.op, k));
-        let now = Utc::now().timestamp_millis();
         let decided = self
             .modify(provider, |doc| {
+                // Per attempt: a fallback's mark carries the time of the attempt that lands
+                // (lost races may retry for seconds), not of the first.
+                let now = Utc::now().timestamp_millis();
                 let mut keys = doc.quotadKeys.clone().unwrap_or_default();
                 keys.retain(|_, entry| IdempotencyEntry::parse(entry).is_some_and(|e| e.expires_ms > now));
                 if let Some(prior) = key_field

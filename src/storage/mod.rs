@@ -532,17 +532,42 @@ impl FallbackMark {
         })
     }
 
+    /// How long (ms) a replica takes another's mark for a replica still deciding in
+    /// Firestore ([`FallbackMark::deciding_elsewhere`]).
+    pub const RECENT_MS: i64 = 2_000;
+
+    /// How far apart (ms) the clocks of replicas and Redis may be when a mark's time is
+    /// compared with a record's load or a replica's own clock. NTP keeps servers within
+    /// milliseconds; a replica whose clock is further ahead or behind than this has its
+    /// marks ignored (its fallbacks are then seen only by the reconcile, every 5 s), and
+    /// never keeps others off Redis for longer than [`FallbackMark::RECENT_MS`] plus this.
+    pub const CLOCK_SLACK_MS: i64 = 1_000;
+
     /// Whether a fallback decision by replica `by` at `now_ms` writes its mark: unless the
     /// document's `current` one is its own and younger than [`FallbackMark::REFRESH_MS`]
     /// (and the decision writes nothing else).
     pub fn due(current: Option<&Self>, by: &str, now_ms: i64) -> bool {
         !current.is_some_and(|mark| mark.by == by && (0..Self::REFRESH_MS).contains(&(now_ms - mark.at_ms)))
     }
-}
 
-/// How long (ms) a replica takes another's fallback mark for a replica still deciding in
-/// Firestore: its loads then leave the provider to Firestore (see `QuotaService::load`).
-pub const FALLBACK_RECENT_MS: i64 = 2_000;
+    /// Whether this mark says that a replica other than `me` decided in Firestore after a
+    /// record was loaded at `loaded_ms` (`None`: an older quotad's record, of unknown age),
+    /// or so shortly before that clocks cannot tell: Redis never saw that decision. A mark
+    /// from further ahead than the clocks' slack of `now_ms` is ignored.
+    pub fn missed_by(&self, me: &str, loaded_ms: Option<i64>, now_ms: i64) -> bool {
+        self.by != me
+            && self.at_ms >= loaded_ms.unwrap_or(i64::MIN / 2) - Self::CLOCK_SLACK_MS
+            && self.at_ms <= now_ms + Self::CLOCK_SLACK_MS
+    }
+
+    /// Whether this mark says that a replica other than `me` decides in Firestore these
+    /// moments: younger than [`FallbackMark::RECENT_MS`] at `now_ms`, allowing for clocks
+    /// apart either way.
+    pub fn deciding_elsewhere(&self, me: &str, now_ms: i64) -> bool {
+        let age = now_ms - self.at_ms;
+        self.by != me && (-Self::CLOCK_SLACK_MS..Self::RECENT_MS + Self::CLOCK_SLACK_MS).contains(&age)
+    }
+}
 
 impl Document {
     /// Its usage as quotad counts it ([`exact`]); 0 when it stores none.
@@ -641,8 +666,9 @@ pub trait Ledger: Send + Sync {
     /// idempotency record, retrying on contention. On the fallback path `fallback_by` is
     /// the deciding replica's id: the provider is marked as changed outside Redis, so Redis
     /// reloads it later, and the document records the fallback ([`Document::fallback`],
-    /// written again at most once a second by the same replica: see
-    /// [`FallbackMark::due`]).
+    /// rewritten by the same replica at most every [`FallbackMark::REFRESH_MS`] unless
+    /// the decision writes anyway: see [`FallbackMark::due`]), stamped with the time of
+    /// the attempt that lands.
     async fn decide(
         &self,
         provider: &ProviderId,
@@ -901,5 +927,41 @@ mod tests {
         assert!(FallbackMark::due(Some(&mark), "b", 1_000));
         // a mark from a clock ahead of this one's is written again, not trusted for long
         assert!(FallbackMark::due(Some(&mark), "a", 999));
+    }
+
+    #[test]
+    fn a_fallback_mark_is_missed_by_records_loaded_before_it_and_only_by_others() {
+        let (slack, at) = (FallbackMark::CLOCK_SLACK_MS, 100_000);
+        let mark = FallbackMark {
+            by: "cut".into(),
+            at_ms: at,
+        };
+        let now = at + 10;
+        assert!(mark.missed_by("other", Some(at - 5_000), now));
+        assert!(
+            mark.missed_by("other", Some(at + slack), now),
+            "within the clocks' slack"
+        );
+        assert!(!mark.missed_by("other", Some(at + slack + 1), now), "loaded after it");
+        assert!(!mark.missed_by("cut", Some(at - 5_000), now), "its own");
+        assert!(mark.missed_by("other", None, now), "a record of unknown age");
+        // a mark from a clock far ahead is ignored
+        assert!(mark.missed_by("other", Some(0), at - slack));
+        assert!(!mark.missed_by("other", Some(0), at - slack - 1));
+    }
+
+    #[test]
+    fn a_fallback_mark_keeps_others_off_redis_only_while_it_is_recent() {
+        let (slack, recent, at) = (FallbackMark::CLOCK_SLACK_MS, FallbackMark::RECENT_MS, 100_000);
+        let mark = FallbackMark {
+            by: "cut".into(),
+            at_ms: at,
+        };
+        assert!(mark.deciding_elsewhere("other", at));
+        assert!(mark.deciding_elsewhere("other", at + recent + slack - 1));
+        assert!(!mark.deciding_elsewhere("other", at + recent + slack), "old");
+        assert!(!mark.deciding_elsewhere("cut", at), "its own");
+        assert!(mark.deciding_elsewhere("other", at - slack), "a clock a little ahead");
+        assert!(!mark.deciding_elsewhere("other", at - slack - 1), "a clock far ahead");
     }
 }

@@ -787,3 +787,42 @@ async fn one_replica_cut_off_from_redis_leaves_decisions_exact() {
     );
     assert_eq!(admitted, 26, "{statuses:?}");
 }
+
+/// Another replica's fallback mark keeps this one's decisions and lookups of the provider
+/// off Redis only while it is recent: an old one, or one from a clock far ahead, is
+/// ignored, and a recent one lets go by itself (the provider is cached again).
+#[tokio::test]
+async fn a_fallback_mark_keeps_other_replicas_off_redis_only_while_recent() {
+    let shared = Shared::real();
+    let app = spawn_with(&shared, |_| {}).await;
+    let store = shared.store();
+    let now = chrono::Utc::now().timestamp_millis();
+    let marks = [("old", now - 60_000), ("ahead", now + 120_000), ("recent", now)];
+    for (provider, at) in marks {
+        store.put(provider, Some(1), Some(10)).await;
+        store
+            .put_string(provider, "quotadFallback", &format!("{at} elsewhere"))
+            .await;
+    }
+    for provider in ["old", "ahead"] {
+        assert_eq!(app.quota(provider).await["source"], "store");
+        assert_eq!(app.quota(provider).await["source"], "cache", "{provider}");
+        // Its writes find the mark and leave the record as it is (not outdated: cached).
+        assert_eq!(ok(app.consume(provider, 1).await).await["used"], 2);
+        assert_eq!(eventually(DEADLINE, Some(2), || store.used(provider)).await, Some(2));
+        assert_eq!(app.quota(provider).await["source"], "cache", "{provider} after a write");
+    }
+    // Decided in Firestore meanwhile (nothing cached), exactly; then back on Redis.
+    assert_eq!(ok(app.consume("recent", 2).await).await["used"], 3);
+    assert_eq!(store.used("recent").await, Some(3));
+    let cached = json!("cache");
+    assert_eq!(
+        eventually(Duration::from_secs(10), cached.clone(), || async {
+            app.quota("recent").await["source"].clone()
+        })
+        .await,
+        cached
+    );
+    assert_eq!(ok(app.consume("recent", 1).await).await["used"], 4);
+    assert_eq!(eventually(DEADLINE, Some(4), || store.used("recent")).await, Some(4));
+}

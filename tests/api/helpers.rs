@@ -342,6 +342,20 @@ impl Store {
         assert!(resp.status().is_success(), "{}", resp.text().await.unwrap());
     }
 
+    /// Sets one string field of a document (only that field).
+    pub async fn put_string(&self, provider: &str, field: &str, value: &str) {
+        let resp = self
+            .http
+            .patch(format!("{}/{}/{provider}", self.base(), self.collection))
+            .bearer_auth("owner")
+            .query(&[("updateMask.fieldPaths", field)])
+            .json(&json!({"fields": {field: {"stringValue": value}}}))
+            .send()
+            .await
+            .unwrap();
+        assert!(resp.status().is_success(), "{}", resp.text().await.unwrap());
+    }
+
     /// `(used, limit)` of a document, `None` when it does not exist.
     pub async fn get(&self, provider: &str) -> Option<(Option<i64>, Option<i64>)> {
         let resp = self
