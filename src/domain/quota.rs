@@ -12,8 +12,9 @@ use super::{
     writer::Writer,
 };
 use crate::storage::{
-    Applied, Change, Counters, Decision, EXACT_MAX, FallbackMark, IdempotencyEntry, KeyRecord, Ledger, LedgerDecision,
-    Op, Record, Seed, Settled, StorageError, Synced, Unanswered, WriteOutcome, exact, idempotency_id, new_epoch,
+    Applied, Change, Counters, Decision, EXACT_MAX, Fallback, FallbackMark, IdempotencyEntry, KeyRecord, Ledger,
+    LedgerDecision, Op, Record, Seed, Settled, StorageError, Synced, Unanswered, WriteOutcome, exact, idempotency_id,
+    new_epoch,
 };
 use crate::telemetry::Cached;
 
@@ -934,12 +935,7 @@ impl QuotaService {
         self.write_held(provider, None, lineage).await?;
         let decided = self
             .ledger
-            .decide(
-                provider,
-                change,
-                self.default_limit,
-                fallback.then_some(self.replica.as_str()),
-            )
+            .decide(provider, change, self.default_limit, self.fallback(fallback))
             .await;
         if fallback {
             // After the decision, not before: a replica that meets the mark and reloads the
@@ -1108,7 +1104,7 @@ impl QuotaService {
                     metrics::counter!("quotad_store_writes_total", "result" => "written").increment(1);
                     let missed = fallback.is_some_and(|mark| self.missed_by(&record, &mark));
                     if missed {
-                        self.outdated_by_mark(provider).await;
+                        self.outdated_by_mark(provider);
                     }
                     match self.note_written(provider, &record, limit, &keys).await? {
                         Synced::Clean => return Ok(true),
@@ -1138,6 +1134,16 @@ impl QuotaService {
         Ok(false)
     }
 
+    /// How a Firestore decision is recorded when it is a `fallback`: with this replica's
+    /// mark in the document only while its pings find no Redis either (see
+    /// [`Fallback::mark_document`]).
+    fn fallback(&self, fallback: bool) -> Option<Fallback<'_>> {
+        fallback.then(|| Fallback {
+            by: &self.replica,
+            mark_document: !self.redis_answering(),
+        })
+    }
+
     /// Whether `mark` says that another replica, unable to reach Redis, decided in
     /// Firestore after `record` was loaded ([`FallbackMark::missed_by`]). Redis never saw
     /// that decision, and this replica reaches Redis while that one cannot mark the record
@@ -1157,12 +1163,12 @@ impl QuotaService {
     /// mark would have done had it reached Redis (see [`QuotaService::mark_outdated_later`]).
     /// Until it is reloaded, decisions for the provider go to Firestore; and while that
     /// replica keeps deciding there, so do they ([`Loaded::Away`]).
-    async fn outdated_by_mark(&self, provider: &ProviderId) {
+    /// The mark is sent as a fallback's own is ([`QuotaService::mark_outdated_later`]),
+    /// and not waited for: the connection it goes on waits out a hung Redis.
+    fn outdated_by_mark(&self, provider: &ProviderId) {
         metrics::counter!("quotad_fallbacks_seen_total").increment(1);
         tracing::info!(%provider, "another replica decides in Firestore for lack of Redis: the cached record is outdated");
-        if let Err(err) = self.counters.mark_outdated(provider).await {
-            tracing::warn!(%provider, error = %err, "could not mark the record outdated");
-        }
+        self.mark_outdated_later(provider);
     }
 
     /// A record's write landed: the writer and Redis learn what the ledger holds now (its
@@ -1325,7 +1331,7 @@ impl QuotaService {
         // Another replica decides in Firestore these moments: the rebased record would miss
         // its next decisions, as a loaded one would (see `Loaded::Away`).
         if rebased && doc.fallback.is_some_and(|mark| self.deciding_elsewhere(&mark)) {
-            self.outdated_by_mark(provider).await;
+            self.outdated_by_mark(provider);
         }
         Ok(rebased)
     }
@@ -1394,7 +1400,12 @@ impl QuotaService {
                 keys: doc.keys,
                 fence,
             };
-            self.counters.replace(provider, &seed, self.cache_ttl).await
+            let replaced = self.counters.replace(provider, &seed, self.cache_ttl).await;
+            // as after a rebase: another replica deciding in Firestore these moments
+            if replaced.is_ok() && doc.fallback.is_some_and(|mark| self.deciding_elsewhere(&mark)) {
+                self.outdated_by_mark(provider);
+            }
+            replaced
         } else {
             // The document may hold what other writers added since the record was loaded:
             // the record is reloaded as an invalidation reloads it, so that store and cache

@@ -19,7 +19,7 @@ use futures::StreamExt;
 use serde::{Deserialize, Serialize};
 
 use super::{
-    Change, DeltaPlan, Document, FallbackMark, IdempotencyEntry, KeyRecord, Ledger, LedgerDecision, Record,
+    Change, DeltaPlan, Document, Fallback, FallbackMark, IdempotencyEntry, KeyRecord, Ledger, LedgerDecision, Record,
     RecordWrite, StorageError, WriteOutcome, delta_for, fallback_key_entry, idempotency_id, merge_keys,
     settle_twice_decided,
 };
@@ -503,9 +503,9 @@ impl Ledger for FirestoreLedger {
         provider: &ProviderId,
         change: &Change<'_>,
         default_limit: i64,
-        fallback_by: Option<&str>,
+        fallback: Option<Fallback<'_>>,
     ) -> Result<LedgerDecision, StorageError> {
-        if fallback_by.is_some() {
+        if fallback.is_some() {
             // Before the decision: a marker without a change only costs a reload.
             self.note_changed_outside(provider).await?;
         }
@@ -544,20 +544,16 @@ impl Ledger for FirestoreLedger {
                     write.quotadKeys = Some(keys);
                 }
                 let mut changes = write.aiCallsUsed.is_some() || write.quotadKeys.is_some();
-                if let Some(by) = fallback_by
-                    && (changes || FallbackMark::due(doc.fallback().as_ref(), by, now))
-                {
-                    let mark = FallbackMark {
-                        by: by.to_owned(),
-                        at_ms: now,
-                    };
+                if let Some(mark) = fallback.and_then(|fallback| {
+                    fallback.mark_to_write(doc.fallback().as_ref(), now, changes, doc.aiCallsUsed.is_some())
+                }) {
                     write.quotadFallback = Some(mark.render());
                     changes = true;
                 }
                 (LedgerDecision::Decided(decision), changes.then_some(write))
             })
             .await;
-        if fallback_by.is_some()
+        if fallback.is_some()
             && decided.is_ok()
             && let Err(err) = self.note_changed_outside(provider).await
         {

@@ -11,8 +11,8 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 
 use super::{
-    Applied, Change, Counters, DROPPED_TAG, Decision, DeltaPlan, Document, FallbackMark, IdempotencyEntry, KeyRecord,
-    Ledger, LedgerDecision, Record, Seed, StorageError, Synced, WriteOutcome, delta_for, fallback_epoch,
+    Applied, Change, Counters, DROPPED_TAG, Decision, DeltaPlan, Document, Fallback, FallbackMark, IdempotencyEntry,
+    KeyRecord, Ledger, LedgerDecision, Record, Seed, StorageError, Synced, WriteOutcome, delta_for, fallback_epoch,
     fallback_key_entry, idempotency_id, merge_keys, settle_twice_decided,
 };
 use crate::domain::{
@@ -621,7 +621,7 @@ impl Ledger for MemoryLedger {
         provider: &ProviderId,
         change: &Change<'_>,
         default_limit: i64,
-        fallback_by: Option<&str>,
+        fallback: Option<Fallback<'_>>,
     ) -> Result<LedgerDecision, StorageError> {
         let mut state = self.state.lock().unwrap();
         let id = change.idempotency_key.map(|k| idempotency_id(change.op, k));
@@ -637,19 +637,15 @@ impl Ledger for MemoryLedger {
         let (decision, stored) = super::decide_stored(used, doc.limit.unwrap_or(default_limit), change);
         if stored != used {
             state.docs.entry(provider.clone()).or_default().used = Some(stored);
-            if fallback_by.is_some() && !state.changed.contains(provider) {
+            if fallback.is_some() && !state.changed.contains(provider) {
                 state.changed.push(provider.clone());
             }
         }
-        if let Some(by) = fallback_by {
-            let now = now_ms();
-            if stored != used || id.is_some() || FallbackMark::due(doc.fallback.as_ref(), by, now) {
-                let mark = FallbackMark {
-                    by: by.to_owned(),
-                    at_ms: now,
-                };
-                state.docs.entry(provider.clone()).or_default().fallback = Some(mark);
-            }
+        let changes = stored != used || id.is_some();
+        if let Some(mark) = fallback
+            .and_then(|fallback| fallback.mark_to_write(doc.fallback.as_ref(), now_ms(), changes, doc.used.is_some()))
+        {
+            state.docs.entry(provider.clone()).or_default().fallback = Some(mark);
         }
         if let Some(id) = id {
             let entry = fallback_key_entry(&new_key_entry(change, decision), doc.epoch.as_deref());

@@ -503,6 +503,45 @@ pub struct Document {
     pub fallback: Option<FallbackMark>,
 }
 
+/// A decision on the Firestore fallback path (see [`Ledger::decide`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Fallback<'a> {
+    /// The deciding replica's id.
+    pub by: &'a str,
+    /// Whether the document takes the replica's [`FallbackMark`]: while the replica cannot
+    /// reach Redis at all (not when a call merely failed while Redis answers its pings: its
+    /// own outdated mark reaches Redis then, and the mark would send every other replica's
+    /// decisions for the provider to Firestore for nothing).
+    pub mark_document: bool,
+}
+
+impl<'a> Fallback<'a> {
+    /// A fallback of a replica cut off from Redis: it leaves its mark.
+    pub fn marking(by: &'a str) -> Self {
+        Self {
+            by,
+            mark_document: true,
+        }
+    }
+
+    /// The mark this fallback writes at `now_ms` on a document whose mark is `current`,
+    /// when `changes` (the decision writes the document anyway) or the mark is due and the
+    /// document `has_usage` (a mark alone never creates a document).
+    pub fn mark_to_write(
+        &self,
+        current: Option<&FallbackMark>,
+        now_ms: i64,
+        changes: bool,
+        has_usage: bool,
+    ) -> Option<FallbackMark> {
+        let due = changes || (has_usage && FallbackMark::due(current, self.by, now_ms));
+        (self.mark_document && due).then(|| FallbackMark {
+            by: self.by.to_owned(),
+            at_ms: now_ms,
+        })
+    }
+}
+
 /// A Firestore decision that a replica made because it could not reach Redis, as the
 /// document records it (`quotadFallback`: `<unix ms> <replica id>`): which replica, and
 /// when by its clock. A replica that does reach Redis learns from it, at its next write or
@@ -663,18 +702,18 @@ pub trait Ledger: Send + Sync {
         Ok(answers)
     }
     /// Decides a consume or refund in one transaction on the document, with its
-    /// idempotency record, retrying on contention. On the fallback path `fallback_by` is
-    /// the deciding replica's id: the provider is marked as changed outside Redis, so Redis
-    /// reloads it later, and the document records the fallback ([`Document::fallback`],
+    /// idempotency record, retrying on contention. A `fallback` (the path taken when Redis
+    /// failed) marks the provider as changed outside Redis, so Redis reloads it later; and,
+    /// when [`Fallback::mark_document`], the document records it ([`Document::fallback`],
     /// rewritten by the same replica at most every [`FallbackMark::REFRESH_MS`] unless
-    /// the decision writes anyway: see [`FallbackMark::due`]), stamped with the time of
-    /// the attempt that lands.
+    /// the decision writes anyway, and only on a document that has a usage: see
+    /// [`FallbackMark::due`]), stamped with the time of the attempt that lands.
     async fn decide(
         &self,
         provider: &ProviderId,
         change: &Change<'_>,
         default_limit: i64,
-        fallback_by: Option<&str>,
+        fallback: Option<Fallback<'_>>,
     ) -> Result<LedgerDecision, StorageError>;
     /// Adds `delta` to the document's usage (never below 0), as another writer would (no
     /// epoch or watermark of quotad's changes), if `epoch` is the first 8 characters of the

@@ -7,8 +7,8 @@ use chrono::{SubsecRound, Utc};
 use quotad::{
     domain::{Phase, ProviderId},
     storage::{
-        Applied, Change, Counters, DROPPED_TAG, Decision, Ledger, LedgerDecision, Op, Record, Seed, Settled, Synced,
-        Unanswered, WriteOutcome, firestore::FirestoreLedger, idempotency_id, memory, redis::RedisCounters,
+        Applied, Change, Counters, DROPPED_TAG, Decision, Fallback, Ledger, LedgerDecision, Op, Record, Seed, Settled,
+        Synced, Unanswered, WriteOutcome, firestore::FirestoreLedger, idempotency_id, memory, redis::RedisCounters,
     },
 };
 
@@ -546,7 +546,10 @@ async fn ledger_contract(ledger: Arc<dyn Ledger>) {
     ledger.write_record(&id, &record(4, 0, "e1", "", 4), &[]).await.unwrap();
     assert_eq!(ledger.read(&id).await.unwrap().unwrap().used, Some(5));
     // Another writer's increment survives; a new epoch loaded at 5 adds what it used since.
-    let decided = ledger.decide(&id, &consume(10), 100, Some("elsewhere")).await.unwrap();
+    let decided = ledger
+        .decide(&id, &consume(10), 100, Some(Fallback::marking("elsewhere")))
+        .await
+        .unwrap();
     assert_eq!(
         decided,
         LedgerDecision::Decided(Decision {
@@ -589,7 +592,26 @@ async fn ledger_contract(ledger: Arc<dyn Ledger>) {
     assert_eq!(ledger.read(&id).await.unwrap().unwrap().used, Some(16));
     assert!(ledger.add_used(&id, 2, "e2").await.unwrap());
     ledger.decide(&id, &consume(0), 100, None).await.unwrap();
+    let quiet = Fallback {
+        by: "reaches-redis",
+        mark_document: false,
+    };
+    ledger.decide(&id, &consume(1), 100, Some(quiet)).await.unwrap();
+    ledger.add_used(&id, -1, "e2").await.unwrap();
     assert_eq!(ledger.read(&id).await.unwrap().unwrap().fallback, Some(mark));
+    // A fallback that writes nothing else leaves no mark on a document without usage: it
+    // never creates one.
+    let refund = Change {
+        op: Op::Refund,
+        ..consume(1)
+    };
+    let none = p("no-document");
+    ledger
+        .decide(&none, &refund, 100, Some(Fallback::marking("x")))
+        .await
+        .unwrap();
+    assert_eq!(ledger.read(&none).await.unwrap(), None);
+    ledger.clear_changed_outside(&none).await.unwrap(); // (Firestore notes every fallback)
     assert!(!ledger.add_used(&p("nowhere"), -2, "e2").await.unwrap());
     assert_eq!(ledger.read(&p("nowhere")).await.unwrap(), None);
     assert_eq!(ledger.read(&id).await.unwrap().unwrap().used, Some(18));
@@ -726,7 +748,10 @@ async fn fallback_charged(ledger: &dyn Ledger, id: &ProviderId) {
         idempotency_key: Some("k"),
         with_record: true,
     };
-    let fallback = ledger.decide(id, &change, 100, Some("elsewhere")).await.unwrap();
+    let fallback = ledger
+        .decide(id, &change, 100, Some(Fallback::marking("elsewhere")))
+        .await
+        .unwrap();
     assert!(
         matches!(fallback, LedgerDecision::Decided(d) if d.allowed && d.used == 14),
         "{fallback:?}"
@@ -773,7 +798,12 @@ async fn twice_decided_keys_count_once(ledger: &dyn Ledger) {
     // a refund of 3 decided by Redis (16 -> 13) and again by the fallback (16 -> 13 in the
     // document, whose usage already holds Redis's 16)
     let fallback = ledger
-        .decide(&id, &keyed(Op::Refund, 3, "r"), 100, Some("elsewhere"))
+        .decide(
+            &id,
+            &keyed(Op::Refund, 3, "r"),
+            100,
+            Some(Fallback::marking("elsewhere")),
+        )
         .await
         .unwrap();
     assert!(
@@ -790,7 +820,12 @@ async fn twice_decided_keys_count_once(ledger: &dyn Ledger) {
     // lowered to 40 meanwhile): the denial took nothing, so nothing is taken out
     ledger.set_quota(&id, None, Some(40), "unused").await.unwrap();
     let fallback = ledger
-        .decide(&id, &keyed(Op::Consume, 50, "d"), 100, Some("elsewhere"))
+        .decide(
+            &id,
+            &keyed(Op::Consume, 50, "d"),
+            100,
+            Some(Fallback::marking("elsewhere")),
+        )
         .await
         .unwrap();
     assert!(
@@ -816,7 +851,12 @@ async fn twice_decided_keys_count_once(ledger: &dyn Ledger) {
         );
     }
     let replay = ledger
-        .decide(&id, &keyed(Op::Consume, 4, "k"), 100, Some("elsewhere"))
+        .decide(
+            &id,
+            &keyed(Op::Consume, 4, "k"),
+            100,
+            Some(Fallback::marking("elsewhere")),
+        )
         .await
         .unwrap();
     assert!(
@@ -865,7 +905,12 @@ async fn twice_decided_keys_count_once(ledger: &dyn Ledger) {
         .unwrap();
     ledger.set_quota(&id, Some(0), None, "e3").await.unwrap();
     let fallback = ledger
-        .decide(&id, &keyed(Op::Consume, 4, "k"), 100, Some("elsewhere"))
+        .decide(
+            &id,
+            &keyed(Op::Consume, 4, "k"),
+            100,
+            Some(Fallback::marking("elsewhere")),
+        )
         .await
         .unwrap();
     assert!(

@@ -796,15 +796,11 @@ async fn a_fallback_mark_keeps_other_replicas_off_redis_only_while_recent() {
     let shared = Shared::real();
     let app = spawn_with(&shared, |_| {}).await;
     let store = shared.store();
-    let now = chrono::Utc::now().timestamp_millis();
-    let marks = [("old", now - 60_000), ("ahead", now + 120_000), ("recent", now)];
-    for (provider, at) in marks {
+    let mark = |at: i64| format!("{at} elsewhere");
+    let now = || chrono::Utc::now().timestamp_millis();
+    for (provider, at) in [("old", now() - 60_000), ("ahead", now() + 120_000)] {
         store.put(provider, Some(1), Some(10)).await;
-        store
-            .put_string(provider, "quotadFallback", &format!("{at} elsewhere"))
-            .await;
-    }
-    for provider in ["old", "ahead"] {
+        store.put_string(provider, "quotadFallback", &mark(at)).await;
         assert_eq!(app.quota(provider).await["source"], "store");
         assert_eq!(app.quota(provider).await["source"], "cache", "{provider}");
         // Its writes find the mark and leave the record as it is (not outdated: cached).
@@ -812,7 +808,13 @@ async fn a_fallback_mark_keeps_other_replicas_off_redis_only_while_recent() {
         assert_eq!(eventually(DEADLINE, Some(2), || store.used(provider)).await, Some(2));
         assert_eq!(app.quota(provider).await["source"], "cache", "{provider} after a write");
     }
-    // Decided in Firestore meanwhile (nothing cached), exactly; then back on Redis.
+    // A mark of now: lookups read through and cache nothing, a consume is decided in
+    // Firestore (the document has it when the answer comes); then, the mark aged, the
+    // provider is back on Redis. (Each step takes milliseconds; the mark lasts 3 s.)
+    store.put("recent", Some(1), Some(10)).await;
+    store.put_string("recent", "quotadFallback", &mark(now())).await;
+    assert_eq!(app.quota("recent").await["source"], "store");
+    assert_eq!(app.quota("recent").await["source"], "store", "nothing cached");
     assert_eq!(ok(app.consume("recent", 2).await).await["used"], 3);
     assert_eq!(store.used("recent").await, Some(3));
     let cached = json!("cache");

@@ -17,8 +17,8 @@ use chrono::{DateTime, Utc};
 use quotad::{
     domain::{Outcome, Phase, ProviderId, QuotaService, Source},
     storage::{
-        Applied, Change, Counters, Document, KeyRecord, Ledger, LedgerDecision, Record, RecordWrite, StorageError,
-        WriteOutcome, firestore::FirestoreLedger, memory, redis::RedisCounters,
+        Applied, Change, Counters, Document, Fallback, KeyRecord, Ledger, LedgerDecision, Record, RecordWrite,
+        StorageError, WriteOutcome, firestore::FirestoreLedger, memory, redis::RedisCounters,
     },
 };
 use tokio::sync::{Notify, Semaphore};
@@ -145,16 +145,16 @@ impl Ledger for Gated {
         provider: &ProviderId,
         change: &Change<'_>,
         default_limit: i64,
-        fallback_by: Option<&str>,
+        fallback: Option<Fallback<'_>>,
     ) -> Result<LedgerDecision, StorageError> {
         if self.hold_next.swap(false, Ordering::SeqCst) {
-            if fallback_by.is_some() && self.mark_first.load(Ordering::SeqCst) {
+            if fallback.is_some() && self.mark_first.load(Ordering::SeqCst) {
                 self.inner.note_changed_outside(provider).await?;
             }
             self.entered.notify_one();
             self.open.acquire().await.unwrap().forget();
         }
-        self.inner.decide(provider, change, default_limit, fallback_by).await
+        self.inner.decide(provider, change, default_limit, fallback).await
     }
     async fn add_used(&self, provider: &ProviderId, delta: i64, epoch: &str) -> Result<bool, StorageError> {
         self.inner.add_used(provider, delta, epoch).await
@@ -765,17 +765,18 @@ async fn a_fallback_seen_by_a_write_sends_decisions_to_firestore(counters: Arc<d
     };
     ledger
         .inner
-        .decide(&id, &elsewhere, 100, Some("cut-off"))
+        .decide(&id, &elsewhere, 100, Some(Fallback::marking("cut-off")))
         .await
         .unwrap(); // the document: 6
     // Decided from the record, which has not seen it (a write will); written: 7.
     assert_eq!(consume(&a, &id).await, 2);
     assert!(!counters.read(&id).await.unwrap().unwrap().outdated);
     a.flush(&id).await.unwrap();
-    assert!(
-        counters.read(&id).await.unwrap().unwrap().outdated,
-        "the write marks it"
-    );
+    until_async(
+        || async { counters.read(&id).await.unwrap().is_some_and(|r| r.outdated) },
+        "the write marks it (in the background)",
+    )
+    .await;
     assert_eq!(ledger.read(&id).await.unwrap().unwrap().used, Some(7));
     // Firestore decides now, and the record is dropped and not loaded again.
     assert_eq!(consume(&a, &id).await, 8);
@@ -788,6 +789,26 @@ async fn a_fallback_seen_by_a_write_sends_decisions_to_firestore(counters: Arc<d
 }
 
 on_both!(a_fallback_seen_by_a_write_sends_decisions_to_firestore: memory_a_fallback_seen_by_a_write_sends_decisions_to_firestore, redis_a_fallback_seen_by_a_write_sends_decisions_to_firestore);
+
+/// A fallback leaves its mark in the document only while the replica's pings find no Redis
+/// either: after a call that failed while Redis answers (a slow call), its own outdated
+/// mark reaches Redis, and a document mark would send the other replicas to Firestore.
+async fn only_a_replica_cut_off_from_redis_marks_the_document(counters: Arc<dyn Counters>, ledger: Arc<Gated>) {
+    let a = service(counters.clone(), ledger.clone());
+    let id = p("marked");
+    assert_eq!(consume(&a, &id).await, 1);
+    assert!(a.flush(&id).await.unwrap());
+    a.redis_down("a call timed out");
+    a.note_redis_answers(true); // and a ping answered since
+    assert_eq!(consume(&a, &id).await, 2);
+    assert_eq!(ledger.read(&id).await.unwrap().unwrap().fallback, None);
+    a.note_redis_answers(false); // no Redis at all
+    assert_eq!(consume(&a, &id).await, 3);
+    let doc = ledger.read(&id).await.unwrap().unwrap();
+    assert!(doc.fallback.is_some(), "{doc:?}");
+}
+
+on_both!(only_a_replica_cut_off_from_redis_marks_the_document: memory_only_a_replica_cut_off_from_redis_marks_the_document, redis_only_a_replica_cut_off_from_redis_marks_the_document);
 
 /// A replica asked to leave `redis-primary` before it has followed another's switch into it
 /// (its view is a poll behind) still syncs first: it decides from the stored phase.
