@@ -354,7 +354,7 @@ async fn reconcile(app: Arc<App>, cancel: CancellationToken) {
                 }
             }
             Err(err) => {
-                quotas.recovery_failed(round);
+                quotas.round_failed(round, &err);
                 tracing::warn!(error = %err, "reconciling with Firestore failed; will retry");
             }
         }

@@ -479,6 +479,15 @@ impl QuotaService {
         }
     }
 
+    /// A reconcile round begun in recovery `round` failed with `err`: the recovery ends,
+    /// and a Redis that stopped answering during the round is down again and, until a ping
+    /// answers, not answering (a ping that answered just before no longer speaks for it:
+    /// this replica's fallbacks mark their documents again, see [`Fallback`]).
+    pub fn round_failed(&self, round: u64, err: &StorageError) {
+        self.background_call_failed(err);
+        self.recovery_failed(round);
+    }
+
     /// Resolves when Redis goes down for decisions (the health task probes at once).
     pub async fn went_down(&self) {
         self.went_down.notified().await;

@@ -1260,3 +1260,41 @@ async fn memory_an_answer_older_than_a_failed_call_begins_no_recovery() {
     assert!(!a.redis_is_up(), "a ping that fails takes Redis down");
     assert!(!a.redis_answering());
 }
+
+/// A link to Redis that comes back for one ping and drops again before the reconcile round:
+/// the failed round leaves this replica "not answering", so that its next fallbacks mark
+/// their documents again (otherwise another replica, on Redis, would decide beside them
+/// unwarned). Real Redis behind a proxy, and the emulator.
+#[tokio::test]
+async fn a_round_that_loses_redis_again_leaves_fallbacks_marking_documents() {
+    let _ = emulator_host();
+    let port: u16 = std::env::var("QUOTAD_TEST_REDIS_PORT").unwrap().parse().unwrap();
+    let mut proxy = crate::helpers::TcpProxy::start(format!("127.0.0.1:{port}").parse().unwrap()).await;
+    let counters =
+        Arc::new(RedisCounters::new(&format!("redis://{}/", proxy.address()), &(unique("h") + ":")).unwrap());
+    let ledger = Gated::new(Arc::new(FirestoreLedger::new(&unique("handover-"), "providers")));
+    let a = service(counters.clone(), ledger.clone());
+    counters.ping().await.unwrap();
+    let (id, other) = (p("flap"), p("flap-other"));
+    assert_eq!(consume(&a, &id).await, 1);
+    assert!(a.flush(&id).await.unwrap());
+    proxy.set_up(false).await;
+    assert_eq!(consume(&a, &other).await, 1); // a fallback
+    assert!(!a.redis_answering());
+    // One ping gets through (as the health task's probe would send it) ...
+    proxy.set_up(true).await;
+    let before = a.failures();
+    counters.ping().await.unwrap();
+    a.probed(true, true, before);
+    assert!(a.redis_answering());
+    let round = a.recovery_round();
+    assert_ne!(round, 0, "a recovery is on");
+    // ... and the link is gone again for the round (what `startup::reconcile` does).
+    proxy.set_up(false).await;
+    let err = a.reconcile().await.expect_err("the round needs Redis");
+    a.round_failed(round, &err);
+    assert!(!a.redis_answering());
+    assert_eq!(consume(&a, &id).await, 2); // a fallback, which marks its document
+    let doc = ledger.read(&id).await.unwrap().unwrap();
+    assert!(doc.fallback.is_some(), "{doc:?}");
+}
