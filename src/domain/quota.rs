@@ -1163,7 +1163,7 @@ impl QuotaService {
 
     /// Whether `mark` says that another replica decides in Firestore for lack of Redis
     /// these moments ([`FallbackMark::deciding_elsewhere`]).
-    fn deciding_elsewhere(&self, mark: &FallbackMark) -> bool {
+    pub fn deciding_elsewhere(&self, mark: &FallbackMark) -> bool {
         mark.deciding_elsewhere(&self.replica, Utc::now().timestamp_millis())
     }
 

@@ -69,7 +69,9 @@ pub async fn verify(quotas: &QuotaService, mut on_record: impl FnMut(&Drift)) ->
 }
 
 /// Loads every provider document into Redis (records already cached are kept). Resumable:
-/// a second run skips what the first loaded. `on_page` gets the running count.
+/// a second run skips what the first loaded. `on_page` gets the running count. Documents
+/// that Firestore decides for are left out, as a request's load leaves them: beyond what
+/// Redis counts exactly, or with a replica deciding there for lack of Redis these moments.
 pub async fn backfill(
     quotas: &QuotaService,
     default_limit: i64,
@@ -80,7 +82,12 @@ pub async fn backfill(
     loop {
         let (docs, next) = quotas.ledger().list_documents(page, 500).await?;
         for (provider, doc) in docs {
-            if doc.used_beyond_exact() {
+            if doc.used_beyond_exact()
+                || doc
+                    .fallback
+                    .as_ref()
+                    .is_some_and(|mark| quotas.deciding_elsewhere(mark))
+            {
                 continue; // Firestore decides for it (see `QuotaService::load`)
             }
             let seed = Seed {
