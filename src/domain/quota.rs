@@ -1167,13 +1167,14 @@ impl QuotaService {
         mark.deciding_elsewhere(&self.replica, Utc::now().timestamp_millis())
     }
 
-    /// A write or a rebase found that another replica decided in Firestore beside the
-    /// cached record ([`QuotaService::missed_by`]): the record is marked outdated, as that replica's own
-    /// mark would have done had it reached Redis (see [`QuotaService::mark_outdated_later`]).
-    /// Until it is reloaded, decisions for the provider go to Firestore; and while that
-    /// replica keeps deciding there, so do they ([`Loaded::Away`]).
-    /// The mark is sent as a fallback's own is ([`QuotaService::mark_outdated_later`]),
-    /// and not waited for: the connection it goes on waits out a hung Redis.
+    /// A write, a rebase or an operator's `PUT` found that another replica decided in
+    /// Firestore beside the cached record ([`QuotaService::missed_by`],
+    /// [`QuotaService::deciding_elsewhere`]): the record is marked outdated, as that
+    /// replica's own mark would have done had it reached Redis. Until it is reloaded,
+    /// decisions for the provider go to Firestore; and while that replica keeps deciding
+    /// there, so do they ([`Loaded::Away`]). The mark is sent as a fallback's own is
+    /// ([`QuotaService::mark_outdated_later`]), and not waited for: the connection it goes
+    /// on waits out a hung Redis.
     fn outdated_by_mark(&self, provider: &ProviderId) {
         metrics::counter!("quotad_fallbacks_seen_total").increment(1);
         tracing::info!(%provider, "another replica decides in Firestore for lack of Redis: the cached record is outdated");
