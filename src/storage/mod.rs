@@ -555,7 +555,7 @@ pub struct FallbackMark {
 
 impl FallbackMark {
     /// A mark is written again by the replica that wrote it after this long (ms), however
-    /// often it decides: readers take a mark younger than [`FALLBACK_RECENT_MS`] for a
+    /// often it decides: readers take a mark younger than [`FallbackMark::RECENT_MS`] for a
     /// replica still deciding in Firestore.
     pub const REFRESH_MS: i64 = 500;
 
