@@ -12,9 +12,9 @@ use super::{
     writer::Writer,
 };
 use crate::storage::{
-    Applied, Change, Counters, Decision, EXACT_MAX, Fallback, FallbackMark, IdempotencyEntry, KeyRecord, Ledger,
-    LedgerDecision, Op, Record, Seed, Settled, StorageError, Synced, Unanswered, WriteOutcome, exact, idempotency_id,
-    new_epoch,
+    Applied, Change, Counters, Decision, Document, EXACT_MAX, Fallback, FallbackMark, IdempotencyEntry, KeyRecord,
+    Ledger, LedgerDecision, Op, Record, Seed, Settled, StorageError, Synced, Unanswered, WriteOutcome, exact,
+    idempotency_id, new_epoch,
 };
 use crate::telemetry::Cached;
 
@@ -598,7 +598,7 @@ impl QuotaService {
         let fence = self.counters.fence_gen(provider).await?;
         let doc = self.ledger.read(provider).await?.unwrap_or_default();
         let beyond = doc.used_beyond_exact();
-        let away = doc.fallback.as_ref().is_some_and(|mark| self.deciding_elsewhere(mark));
+        let away = self.deciding_elsewhere(&doc);
         let seed = Seed {
             used: doc.used(),
             limit: self.limit_of(doc.limit),
@@ -1161,10 +1161,14 @@ impl QuotaService {
         mark.missed_by(&self.replica, record.loaded_ms, Utc::now().timestamp_millis())
     }
 
-    /// Whether `mark` says that another replica decides in Firestore for lack of Redis
-    /// these moments ([`FallbackMark::deciding_elsewhere`]).
-    pub fn deciding_elsewhere(&self, mark: &FallbackMark) -> bool {
-        mark.deciding_elsewhere(&self.replica, Utc::now().timestamp_millis())
+    /// Whether `doc`'s fallback mark says that another replica decides in Firestore for
+    /// lack of Redis these moments ([`FallbackMark::deciding_elsewhere`]): Redis keeps no
+    /// record of it to decide from (loads, rebases, an operator's `PUT`, the backfill).
+    pub fn deciding_elsewhere(&self, doc: &Document) -> bool {
+        let now = Utc::now().timestamp_millis();
+        doc.fallback
+            .as_ref()
+            .is_some_and(|mark| mark.deciding_elsewhere(&self.replica, now))
     }
 
     /// A write, a rebase or an operator's `PUT` found that another replica decided in
@@ -1340,7 +1344,7 @@ impl QuotaService {
             .await?;
         // Another replica decides in Firestore these moments: the rebased record would miss
         // its next decisions, as a loaded one would (see `Loaded::Away`).
-        if rebased && doc.fallback.is_some_and(|mark| self.deciding_elsewhere(&mark)) {
+        if rebased && self.deciding_elsewhere(&doc) {
             self.outdated_by_mark(provider);
         }
         Ok(rebased)
@@ -1396,6 +1400,7 @@ impl QuotaService {
         };
         let epoch = new_epoch();
         let doc = self.ledger.set_quota(provider, used, limit, &epoch).await?;
+        let away = self.deciding_elsewhere(&doc);
         let view = QuotaView {
             used: doc.used(),
             limit: self.limit_of(doc.limit),
@@ -1412,7 +1417,7 @@ impl QuotaService {
             };
             let replaced = self.counters.replace(provider, &seed, self.cache_ttl).await;
             // as after a rebase: another replica deciding in Firestore these moments
-            if replaced.is_ok() && doc.fallback.is_some_and(|mark| self.deciding_elsewhere(&mark)) {
+            if replaced.is_ok() && away {
                 self.outdated_by_mark(provider);
             }
             replaced

@@ -82,12 +82,7 @@ pub async fn backfill(
     loop {
         let (docs, next) = quotas.ledger().list_documents(page, 500).await?;
         for (provider, doc) in docs {
-            if doc.used_beyond_exact()
-                || doc
-                    .fallback
-                    .as_ref()
-                    .is_some_and(|mark| quotas.deciding_elsewhere(mark))
-            {
+            if doc.used_beyond_exact() || quotas.deciding_elsewhere(&doc) {
                 continue; // Firestore decides for it (see `QuotaService::load`)
             }
             let seed = Seed {

@@ -577,9 +577,10 @@ impl FallbackMark {
 
     /// How far apart (ms) the clocks of replicas and Redis may be when a mark's time is
     /// compared with a record's load or a replica's own clock. NTP keeps servers within
-    /// milliseconds; a replica whose clock is further ahead or behind than this has its
-    /// marks ignored (its fallbacks are then seen only by the reconcile, every 5 s), and
-    /// never keeps others off Redis for longer than [`FallbackMark::RECENT_MS`] plus this.
+    /// milliseconds. The marks of a replica whose clock is further ahead than this are
+    /// ignored, those of one further behind age early and may be missed (either way its
+    /// fallbacks are then seen only by the reconcile, every 5 s); none keeps others off
+    /// Redis for longer than [`FallbackMark::RECENT_MS`] plus this.
     pub const CLOCK_SLACK_MS: i64 = 1_000;
 
     /// Whether a fallback decision by replica `by` at `now_ms` writes its mark: unless the

@@ -521,6 +521,15 @@ fn record(used: i64, base: i64, epoch: &str, loaded_from: &str, version: u64) ->
     }
 }
 
+/// `change` decided by `ledger` as the Firestore fallback of a replica cut off from Redis
+/// (limit 100 where the document has none).
+async fn decided_elsewhere(ledger: &dyn Ledger, id: &ProviderId, change: &Change<'_>) -> LedgerDecision {
+    ledger
+        .decide(id, change, 100, Some(Fallback::marking("elsewhere")))
+        .await
+        .unwrap()
+}
+
 async fn ledger_contract(ledger: Arc<dyn Ledger>) {
     let id = p("l1");
     assert_eq!(ledger.read(&id).await.unwrap(), None);
@@ -546,10 +555,7 @@ async fn ledger_contract(ledger: Arc<dyn Ledger>) {
     ledger.write_record(&id, &record(4, 0, "e1", "", 4), &[]).await.unwrap();
     assert_eq!(ledger.read(&id).await.unwrap().unwrap().used, Some(5));
     // Another writer's increment survives; a new epoch loaded at 5 adds what it used since.
-    let decided = ledger
-        .decide(&id, &consume(10), 100, Some(Fallback::marking("elsewhere")))
-        .await
-        .unwrap();
+    let decided = decided_elsewhere(&*ledger, &id, &consume(10)).await;
     assert_eq!(
         decided,
         LedgerDecision::Decided(Decision {
@@ -748,10 +754,7 @@ async fn fallback_charged(ledger: &dyn Ledger, id: &ProviderId) {
         idempotency_key: Some("k"),
         with_record: true,
     };
-    let fallback = ledger
-        .decide(id, &change, 100, Some(Fallback::marking("elsewhere")))
-        .await
-        .unwrap();
+    let fallback = decided_elsewhere(ledger, id, &change).await;
     assert!(
         matches!(fallback, LedgerDecision::Decided(d) if d.allowed && d.used == 14),
         "{fallback:?}"
@@ -797,15 +800,7 @@ async fn twice_decided_keys_count_once(ledger: &dyn Ledger) {
 
     // a refund of 3 decided by Redis (16 -> 13) and again by the fallback (16 -> 13 in the
     // document, whose usage already holds Redis's 16)
-    let fallback = ledger
-        .decide(
-            &id,
-            &keyed(Op::Refund, 3, "r"),
-            100,
-            Some(Fallback::marking("elsewhere")),
-        )
-        .await
-        .unwrap();
+    let fallback = decided_elsewhere(ledger, &id, &keyed(Op::Refund, 3, "r")).await;
     assert!(
         matches!(fallback, LedgerDecision::Decided(d) if d.used == 13),
         "{fallback:?}"
@@ -819,15 +814,7 @@ async fn twice_decided_keys_count_once(ledger: &dyn Ledger) {
     // a consume Redis admitted (13 -> 63) and the fallback denied (the document's limit was
     // lowered to 40 meanwhile): the denial took nothing, so nothing is taken out
     ledger.set_quota(&id, None, Some(40), "unused").await.unwrap();
-    let fallback = ledger
-        .decide(
-            &id,
-            &keyed(Op::Consume, 50, "d"),
-            100,
-            Some(Fallback::marking("elsewhere")),
-        )
-        .await
-        .unwrap();
+    let fallback = decided_elsewhere(ledger, &id, &keyed(Op::Consume, 50, "d")).await;
     assert!(
         matches!(fallback, LedgerDecision::Decided(d) if !d.allowed),
         "{fallback:?}"
@@ -850,15 +837,7 @@ async fn twice_decided_keys_count_once(ledger: &dyn Ledger) {
             Some(14)
         );
     }
-    let replay = ledger
-        .decide(
-            &id,
-            &keyed(Op::Consume, 4, "k"),
-            100,
-            Some(Fallback::marking("elsewhere")),
-        )
-        .await
-        .unwrap();
+    let replay = decided_elsewhere(ledger, &id, &keyed(Op::Consume, 4, "k")).await;
     assert!(
         matches!(replay, LedgerDecision::Replayed(d) if d.allowed && d.used == 14),
         "{replay:?}"
@@ -904,15 +883,7 @@ async fn twice_decided_keys_count_once(ledger: &dyn Ledger) {
         .await
         .unwrap();
     ledger.set_quota(&id, Some(0), None, "e3").await.unwrap();
-    let fallback = ledger
-        .decide(
-            &id,
-            &keyed(Op::Consume, 4, "k"),
-            100,
-            Some(Fallback::marking("elsewhere")),
-        )
-        .await
-        .unwrap();
+    let fallback = decided_elsewhere(ledger, &id, &keyed(Op::Consume, 4, "k")).await;
     assert!(
         matches!(fallback, LedgerDecision::Decided(d) if d.allowed && d.used == 4),
         "{fallback:?}"

@@ -274,7 +274,7 @@ where
     }
 }
 
-/// A consume of 1 sent to the counters directly, as another replica's.
+/// A plain consume of 1 (no idempotency key, no record asked back), as another replica sends it.
 fn bare_consume() -> quotad::storage::Change<'static> {
     quotad::storage::Change {
         op: quotad::storage::Op::Consume,
@@ -507,12 +507,7 @@ async fn a_fallback_marks_the_record_outdated_until_the_recovery(counters: Arc<d
         }
     }
     // Another replica (Redis answers it) is not let decide from it.
-    let by_other = quotad::storage::Change {
-        op: quotad::storage::Op::Consume,
-        amount: 1,
-        idempotency_key: None,
-        with_record: false,
-    };
+    let by_other = bare_consume();
     assert_eq!(counters.apply(&busy, &by_other).await.unwrap(), Applied::Outdated);
     assert_eq!(a.reconcile().await.unwrap(), 2, "both reloaded");
     for id in [&busy, &calm] {
@@ -540,10 +535,8 @@ async fn a_record_kept_dirty_past_its_ttl_is_rebased(counters: Arc<dyn Counters>
     assert!(a.flush(&busy).await.unwrap()); // the document is in the record's epoch
     // another writer adds 50 to the document, behind the cache
     let outside = quotad::storage::Change {
-        op: quotad::storage::Op::Consume,
         amount: 50,
-        idempotency_key: None,
-        with_record: false,
+        ..bare_consume()
     };
     let added = ledger.inner.decide(&busy, &outside, 100, None).await.unwrap();
     assert!(matches!(added, LedgerDecision::Decided(d) if d.allowed && d.used == 51));
@@ -729,10 +722,8 @@ async fn a_lookup_of_an_outdated_record_reloads_it(counters: Arc<dyn Counters>, 
     let id = p("looked-up");
     assert_eq!(consume(&a, &id).await, 1, "in Redis only, not yet synced");
     let outside = quotad::storage::Change {
-        op: quotad::storage::Op::Consume,
         amount: 5,
-        idempotency_key: None,
-        with_record: false,
+        ..bare_consume()
     };
     // Decided in Firestore elsewhere, and marked (as a fallback long past would leave it: a
     // recent fallback keeps lookups off the cache, see the test below).
@@ -758,10 +749,8 @@ async fn a_fallback_seen_by_a_write_sends_decisions_to_firestore(counters: Arc<d
     assert_eq!(consume(&a, &id).await, 1);
     assert!(a.flush(&id).await.unwrap());
     let elsewhere = quotad::storage::Change {
-        op: quotad::storage::Op::Consume,
         amount: 5,
-        idempotency_key: None,
-        with_record: false,
+        ..bare_consume()
     };
     ledger
         .inner
@@ -819,10 +808,8 @@ async fn leaving_a_phase_not_yet_followed_still_syncs_first(counters: Arc<dyn Co
     assert!(a.flush(&id).await.unwrap());
     ledger.set_phase(Phase::RedisPrimary, Utc::now()).await.unwrap(); // another replica's switch
     let by_other = quotad::storage::Change {
-        op: quotad::storage::Op::Consume,
         amount: 2,
-        idempotency_key: None,
-        with_record: false,
+        ..bare_consume()
     };
     assert!(matches!(counters.apply(&id, &by_other).await.unwrap(), Applied::Decided(d, _) if d.used == 3));
     assert_eq!(a.phase().0, Phase::DualWrite, "not followed yet");
