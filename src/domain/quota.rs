@@ -13,8 +13,8 @@ use super::{
 };
 use crate::storage::{
     Applied, Change, Counters, Decision, Document, EXACT_MAX, Fallback, FallbackMark, IdempotencyEntry, KeyRecord,
-    Ledger, LedgerDecision, Op, Record, Seed, Settled, StorageError, Synced, Unanswered, WriteOutcome, exact,
-    idempotency_id, new_epoch,
+    Ledger, LedgerDecision, Op, RebaseOnto, Record, Seed, Settled, StorageError, Synced, Unanswered, WriteOutcome,
+    exact, idempotency_id, new_epoch,
 };
 use crate::telemetry::Cached;
 
@@ -606,6 +606,7 @@ impl QuotaService {
             loaded_from: doc.epoch.unwrap_or_default(),
             keys: doc.keys,
             fence,
+            outdated: false, // (away, nothing is written: below)
         };
         if beyond {
             return Ok((seed, Loaded::Beyond));
@@ -1180,9 +1181,15 @@ impl QuotaService {
     /// ([`QuotaService::mark_outdated_later`]), and not waited for: the connection it goes
     /// on waits out a hung Redis.
     fn outdated_by_mark(&self, provider: &ProviderId) {
+        Self::fallback_seen(provider);
+        self.mark_outdated_later(provider);
+    }
+
+    /// Counts and logs a record found or written outdated because of another replica's
+    /// fallback mark.
+    fn fallback_seen(provider: &ProviderId) {
         metrics::counter!("quotad_fallbacks_seen_total").increment(1);
         tracing::info!(%provider, "another replica decides in Firestore for lack of Redis: the cached record is outdated");
-        self.mark_outdated_later(provider);
     }
 
     /// A record's write landed: the writer and Redis learn what the ledger holds now (its
@@ -1338,14 +1345,22 @@ impl QuotaService {
         if doc.epoch.as_deref() != Some(record.epoch.as_str()) || rebased.abs() > i128::from(EXACT_MAX) {
             return Ok(false);
         }
+        // Another replica decides in Firestore these moments: the rebased record would miss
+        // its next decisions, as a loaded one would (see `Loaded::Away`). It is rebased
+        // outdated.
+        let away = self.deciding_elsewhere(&doc);
+        let onto = RebaseOnto {
+            used,
+            watermark,
+            keys: &doc.keys,
+            outdated: away,
+        };
         let rebased = self
             .counters
-            .rebase(provider, &record.epoch, used, watermark, &new_epoch(), &doc.keys)
+            .rebase(provider, &record.epoch, &new_epoch(), &onto)
             .await?;
-        // Another replica decides in Firestore these moments: the rebased record would miss
-        // its next decisions, as a loaded one would (see `Loaded::Away`).
-        if rebased && self.deciding_elsewhere(&doc) {
-            self.outdated_by_mark(provider);
+        if rebased && away {
+            Self::fallback_seen(provider);
         }
         Ok(rebased)
     }
@@ -1414,11 +1429,12 @@ impl QuotaService {
                 loaded_from: epoch,
                 keys: doc.keys,
                 fence,
+                // as a rebase: another replica deciding in Firestore these moments
+                outdated: away,
             };
             let replaced = self.counters.replace(provider, &seed, self.cache_ttl).await;
-            // as after a rebase: another replica deciding in Firestore these moments
             if replaced.is_ok() && away {
-                self.outdated_by_mark(provider);
+                Self::fallback_seen(provider);
             }
             replaced
         } else {

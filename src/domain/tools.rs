@@ -94,6 +94,7 @@ pub async fn backfill(
                 // Refused if any Firestore decision for it was fenced lately, since the
                 // listing may predate it: its first request loads it instead.
                 fence: 0,
+                outdated: false, // (those Firestore decides for are skipped above)
             };
             quotas.counters().load(&provider, &seed, quotas.cache_ttl()).await?;
             loaded += 1;

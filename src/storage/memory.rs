@@ -12,8 +12,8 @@ use chrono::{DateTime, Utc};
 
 use super::{
     Applied, Change, Counters, DROPPED_TAG, Decision, DeltaPlan, Document, Fallback, FallbackMark, IdempotencyEntry,
-    KeyRecord, Ledger, LedgerDecision, Record, Seed, StorageError, Synced, WriteOutcome, delta_for, fallback_epoch,
-    fallback_key_entry, idempotency_id, merge_keys, settle_twice_decided,
+    KeyRecord, Ledger, LedgerDecision, RebaseOnto, Record, Seed, StorageError, Synced, WriteOutcome, delta_for,
+    fallback_epoch, fallback_key_entry, idempotency_id, merge_keys, settle_twice_decided,
 };
 use crate::domain::{
     Phase, ProviderId,
@@ -147,7 +147,8 @@ impl Counters for MemoryCounters {
 
     async fn load(&self, provider: &ProviderId, seed: &Seed, ttl: Duration) -> Result<bool, StorageError> {
         let mut state = self.state.lock().unwrap();
-        if state.live(provider).is_some() {
+        if let Some(record) = state.live(provider) {
+            record.outdated |= seed.outdated; // as load.lua: a record left in place is marked
             return Ok(true);
         }
         if state.fenced(provider, seed.fence) {
@@ -205,30 +206,28 @@ impl Counters for MemoryCounters {
         &self,
         provider: &ProviderId,
         epoch: &str,
-        doc_used: i64,
-        doc_watermark: i64,
         new_epoch: &str,
-        keys: &[KeyRecord],
+        onto: &RebaseOnto<'_>,
     ) -> Result<bool, StorageError> {
         let mut state = self.state.lock().unwrap();
         let Some(record) = state.live(provider).filter(|r| r.epoch == epoch) else {
             return Ok(false);
         };
-        let carried = record.used - doc_watermark;
+        let carried = record.used - onto.watermark;
         let dirty = record.is_dirty();
         *record = Record {
-            used: super::usage_after_write(doc_used, carried, 0), // as the document: never below 0
+            used: super::usage_after_write(onto.used, carried, 0), // as the document: never below 0
             limit: record.limit,
             epoch: new_epoch.to_owned(),
-            base: doc_used,
+            base: onto.used,
             loaded_from: epoch.to_owned(),
             version: u64::from(dirty),
             synced: 0,
-            from_watermark: Some(doc_watermark),
+            from_watermark: Some(onto.watermark),
             loaded_ms: Some(now_ms()), // it holds what the ledger held now
-            outdated: false,
+            outdated: onto.outdated,
         };
-        state.import_keys(provider, keys);
+        state.import_keys(provider, onto.keys);
         Ok(true)
     }
 
@@ -377,6 +376,9 @@ impl Counters for MemoryCounters {
                 .live(provider)
                 .is_some_and(|record| record.loaded_from == seed.loaded_from)
         {
+            if let Some(record) = state.live(provider) {
+                record.outdated |= seed.outdated;
+            }
             return Ok(());
         }
         state.mark_pending_dropped(provider);
@@ -508,7 +510,7 @@ fn record_of(seed: &Seed) -> Record {
         loaded_from: seed.loaded_from.clone(),
         version: 0,
         synced: 0,
-        outdated: false,
+        outdated: seed.outdated,
     }
 }
 

@@ -94,6 +94,22 @@ pub struct Seed {
     /// The provider's fence generation ([`Counters::fence_gen`]) read before the document:
     /// a load is refused when a Firestore decision was fenced since (0: none known).
     pub fence: u64,
+    /// The record is written outdated ([`Record::outdated`]): another replica decides for
+    /// the provider in the ledger these moments, for lack of Redis, and Redis will not see
+    /// those decisions. Marked in the same step as the write, so that no decision is made
+    /// from the record in between. A record that the write leaves in place is marked too.
+    pub outdated: bool,
+}
+
+/// What [`Counters::rebase`] puts a record onto: the document's usage and its watermark of
+/// the record's epoch, read together, and the document's idempotency records.
+#[derive(Debug, Clone, Copy)]
+pub struct RebaseOnto<'a> {
+    pub used: i64,
+    pub watermark: i64,
+    pub keys: &'a [KeyRecord],
+    /// The rebased record is outdated from the start, as [`Seed::outdated`].
+    pub outdated: bool,
 }
 
 /// Consume or refund.
@@ -398,18 +414,16 @@ pub trait Counters: Send + Sync {
     /// Whether a fence is held on the provider (loads are refused while one is).
     async fn fence_held(&self, provider: &ProviderId) -> Result<bool, StorageError>;
     /// Reloads a live record without dropping it (one that other replicas keep dirty): if it
-    /// is still of `epoch`, it becomes `new_epoch` with the document's usage `doc_used` as its
-    /// base, carrying what it holds above `doc_watermark` (the document's watermark of
-    /// `epoch`, read with `doc_used`); the document's idempotency records `keys` come along.
+    /// is still of `epoch`, it becomes `new_epoch` with the document's usage `onto.used` as
+    /// its base, carrying what it holds above `onto.watermark`; the document's idempotency
+    /// records come along. It is outdated afterwards exactly when `onto.outdated` asks.
     /// Returns whether it did.
     async fn rebase(
         &self,
         provider: &ProviderId,
         epoch: &str,
-        doc_used: i64,
-        doc_watermark: i64,
         new_epoch: &str,
-        keys: &[KeyRecord],
+        onto: &RebaseOnto<'_>,
     ) -> Result<bool, StorageError>;
     /// Releases a fence taken with [`Counters::fence`].
     async fn unfence(&self, provider: &ProviderId, token: &str) -> Result<(), StorageError>;
@@ -433,7 +447,8 @@ pub trait Counters: Send + Sync {
     async fn pending_keys(&self, provider: &ProviderId) -> Result<Vec<KeyRecord>, StorageError>;
     /// Marks the record outdated ([`Record::outdated`]), if there is one: a replica that
     /// decided for the provider in Firestore while it could not reach Redis says so, for the
-    /// replicas that still can. A load or a rebase clears the mark.
+    /// replicas that still can. A load or a rebase clears the mark (unless it writes the
+    /// record outdated itself: [`Seed::outdated`], [`RebaseOnto::outdated`]).
     async fn mark_outdated(&self, provider: &ProviderId) -> Result<(), StorageError>;
     /// Takes back out the usage of this replica's changes whose call went unanswered but
     /// that the backend ran (Redis stopped after running it, or the connection dropped):

@@ -7,8 +7,9 @@ use chrono::{SubsecRound, Utc};
 use quotad::{
     domain::{Phase, ProviderId},
     storage::{
-        Applied, Change, Counters, DROPPED_TAG, Decision, Fallback, Ledger, LedgerDecision, Op, Record, Seed, Settled,
-        Synced, Unanswered, WriteOutcome, firestore::FirestoreLedger, idempotency_id, memory, redis::RedisCounters,
+        Applied, Change, Counters, DROPPED_TAG, Decision, Fallback, Ledger, LedgerDecision, Op, RebaseOnto, Record,
+        Seed, Settled, Synced, Unanswered, WriteOutcome, firestore::FirestoreLedger, idempotency_id, memory,
+        redis::RedisCounters,
     },
 };
 
@@ -37,6 +38,17 @@ fn seed(used: i64, limit: i64) -> Seed {
         loaded_from: String::new(),
         keys: vec![],
         fence: 0,
+        outdated: false,
+    }
+}
+
+/// A rebase onto a document's `used` and `watermark`, with no idempotency records.
+fn onto(used: i64, watermark: i64) -> RebaseOnto<'static> {
+    RebaseOnto {
+        used,
+        watermark,
+        keys: &[],
+        outdated: false,
     }
 }
 
@@ -206,6 +218,7 @@ async fn counters_contract(counters: Arc<dyn Counters>) {
                 loaded_from: "e2".into(),
                 keys: vec![],
                 fence: 0,
+                outdated: false,
             },
             TTL,
         )
@@ -259,7 +272,7 @@ async fn outdated_contract(counters: &dyn Counters) {
     assert_eq!(counters.read(&id).await.unwrap().unwrap(), marked, "nothing applied");
     assert!(counters.pending_keys(&id).await.unwrap().is_empty(), "no key recorded");
     // A rebase holds what the document holds now: the mark goes.
-    assert!(counters.rebase(&id, "e1", 7, 1, "e2", &[]).await.unwrap());
+    assert!(counters.rebase(&id, "e1", "e2", &onto(7, 1)).await.unwrap());
     let rebased = counters.read(&id).await.unwrap().unwrap();
     assert!(!rebased.outdated && rebased.used == 8, "{rebased:?}");
     let applied = counters.apply(&id, &consume(1)).await.unwrap();
@@ -282,6 +295,49 @@ async fn outdated_contract(counters: &dyn Counters) {
     counters.mark_outdated(&id).await.unwrap();
     counters.replace(&id, &seed(0, 5), TTL).await.unwrap();
     assert!(!counters.read(&id).await.unwrap().unwrap().outdated);
+    // Unless it is asked to leave the record outdated (another replica decides in the
+    // ledger these moments): in the same step, so that no change is decided from it between.
+    let away = |epoch: &str| Seed {
+        epoch: epoch.into(),
+        loaded_from: epoch.into(),
+        outdated: true,
+        ..seed(3, 50)
+    };
+    counters.replace(&id, &away("e3"), TTL).await.unwrap();
+    let replaced = counters.read(&id).await.unwrap().unwrap();
+    assert!(
+        replaced.outdated && replaced.used == 3 && replaced.epoch == "e3",
+        "{replaced:?}"
+    );
+    assert_eq!(counters.apply(&id, &consume(1)).await.unwrap(), Applied::Outdated);
+    let onto_away = RebaseOnto {
+        outdated: true,
+        ..onto(4, 4)
+    };
+    assert!(counters.rebase(&id, "e3", "e4", &onto(3, 3)).await.unwrap());
+    assert!(!counters.read(&id).await.unwrap().unwrap().outdated);
+    counters.apply(&id, &consume(1)).await.unwrap(); // used 4, dirty
+    assert!(counters.rebase(&id, "e4", "e5", &onto_away).await.unwrap());
+    let rebased = counters.read(&id).await.unwrap().unwrap();
+    assert!(rebased.outdated && rebased.used == 4 && rebased.is_dirty(), "{rebased:?}");
+    assert_eq!(counters.apply(&id, &consume(1)).await.unwrap(), Applied::Outdated);
+    // A record that such a write leaves in place (loaded from the operator's document by
+    // another replica meanwhile; or there already, for a load) is marked all the same.
+    let kept = p("outdated-kept");
+    let loaded = Seed {
+        epoch: "e9".into(),
+        loaded_from: "e8".into(),
+        ..seed(1, 5)
+    };
+    assert!(counters.load(&kept, &loaded, TTL).await.unwrap());
+    counters.replace(&kept, &away("e8"), TTL).await.unwrap();
+    let record = counters.read(&kept).await.unwrap().unwrap();
+    assert!(record.outdated && record.epoch == "e9", "{record:?}");
+    counters.rebase(&kept, "e9", "e10", &onto(1, 0)).await.unwrap();
+    assert!(counters.load(&kept, &away("e11"), TTL).await.unwrap());
+    let record = counters.read(&kept).await.unwrap().unwrap();
+    assert!(record.outdated && record.epoch == "e10", "{record:?}");
+    assert!(counters.forget(&id, "e5").await.unwrap()); // (the suite goes on with none dirty)
 }
 
 /// A record that turns clean lives the cache TTL from its load, not from the moment it
@@ -331,7 +387,7 @@ async fn ttl_from_load_contract(counters: &dyn Counters) {
     counters.apply(&id, &consume(1)).await.unwrap();
     tokio::time::sleep(ttl).await;
     let rebased = tokio::time::Instant::now();
-    assert!(counters.rebase(&id, "e1", 5, 0, "e2", &[]).await.unwrap());
+    assert!(counters.rebase(&id, "e1", "e2", &onto(5, 0)).await.unwrap());
     counters.mark_synced(&id, "e2", 1, 100, ttl, &[]).await.unwrap();
     let record = counters.read(&id).await.unwrap();
     assert!(
@@ -1125,6 +1181,7 @@ async fn keys_travel(counters: Arc<dyn Counters>, ledger: Arc<dyn Ledger>) {
         loaded_from: doc.epoch.clone().unwrap_or_default(),
         keys: doc.keys,
         fence: 0,
+        outdated: false,
     };
     counters.load(&id, &reloaded, TTL).await.unwrap();
     assert_eq!(
@@ -1180,9 +1237,22 @@ async fn rebase_keeps_every_unit_once(counters: Arc<dyn Counters>, ledger: Arc<d
     ledger.decide(&id, &consume(4), 100, None).await.unwrap();
     let doc = ledger.read(&id).await.unwrap().unwrap();
     assert_eq!((doc.used, doc.watermark), (Some(7), Some(3)));
-    assert!(counters.rebase(&id, "e1", 7, 3, "e2", &doc.keys).await.unwrap());
     assert!(
-        !counters.rebase(&id, "e1", 7, 3, "e3", &[]).await.unwrap(),
+        counters
+            .rebase(
+                &id,
+                "e1",
+                "e2",
+                &RebaseOnto {
+                    keys: &doc.keys,
+                    ..onto(7, 3)
+                }
+            )
+            .await
+            .unwrap()
+    );
+    assert!(
+        !counters.rebase(&id, "e1", "e3", &onto(7, 3)).await.unwrap(),
         "no longer of e1"
     );
     let rebased = counters.read(&id).await.unwrap().unwrap();
@@ -1195,7 +1265,7 @@ async fn rebase_keeps_every_unit_once(counters: Arc<dyn Counters>, ledger: Arc<d
     assert!(matches!(write(in_flight).await, WriteOutcome::Stale));
     assert_eq!(ledger.read(&id).await.unwrap().unwrap().used, Some(10));
     // A record not of the epoch named is left alone; a missing one too.
-    assert!(!counters.rebase(&p("absent"), "e1", 0, 0, "e4", &[]).await.unwrap());
+    assert!(!counters.rebase(&p("absent"), "e1", "e4", &onto(0, 0)).await.unwrap());
 
     // After a refund the late write is negative, and so is what the record carries.
     let id = p("rebased-refund");
@@ -1216,7 +1286,7 @@ async fn rebase_keeps_every_unit_once(counters: Arc<dyn Counters>, ledger: Arc<d
     counters.apply(&id, &refund).await.unwrap(); // used 4
     let in_flight = counters.read(&id).await.unwrap().unwrap();
     ledger.decide(&id, &consume(2), 100, None).await.unwrap(); // the document: 7
-    assert!(counters.rebase(&id, "e1", 7, 5, "e2", &[]).await.unwrap());
+    assert!(counters.rebase(&id, "e1", "e2", &onto(7, 5)).await.unwrap());
     let rebased = counters.read(&id).await.unwrap().unwrap();
     assert_eq!(rebased.used, 6);
     ledger.write_record(&id, &in_flight, &[]).await.unwrap(); // adds -1
@@ -1229,7 +1299,7 @@ async fn rebase_keeps_every_unit_once(counters: Arc<dyn Counters>, ledger: Arc<d
     let low = p("rebase-low");
     counters.load(&low, &seed(1, 10), TTL).await.unwrap();
     let epoch = counters.read(&low).await.unwrap().unwrap().epoch;
-    assert!(counters.rebase(&low, &epoch, 0, 6, "e-low", &[]).await.unwrap());
+    assert!(counters.rebase(&low, &epoch, "e-low", &onto(0, 6)).await.unwrap());
     let rebased = counters.read(&low).await.unwrap().unwrap();
     assert_eq!((rebased.used, rebased.base), (0, 0), "{rebased:?}");
 }

@@ -384,6 +384,7 @@ async fn a_mark_sent_while_redis_hangs_runs_when_it_wakes() {
         loaded_from: String::new(),
         keys: vec![],
         fence: 0,
+        outdated: false,
     };
     let (p1, p2) = (ProviderId::parse("p1").unwrap(), ProviderId::parse("p2").unwrap());
     for id in [&p1, &p2] {

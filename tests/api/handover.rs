@@ -659,6 +659,7 @@ async fn a_fallback_fences_its_provider_until_it_lands(counters: Arc<dyn Counter
         loaded_from: String::new(),
         keys: vec![],
         fence: counters.fence_gen(&id).await.unwrap(),
+        outdated: false,
     };
     assert!(
         !counters.load(&id, &seed, Duration::from_secs(300)).await.unwrap(),
@@ -703,6 +704,7 @@ async fn redis_marks_a_fallbacks_record_after_its_decision_where_its_fence_was_l
         loaded_from: doc.epoch.clone().unwrap_or_default(),
         keys: vec![],
         fence: counters.fence_gen(&id).await.unwrap(),
+        outdated: false,
     };
     assert!(counters.load(&id, &seed, Duration::from_secs(300)).await.unwrap());
     ledger.open.add_permits(1);
@@ -894,7 +896,17 @@ async fn held_changes_a_rebase_carried_are_released(counters: Arc<dyn Counters>,
     let new_epoch = quotad::storage::new_epoch();
     assert!(
         counters
-            .rebase(&id, &record.epoch, 2, 2, &new_epoch, &[])
+            .rebase(
+                &id,
+                &record.epoch,
+                &new_epoch,
+                &quotad::storage::RebaseOnto {
+                    used: 2,
+                    watermark: 2,
+                    keys: &[],
+                    outdated: false
+                }
+            )
             .await
             .unwrap()
     );

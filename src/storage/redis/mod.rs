@@ -17,8 +17,8 @@ use tokio::sync::oneshot;
 
 pub use self::keys::Keys;
 use super::{
-    Applied, Change, Counters, Decision, IDEMPOTENCY_TTL, IdempotencyEntry, KeyRecord, Op, Record, Seed, Settled,
-    StorageError, Synced, Unanswered, idempotency_id,
+    Applied, Change, Counters, Decision, IDEMPOTENCY_TTL, IdempotencyEntry, KeyRecord, Op, RebaseOnto, Record, Seed,
+    Settled, StorageError, Synced, Unanswered, idempotency_id,
 };
 use crate::domain::{
     Phase, ProviderId,
@@ -719,19 +719,18 @@ impl Counters for RedisCounters {
         &self,
         provider: &ProviderId,
         epoch: &str,
-        doc_used: i64,
-        doc_watermark: i64,
         new_epoch: &str,
-        keys: &[KeyRecord],
+        onto: &RebaseOnto<'_>,
     ) -> Result<bool, StorageError> {
         let mut invocation = REBASE.prepare_invoke();
         invocation
             .key(self.keys.record(provider))
             .arg(epoch)
-            .arg(doc_used)
-            .arg(doc_watermark)
-            .arg(new_epoch);
-        self.with_ledger_keys(&mut invocation, provider, keys);
+            .arg(onto.used)
+            .arg(onto.watermark)
+            .arg(new_epoch)
+            .arg(u8::from(onto.outdated));
+        self.with_ledger_keys(&mut invocation, provider, onto.keys);
         let done: i64 = self.invoke(invocation).await?;
         Ok(done == 1)
     }
@@ -1397,7 +1396,8 @@ impl RedisCounters {
             .arg(ttl.as_secs())
             .arg(if replace { "1" } else { "0" })
             .arg(provider.as_str())
-            .arg(seed.fence);
+            .arg(seed.fence)
+            .arg(u8::from(seed.outdated));
         // The ledger's idempotency records come along, so Redis answers their retries.
         self.with_ledger_keys(&mut invocation, provider, &seed.keys);
         self.invoke::<i64>(invocation).await

@@ -4,20 +4,27 @@
 -- ARGV[1] used, ARGV[2] limit, ARGV[3] epoch, ARGV[4] loaded-from epoch, ARGV[5] TTL seconds,
 -- ARGV[6] '1' to replace an existing record (an operator set the quota: the replaced
 -- record's pending idempotency records are marked, see mark_pending_dropped), ARGV[7]
--- provider id, ARGV[8] the fence generation read before the document; KEYS[6..]
--- idempotency keys the ledger recorded, with ARGV[9..] their answers and expiry (pairs:
--- 'amount:allowed:used:limit', unix ms), set unless present
+-- provider id, ARGV[8] the fence generation read before the document, ARGV[9] '1' when
+-- the record is written outdated (see Seed::outdated; a record left in place is marked
+-- too); KEYS[6..] idempotency keys the ledger recorded, with ARGV[10..] their answers and
+-- expiry (pairs: 'amount:allowed:used:limit', unix ms), set unless present
 -- The record keeps its load time ('at', Redis ms): mark_synced gives a record that turns
 -- clean the cache TTL from then.
 -- Returns 1 when it wrote the record, 0 when one was there, 2 when it was refused: a fence
 -- is held (Firestore is deciding for the provider) or was taken since the document was
 -- read, so the document may miss a decision. A refused replacement drops the record (the
 -- next request loads it).
-if ARGV[6] ~= '1' and redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+local function kept()
+  if ARGV[9] == '1' and redis.call('TYPE', KEYS[1])['ok'] == 'hash' then
+    redis.call('HSET', KEYS[1], 'outdated', '1')
+  end
+  return 0
+end
+if ARGV[6] ~= '1' and redis.call('EXISTS', KEYS[1]) == 1 then return kept() end
 -- a record loaded from the operator's document (another replica's, between the document's
 -- write and this call) starts from the operator's `used` already and holds only later
 -- decisions: it stays, and its idempotency records are not marked
-if ARGV[6] == '1' and ARGV[4] ~= '' and redis.call('HGET', KEYS[1], 'from') == ARGV[4] then return 0 end
+if ARGV[6] == '1' and ARGV[4] ~= '' and redis.call('HGET', KEYS[1], 'from') == ARGV[4] then return kept() end
 -- a replacement drops the record it replaces, or the record is dropped when refused below
 if ARGV[6] == '1' then mark_pending_dropped(KEYS[5]) end
 local t = redis.call('TIME')
@@ -33,10 +40,11 @@ end
 redis.call('DEL', KEYS[1])
 redis.call('HSET', KEYS[1], 'used', ARGV[1], 'limit', ARGV[2], 'epoch', ARGV[3], 'base', ARGV[1],
   'from', ARGV[4], 'ver', '0', 'synced', '0', 'at', now_s)
+if ARGV[9] == '1' then redis.call('HSET', KEYS[1], 'outdated', '1') end
 redis.call('EXPIRE', KEYS[1], ARGV[5])
 if ARGV[6] == '1' then redis.call('ZREM', KEYS[2], ARGV[7]) end
 for i = 6, #KEYS do
-  local answer, expires = ARGV[2 * i - 3], ARGV[2 * i - 2]
+  local answer, expires = ARGV[2 * i - 2], ARGV[2 * i - 1]
   redis.call('SET', KEYS[i], answer, 'PXAT', expires, 'NX')
 end
 return 1

@@ -2,7 +2,9 @@
 -- epoch ARGV[1], it becomes epoch ARGV[4] with base ARGV[2] (the document's usage) and
 -- carries what it holds above ARGV[3] (the document's watermark of ARGV[1], read with it),
 -- never below 0 (the document stops at 0 when refunds pass it, and its watermark does not).
--- KEYS[1] record hash; KEYS[2..] idempotency keys the ledger recorded, with ARGV[5..] their
+-- ARGV[5] '1' when the rebased record is outdated from the start (another replica decides
+-- in Firestore these moments: see Seed::outdated), '0' when it is not (a mark is cleared)
+-- KEYS[1] record hash; KEYS[2..] idempotency keys the ledger recorded, with ARGV[6..] their
 -- answers and expiry (pairs: 'amount:allowed:used:limit', unix ms), set unless present
 -- Returns 1 when rebased, 0 when the record is gone or of another epoch.
 local v = redis.call('HMGET', KEYS[1], 'epoch', 'used', 'ver', 'synced')
@@ -14,8 +16,12 @@ redis.call('HSET', KEYS[1], 'epoch', ARGV[4], 'base', ARGV[2],
   'used', string.format('%d', math.max(0, tonumber(ARGV[2]) + carried)), 'from', ARGV[1],
   'ver', dirty and '1' or '0', 'synced', '0', 'fromw', ARGV[3],
   'at', string.format('%d', t[1] * 1000 + math.floor(t[2] / 1000))) -- loaded now (see load.lua)
-redis.call('HDEL', KEYS[1], 'outdated') -- it holds what the document holds now
+if ARGV[5] == '1' then
+  redis.call('HSET', KEYS[1], 'outdated', '1')
+else
+  redis.call('HDEL', KEYS[1], 'outdated') -- it holds what the document holds now
+end
 for i = 2, #KEYS do
-  redis.call('SET', KEYS[i], ARGV[2 * i + 1], 'PXAT', ARGV[2 * i + 2], 'NX')
+  redis.call('SET', KEYS[i], ARGV[2 * i + 2], 'PXAT', ARGV[2 * i + 3], 'NX')
 end
 return 1
