@@ -93,9 +93,6 @@ pub struct QuotaService {
     recovering: std::sync::atomic::AtomicU64,
     /// Recoveries begun.
     recoveries: std::sync::atomic::AtomicU64,
-    /// Whether Redis answered the health task's last ping (see
-    /// [`QuotaService::lineage_while_away`]).
-    redis_answering: std::sync::atomic::AtomicBool,
     /// Wakes decisions waiting for the recovery when it ends, either way.
     recovery: tokio::sync::Notify,
     /// Decisions waiting for the recovery (tests synchronise on it).
@@ -105,8 +102,11 @@ pub struct QuotaService {
     /// When Redis last went down for this replica's decisions (see
     /// [`QuotaService::outage_grace`]).
     down_since: std::sync::Mutex<Option<tokio::time::Instant>>,
-    /// Failed calls to Redis (see [`QuotaService::failures`]).
-    failures: std::sync::atomic::AtomicU64,
+    /// Failed calls to Redis, times two ([`QuotaService::failures`]), plus one while Redis
+    /// has answered the health task's last ping and no call has failed since
+    /// ([`QuotaService::redis_answering`]). One word, so that a ping answered and a call
+    /// failing at the same moment cannot leave "answering" after the failure.
+    redis_seen: std::sync::atomic::AtomicU64,
     /// Down transitions since the running write of everything held began (see
     /// [`QuotaService::write_held_now`]), 0 while none runs: it ends after a round that
     /// began after the last of them.
@@ -147,12 +147,11 @@ impl QuotaService {
             marking: std::sync::Mutex::default(),
             recovering: std::sync::atomic::AtomicU64::new(0),
             recoveries: std::sync::atomic::AtomicU64::new(0),
-            redis_answering: std::sync::atomic::AtomicBool::new(true),
             recovery_waiting: std::sync::atomic::AtomicUsize::new(0),
             recovery: tokio::sync::Notify::new(),
             went_down: tokio::sync::Notify::new(),
             down_since: std::sync::Mutex::new(None),
-            failures: std::sync::atomic::AtomicU64::new(0),
+            redis_seen: std::sync::atomic::AtomicU64::new(1), // no failure, answering
             held_writes: std::sync::atomic::AtomicU64::new(0),
             answers: tokio::sync::Notify::new(),
             unsettled: tokio::sync::Mutex::default(),
@@ -299,8 +298,12 @@ impl QuotaService {
     /// up and failing late says nothing about the Redis a probe found answering since (a
     /// failed probe or reconcile round ends that recovery).
     pub fn redis_down(&self, reason: &str) {
-        self.failures.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
-        self.note_redis_answers(false);
+        // one failure more, and not answering (`(v | 1) + 1` clears the low bit, carrying it)
+        let _ = self.redis_seen.fetch_update(
+            std::sync::atomic::Ordering::AcqRel,
+            std::sync::atomic::Ordering::Acquire,
+            |seen| Some((seen | 1) + 1),
+        );
         if self.redis_is_up() {
             self.end_recovery();
         }
@@ -405,15 +408,22 @@ impl QuotaService {
     /// Calls to Redis that failed so far (see [`QuotaService::redis_down`]): a ping sent, or
     /// a reconcile round begun, before one of them says nothing of the Redis after it.
     pub fn failures(&self) -> u64 {
-        self.failures.load(std::sync::atomic::Ordering::Acquire)
+        self.redis_seen.load(std::sync::atomic::Ordering::Acquire) >> 1
     }
 
     /// A ping sent when [`QuotaService::failures`] was `before` answered (or not): an answer
-    /// counts only if no call has failed since (a hung Redis answers no ping sent after).
+    /// counts only if no call has failed since (a hung Redis answers no ping sent after),
+    /// checked and noted in one step.
     pub fn note_redis_answers_since(&self, answers: bool, before: u64) {
-        if !answers || self.failures() == before {
-            self.note_redis_answers(answers);
+        if !answers {
+            self.note_redis_answers(false);
+            return;
         }
+        let _ = self.redis_seen.fetch_update(
+            std::sync::atomic::Ordering::AcqRel,
+            std::sync::atomic::Ordering::Acquire,
+            |seen| (seen >> 1 == before).then_some(seen | 1),
+        );
     }
 
     /// What a health probe found, its pings sent when [`QuotaService::failures`] was
@@ -434,13 +444,16 @@ impl QuotaService {
 
     /// What the health task found of Redis: whether its last ping answered.
     pub fn note_redis_answers(&self, answers: bool) {
-        self.redis_answering
-            .store(answers, std::sync::atomic::Ordering::Release);
+        if answers {
+            self.redis_seen.fetch_or(1, std::sync::atomic::Ordering::AcqRel);
+        } else {
+            self.redis_seen.fetch_and(!1, std::sync::atomic::Ordering::AcqRel);
+        }
     }
 
     /// Whether Redis answered the health task's last ping (a failed call says no too).
     pub fn redis_answering(&self) -> bool {
-        self.redis_answering.load(std::sync::atomic::Ordering::Acquire)
+        self.redis_seen.load(std::sync::atomic::Ordering::Acquire) & 1 == 1
     }
 
     /// How held changes are written while Redis is away for this replica's decisions: they

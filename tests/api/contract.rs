@@ -319,7 +319,10 @@ async fn outdated_contract(counters: &dyn Counters) {
     counters.apply(&id, &consume(1)).await.unwrap(); // used 4, dirty
     assert!(counters.rebase(&id, "e4", "e5", &onto_away).await.unwrap());
     let rebased = counters.read(&id).await.unwrap().unwrap();
-    assert!(rebased.outdated && rebased.used == 4 && rebased.is_dirty(), "{rebased:?}");
+    assert!(
+        rebased.outdated && rebased.used == 4 && rebased.is_dirty(),
+        "{rebased:?}"
+    );
     assert_eq!(counters.apply(&id, &consume(1)).await.unwrap(), Applied::Outdated);
     // A record that such a write leaves in place (loaded from the operator's document by
     // another replica meanwhile; or there already, for a load) is marked all the same.

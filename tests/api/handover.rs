@@ -781,6 +781,29 @@ async fn a_fallback_seen_by_a_write_sends_decisions_to_firestore(counters: Arc<d
 
 on_both!(a_fallback_seen_by_a_write_sends_decisions_to_firestore: memory_a_fallback_seen_by_a_write_sends_decisions_to_firestore, redis_a_fallback_seen_by_a_write_sends_decisions_to_firestore);
 
+/// A ping's answer says Redis answers only when no call has failed since the ping was sent
+/// (a hung Redis answers pings sent before it hung), and a failure always clears it: the
+/// fallbacks after it mark their documents.
+#[tokio::test]
+async fn a_ping_answered_counts_only_when_no_call_failed_since_it_was_sent() {
+    let (counters, ledger) = memory().await;
+    let a = service(counters, ledger);
+    assert!(a.redis_answering(), "until a call fails");
+    let sent = a.failures();
+    a.redis_down("a call failed");
+    assert_eq!(a.failures(), sent + 1);
+    assert!(!a.redis_answering());
+    a.note_redis_answers_since(true, sent);
+    assert!(!a.redis_answering(), "sent before the failure");
+    let sent = a.failures();
+    a.note_redis_answers_since(true, sent);
+    assert!(a.redis_answering());
+    a.redis_down("again");
+    assert!(!a.redis_answering() && a.failures() == sent + 1);
+    a.note_redis_answers_since(false, a.failures());
+    assert!(!a.redis_answering());
+}
+
 /// A fallback leaves its mark in the document only while the replica's pings find no Redis
 /// either: after a call that failed while Redis answers (a slow call), its own outdated
 /// mark reaches Redis, and a document mark would send the other replicas to Firestore.
