@@ -13,8 +13,8 @@ use super::{
 };
 use crate::storage::{
     Applied, Change, Counters, Decision, Document, EXACT_MAX, Fallback, FallbackMark, IdempotencyEntry, KeyRecord,
-    Ledger, LedgerDecision, Op, RebaseOnto, Record, Seed, Settled, StorageError, Synced, Unanswered, WriteOutcome,
-    exact, idempotency_id, new_epoch,
+    Ledger, LedgerDecision, Op, RebaseMark, RebaseOnto, Record, Seed, Settled, StorageError, Synced, Unanswered,
+    WriteOutcome, exact, idempotency_id, new_epoch,
 };
 use crate::telemetry::Cached;
 
@@ -1185,14 +1185,14 @@ impl QuotaService {
             .is_some_and(|mark| mark.deciding_elsewhere(&self.replica, now))
     }
 
-    /// A write, a rebase or an operator's `PUT` found that another replica decided in
-    /// Firestore beside the cached record ([`QuotaService::missed_by`],
-    /// [`QuotaService::deciding_elsewhere`]): the record is marked outdated, as that
-    /// replica's own mark would have done had it reached Redis. Until it is reloaded,
-    /// decisions for the provider go to Firestore; and while that replica keeps deciding
-    /// there, so do they ([`Loaded::Away`]). The mark is sent as a fallback's own is
+    /// A write found that another replica decided in Firestore beside the cached record
+    /// ([`QuotaService::missed_by`]): the record is marked outdated, as that replica's own
+    /// mark would have done had it reached Redis. Until it is reloaded, decisions for the
+    /// provider go to Firestore; and while that replica keeps deciding there, so do they
+    /// ([`Loaded::Away`]). The mark is sent as a fallback's own is
     /// ([`QuotaService::mark_outdated_later`]), and not waited for: the connection it goes
-    /// on waits out a hung Redis.
+    /// on waits out a hung Redis. (Rebases and an operator's `PUT` beside a recent mark
+    /// write their record outdated themselves: [`QuotaService::deciding_elsewhere`].)
     fn outdated_by_mark(&self, provider: &ProviderId) {
         Self::fallback_seen(provider);
         self.mark_outdated_later(provider);
@@ -1362,11 +1362,16 @@ impl QuotaService {
         // its next decisions, as a loaded one would (see `Loaded::Away`). It is rebased
         // outdated.
         let away = self.deciding_elsewhere(&doc);
+        let mark = match (away, record.outdated) {
+            (true, _) => RebaseMark::Set,
+            (false, true) => RebaseMark::Clear,
+            (false, false) => RebaseMark::Keep,
+        };
         let onto = RebaseOnto {
             used,
             watermark,
             keys: &doc.keys,
-            outdated: away,
+            mark,
         };
         let rebased = self
             .counters

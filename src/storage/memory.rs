@@ -12,8 +12,8 @@ use chrono::{DateTime, Utc};
 
 use super::{
     Applied, Change, Counters, DROPPED_TAG, Decision, DeltaPlan, Document, Fallback, FallbackMark, IdempotencyEntry,
-    KeyRecord, Ledger, LedgerDecision, RebaseOnto, Record, Seed, StorageError, Synced, WriteOutcome, delta_for,
-    fallback_epoch, fallback_key_entry, idempotency_id, merge_keys, settle_twice_decided,
+    KeyRecord, Ledger, LedgerDecision, RebaseMark, RebaseOnto, Record, Seed, StorageError, Synced, WriteOutcome,
+    delta_for, fallback_epoch, fallback_key_entry, idempotency_id, merge_keys, settle_twice_decided,
 };
 use crate::domain::{
     Phase, ProviderId,
@@ -215,6 +215,11 @@ impl Counters for MemoryCounters {
         };
         let carried = record.used - onto.watermark;
         let dirty = record.is_dirty();
+        let outdated = match onto.mark {
+            RebaseMark::Set => true,
+            RebaseMark::Clear => false,
+            RebaseMark::Keep => record.outdated,
+        };
         *record = Record {
             used: super::usage_after_write(onto.used, carried, 0), // as the document: never below 0
             limit: record.limit,
@@ -225,7 +230,7 @@ impl Counters for MemoryCounters {
             synced: 0,
             from_watermark: Some(onto.watermark),
             loaded_ms: Some(now_ms()), // it holds what the ledger held now
-            outdated: onto.outdated,
+            outdated,
         };
         state.import_keys(provider, onto.keys);
         Ok(true)

@@ -108,8 +108,25 @@ pub struct RebaseOnto<'a> {
     pub used: i64,
     pub watermark: i64,
     pub keys: &'a [KeyRecord],
-    /// The rebased record is outdated from the start, as [`Seed::outdated`].
-    pub outdated: bool,
+    /// What becomes of the record's outdated mark ([`Record::outdated`]).
+    pub mark: RebaseMark,
+}
+
+/// What a rebase does with the record's outdated mark. A mark is sent after the Firestore
+/// decision it stands for has landed, so a mark the record had when it was read before
+/// the document is one the document has seen; one that arrived since may stand for a
+/// decision the document was read without.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RebaseMark {
+    /// Marked outdated, as [`Seed::outdated`]: another replica decides in the ledger these
+    /// moments.
+    Set,
+    /// Cleared: the record was read outdated before the document; it holds what the
+    /// document holds now.
+    Clear,
+    /// Left as it is: the record was read without a mark, so any mark it has now came
+    /// after the document was read.
+    Keep,
 }
 
 /// Consume or refund.
@@ -388,7 +405,8 @@ pub trait Counters: Send + Sync {
     /// The cached record, if any.
     async fn read(&self, provider: &ProviderId) -> Result<Option<Record>, StorageError>;
     /// Creates the record from `seed` unless one exists (another replica may have won);
-    /// a new record is clean and expires after `ttl`. Returns `false` (and creates nothing)
+    /// a new record is clean and expires after `ttl`; with [`Seed::outdated`] it, or the
+    /// record that was there, is marked outdated. Returns `false` (and creates nothing)
     /// while a fence is held, or when the fence generation is no longer `seed.fence`: a
     /// Firestore decision may have changed the document after it was read.
     async fn load(&self, provider: &ProviderId, seed: &Seed, ttl: Duration) -> Result<bool, StorageError>;
@@ -416,7 +434,7 @@ pub trait Counters: Send + Sync {
     /// Reloads a live record without dropping it (one that other replicas keep dirty): if it
     /// is still of `epoch`, it becomes `new_epoch` with the document's usage `onto.used` as
     /// its base, carrying what it holds above `onto.watermark`; the document's idempotency
-    /// records come along. It is outdated afterwards exactly when `onto.outdated` asks.
+    /// records come along. Its outdated mark becomes what `onto.mark` says.
     /// Returns whether it did.
     async fn rebase(
         &self,
@@ -448,7 +466,7 @@ pub trait Counters: Send + Sync {
     /// Marks the record outdated ([`Record::outdated`]), if there is one: a replica that
     /// decided for the provider in Firestore while it could not reach Redis says so, for the
     /// replicas that still can. A load or a rebase clears the mark (unless it writes the
-    /// record outdated itself: [`Seed::outdated`], [`RebaseOnto::outdated`]).
+    /// record outdated itself: [`Seed::outdated`], [`RebaseMark`]).
     async fn mark_outdated(&self, provider: &ProviderId) -> Result<(), StorageError>;
     /// Takes back out the usage of this replica's changes whose call went unanswered but
     /// that the backend ran (Redis stopped after running it, or the connection dropped):
@@ -471,10 +489,13 @@ pub trait Counters: Send + Sync {
     /// and marks the idempotency records it had not written ([`DROPPED_TAG`]): they still
     /// go to the ledger, but are never settled there. Returns whether it dropped it.
     async fn forget(&self, provider: &ProviderId, epoch: &str) -> Result<bool, StorageError>;
-    /// Replaces the record (an operator set the quota); it is clean. Under a fence, or when
-    /// a fence was taken since `seed.fence` was read, it drops the record instead. Either
-    /// way the replaced record's pending idempotency records are marked, as
-    /// [`Counters::forget`] marks them.
+    /// Replaces the record (an operator set the quota); it is clean (and outdated with
+    /// [`Seed::outdated`]). Under a fence, or when a fence was taken since `seed.fence` was
+    /// read, it drops the record instead. Either way the replaced record's pending
+    /// idempotency records are marked, as [`Counters::forget`] marks them. A record loaded
+    /// from the document `seed` was written with (`seed.loaded_from`) already starts from
+    /// the operator's usage: it stays, its pending idempotency records unmarked (and it is
+    /// marked outdated with [`Seed::outdated`]).
     async fn replace(&self, provider: &ProviderId, seed: &Seed, ttl: Duration) -> Result<(), StorageError>;
     /// Sets the limit of a cached record, if there is one.
     async fn set_limit(&self, provider: &ProviderId, limit: i64) -> Result<(), StorageError>;

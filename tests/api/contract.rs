@@ -7,8 +7,8 @@ use chrono::{SubsecRound, Utc};
 use quotad::{
     domain::{Phase, ProviderId},
     storage::{
-        Applied, Change, Counters, DROPPED_TAG, Decision, Fallback, Ledger, LedgerDecision, Op, RebaseOnto, Record,
-        Seed, Settled, Synced, Unanswered, WriteOutcome, firestore::FirestoreLedger, idempotency_id, memory,
+        Applied, Change, Counters, DROPPED_TAG, Decision, Fallback, Ledger, LedgerDecision, Op, RebaseMark, RebaseOnto,
+        Record, Seed, Settled, Synced, Unanswered, WriteOutcome, firestore::FirestoreLedger, idempotency_id, memory,
         redis::RedisCounters,
     },
 };
@@ -48,7 +48,7 @@ fn onto(used: i64, watermark: i64) -> RebaseOnto<'static> {
         used,
         watermark,
         keys: &[],
-        outdated: false,
+        mark: RebaseMark::Clear,
     }
 }
 
@@ -311,7 +311,7 @@ async fn outdated_contract(counters: &dyn Counters) {
     );
     assert_eq!(counters.apply(&id, &consume(1)).await.unwrap(), Applied::Outdated);
     let onto_away = RebaseOnto {
-        outdated: true,
+        mark: RebaseMark::Set,
         ..onto(4, 4)
     };
     assert!(counters.rebase(&id, "e3", "e4", &onto(3, 3)).await.unwrap());
@@ -324,6 +324,18 @@ async fn outdated_contract(counters: &dyn Counters) {
         "{rebased:?}"
     );
     assert_eq!(counters.apply(&id, &consume(1)).await.unwrap(), Applied::Outdated);
+    // A mark the record did not have when it was read (`Keep`: one that came after the
+    // document was read) stays, and no mark stays none.
+    let keep = RebaseOnto {
+        mark: RebaseMark::Keep,
+        ..onto(4, 4)
+    };
+    assert!(counters.rebase(&id, "e5", "e6", &keep).await.unwrap());
+    assert!(counters.read(&id).await.unwrap().unwrap().outdated, "kept");
+    assert!(counters.rebase(&id, "e6", "e7", &onto(4, 4)).await.unwrap());
+    assert!(counters.rebase(&id, "e7", "e8", &keep).await.unwrap());
+    let rebased = counters.read(&id).await.unwrap().unwrap();
+    assert!(!rebased.outdated && rebased.used == 4, "{rebased:?}");
     // A record that such a write leaves in place (loaded from the operator's document by
     // another replica meanwhile; or there already, for a load) is marked all the same.
     let kept = p("outdated-kept");
@@ -340,7 +352,7 @@ async fn outdated_contract(counters: &dyn Counters) {
     assert!(counters.load(&kept, &away("e11"), TTL).await.unwrap());
     let record = counters.read(&kept).await.unwrap().unwrap();
     assert!(record.outdated && record.epoch == "e10", "{record:?}");
-    assert!(counters.forget(&id, "e5").await.unwrap()); // (the suite goes on with none dirty)
+    assert!(counters.forget(&id, "e8").await.unwrap()); // (the suite goes on with none dirty)
 }
 
 /// A record that turns clean lives the cache TTL from its load, not from the moment it

@@ -781,6 +781,27 @@ async fn a_fallback_seen_by_a_write_sends_decisions_to_firestore(counters: Arc<d
 
 on_both!(a_fallback_seen_by_a_write_sends_decisions_to_firestore: memory_a_fallback_seen_by_a_write_sends_decisions_to_firestore, redis_a_fallback_seen_by_a_write_sends_decisions_to_firestore);
 
+/// An operator's `PUT` of `used` beside another replica's recent fallback mark leaves the
+/// record it writes outdated when it answers, in the same step as the write: no request
+/// decides from it in between (and nothing waits for a mark sent later).
+async fn a_put_beside_a_recent_mark_writes_the_record_outdated(counters: Arc<dyn Counters>, ledger: Arc<Gated>) {
+    let a = service(counters.clone(), ledger.clone());
+    let id = p("put-beside");
+    assert_eq!(consume(&a, &id).await, 1);
+    assert!(a.flush(&id).await.unwrap()); // clean: the PUT's own flush writes nothing
+    ledger
+        .inner
+        .decide(&id, &bare_consume(), 100, Some(Fallback::marking("cut-off")))
+        .await
+        .unwrap();
+    a.set_quota(&id, Some(5), None).await.unwrap();
+    let record = counters.read(&id).await.unwrap().unwrap();
+    assert!(record.outdated && record.used == 5, "{record:?}");
+    assert_eq!(consume(&a, &id).await, 6, "decided in Firestore");
+}
+
+on_both!(a_put_beside_a_recent_mark_writes_the_record_outdated: memory_a_put_beside_a_recent_mark_writes_the_record_outdated, redis_a_put_beside_a_recent_mark_writes_the_record_outdated);
+
 /// A ping's answer says Redis answers only when no call has failed since the ping was sent
 /// (a hung Redis answers pings sent before it hung), and a failure always clears it: the
 /// fallbacks after it mark their documents.
@@ -927,7 +948,7 @@ async fn held_changes_a_rebase_carried_are_released(counters: Arc<dyn Counters>,
                     used: 2,
                     watermark: 2,
                     keys: &[],
-                    outdated: false
+                    mark: quotad::storage::RebaseMark::Keep
                 }
             )
             .await

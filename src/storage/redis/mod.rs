@@ -17,8 +17,8 @@ use tokio::sync::oneshot;
 
 pub use self::keys::Keys;
 use super::{
-    Applied, Change, Counters, Decision, IDEMPOTENCY_TTL, IdempotencyEntry, KeyRecord, Op, RebaseOnto, Record, Seed,
-    Settled, StorageError, Synced, Unanswered, idempotency_id,
+    Applied, Change, Counters, Decision, IDEMPOTENCY_TTL, IdempotencyEntry, KeyRecord, Op, RebaseMark, RebaseOnto,
+    Record, Seed, Settled, StorageError, Synced, Unanswered, idempotency_id,
 };
 use crate::domain::{
     Phase, ProviderId,
@@ -729,7 +729,11 @@ impl Counters for RedisCounters {
             .arg(onto.used)
             .arg(onto.watermark)
             .arg(new_epoch)
-            .arg(u8::from(onto.outdated));
+            .arg(match onto.mark {
+                RebaseMark::Set => "1",
+                RebaseMark::Clear => "0",
+                RebaseMark::Keep => "",
+            });
         self.with_ledger_keys(&mut invocation, provider, onto.keys);
         let done: i64 = self.invoke(invocation).await?;
         Ok(done == 1)

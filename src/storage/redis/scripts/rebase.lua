@@ -2,8 +2,9 @@
 -- epoch ARGV[1], it becomes epoch ARGV[4] with base ARGV[2] (the document's usage) and
 -- carries what it holds above ARGV[3] (the document's watermark of ARGV[1], read with it),
 -- never below 0 (the document stops at 0 when refunds pass it, and its watermark does not).
--- ARGV[5] '1' when the rebased record is outdated from the start (another replica decides
--- in Firestore these moments: see Seed::outdated), '0' when it is not (a mark is cleared)
+-- ARGV[5] the outdated mark (see RebaseMark): '1' set (another replica decides in
+-- Firestore these moments), '0' cleared (the record was read marked, before the document),
+-- '' left as it is (read unmarked: a mark there now came after the document was read)
 -- KEYS[1] record hash; KEYS[2..] idempotency keys the ledger recorded, with ARGV[6..] their
 -- answers and expiry (pairs: 'amount:allowed:used:limit', unix ms), set unless present
 -- Returns 1 when rebased, 0 when the record is gone or of another epoch.
@@ -18,7 +19,7 @@ redis.call('HSET', KEYS[1], 'epoch', ARGV[4], 'base', ARGV[2],
   'at', string.format('%d', t[1] * 1000 + math.floor(t[2] / 1000))) -- loaded now (see load.lua)
 if ARGV[5] == '1' then
   redis.call('HSET', KEYS[1], 'outdated', '1')
-else
+elseif ARGV[5] == '0' then
   redis.call('HDEL', KEYS[1], 'outdated') -- it holds what the document holds now
 end
 for i = 2, #KEYS do
