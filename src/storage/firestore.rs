@@ -20,8 +20,8 @@ use serde::{Deserialize, Serialize};
 
 use super::{
     Change, DeltaPlan, Document, Fallback, FallbackMark, IdempotencyEntry, KeyRecord, Ledger, LedgerDecision, Record,
-    RecordWrite, StorageError, WriteOutcome, delta_for, fallback_key_entry, idempotency_id, merge_keys,
-    settle_twice_decided,
+    RecordWrite, StorageError, WriteOutcome, carry_fallback_keys, delta_for, fallback_key_entry, idempotency_id,
+    merge_keys, settle_twice_decided,
 };
 use crate::domain::{Phase, ProviderId};
 
@@ -267,7 +267,9 @@ fn plan_record_write(
     let mut known = doc.quotadKeys.clone().unwrap_or_default();
     let (correction, settled) = settle_twice_decided(&mut known, keys, doc.quotadEpoch.as_deref(), now);
     let used = doc.aiCallsUsed.as_ref().map_or(0, num);
+    let mut carried = false;
     if let DeltaPlan::Add(delta) = plan {
+        carried = carry_fallback_keys(&mut known, doc.quotadEpoch.as_deref(), &record.epoch);
         write.aiCallsUsed = Some(super::usage_after_write(used, delta, correction));
         write.quotadEpoch = Some(record.epoch.clone());
         write.quotadWatermark = Some(record.used);
@@ -275,7 +277,7 @@ fn plan_record_write(
     } else if correction != 0 {
         write.aiCallsUsed = Some(super::usage_after_write(used, 0, correction));
     }
-    if settled || keys.iter().any(|(id, _)| !known.contains_key(id)) {
+    if settled || carried || keys.iter().any(|(id, _)| !known.contains_key(id)) {
         merge_keys(&mut known, keys, now);
         write.quotadKeys = Some(known);
     }

@@ -13,7 +13,8 @@ use chrono::{DateTime, Utc};
 use super::{
     Applied, Change, Counters, DROPPED_TAG, Decision, DeltaPlan, Document, Fallback, FallbackMark, IdempotencyEntry,
     KeyRecord, Ledger, LedgerDecision, RebaseMark, RebaseOnto, Record, Seed, StorageError, Synced, WriteOutcome,
-    delta_for, fallback_epoch, fallback_key_entry, idempotency_id, merge_keys, settle_twice_decided,
+    carry_fallback_keys, delta_for, fallback_epoch, fallback_key_entry, idempotency_id, merge_keys,
+    settle_twice_decided,
 };
 use crate::domain::{
     Phase, ProviderId,
@@ -604,6 +605,7 @@ impl Ledger for MemoryLedger {
             DeltaPlan::Stale => return Ok(WriteOutcome::Stale),
             DeltaPlan::AlreadyThere => None,
             DeltaPlan::Add(delta) => {
+                carry_fallback_keys(&mut doc.keys, doc.epoch.as_deref(), &record.epoch);
                 doc.epoch = Some(record.epoch.clone());
                 doc.watermark = record.used;
                 doc.version = record.version;

@@ -255,9 +255,36 @@ pub fn merge_keys(map: &mut std::collections::BTreeMap<String, String>, new: &[K
 /// How a ledger records a key the Firestore fallback decided: the answer, then the epoch
 /// the document was at (`-`: none). The epoch tells [`settle_twice_decided`] whether the
 /// fallback's change is still in the document's usage (an operator's `used` starts another
-/// epoch and replaces it); readers of the answer ignore it.
+/// epoch and replaces it; a record's write that moves the document on carries it:
+/// [`carry_fallback_keys`]); readers of the answer ignore it.
 pub fn fallback_key_entry(entry: &IdempotencyEntry, doc_epoch: Option<&str>) -> String {
     format!("{}:{}", entry.render(), doc_epoch.unwrap_or("-"))
+}
+
+/// A write that moves a document from epoch `from` (`None`: none) to `to` by adding a
+/// record's delta keeps the document's usage, and with it the changes of the keys the
+/// fallback recorded in `from`: they are re-stamped with `to`, so that
+/// [`settle_twice_decided`] still finds them in the usage when Redis's answer of the same
+/// key comes with a later write. (Only an operator's `used` starts an epoch that leaves
+/// them out.) Returns whether any was.
+pub fn carry_fallback_keys(
+    known: &mut std::collections::BTreeMap<String, String>,
+    from: Option<&str>,
+    to: &str,
+) -> bool {
+    let from = from.unwrap_or("-");
+    let mut carried = false;
+    if from == to {
+        return false;
+    }
+    for entry in known.values_mut() {
+        if fallback_epoch(entry) == Some(from) {
+            entry.truncate(entry.len() - from.len());
+            entry.push_str(to);
+            carried = true;
+        }
+    }
+    carried
 }
 
 /// Ends a pending idempotency record decided by a record whose usage never reaches the
@@ -976,6 +1003,29 @@ mod tests {
         assert_eq!(delta_for(&lost, Some("e2"), 12, 3), DeltaPlan::Add(3));
         assert_eq!(delta_for(&lost, Some("e1"), 0, 0), DeltaPlan::Stale, "its load's epoch");
         assert_eq!(delta_for(&lost, None, 0, 0), DeltaPlan::Stale, "a document without one");
+    }
+
+    #[test]
+    fn a_move_to_another_epoch_carries_only_the_fallbacks_keys_of_the_epoch_left() {
+        let mut known: std::collections::BTreeMap<String, String> = [
+            ("c:a", "4:1:14:100:99:e1"),      // the fallback's, in e1
+            ("c:b", "4:1:14:100:99:e0"),      // the fallback's, before an operator's reset
+            ("c:c", "4:1:14:100:99"),         // Redis's, or settled
+            ("c:d", "4:1:14:100:99:dropped"), // Redis's, of a dropped record
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect();
+        let before = known.clone();
+        assert!(!carry_fallback_keys(&mut known, Some("e1"), "e1"), "no move");
+        assert!(carry_fallback_keys(&mut known, Some("e1"), "e2"));
+        assert_eq!(known["c:a"], "4:1:14:100:99:e2");
+        for key in ["c:b", "c:c", "c:d"] {
+            assert_eq!(known[key], before[key], "{key}");
+        }
+        let mut fresh = [("c:a".to_owned(), "1:1:1:100:99:-".to_owned())].into();
+        assert!(carry_fallback_keys(&mut fresh, None, "e1"));
+        assert_eq!(fresh["c:a"], "1:1:1:100:99:e1");
     }
 
     #[test]

@@ -967,6 +967,35 @@ async fn twice_decided_keys_count_once(ledger: &dyn Ledger) {
         write_carrying(ledger, &id, &record(1, 0, "e4", "e3", 1), &dropped).await,
         Some(5)
     );
+    // A record's first write moves the document to the record's epoch and keeps its usage,
+    // the fallback's change with it: a key Redis decided again and wrote later (after a
+    // plain change's write moved the document) is settled all the same. Here the fallback
+    // created the document (a provider new to both; found by a black-box soak, where the
+    // key was charged twice).
+    let id = p("twice-moved");
+    let fallback = decided_elsewhere(ledger, &id, &keyed(Op::Consume, 4, "k")).await;
+    assert!(
+        matches!(fallback, LedgerDecision::Decided(d) if d.allowed && d.used == 4),
+        "{fallback:?}"
+    );
+    ledger.write_record(&id, &record(1, 0, "e1", "", 1), &[]).await.unwrap(); // a plain consume Redis decided: 5, and the document is in e1 now
+    let again = (idempotency_id(Op::Consume, "k"), format!("4:1:5:100:{expires}"));
+    assert_eq!(
+        write_carrying(ledger, &id, &record(5, 0, "e1", "", 2), &again).await,
+        Some(5)
+    );
+    // and where the document had an epoch, which a reloaded record's first write moves on
+    let id = p("twice-moved-on");
+    fallback_charged(ledger, &id).await; // 14, the key's change in e1
+    ledger
+        .write_record(&id, &record(15, 14, "e2", "e1", 1), &[])
+        .await
+        .unwrap();
+    let again = (idempotency_id(Op::Consume, "k"), format!("4:1:19:100:{expires}"));
+    assert_eq!(
+        write_carrying(ledger, &id, &record(19, 14, "e2", "e1", 2), &again).await,
+        Some(15)
+    );
     // nor does a key Redis decided again after the fallback's answer had run its life: their
     // expiry times are a key's life apart (clocks may disagree about the moment)
     let id = p("twice-later");
