@@ -85,6 +85,9 @@ pub struct QuotaService {
     /// Providers whose record a fallback is marking outdated (one mark in flight each),
     /// with whether another fallback landed since that mark was sent (it is sent again).
     marking: std::sync::Mutex<std::collections::HashMap<ProviderId, bool>>,
+    /// Providers this replica, cut off from Redis, has announced its fallbacks for (see
+    /// [`QuotaService::announce`]): until when its decisions wait, and when it last decided.
+    announced: std::sync::Mutex<std::collections::HashMap<ProviderId, Announced>>,
     /// Redis is down for decisions, but a probe has found it (and Firestore) answering:
     /// the reconcile that brings decisions back runs, and decisions wait for it (see
     /// [`QuotaService::await_recovery`]). 0 when no recovery is on, else which one (from
@@ -145,6 +148,7 @@ impl QuotaService {
             known_sentinel: std::sync::Mutex::new(None),
             fence_waiting: std::sync::atomic::AtomicUsize::new(0),
             marking: std::sync::Mutex::default(),
+            announced: std::sync::Mutex::default(),
             recovering: std::sync::atomic::AtomicU64::new(0),
             recoveries: std::sync::atomic::AtomicU64::new(0),
             recovery_waiting: std::sync::atomic::AtomicUsize::new(0),
@@ -546,6 +550,49 @@ impl QuotaService {
         }
     }
 
+    /// In `dual-write`, a replica cut off from Redis (its pings find none, while other
+    /// replicas may still reach it) announces its fallbacks for a provider before the first
+    /// of them decides: it writes its mark into the document, then waits
+    /// [`ANNOUNCE_WAIT`] (never past `deadline`). A replica deciding for the provider from
+    /// Redis meanwhile writes each admitted change to the document right after it, meets
+    /// the mark there, and decides in Firestore from then on; the fallback, deciding after
+    /// the wait, counts what it admitted before. Without it, both would admit the provider's
+    /// last units at once (a split, found by a black-box soak). Later fallbacks for the
+    /// provider decide at once while this replica's mark stays recent for the others (its
+    /// decisions rewrite it); one after a pause of [`ANNOUNCE_FRESH`] announces again.
+    async fn announce(&self, provider: &ProviderId, deadline: tokio::time::Instant) {
+        let now = tokio::time::Instant::now();
+        let waiting = {
+            let mut announced = self.announced.lock().unwrap();
+            match announced.get_mut(provider) {
+                Some(known) if now.duration_since(known.last) < ANNOUNCE_FRESH => {
+                    known.last = now;
+                    Some(known.until)
+                }
+                _ => None,
+            }
+        };
+        let until = match waiting {
+            Some(until) => until,
+            None => {
+                // in the document before the wait begins: the wait is for those who read it
+                if let Err(err) = self.ledger.announce_fallback(provider, &self.replica).await {
+                    tracing::debug!(%provider, error = %err, "could not announce a fallback");
+                    return; // the decision finds Firestore as it is
+                }
+                metrics::counter!("quotad_fallback_announcements_total").increment(1);
+                let until = tokio::time::Instant::now() + ANNOUNCE_WAIT;
+                let mut announced = self.announced.lock().unwrap();
+                if announced.len() >= 4096 {
+                    announced.retain(|_, known| now.duration_since(known.last) < ANNOUNCE_FRESH);
+                }
+                announced.insert(provider.clone(), Announced { until, last: now });
+                until
+            }
+        };
+        tokio::time::sleep_until(until.min(deadline)).await;
+    }
+
     /// Whether to use Redis for this request, given the phase.
     fn use_redis(&self, phase: Phase) -> bool {
         phase.redis_decides() && self.redis_is_up()
@@ -945,6 +992,10 @@ impl QuotaService {
             tokio::spawn(hold_fallback_fence(self.counters.clone(), provider.clone(), landed));
         }
         if fallback {
+            // (both waits end at a time of their own: they overlap)
+            if phase == Phase::DualWrite && !self.redis_answering() {
+                self.announce(provider, deadline).await;
+            }
             self.outage_grace(phase, deadline).await;
         }
         // This replica's changes that Redis took and the writer has not carried yet go to
@@ -1653,6 +1704,27 @@ impl QuotaService {
 }
 
 /// How long a fence outlives a holder that stopped renewing it (a crashed replica).
+/// How long a replica cut off from Redis waits after announcing its fallbacks for a
+/// provider before the first decides ([`QuotaService::announce`]): time for the others'
+/// writes of what they decided from Redis to land (a Firestore write, 50-200 ms in
+/// production). With a Redis call's timeout and the outage grace, a decision still reaches
+/// Firestore within API.md's 2 s (the requests' deadline bounds every wait).
+const ANNOUNCE_WAIT: Duration = Duration::from_millis(300);
+
+/// After this long without a fallback for a provider, the next one announces again: the
+/// others take a mark for a replica still deciding in Firestore for
+/// [`FallbackMark::RECENT_MS`] (2 s) only.
+const ANNOUNCE_FRESH: Duration = Duration::from_millis(1500);
+
+/// A provider's fallbacks announced ([`QuotaService::announce`]).
+#[derive(Debug, Clone, Copy)]
+struct Announced {
+    /// Its decisions wait until then.
+    until: tokio::time::Instant,
+    /// Its last decision.
+    last: tokio::time::Instant,
+}
+
 const FENCE_TTL: Duration = Duration::from_secs(5);
 
 /// How often a holder renews its fence while its decision runs.

@@ -584,6 +584,23 @@ impl Ledger for FirestoreLedger {
     }
 
     #[tracing::instrument(skip_all, fields(provider = %provider), err(level = "debug"))]
+    async fn announce_fallback(&self, provider: &ProviderId, by: &str) -> Result<(), StorageError> {
+        self.modify(provider, |doc| {
+            let mark = FallbackMark {
+                by: by.to_owned(),
+                at_ms: Utc::now().timestamp_millis(),
+            };
+            let write = ProviderWrite {
+                aiCallsUsed: doc.aiCallsUsed.is_none().then_some(0),
+                quotadFallback: Some(mark.render()),
+                ..ProviderWrite::default()
+            };
+            ((), Some(write))
+        })
+        .await
+    }
+
+    #[tracing::instrument(skip_all, fields(provider = %provider), err(level = "debug"))]
     async fn set_quota(
         &self,
         provider: &ProviderId,

@@ -677,6 +677,17 @@ impl Ledger for MemoryLedger {
         Ok(used.is_some())
     }
 
+    async fn announce_fallback(&self, provider: &ProviderId, by: &str) -> Result<(), StorageError> {
+        let mut state = self.state.lock().unwrap();
+        let doc = state.docs.entry(provider.clone()).or_default();
+        doc.used.get_or_insert(0);
+        doc.fallback = Some(FallbackMark {
+            by: by.to_owned(),
+            at_ms: now_ms(),
+        });
+        Ok(())
+    }
+
     async fn set_quota(
         &self,
         provider: &ProviderId,

@@ -7,9 +7,9 @@ use chrono::{SubsecRound, Utc};
 use quotad::{
     domain::{Phase, ProviderId},
     storage::{
-        Applied, Change, Counters, DROPPED_TAG, Decision, Fallback, Ledger, LedgerDecision, Op, RebaseMark, RebaseOnto,
-        Record, Seed, Settled, Synced, Unanswered, WriteOutcome, firestore::FirestoreLedger, idempotency_id, memory,
-        redis::RedisCounters,
+        Applied, Change, Counters, DROPPED_TAG, Decision, Document, Fallback, Ledger, LedgerDecision, Op, RebaseMark,
+        RebaseOnto, Record, Seed, Settled, Synced, Unanswered, WriteOutcome, firestore::FirestoreLedger,
+        idempotency_id, memory, redis::RedisCounters,
     },
 };
 
@@ -601,7 +601,39 @@ async fn decided_elsewhere(ledger: &dyn Ledger, id: &ProviderId, change: &Change
         .unwrap()
 }
 
+/// A fallback announced ahead of its decision writes the replica's mark and nothing else;
+/// a document that does not exist yet is created with a usage of 0.
+async fn announce_contract(ledger: &dyn Ledger) {
+    let id = p("announce");
+    ledger.write_record(&id, &record(3, 0, "e1", "", 1), &[]).await.unwrap();
+    ledger.set_quota(&id, None, Some(7), "unused").await.unwrap();
+    let before = ledger.read(&id).await.unwrap().unwrap();
+    let at = Utc::now().timestamp_millis();
+    ledger.announce_fallback(&id, "cut").await.unwrap();
+    let after = ledger.read(&id).await.unwrap().unwrap();
+    let mark = after.fallback.clone().expect("marked");
+    assert!(mark.by == "cut" && mark.at_ms >= at - 1000, "{mark:?}");
+    assert_eq!(
+        Document {
+            fallback: None,
+            ..after
+        },
+        Document {
+            fallback: None,
+            ..before
+        }
+    );
+    let new = p("announce-new");
+    ledger.announce_fallback(&new, "cut").await.unwrap();
+    let created = ledger.read(&new).await.unwrap().unwrap();
+    assert!(
+        created.used == Some(0) && created.limit.is_none() && created.fallback.is_some(),
+        "{created:?}"
+    );
+}
+
 async fn ledger_contract(ledger: Arc<dyn Ledger>) {
+    announce_contract(ledger.as_ref()).await;
     let id = p("l1");
     assert_eq!(ledger.read(&id).await.unwrap(), None);
     // A record loaded from a missing document (base 0) writes its usage once.

@@ -156,6 +156,9 @@ impl Ledger for Gated {
         }
         self.inner.decide(provider, change, default_limit, fallback).await
     }
+    async fn announce_fallback(&self, provider: &ProviderId, by: &str) -> Result<(), StorageError> {
+        self.inner.announce_fallback(provider, by).await
+    }
     async fn add_used(&self, provider: &ProviderId, delta: i64, epoch: &str) -> Result<bool, StorageError> {
         self.inner.add_used(provider, delta, epoch).await
     }
@@ -240,12 +243,16 @@ fn in_phase(counters: Arc<dyn Counters>, ledger: Arc<Gated>, phase: Phase) -> Ar
 }
 
 /// `id` consumed once in Redis (which caches the record) and written; then Redis is away
-/// for `quotas`, whose next consume of `id`, a fallback, is returned held on its way to
-/// Firestore (`ledger.open` releases it).
+/// for `quotas`'s decisions, whose next consume of `id`, a fallback, is returned held on
+/// its way to Firestore (`ledger.open` releases it). A call failed while Redis still
+/// answers pings (a slow or hung call: the fallback's fence and marks reach Redis, and
+/// its decisions leave no mark in the document: see
+/// `a_cut_off_replicas_first_fallback_is_announced_before_it_decides` for a replica cut off).
 async fn a_held_fallback(quotas: &Arc<QuotaService>, ledger: &Gated, id: &ProviderId) -> tokio::task::JoinHandle<i64> {
     assert_eq!(consume(quotas, id).await, 1);
     assert!(quotas.flush(id).await.unwrap());
     quotas.redis_down("test");
+    quotas.note_redis_answers(true);
     ledger.hold_next.store(true, Ordering::SeqCst);
     let fallback = spawn_consume(quotas, id);
     ledger.entered.notified().await;
@@ -338,6 +345,7 @@ async fn a_fallback_whose_mark_a_failed_reconcile_cleared_holds_its_provider(
     assert!(a.flush(&held).await.unwrap());
 
     a.redis_down("test");
+    a.note_redis_answers(true); // a slow call: the fallback's fence reaches Redis (as above)
     ledger.mark_first.store(true, Ordering::SeqCst);
     ledger.hold_next.store(true, Ordering::SeqCst);
     let first = spawn_consume(&a, &held);
@@ -781,6 +789,52 @@ async fn a_fallback_seen_by_a_write_sends_decisions_to_firestore(counters: Arc<d
 
 on_both!(a_fallback_seen_by_a_write_sends_decisions_to_firestore: memory_a_fallback_seen_by_a_write_sends_decisions_to_firestore, redis_a_fallback_seen_by_a_write_sends_decisions_to_firestore);
 
+/// A replica cut off from Redis announces its first fallback for a provider in the document
+/// before it decides (see `one_replica_cut_off_from_redis_leaves_bursts_exact` for what that
+/// buys): the mark is there, the usage untouched, while the decision is still on its way;
+/// a provider without a document gets one with a usage of 0. A replica whose call failed
+/// while Redis answers its pings announces nothing (its own outdated mark reaches Redis).
+async fn a_cut_off_replicas_first_fallback_is_announced_before_it_decides(
+    counters: Arc<dyn Counters>,
+    ledger: Arc<Gated>,
+) {
+    let a = service(counters.clone(), ledger.clone());
+    let (id, new) = (p("announced"), p("announced-new"));
+    ledger
+        .inner
+        .set_quota(&id, Some(9), Some(11), &quotad::storage::new_epoch())
+        .await
+        .unwrap();
+    a.redis_down("cut off"); // and no ping answers since
+    for (provider, used) in [(&id, 9), (&new, 0)] {
+        ledger.hold_next.store(true, Ordering::SeqCst);
+        let by_a = spawn_consume(&a, provider);
+        ledger.entered.notified().await; // the decision, held on its way to the ledger
+        let doc = ledger.read(provider).await.unwrap().unwrap();
+        assert!(
+            doc.fallback.is_some() && doc.used == Some(used),
+            "announced first: {doc:?}"
+        );
+        ledger.open.add_permits(1);
+        assert_eq!(by_a.await.unwrap(), used + 1);
+    }
+    let slow = p("announced-not");
+    ledger
+        .inner
+        .set_quota(&slow, Some(1), Some(11), &quotad::storage::new_epoch())
+        .await
+        .unwrap();
+    a.note_redis_answers(true); // a ping answered since the failure
+    ledger.hold_next.store(true, Ordering::SeqCst);
+    let by_a = spawn_consume(&a, &slow);
+    ledger.entered.notified().await;
+    assert_eq!(ledger.read(&slow).await.unwrap().unwrap().fallback, None);
+    ledger.open.add_permits(1);
+    assert_eq!(by_a.await.unwrap(), 2);
+}
+
+on_both!(a_cut_off_replicas_first_fallback_is_announced_before_it_decides: memory_a_cut_off_replicas_first_fallback_is_announced_before_it_decides, redis_a_cut_off_replicas_first_fallback_is_announced_before_it_decides);
+
 /// An operator's `PUT` of `used` beside another replica's recent fallback mark leaves the
 /// record it writes outdated when it answers, in the same step as the write: no request
 /// decides from it in between (and nothing waits for a mark sent later).
@@ -1102,6 +1156,7 @@ async fn memory_wakes_recovery_waiters_when_it_ends() {
     // past the first moments of the outage, in which a dual-write fallback waits anyway
     tokio::time::sleep(quotad::domain::handover::OUTAGE_GRACE).await;
     for how in ["a failed round", "a failed probe", "Redis back"] {
+        quotas.note_redis_answers(true); // a probe found Redis answering
         quotas.redis_answers();
         let decision = spawn_consume(&quotas, &p(&how.replace(' ', "-")));
         until(|| quotas.recovery_waiting() == 1, "the consume waits").await;
