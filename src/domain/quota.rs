@@ -557,40 +557,56 @@ impl QuotaService {
     /// Redis meanwhile writes each admitted change to the document right after it, meets
     /// the mark there, and decides in Firestore from then on; the fallback, deciding after
     /// the wait, counts what it admitted before. Without it, both would admit the provider's
-    /// last units at once (a split, found by a black-box soak). Later fallbacks for the
-    /// provider decide at once while this replica's mark stays recent for the others (its
-    /// decisions rewrite it); one after a pause of [`ANNOUNCE_FRESH`] announces again.
+    /// last units at once (a split, found by a black-box soak). Fallbacks that arrive while
+    /// the announcement is written share it and its wait; later ones decide at once while
+    /// this replica's mark stays recent for the others (its decisions rewrite it); one
+    /// after a pause of [`ANNOUNCE_FRESH`] announces again. In an outage that every
+    /// replica loses Redis in, each announces too (it cannot tell a split from that): the
+    /// price is a write and 0.3 s per provider and pause.
     async fn announce(&self, provider: &ProviderId, deadline: tokio::time::Instant) {
         let now = tokio::time::Instant::now();
-        let waiting = {
+        // One announcement for all the fallbacks that arrive while it is written: they
+        // share its write and its wait.
+        let announcement = {
             let mut announced = self.announced.lock().unwrap();
             match announced.get_mut(provider) {
                 Some(known) if now.duration_since(known.last) < ANNOUNCE_FRESH => {
                     known.last = now;
-                    Some(known.until)
+                    known.until.clone()
                 }
-                _ => None,
+                _ => {
+                    if announced.len() >= 4096 {
+                        announced.retain(|_, known| now.duration_since(known.last) < ANNOUNCE_FRESH);
+                    }
+                    let until = Arc::new(tokio::sync::OnceCell::new());
+                    let known = Announced {
+                        until: until.clone(),
+                        last: now,
+                    };
+                    announced.insert(provider.clone(), known);
+                    until
+                }
             }
         };
-        let until = match waiting {
-            Some(until) => until,
-            None => {
+        let until = announcement
+            .get_or_init(|| async {
                 // in the document before the wait begins: the wait is for those who read it
-                if let Err(err) = self.ledger.announce_fallback(provider, &self.replica).await {
-                    tracing::debug!(%provider, error = %err, "could not announce a fallback");
-                    return; // the decision finds Firestore as it is
+                // (bounded as the other waits are: a hung Firestore fails the decision after)
+                let written = tokio::time::timeout_at(deadline, self.ledger.announce_fallback(provider, &self.replica));
+                match written.await {
+                    Ok(Ok(())) => {
+                        metrics::counter!("quotad_fallback_announcements_total").increment(1);
+                        tokio::time::Instant::now() + ANNOUNCE_WAIT
+                    }
+                    Ok(Err(err)) => {
+                        tracing::debug!(%provider, error = %err, "could not announce a fallback");
+                        tokio::time::Instant::now() // the decision finds Firestore as it is
+                    }
+                    Err(_) => tokio::time::Instant::now(),
                 }
-                metrics::counter!("quotad_fallback_announcements_total").increment(1);
-                let until = tokio::time::Instant::now() + ANNOUNCE_WAIT;
-                let mut announced = self.announced.lock().unwrap();
-                if announced.len() >= 4096 {
-                    announced.retain(|_, known| now.duration_since(known.last) < ANNOUNCE_FRESH);
-                }
-                announced.insert(provider.clone(), Announced { until, last: now });
-                until
-            }
-        };
-        tokio::time::sleep_until(until.min(deadline)).await;
+            })
+            .await;
+        tokio::time::sleep_until((*until).min(deadline)).await;
     }
 
     /// Whether to use Redis for this request, given the phase.
@@ -993,7 +1009,8 @@ impl QuotaService {
         }
         if fallback {
             // (both waits end at a time of their own: they overlap)
-            if phase == Phase::DualWrite && !self.redis_answering() {
+            // (consumes only: a refund admits nothing the others could admit too)
+            if phase == Phase::DualWrite && change.op == Op::Consume && !self.redis_answering() {
                 self.announce(provider, deadline).await;
             }
             self.outage_grace(phase, deadline).await;
@@ -1703,12 +1720,11 @@ impl QuotaService {
     }
 }
 
-/// How long a fence outlives a holder that stopped renewing it (a crashed replica).
 /// How long a replica cut off from Redis waits after announcing its fallbacks for a
 /// provider before the first decides ([`QuotaService::announce`]): time for the others'
 /// writes of what they decided from Redis to land (a Firestore write, 50-200 ms in
-/// production). With a Redis call's timeout and the outage grace, a decision still reaches
-/// Firestore within API.md's 2 s (the requests' deadline bounds every wait).
+/// production). The requests' deadline bounds the wait and the announcement's write, as it
+/// bounds the other waits before a fallback decides (API.md's 2 s).
 const ANNOUNCE_WAIT: Duration = Duration::from_millis(300);
 
 /// After this long without a fallback for a provider, the next one announces again: the
@@ -1717,14 +1733,15 @@ const ANNOUNCE_WAIT: Duration = Duration::from_millis(300);
 const ANNOUNCE_FRESH: Duration = Duration::from_millis(1500);
 
 /// A provider's fallbacks announced ([`QuotaService::announce`]).
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 struct Announced {
-    /// Its decisions wait until then.
-    until: tokio::time::Instant,
-    /// Its last decision.
+    /// Its decisions wait until then, once the announcement is written.
+    until: Arc<tokio::sync::OnceCell<tokio::time::Instant>>,
+    /// When its last fallback arrived.
     last: tokio::time::Instant,
 }
 
+/// How long a fence outlives a holder that stopped renewing it (a crashed replica).
 const FENCE_TTL: Duration = Duration::from_secs(5);
 
 /// How often a holder renews its fence while its decision runs.

@@ -780,10 +780,11 @@ pub trait Ledger: Send + Sync {
         fallback: Option<Fallback<'_>>,
     ) -> Result<LedgerDecision, StorageError>;
     /// Writes replica `by`'s [`FallbackMark`] into the provider's document before a
-    /// fallback decides (see `QuotaService::announce`), stamped with the time of the attempt
-    /// that lands; a document that does not exist yet is created with a usage of 0 (which
-    /// it holds as an absent one does), so that replicas that reach Redis find the mark at
-    /// their first write. Nothing else of the document changes.
+    /// fallback consume decides (see `QuotaService::announce`), stamped with the time of the
+    /// attempt that lands; a document that does not exist yet is created with a usage of 0
+    /// (which it holds as an absent one does), so that replicas that reach Redis find the
+    /// mark at their first write: the one place where a mark comes without a decision's
+    /// write (compare [`Fallback::mark_to_write`]). Nothing else of the document changes.
     async fn announce_fallback(&self, provider: &ProviderId, by: &str) -> Result<(), StorageError>;
     /// Adds `delta` to the document's usage (never below 0), as another writer would (no
     /// epoch or watermark of quotad's changes), if `epoch` is the first 8 characters of the

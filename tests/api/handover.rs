@@ -65,6 +65,8 @@ struct Gated {
     writes_open: Semaphore,
     /// The next record write panics (a bug in a write path).
     panic_next_write: AtomicBool,
+    /// Fallbacks announced (`Ledger::announce_fallback`).
+    announcements: std::sync::atomic::AtomicUsize,
 }
 
 impl Gated {
@@ -84,6 +86,7 @@ impl Gated {
             writing: std::sync::atomic::AtomicUsize::new(0),
             writes_open: Semaphore::new(0),
             panic_next_write: AtomicBool::new(false),
+            announcements: std::sync::atomic::AtomicUsize::new(0),
         })
     }
 }
@@ -157,6 +160,7 @@ impl Ledger for Gated {
         self.inner.decide(provider, change, default_limit, fallback).await
     }
     async fn announce_fallback(&self, provider: &ProviderId, by: &str) -> Result<(), StorageError> {
+        self.announcements.fetch_add(1, Ordering::SeqCst);
         self.inner.announce_fallback(provider, by).await
     }
     async fn add_used(&self, provider: &ProviderId, delta: i64, epoch: &str) -> Result<bool, StorageError> {
@@ -1191,6 +1195,43 @@ async fn a_stale_phase_mirror_is_mended_by_the_next_refresh() {
     a.refresh_phase().await.unwrap();
     let mirrored = counters.phase_mirror().await.unwrap().unwrap();
     assert_eq!(mirrored.0, Phase::RedisPrimary);
+}
+
+/// A cut-off replica's fallback consumes of a provider that arrive together share one
+/// announcement and its wait: each decides 0.3 s after it, none before. A refund neither
+/// announces nor waits; a consume after a pause of more than 1.5 s announces again.
+/// (Paused time: the clock moves only while every task waits for a timer.)
+#[tokio::test(start_paused = true)]
+async fn memory_fallbacks_share_one_announcement_and_wait_for_it() {
+    use quotad::domain::handover::OUTAGE_GRACE;
+    let (counters, ledger) = memory().await;
+    let a = service(counters, ledger.clone());
+    let id = p("announced-once");
+    a.redis_down("cut off"); // and no ping answered since
+    tokio::time::sleep(OUTAGE_GRACE).await; // past the outage's first moments: no grace
+    let start = tokio::time::Instant::now();
+    let consumes: Vec<_> = (0..5).map(|_| spawn_consume(&a, &id)).collect();
+    let mut used: Vec<i64> = Vec::new();
+    for consume in consumes {
+        used.push(consume.await.unwrap());
+    }
+    used.sort_unstable();
+    assert_eq!(used, [1, 2, 3, 4, 5]);
+    assert_eq!(
+        start.elapsed(),
+        Duration::from_millis(300),
+        "one wait, from the announcement"
+    );
+    assert_eq!(ledger.announcements.load(Ordering::SeqCst), 1);
+    let refund = tokio::time::Instant::now();
+    let refunded = a.change(&id, quotad::storage::Op::Refund, 1, None).await.unwrap();
+    assert!(matches!(refunded, Outcome::Decided(d) if d.used == 4), "{refunded:?}");
+    assert_eq!(refund.elapsed(), Duration::ZERO);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let again = tokio::time::Instant::now();
+    assert_eq!(consume(&a, &id).await, 5);
+    assert_eq!(again.elapsed(), Duration::from_millis(300));
+    assert_eq!(ledger.announcements.load(Ordering::SeqCst), 2);
 }
 
 /// Another replica finds Redis gone a little after this one (its own call timed out
