@@ -745,18 +745,26 @@ async fn changes_redis_ran_without_answering_count_once() {
     }
 }
 
+/// A private Redis and a replica that reaches it only through a proxy, which cuts it off
+/// (a network split) with `proxy.set_up(false)`; other replicas spawned with `shared`
+/// reach the Redis directly. (The Redis server stops when its handle is dropped.)
+async fn a_replica_behind_a_proxy() -> (Shared, RedisServer, TcpProxy, TestApp) {
+    let (shared, redis) = Shared::with_own_redis().await;
+    let proxy = TcpProxy::start(format!("127.0.0.1:{}", redis.port).parse().unwrap()).await;
+    let cut = spawn_with(&shared, |config| {
+        config.redis_url = Some(format!("redis://{}/", proxy.address()))
+    })
+    .await;
+    (shared, redis, proxy, cut)
+}
+
 /// One replica cut off from Redis (a network split), the other still reaching it: the cut
 /// one decides in Firestore, the other must not keep deciding from a record that misses
 /// those decisions. Limit 30 with 4 used, 60 concurrent consumes over the two: exactly 26
 /// admitted, and the document holds every one of them.
 #[tokio::test]
 async fn one_replica_cut_off_from_redis_leaves_decisions_exact() {
-    let (shared, redis) = Shared::with_own_redis().await;
-    let mut proxy = TcpProxy::start(format!("127.0.0.1:{}", redis.port).parse().unwrap()).await;
-    let cut = spawn_with(&shared, |config| {
-        config.redis_url = Some(format!("redis://{}/", proxy.address()))
-    })
-    .await;
+    let (shared, _redis, mut proxy, cut) = a_replica_behind_a_proxy().await;
     let other = spawn_with(&shared, |_| {}).await;
     let store = shared.store();
     store.put("p1", Some(0), Some(30)).await;
@@ -800,12 +808,7 @@ async fn one_replica_cut_off_from_redis_leaves_decisions_exact() {
 /// before the cut.
 #[tokio::test]
 async fn one_replica_cut_off_from_redis_leaves_bursts_exact() {
-    let (shared, redis) = Shared::with_own_redis().await;
-    let mut proxy = TcpProxy::start(format!("127.0.0.1:{}", redis.port).parse().unwrap()).await;
-    let cut = spawn_with(&shared, |config| {
-        config.redis_url = Some(format!("redis://{}/", proxy.address()))
-    })
-    .await;
+    let (shared, _redis, mut proxy, cut) = a_replica_behind_a_proxy().await;
     let (b, c) = (spawn_with(&shared, |_| {}).await, spawn_with(&shared, |_| {}).await);
     let store = shared.store();
     let providers: Vec<String> = (0..12).map(|i| format!("burst{i}")).collect();
