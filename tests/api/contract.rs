@@ -1028,6 +1028,49 @@ async fn twice_decided_keys_count_once(ledger: &dyn Ledger) {
         write_carrying(ledger, &id, &record(19, 14, "e2", "e1", 2), &again).await,
         Some(15)
     );
+    // An operator's `used` is the one move that leaves the fallback's change out: the
+    // record writes after it carry no key recorded before it, and nothing settles; a stale
+    // record's write carries nothing; and through a chain of moves a key settles once.
+    // (From helper-52's review.)
+    let id = p("twice-reset-moved");
+    decided_elsewhere(ledger, &id, &keyed(Op::Consume, 4, "k")).await; // 4, recorded in '-'
+    ledger.set_quota(&id, Some(0), None, "e3").await.unwrap();
+    ledger
+        .write_record(&id, &record(1, 0, "e4", "e3", 1), &[])
+        .await
+        .unwrap(); // 1, and the document in e4
+    let again = (idempotency_id(Op::Consume, "k"), format!("4:1:5:100:{expires}"));
+    assert_eq!(
+        write_carrying(ledger, &id, &record(5, 0, "e4", "e3", 2), &again).await,
+        Some(5)
+    );
+    let id = p("twice-stale");
+    fallback_charged(ledger, &id).await; // 14, the key recorded in e1
+    ledger.set_quota(&id, Some(0), None, "e3").await.unwrap();
+    assert_eq!(
+        ledger
+            .write_record(&id, &record(12, 0, "e1", "", 2), &[])
+            .await
+            .unwrap(),
+        WriteOutcome::Stale
+    );
+    let keys = ledger.read(&id).await.unwrap().unwrap().keys;
+    assert!(keys.iter().all(|(_, entry)| entry.ends_with(":e1")), "{keys:?}");
+    let id = p("twice-chain");
+    decided_elsewhere(ledger, &id, &keyed(Op::Consume, 4, "k")).await; // 4
+    ledger.write_record(&id, &record(1, 0, "e1", "", 1), &[]).await.unwrap(); // 5, in e1
+    ledger
+        .write_record(&id, &record(6, 5, "e2", "e1", 1), &[])
+        .await
+        .unwrap(); // 6, in e2
+    let again = (idempotency_id(Op::Consume, "k"), format!("4:1:10:100:{expires}"));
+    for version in [2, 3] {
+        assert_eq!(
+            write_carrying(ledger, &id, &record(10, 5, "e2", "e1", version), &again).await,
+            Some(6),
+            "version {version}"
+        );
+    }
     // nor does a key Redis decided again after the fallback's answer had run its life: their
     // expiry times are a key's life apart (clocks may disagree about the moment)
     let id = p("twice-later");
