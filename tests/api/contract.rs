@@ -1047,13 +1047,9 @@ async fn twice_decided_keys_count_once(ledger: &dyn Ledger) {
     let id = p("twice-stale");
     fallback_charged(ledger, &id).await; // 14, the key recorded in e1
     ledger.set_quota(&id, Some(0), None, "e3").await.unwrap();
-    assert_eq!(
-        ledger
-            .write_record(&id, &record(12, 0, "e1", "", 2), &[])
-            .await
-            .unwrap(),
-        WriteOutcome::Stale
-    );
+    let stale = record(12, 0, "e1", "", 2);
+    let outcome = ledger.write_record(&id, &stale, &[]).await.unwrap();
+    assert_eq!(outcome, WriteOutcome::Stale);
     let keys = ledger.read(&id).await.unwrap().unwrap().keys;
     assert!(keys.iter().all(|(_, entry)| entry.ends_with(":e1")), "{keys:?}");
     let id = p("twice-chain");
