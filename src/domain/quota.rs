@@ -598,11 +598,11 @@ impl QuotaService {
                         metrics::counter!("quotad_fallback_announcements_total").increment(1);
                         tokio::time::Instant::now() + ANNOUNCE_WAIT
                     }
-                    Ok(Err(err)) => {
-                        tracing::debug!(%provider, error = %err, "could not announce a fallback");
-                        tokio::time::Instant::now() // the decision finds Firestore as it is
+                    // failed or past the deadline: the decision finds Firestore as it is
+                    failed => {
+                        tracing::debug!(%provider, ?failed, "could not announce a fallback");
+                        tokio::time::Instant::now()
                     }
-                    Err(_) => tokio::time::Instant::now(),
                 }
             })
             .await;
@@ -1008,8 +1008,8 @@ impl QuotaService {
             tokio::spawn(hold_fallback_fence(self.counters.clone(), provider.clone(), landed));
         }
         if fallback {
-            // (both waits end at a time of their own: they overlap)
-            // (consumes only: a refund admits nothing the others could admit too)
+            // Both waits end at a time of their own, so they overlap. Consumes only: a
+            // refund admits nothing the others could admit too.
             if phase == Phase::DualWrite && change.op == Op::Consume && !self.redis_answering() {
                 self.announce(provider, deadline).await;
             }

@@ -376,15 +376,12 @@ impl Counters for MemoryCounters {
 
     async fn replace(&self, provider: &ProviderId, seed: &Seed, ttl: Duration) -> Result<(), StorageError> {
         let mut state = self.state.lock().unwrap();
-        // as load.lua: a record loaded from the operator's document stays
-        if !seed.loaded_from.is_empty()
-            && state
-                .live(provider)
-                .is_some_and(|record| record.loaded_from == seed.loaded_from)
+        // as load.lua: a record loaded from the operator's document stays (marked as asked)
+        if let Some(record) = state
+            .live(provider)
+            .filter(|record| !seed.loaded_from.is_empty() && record.loaded_from == seed.loaded_from)
         {
-            if let Some(record) = state.live(provider) {
-                record.outdated |= seed.outdated;
-            }
+            record.outdated |= seed.outdated;
             return Ok(());
         }
         state.mark_pending_dropped(provider);
