@@ -571,6 +571,34 @@ async fn a_record_kept_dirty_past_its_ttl_is_rebased(counters: Arc<dyn Counters>
     assert_eq!(ledger.read(&busy).await.unwrap().unwrap().used, Some(52 + others));
 }
 
+/// A rebase (here an invalidation of a record another replica keeps dirty) reads the record,
+/// then the document: an outdated mark that reaches the record in between stands for a
+/// fallback the document may not hold yet, so the rebase leaves it (`RebaseMark::Keep`).
+async fn a_mark_that_lands_during_a_rebase_stays(counters: Arc<dyn Counters>, ledger: Arc<Gated>) {
+    let a = service(counters.clone(), ledger.clone());
+    let busy = p("rebase-marked");
+    assert_eq!(consume(&a, &busy).await, 1);
+    assert!(a.flush(&busy).await.unwrap()); // the document is in the record's epoch
+    // another replica consumes after every write: the record stays dirty, and is rebased
+    *ledger.busy.lock().unwrap() = Some((counters.clone(), busy.clone()));
+    consume(&a, &busy).await; // dirty, and kept so
+    ledger.hold_next_read.store(true, Ordering::SeqCst);
+    let invalidated = {
+        let (a, busy) = (a.clone(), busy.clone());
+        tokio::spawn(async move { a.invalidate(&busy).await })
+    };
+    ledger.entered.notified().await; // the rebase has read the record and the document
+    assert!(!counters.read(&busy).await.unwrap().unwrap().outdated);
+    counters.mark_outdated(&busy).await.unwrap(); // a fallback elsewhere has just landed
+    ledger.open.add_permits(1);
+    invalidated.await.unwrap().unwrap();
+    *ledger.busy.lock().unwrap() = None;
+    let record = counters.read(&busy).await.unwrap().unwrap();
+    assert!(record.outdated, "the mark stays: {record:?}");
+}
+
+on_both!(a_mark_that_lands_during_a_rebase_stays: memory_a_mark_that_lands_during_a_rebase_stays, redis_a_mark_that_lands_during_a_rebase_stays);
+
 /// A load whose document was read before a fenced decision landed is refused, though the
 /// fence is gone by the time the load reaches Redis.
 async fn a_load_read_before_a_fenced_decision_is_refused(counters: Arc<dyn Counters>, ledger: Arc<Gated>) {
