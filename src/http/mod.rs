@@ -112,7 +112,13 @@ pub fn router(app: AppState) -> Router {
         .method_not_allowed_fallback(|request: Request| async move {
             let (parts, body) = request.into_parts();
             extract::discard(&parts.headers, body).await;
-            ApiError::MethodNotAllowed
+            // the router lets `{provider}` match an empty segment, which API.md says
+            // matches no route, whatever the method (the handlers' own check: ProviderPath)
+            if has_empty_segment(parts.uri.path()) {
+                ApiError::NotFound
+            } else {
+                ApiError::MethodNotAllowed
+            }
         })
         .layer(record::RecordLayer) // per route: it labels by the matched route
         .with_state(app)
@@ -143,6 +149,12 @@ fn outer_layers(
         }))
         .layer(DefaultBodyLimit::max(extract::MAX_BODY))
         .service(router)
+}
+
+/// Whether a path has an empty segment (`/quota//consume`, `/quota/`).
+fn has_empty_segment(path: &str) -> bool {
+    path.strip_prefix('/')
+        .is_some_and(|rest| rest.split('/').any(str::is_empty))
 }
 
 /// The bearer token of a request, if it has one.

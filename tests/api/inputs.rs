@@ -32,6 +32,16 @@ async fn invalid_provider_ids_are_400_and_nothing_is_written() {
     for path in ["/quota//consume", "/quota/"] {
         problem(app.post(path, json!({})).await, 404, "not_found").await;
     }
+    // whatever the method: not 405 for a route the empty segment does not match
+    for (method, path) in [
+        (Method::GET, "/quota//consume"),
+        (Method::PUT, "/quota//refund"),
+        (Method::DELETE, "/quota/"),
+        (Method::GET, "/admin/quota//invalidate"),
+        (Method::POST, "/admin/quota/"),
+    ] {
+        problem(app.admin(method, path, None).await, 404, "not_found").await;
+    }
     assert_eq!(app.shared.store().get("p*").await, None);
 }
 
