@@ -222,7 +222,7 @@ impl Counters for MemoryCounters {
             RebaseMark::Keep => record.outdated,
         };
         *record = Record {
-            used: super::usage_after_write(onto.used, carried, 0), // as the document: never below 0
+            used: super::usage_after_write(onto.used, carried, 0), // as the document (rebase.lua alike)
             limit: record.limit,
             epoch: new_epoch.to_owned(),
             base: onto.used,

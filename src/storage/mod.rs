@@ -833,7 +833,9 @@ pub fn exact(count: i64) -> i64 {
 }
 
 /// The decision rule every store applies to `used`/`limit`: a consume is all-or-nothing
-/// within the limit, a refund never takes usage below zero. Both are within
+/// within the limit, a refund never takes usage below zero, and a usage another writer
+/// left below zero (a legacy refund's decrement) stays as it is: a refund there gives
+/// nothing back, and must not raise it either. Both are within
 /// [`EXACT_MAX`] (see [`exact`]), so nothing overflows.
 pub fn decide(used: i64, limit: i64, change: &Change<'_>) -> Decision {
     match change.op {
@@ -849,7 +851,7 @@ pub fn decide(used: i64, limit: i64, change: &Change<'_>) -> Decision {
         },
         Op::Refund => Decision {
             allowed: true,
-            used: (used - change.amount).max(0),
+            used: (used - change.amount).max(used.min(0)),
             limit,
         },
     }
@@ -866,17 +868,21 @@ pub fn decide_stored(used: i64, limit: i64, change: &Change<'_>) -> (Decision, i
         // adding a positive amount cannot overflow)
         Op::Consume if decision.allowed => used + change.amount,
         Op::Consume => used,
-        Op::Refund => used.saturating_sub(change.amount).max(0),
+        Op::Refund => used.saturating_sub(change.amount).max(used.min(0)),
     };
     decision.used = exact(stored);
     (decision, stored)
 }
 
 /// A document's `aiCallsUsed` after a record's write adds `delta` and the settlement of
-/// keys decided twice adds `correction` (see [`settle_twice_decided`]): never below 0, and
-/// saturating at the ends of i64 (another writer may store anything).
+/// keys decided twice adds `correction` (see [`settle_twice_decided`]): never below 0, nor
+/// below a usage another writer left below 0 (whose records Redis decides from as it is:
+/// see [`decide`]), and saturating at the ends of i64 (another writer may store anything).
 pub fn usage_after_write(stored: i64, delta: i64, correction: i64) -> i64 {
-    stored.saturating_add(delta).saturating_add(correction).max(0)
+    stored
+        .saturating_add(delta)
+        .saturating_add(correction)
+        .max(stored.min(0))
 }
 
 /// A document's `aiCallsUsed` after [`Ledger::add_used`] adds `delta`, or `None` when it
@@ -976,6 +982,18 @@ mod tests {
         ]
     }
 
+    /// A write never takes a document below 0, nor below what another writer left there
+    /// below 0; it counts up from such a usage.
+    #[test]
+    fn a_write_keeps_a_usage_another_writer_left_below_zero() {
+        assert_eq!(usage_after_write(-5, 1, 0), -4);
+        assert_eq!(usage_after_write(-5, -3, 0), -5);
+        assert_eq!(usage_after_write(-5, 0, -1), -5);
+        assert_eq!(usage_after_write(2, -5, 0), 0);
+        assert_eq!(usage_after_write(2, 3, -1), 4);
+        assert_eq!(usage_after_write(i64::MIN, -1, 0), i64::MIN);
+    }
+
     proptest::proptest! {
         /// Any stored 64-bit counts: no overflow, the answer within the exact bound, and
         /// the document changed by what was decided (exactly, while it was within it).
@@ -996,7 +1014,10 @@ mod tests {
             match (refund, decision.allowed) {
                 (false, true) => proptest::prop_assert_eq!(stored, used + amount),
                 (false, false) => proptest::prop_assert_eq!(stored, used),
-                (true, _) => proptest::prop_assert_eq!(stored, (i128::from(used) - i128::from(amount)).max(0) as i64),
+                (true, _) => proptest::prop_assert_eq!(
+                    stored,
+                    (i128::from(used) - i128::from(amount)).max(i128::from(used.min(0))) as i64
+                ),
             }
             if used == exact(used) {
                 proptest::prop_assert_eq!(decision, rule);

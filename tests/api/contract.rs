@@ -248,6 +248,50 @@ async fn counters_contract(counters: Arc<dyn Counters>) {
     outdated_contract(counters.as_ref()).await;
     ttl_from_load_contract(counters.as_ref()).await;
     pending_answers_of_a_dropped_record_are_marked(counters.as_ref()).await;
+    below_zero_contract(counters.as_ref()).await;
+}
+
+/// A usage another writer left below zero (a legacy refund's decrement) is decided from as
+/// it is: consumes count up from it, a refund gives nothing back there and never raises it
+/// (storage::decide), and a rebase onto such a document keeps it (usage_after_write).
+async fn below_zero_contract(counters: &dyn Counters) {
+    let id = p("below-zero");
+    counters.load(&id, &seed(-5, 10), TTL).await.unwrap();
+    let id = &id;
+    let used_after = |op, amount| async move {
+        let change = Change {
+            op,
+            amount,
+            idempotency_key: None,
+            with_record: false,
+        };
+        match counters.apply(id, &change).await.unwrap() {
+            Applied::Decided(decision, _) => (decision.allowed, decision.used),
+            other => panic!("{other:?}"),
+        }
+    };
+    assert_eq!(used_after(Op::Consume, 1).await, (true, -4));
+    assert_eq!(
+        used_after(Op::Refund, 3).await,
+        (true, -4),
+        "a refund raised a usage below 0"
+    );
+    assert_eq!(used_after(Op::Consume, 14).await, (true, 10));
+    assert_eq!(used_after(Op::Consume, 1).await, (false, 10));
+    assert_eq!(
+        used_after(Op::Refund, 12).await,
+        (true, 0),
+        "nor takes one above 0 below it"
+    );
+    let record = counters.read(id).await.unwrap().unwrap();
+    assert_eq!(
+        (record.used, record.version),
+        (0, 3),
+        "a change that changed nothing is no version"
+    );
+    // a rebase onto a document at -7 with nothing carried (the record's usage is its watermark)
+    assert!(counters.rebase(id, "e1", "e9", &onto(-7, 0)).await.unwrap());
+    assert_eq!(counters.read(id).await.unwrap().unwrap().used, -7);
 }
 
 /// A record marked outdated (a replica decided for its provider in Firestore without

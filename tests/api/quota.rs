@@ -190,6 +190,30 @@ async fn other_writers_increments_survive_dual_write() {
     }
 }
 
+/// A usage another writer left below zero (a legacy refund's decrement) is decided from as
+/// it is in both phases that write every change: consumes count up from it, a refund there
+/// gives nothing back and never raises it, and the document ends where the answers do
+/// (helper-53's audit: a consume and a refund added 9 to a document at -5).
+#[tokio::test]
+async fn a_usage_left_below_zero_by_another_writer_is_kept_and_agreed_on() {
+    for phase in [Phase::FirestoreOnly, Phase::DualWrite] {
+        let shared = Shared::real();
+        let app = spawn_with(&shared, |c| c.initial_phase = phase).await;
+        let store = shared.store();
+        store.put("neg", Some(-5), Some(10)).await;
+        assert_eq!(app.quota("neg").await["used"], -5, "{phase:?}");
+        assert_eq!(ok(app.consume("neg", 1).await).await["used"], -4, "{phase:?}");
+        assert_eq!(ok(app.refund("neg", 3).await).await["used"], -4, "{phase:?}");
+        assert_eq!(ok(app.consume("neg", 2).await).await["used"], -2, "{phase:?}");
+        assert_eq!(
+            eventually(STORE_DEADLINE, Some(-2), || store.used("neg")).await,
+            Some(-2),
+            "{phase:?}"
+        );
+        assert_eq!(app.quota("neg").await["used"], -2, "{phase:?}");
+    }
+}
+
 #[tokio::test]
 async fn a_retried_consume_is_answered_again_and_charged_once_across_replicas() {
     let shared = Shared::real();

@@ -112,7 +112,7 @@ local function change(record, idem, pending, op, amount_s, provider, id)
   if op == 'c' then
     if used + amount > r.limit then allowed = 0 else new_used = used + amount end
   else
-    new_used = math.max(0, used - amount)
+    new_used = math.max(math.min(used, 0), used - amount) -- see storage::decide
   end
   if idem then
     local answer = amount_s .. ':' .. allowed .. ':' .. s(new_used) .. ':' .. s(r.limit)

@@ -1,7 +1,8 @@
 -- Reloads a live record without dropping it (see Counters::rebase): if it is still of
 -- epoch ARGV[1], it becomes epoch ARGV[4] with base ARGV[2] (the document's usage) and
 -- carries what it holds above ARGV[3] (the document's watermark of ARGV[1], read with it),
--- never below 0 (the document stops at 0 when refunds pass it, and its watermark does not).
+-- never below 0 (the document stops at 0 when refunds pass it, and its watermark does not),
+-- nor below a base another writer left below 0 (storage::usage_after_write, as the document).
 -- ARGV[5] the outdated mark (see RebaseMark): '1' set (another replica decides in
 -- Firestore these moments), '0' cleared (the record was read marked, before the document),
 -- '' left as it is (read unmarked: a mark there now came after the document was read)
@@ -14,7 +15,7 @@ local carried = tonumber(v[2]) - tonumber(ARGV[3])
 local dirty = tonumber(v[3]) > tonumber(v[4])
 local t = redis.call('TIME')
 redis.call('HSET', KEYS[1], 'epoch', ARGV[4], 'base', ARGV[2],
-  'used', string.format('%d', math.max(0, tonumber(ARGV[2]) + carried)), 'from', ARGV[1],
+  'used', string.format('%d', math.max(math.min(tonumber(ARGV[2]), 0), tonumber(ARGV[2]) + carried)), 'from', ARGV[1],
   'ver', dirty and '1' or '0', 'synced', '0', 'fromw', ARGV[3],
   'at', string.format('%d', t[1] * 1000 + math.floor(t[2] / 1000))) -- loaded now (see load.lua)
 if ARGV[5] == '1' then

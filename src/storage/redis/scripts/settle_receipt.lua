@@ -55,7 +55,7 @@ if string.sub(v[3] or '', 1, 8) ~= epoch and string.sub(v[4] or '', 1, 8) ~= epo
   return 'lost ' .. string.format('%d', added)
 end
 forget()
-redis.call('HSET', KEYS[2], 'used', string.format('%d', math.max(0, used - added)),
+redis.call('HSET', KEYS[2], 'used', string.format('%d', math.max(math.min(used, 0), used - added)),
   'ver', string.format('%d', ver + 1))
 -- dirty now, so persistent and indexed as apply.lua leaves a changed record
 redis.call('PERSIST', KEYS[2])
