@@ -1,12 +1,14 @@
 //! The benchmark's ceiling: a bare axum server doing what a quota request minimally costs
 //! (parse a small JSON body with serde_json, serialise it back), with none of quotad's
-//! logic or storage. `bench/run.sh` compares quotad's throughput and latency to this.
+//! logic or storage, on quotad's runtime and server loop. `bench/run.sh` compares quotad's
+//! throughput and latency to this.
 //!
 //! Usage: `cargo run --release --example echo -- 127.0.0.1:9000`
 //! - `POST /echo` body `{"amount":1}` → `200 {"amount":1}`
 //! - `GET /echo` → `200 {"amount":1}`
 
 use axum::{Json, Router, routing::get};
+use quotad::http::serve::Deadlines;
 use serde::{Deserialize, Serialize};
 
 /// The same allocator as quotad, so the ceiling is measured on equal terms.
@@ -37,5 +39,6 @@ async fn main() -> std::io::Result<()> {
     let app = Router::new().route("/echo", get(echo_get).post(echo_post));
     let listener = tokio::net::TcpListener::bind(&addr).await?;
     eprintln!("echo listening on {}", listener.local_addr()?);
-    axum::serve(listener, app).await
+    // quotad's server loop, with its read deadlines (same terms)
+    quotad::http::serve::serve(listener, app, Deadlines::default(), std::future::pending()).await
 }

@@ -38,6 +38,9 @@ pub struct Config {
     pub redis_prefix: String,
     /// Rate-limit plans by name (built-ins plus the file's).
     pub plans: BTreeMap<String, PlanConfig>,
+    /// How long a request head and body may take to arrive (no variable: the defaults;
+    /// tests shorten them).
+    pub deadlines: crate::http::serve::Deadlines,
 }
 
 /// One rate-limit plan as written in the file.
@@ -91,6 +94,7 @@ impl Default for Config {
             collection: "providers".to_owned(),
             redis_prefix: "quotad:".to_owned(),
             plans: builtin_plans(),
+            deadlines: crate::http::serve::Deadlines::default(),
         }
     }
 }

@@ -24,6 +24,7 @@ pub struct Application {
     app: Arc<App>,
     /// The anomaly webhook's URL and queue, when one is configured.
     webhook: Option<(String, tokio::sync::mpsc::Receiver<crate::domain::ratelimit::Anomaly>)>,
+    deadlines: http::serve::Deadlines,
 }
 
 impl Application {
@@ -86,7 +87,12 @@ impl Application {
             health: Arc::new(Health::default()),
             metrics: telemetry::metrics_handle(),
         });
-        Ok(Self { listener, app, webhook })
+        Ok(Self {
+            listener,
+            app,
+            webhook,
+            deadlines: config.deadlines,
+        })
     }
 
     pub fn port(&self) -> u16 {
@@ -122,10 +128,7 @@ impl Application {
         }
         tasks.close();
         tracing::info!(addr = %self.listener.local_addr()?, "listening");
-        let service = axum::ServiceExt::<axum::extract::Request>::into_make_service(http::service(self.app.clone()));
-        let result = axum::serve(self.listener, service)
-            .with_graceful_shutdown(shutdown)
-            .await;
+        let result = http::serve::serve(self.listener, http::service(self.app.clone()), self.deadlines, shutdown).await;
         tracing::info!("shutting down: flushing pending Firestore writes");
         cancel.cancel();
         tasks.wait().await;

@@ -37,6 +37,10 @@ pub enum ApiError {
     /// 409 with its code (`sync_running`, `sync_incomplete`).
     #[error("{detail}")]
     Conflict { code: &'static str, detail: String },
+    /// 408: the body did not arrive within its deadline (see [`super::serve::Deadlines`]);
+    /// the connection closes after the answer (the rest of the body may still come).
+    #[error("the request body did not arrive in time")]
+    RequestTimeout,
     /// 413: a body over 64 KiB.
     #[error("the body is larger than 64 KiB")]
     PayloadTooLarge,
@@ -81,6 +85,7 @@ impl ApiError {
             ApiError::NotFound => StatusCode::NOT_FOUND,
             ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::Conflict { .. } => StatusCode::CONFLICT,
+            ApiError::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
             ApiError::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ApiError::IdempotencyKeyReused => StatusCode::UNPROCESSABLE_ENTITY,
@@ -100,6 +105,7 @@ impl ApiError {
             ApiError::AdminDisabled => "admin_disabled".into(),
             ApiError::NotFound => "not_found".into(),
             ApiError::MethodNotAllowed => "method_not_allowed".into(),
+            ApiError::RequestTimeout => "request_timeout".into(),
             ApiError::PayloadTooLarge => "payload_too_large".into(),
             ApiError::UnsupportedMediaType => "unsupported_media_type".into(),
             ApiError::IdempotencyKeyReused => "idempotency_key_reused".into(),
@@ -174,6 +180,9 @@ impl IntoResponse for ApiError {
                     header::WWW_AUTHENTICATE,
                     HeaderValue::from_static("Bearer realm=\"quotad\""),
                 ));
+            }
+            ApiError::RequestTimeout => {
+                extra_headers.push((header::CONNECTION, HeaderValue::from_static("close")));
             }
             _ => {}
         }

@@ -65,6 +65,8 @@ async fn json_bytes<S: Send + Sync>(req: Request, state: &S) -> Result<Option<By
     let bytes = Bytes::from_request(req, state).await.map_err(|rejection| {
         if rejection.status() == axum::http::StatusCode::PAYLOAD_TOO_LARGE {
             ApiError::PayloadTooLarge
+        } else if caused_by::<super::serve::BodyDeadlineElapsed>(&rejection) {
+            ApiError::RequestTimeout
         } else {
             ApiError::InvalidJson("the body could not be read".into())
         }
@@ -79,6 +81,18 @@ async fn json_bytes<S: Send + Sync>(req: Request, state: &S) -> Result<Option<By
         return Err(ApiError::UnsupportedMediaType);
     }
     Ok(Some(bytes))
+}
+
+/// Whether `err` or an error in its chain of sources is an `E`.
+fn caused_by<E: std::error::Error + 'static>(err: &(dyn std::error::Error + 'static)) -> bool {
+    let mut next = Some(err);
+    while let Some(err) = next {
+        if err.is::<E>() {
+            return true;
+        }
+        next = err.source();
+    }
+    false
 }
 
 fn parse_object(bytes: &[u8]) -> Result<Map<String, Value>, ApiError> {

@@ -8,6 +8,7 @@ mod ops;
 mod quota;
 mod ratelimit;
 mod record;
+pub mod serve;
 
 use std::{
     collections::BTreeMap,

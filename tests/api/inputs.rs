@@ -357,3 +357,66 @@ async fn a_request_refused_before_its_body_arrived_keeps_the_connection() {
         assert!(text.starts_with("HTTP/1.1 4"), "{method} {path}: {text}");
     }
 }
+
+/// Reads `conn` until it closes (or 10 s pass: a failure), and returns what came.
+async fn read_to_close(conn: &mut tokio::net::TcpStream) -> String {
+    use tokio::io::AsyncReadExt;
+    let mut seen = Vec::new();
+    let read = tokio::time::timeout(std::time::Duration::from_secs(10), conn.read_to_end(&mut seen)).await;
+    read.expect("the connection closes within 10 s").ok();
+    String::from_utf8_lossy(&seen).into_owned()
+}
+
+/// A request head must arrive within its deadline (and the next one after an answer: an
+/// idle keep-alive connection closes), a body within its own; a late body is answered
+/// `408 request_timeout` and charges nothing. (`axum::serve` set no deadline: a half-sent
+/// head held its connection for as long as the client liked.)
+#[tokio::test]
+async fn a_request_that_does_not_arrive_in_time_closes_its_connection() {
+    use quotad::http::serve::Deadlines;
+    use tokio::io::AsyncWriteExt;
+
+    let deadlines = Deadlines {
+        head: std::time::Duration::from_millis(300),
+        body: std::time::Duration::from_millis(300),
+    };
+    let app = spawn_with(&crate::helpers::Shared::real(), |c| c.deadlines = deadlines).await;
+    let addr = app.base.trim_start_matches("http://").to_owned();
+    let connect = || async {
+        let conn = tokio::net::TcpStream::connect(&addr).await.unwrap();
+        conn.set_nodelay(true).unwrap();
+        conn
+    };
+
+    // half a head: closed, with at most hyper's bare 408
+    let mut conn = connect().await;
+    conn.write_all(b"POST /quota/p1/consume HTTP/1.1\r\nhost: q\r\n")
+        .await
+        .unwrap();
+    let answer = read_to_close(&mut conn).await;
+    assert!(answer.is_empty() || answer.starts_with("HTTP/1.1 408"), "{answer}");
+
+    // an answered request, then nothing: the idle connection closes
+    let mut conn = connect().await;
+    conn.write_all(b"GET /healthz HTTP/1.1\r\nhost: q\r\n\r\n")
+        .await
+        .unwrap();
+    let answer = read_to_close(&mut conn).await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+
+    // a body that stops short: 408 problem, the connection closed, nothing consumed
+    let mut conn = connect().await;
+    let head =
+        "POST /quota/p1/consume HTTP/1.1\r\nhost: q\r\ncontent-type: application/json\r\ncontent-length: 12\r\n\r\n";
+    conn.write_all(head.as_bytes()).await.unwrap();
+    conn.write_all(br#"{"amo"#).await.unwrap();
+    let answer = read_to_close(&mut conn).await;
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(
+        answer.contains("application/problem+json") && answer.contains(r#""code":"request_timeout""#),
+        "{answer}"
+    );
+    assert_eq!(app.quota("p1").await["used"], 0);
+    // while a whole request is answered as usual
+    assert_eq!(ok(app.consume("p1", 1).await).await["used"], 1);
+}
