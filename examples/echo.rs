@@ -33,8 +33,13 @@ async fn echo_get() -> Json<Body> {
     Json(Body { amount: 1 })
 }
 
-#[tokio::main(flavor = "multi_thread")]
-async fn main() -> std::io::Result<()> {
+/// On quotad's runtime ([`quotad::startup::runtime`]): the same scheduler for the same
+/// `TOKIO_WORKER_THREADS`.
+fn main() -> std::io::Result<()> {
+    quotad::startup::runtime()?.block_on(serve())
+}
+
+async fn serve() -> std::io::Result<()> {
     let addr = std::env::args().nth(1).unwrap_or_else(|| "127.0.0.1:9000".to_owned());
     let app = Router::new().route("/echo", get(echo_get).post(echo_post));
     let listener = tokio::net::TcpListener::bind(&addr).await?;

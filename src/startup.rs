@@ -167,6 +167,33 @@ pub async fn tools(config: &Config) -> anyhow::Result<(Arc<QuotaService>, SyncJo
     Ok((quotas.clone(), SyncJob::new(quotas)))
 }
 
+/// The runtime quotad (and the bench's echo ceiling, on equal terms) runs on: tokio's
+/// current-thread scheduler when it is to have one worker (`TOKIO_WORKER_THREADS=1`, or a
+/// host with one core), otherwise the multi-thread one, which reads `TOKIO_WORKER_THREADS`
+/// itself. One worker of the multi-thread scheduler still pays for work stealing and its
+/// shared queues. Under wrk on the 2-core bench machine (8 s runs, alternating binaries)
+/// the current-thread scheduler took quotad 0.4-2 µs less CPU a request (12.8-13.4 against
+/// 13.6-15.1 µs; the echo 0.1-0.6 µs less), at the same req/s, and cut the hot consume's
+/// p99 from 2.0-3.4 ms to 1.4-1.6 ms, the cached GET's from 1.9-2.7 to 1.45-1.5 ms.
+pub fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    let cores = std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get);
+    let mut builder = if one_worker(std::env::var("TOKIO_WORKER_THREADS").ok().as_deref(), cores) {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+    };
+    builder.enable_all().build()
+}
+
+/// Whether the runtime gets one worker: `TOKIO_WORKER_THREADS` (as tokio reads it), else
+/// one per core. A value tokio would refuse is left to the multi-thread builder to report.
+fn one_worker(setting: Option<&str>, cores: usize) -> bool {
+    match setting {
+        Some(value) => value.trim().parse::<usize>() == Ok(1),
+        None => cores == 1,
+    }
+}
+
 /// Completes on SIGINT or SIGTERM.
 pub async fn shutdown_signal() {
     let ctrl_c = async {
@@ -428,6 +455,19 @@ mod tests {
     use std::sync::atomic::{AtomicUsize, Ordering};
 
     use super::*;
+
+    /// One worker, asked for or from one core, runs the current-thread scheduler; any other
+    /// setting (tokio's own errors included) the multi-thread one.
+    #[test]
+    fn the_runtime_has_one_worker_only_when_asked_or_on_one_core() {
+        assert!(one_worker(Some("1"), 8));
+        assert!(one_worker(Some(" 1 "), 8));
+        assert!(one_worker(None, 1));
+        assert!(!one_worker(None, 2));
+        assert!(!one_worker(Some("2"), 1));
+        assert!(!one_worker(Some("0"), 1));
+        assert!(!one_worker(Some("one"), 1));
+    }
 
     /// Redis answering at the 4th ping is seen then, 3 ticks in, not at the end of the wait.
     #[tokio::test(start_paused = true)]

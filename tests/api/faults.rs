@@ -226,23 +226,34 @@ async fn a_failed_firestore_write_is_retried_until_it_lands_once() {
     assert!(quotad.terminate().success());
 }
 
+/// On both of the binary's runtimes: one worker runs tokio's current-thread scheduler
+/// (`startup::runtime`), more the multi-thread one.
 #[tokio::test]
 async fn sigterm_flushes_pending_writes_and_exits_zero() {
     let redis = RedisServer::start().await;
     let project = unique("test-");
     let store = Store::new(project.clone());
-    let quotad = QuotadProcess::start(&quotad_env(&redis, &project, emulator_host())).await;
-    let http = client();
-    for _ in 0..20 {
-        let resp = http
-            .post(format!("{}/quota/p1/consume", quotad.base))
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(resp.status().as_u16(), 200);
+    for (workers, provider) in [("1", "p1"), ("2", "p2")] {
+        let [redis_url, project_id, firestore] = quotad_env(&redis, &project, emulator_host());
+        let env = [
+            redis_url,
+            project_id,
+            firestore,
+            ("TOKIO_WORKER_THREADS", workers.to_owned()),
+        ];
+        let quotad = QuotadProcess::start(&env).await;
+        let http = client();
+        for _ in 0..20 {
+            let resp = http
+                .post(format!("{}/quota/{provider}/consume", quotad.base))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(resp.status().as_u16(), 200);
+        }
+        assert!(quotad.terminate().success(), "{workers} worker(s)");
+        assert_eq!(store.used(provider).await, Some(20), "{workers} worker(s)");
     }
-    assert!(quotad.terminate().success());
-    assert_eq!(store.used("p1").await, Some(20));
 }
 
 #[tokio::test]
