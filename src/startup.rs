@@ -121,6 +121,7 @@ impl Application {
         tasks.spawn(watch_health(self.app.clone(), cancel.clone()));
         tasks.spawn(reconcile(self.app.clone(), cancel.clone()));
         tasks.spawn(hand_back(self.app.clone(), cancel.clone()));
+        tasks.spawn(watch_marks(self.app.clone(), cancel.clone()));
         tasks.spawn(follow_phase(self.app.clone(), cancel.clone()));
         tasks.spawn(scheduled_sync(self.app.clone(), cancel.clone()));
         if let Some((url, queue)) = self.webhook {
@@ -387,6 +388,17 @@ async fn reconcile(app: Arc<App>, cancel: CancellationToken) {
                 quotas.round_failed(round, &err);
                 tracing::warn!(error = %err, "reconciling with Firestore failed; will retry");
             }
+        }
+    }
+}
+
+/// Looks for other replicas' fallback marks every [`quota::MARK_POLL`] (see
+/// [`QuotaService::watch_marks`]); a failed poll is logged at debug level and tried again
+/// at the next tick (a Firestore that does not answer is the health task's to report).
+async fn watch_marks(app: Arc<App>, cancel: CancellationToken) {
+    while tick(&cancel, crate::domain::quota::MARK_POLL).await {
+        if let Err(err) = app.quotas.watch_marks().await {
+            tracing::debug!(error = %err, "looking for other replicas' fallback marks failed");
         }
     }
 }

@@ -88,6 +88,9 @@ pub struct QuotaService {
     /// Providers this replica, cut off from Redis, has announced its fallbacks for (see
     /// [`QuotaService::announce`]): until when its decisions wait, and when it last decided.
     announced: std::sync::Mutex<std::collections::HashMap<ProviderId, Announced>>,
+    /// Other replicas' fallback marks [`QuotaService::watch_marks`] has acted on, by
+    /// provider: the newest one's time (ms), kept while it is recent.
+    marks_seen: std::sync::Mutex<std::collections::HashMap<ProviderId, i64>>,
     /// Redis is down for decisions, but a probe has found it (and Firestore) answering:
     /// the reconcile that brings decisions back runs, and decisions wait for it (see
     /// [`QuotaService::await_recovery`]). 0 when no recovery is on, else which one (from
@@ -149,6 +152,7 @@ impl QuotaService {
             fence_waiting: std::sync::atomic::AtomicUsize::new(0),
             marking: std::sync::Mutex::default(),
             announced: std::sync::Mutex::default(),
+            marks_seen: std::sync::Mutex::default(),
             recovering: std::sync::atomic::AtomicU64::new(0),
             recoveries: std::sync::atomic::AtomicU64::new(0),
             recovery_waiting: std::sync::atomic::AtomicUsize::new(0),
@@ -1253,6 +1257,44 @@ impl QuotaService {
             .is_some_and(|mark| mark.deciding_elsewhere(&self.replica, now))
     }
 
+    /// In `dual-write`, while this replica reaches Redis: looks for other replicas' recent
+    /// fallback marks (a replica cut off from Redis writes one before its first fallback
+    /// consume for a provider and waits [`ANNOUNCE_WAIT`]: see [`QuotaService::announce`]),
+    /// and marks this replica's records of those providers outdated, as the cut-off replica
+    /// would have done had it reached Redis. Polled every [`MARK_POLL`], shorter than that
+    /// wait, so that by the time the fallback decides, this replica decides the provider in
+    /// Firestore too, in the same transactions. Before, it learnt of the mark only at its
+    /// next write, after deciding once more from a record that missed the fallback's
+    /// decision: the provider's last unit was admitted twice (helper-54's repro, every time).
+    /// Each new mark is acted on once. Returns how many records it marked.
+    pub async fn watch_marks(&self) -> Result<usize, StorageError> {
+        if self.phase().0 != Phase::DualWrite || !self.redis_answering() {
+            return Ok(0);
+        }
+        let now = Utc::now().timestamp_millis();
+        let since = now - FallbackMark::RECENT_MS;
+        let marks = self.ledger.fallback_marks(since, 1000).await?;
+        let fresh: Vec<ProviderId> = {
+            let mut seen = self.marks_seen.lock().unwrap();
+            seen.retain(|_, at| *at >= since);
+            marks
+                .into_iter()
+                .filter(|(_, mark)| mark.by != self.replica && mark.at_ms <= now + FallbackMark::CLOCK_SLACK_MS)
+                .filter_map(|(provider, mark)| {
+                    let newer = seen.get(&provider).is_none_or(|at| mark.at_ms > *at);
+                    newer.then(|| {
+                        seen.insert(provider.clone(), mark.at_ms);
+                        provider
+                    })
+                })
+                .collect()
+        };
+        for provider in &fresh {
+            self.outdated_by_mark(provider);
+        }
+        Ok(fresh.len())
+    }
+
     /// A write found that another replica decided in Firestore beside the cached record
     /// ([`QuotaService::missed_by`]): the record is marked outdated, as that replica's own
     /// mark would have done had it reached Redis. Until it is reloaded, decisions for the
@@ -1726,6 +1768,12 @@ impl QuotaService {
 /// production). The requests' deadline bounds the wait and the announcement's write, as it
 /// bounds the other waits before a fallback decides (API.md's 2 s).
 const ANNOUNCE_WAIT: Duration = Duration::from_millis(300);
+
+/// How often replicas that reach Redis look for other replicas' fallback marks in
+/// `dual-write` ([`QuotaService::watch_marks`]): shorter than [`ANNOUNCE_WAIT`] by the
+/// time a Firestore query takes. Each poll is one query (one document read when it finds
+/// nothing): 5 a second per replica, about 430,000 reads a day.
+pub const MARK_POLL: Duration = Duration::from_millis(200);
 
 /// After this long without a fallback for a provider, the next one announces again: the
 /// others take a mark for a replica still deciding in Firestore for

@@ -654,6 +654,40 @@ impl Ledger for FirestoreLedger {
         Ok((docs, result.page_token.filter(|t| !t.is_empty())))
     }
 
+    /// A range query on `quotadFallback`, whose text starts with the mark's time in ms
+    /// (13 digits until the year 2286, so text order is time order); Firestore's automatic
+    /// single-field index serves it. A poll that finds nothing costs one document read.
+    async fn fallback_marks(&self, since_ms: i64, max: usize) -> Result<Vec<(ProviderId, FallbackMark)>, StorageError> {
+        let db = self.db().await?;
+        let since = since_ms.to_string();
+        let docs = self
+            .timed(
+                CALL_TIMEOUT,
+                db.fluent()
+                    .select()
+                    .fields(["quotadFallback"])
+                    .from(self.collection.as_str())
+                    .filter(|q| q.for_all([q.field("quotadFallback").greater_than_or_equal(since.clone())]))
+                    .limit(u32::try_from(max).unwrap_or(u32::MAX))
+                    .query(),
+            )
+            .await?;
+        let mut marks = Vec::new();
+        for raw in &docs {
+            let id = raw.name.rsplit('/').next().unwrap_or_default();
+            let (Ok(provider), Ok(doc)) = (
+                ProviderId::parse(id),
+                FirestoreDb::deserialize_doc_to::<ProviderDoc>(raw),
+            ) else {
+                continue;
+            };
+            if let Some(mark) = doc.fallback().filter(|mark| mark.at_ms >= since_ms) {
+                marks.push((provider, mark));
+            }
+        }
+        Ok(marks)
+    }
+
     async fn changed_outside(&self, max: usize) -> Result<Vec<ProviderId>, StorageError> {
         let db = self.db().await?;
         let docs = self

@@ -674,6 +674,15 @@ impl Ledger for MemoryLedger {
         Ok(used.is_some())
     }
 
+    async fn fallback_marks(&self, since_ms: i64, max: usize) -> Result<Vec<(ProviderId, FallbackMark)>, StorageError> {
+        let state = self.state.lock().unwrap();
+        let marked = state.docs.iter().filter_map(|(provider, doc)| {
+            let mark = doc.fallback.as_ref().filter(|mark| mark.at_ms >= since_ms)?;
+            Some((provider.clone(), mark.clone()))
+        });
+        Ok(marked.take(max).collect())
+    }
+
     async fn announce_fallback(&self, provider: &ProviderId, by: &str) -> Result<(), StorageError> {
         let mut state = self.state.lock().unwrap();
         let doc = state.docs.entry(provider.clone()).or_default();

@@ -805,6 +805,12 @@ pub trait Ledger: Send + Sync {
         page: Option<String>,
         size: usize,
     ) -> Result<(Vec<(ProviderId, Document)>, Option<String>), StorageError>;
+    /// Up to `max` providers whose documents carry a [`FallbackMark`] written at
+    /// `since_ms` or later (any replica's: the caller tells its own apart), with the mark.
+    /// Replicas that reach Redis poll this, so that they stop deciding there for a
+    /// provider soon after a replica cut off from Redis has announced a fallback for it
+    /// (see `QuotaService::watch_marks`).
+    async fn fallback_marks(&self, since_ms: i64, max: usize) -> Result<Vec<(ProviderId, FallbackMark)>, StorageError>;
     /// Providers whose documents changed outside Redis (fallback decisions), up to `max`.
     async fn changed_outside(&self, max: usize) -> Result<Vec<ProviderId>, StorageError>;
     /// Records that a provider's document changed outside Redis.

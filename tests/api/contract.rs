@@ -674,6 +674,16 @@ async fn announce_contract(ledger: &dyn Ledger) {
         created.used == Some(0) && created.limit.is_none() && created.fallback.is_some(),
         "{created:?}"
     );
+    // the marks written since a time, with their providers; none of a later time
+    let since = mark.at_ms;
+    let mut marked = ledger.fallback_marks(since, 10).await.unwrap();
+    marked.sort_by(|a, b| a.0.as_str().cmp(b.0.as_str()));
+    let providers: Vec<&str> = marked.iter().map(|(provider, _)| provider.as_str()).collect();
+    assert_eq!(providers, ["announce", "announce-new"]);
+    assert_eq!(marked[0].1, mark);
+    assert_eq!(ledger.fallback_marks(since, 1).await.unwrap().len(), 1, "at most max");
+    let later = created.fallback.unwrap().at_ms + 1;
+    assert!(ledger.fallback_marks(later, 10).await.unwrap().is_empty());
 }
 
 async fn ledger_contract(ledger: Arc<dyn Ledger>) {

@@ -861,6 +861,33 @@ async fn one_replica_cut_off_from_redis_leaves_bursts_exact() {
     assert!(over.is_empty(), "admitted beyond the limit: {over:?}");
 }
 
+/// A replica still on Redis must not decide from its record after a cut-off replica has
+/// decided in Firestore, even when it has written nothing since (helper-54's soak and
+/// repro: 3 of 5 used, the cut one admits the 5th from Firestore, then the other admitted
+/// a 6th from Redis, every time). It watches the documents for other replicas' fresh
+/// fallback marks, and marks its records of those providers outdated.
+#[tokio::test]
+async fn a_replica_on_redis_sees_a_cut_off_replicas_decision_before_its_next_one() {
+    let (shared, _redis, mut proxy, cut) = a_replica_behind_a_proxy().await;
+    let other = spawn_with(&shared, |_| {}).await;
+    let store = shared.store();
+    for round in 0..3 {
+        let provider = format!("after{round}");
+        store.put(&provider, Some(3), Some(5)).await;
+        assert_eq!(ok(other.consume(&provider, 1).await).await["used"], 4);
+        assert_eq!(eventually(DEADLINE, Some(4), || store.used(&provider)).await, Some(4));
+        proxy.set_up(false).await;
+        assert_eq!(
+            ok(cut.consume(&provider, 1).await).await["used"],
+            5,
+            "{provider}: from Firestore"
+        );
+        problem(other.consume(&provider, 1).await, 429, "quota_exceeded").await;
+        assert_eq!(eventually(DEADLINE, Some(5), || store.used(&provider)).await, Some(5));
+        proxy.set_up(true).await;
+    }
+}
+
 /// Another replica's fallback mark keeps this one's decisions and lookups of the provider
 /// off Redis only while it is recent: an old one, or one from a clock far ahead, is
 /// ignored, and a recent one lets go by itself (the provider is cached again).

@@ -182,6 +182,13 @@ impl Ledger for Gated {
     ) -> Result<(Vec<(ProviderId, Document)>, Option<String>), StorageError> {
         self.inner.list_documents(page, size).await
     }
+    async fn fallback_marks(
+        &self,
+        since_ms: i64,
+        max: usize,
+    ) -> Result<Vec<(ProviderId, quotad::storage::FallbackMark)>, StorageError> {
+        self.inner.fallback_marks(since_ms, max).await
+    }
     async fn changed_outside(&self, max: usize) -> Result<Vec<ProviderId>, StorageError> {
         self.inner.changed_outside(max).await
     }
