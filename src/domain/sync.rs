@@ -59,6 +59,10 @@ const BATCH: usize = 500;
 /// The lock expires this long after its holder stopped renewing it (API.md: a dead
 /// holder's lock is released within 60 s).
 const LOCK_TTL: Duration = Duration::from_secs(30);
+
+/// The name of the last sync report among quotad's own values in Firestore
+/// ([`Ledger::meta`](crate::storage::Ledger::meta)), for replicas that cannot read Redis's.
+const REPORT_META: &str = "sync-report";
 const RENEW_EVERY: Duration = Duration::from_secs(10);
 
 impl SyncJob {
@@ -70,10 +74,18 @@ impl SyncJob {
         }
     }
 
-    /// The last report of any replica (this replica's own while Redis is away).
+    /// The last report of any replica: from Redis, else from Firestore (Redis away, or
+    /// without it), else this replica's own. (helper-54's soak: a replica restarted while
+    /// Redis was stopped answered `last: null` after syncs had run; API.md: null only
+    /// until a sync has run.)
     pub async fn last(&self) -> Option<SyncReport> {
-        match self.service.counters().last_sync_report().await {
-            Ok(Some(json)) => serde_json::from_str(&json).ok(),
+        let parse = |json: String| serde_json::from_str::<SyncReport>(&json).ok();
+        if let Ok(Some(report)) = self.service.counters().last_sync_report().await {
+            return parse(report);
+        }
+        let stored = tokio::time::timeout(Duration::from_secs(2), self.service.ledger().meta(REPORT_META)).await;
+        match stored {
+            Ok(Ok(Some(report))) => parse(report),
             _ => self.last.lock().unwrap().clone(),
         }
     }
@@ -136,10 +148,13 @@ impl SyncJob {
             tracing::warn!(error = %err, "could not release the sync lock; it expires by itself");
         }
         let report = report?;
-        if let Ok(json) = serde_json::to_string(&report)
-            && let Err(err) = counters.store_sync_report(&json).await
-        {
-            tracing::warn!(error = %err, "could not store the sync report");
+        if let Ok(json) = serde_json::to_string(&report) {
+            if let Err(err) = counters.store_sync_report(&json).await {
+                tracing::warn!(error = %err, "could not store the sync report in Redis");
+            }
+            if let Err(err) = self.service.ledger().set_meta(REPORT_META, &json).await {
+                tracing::warn!(error = %err, "could not store the sync report in Firestore");
+            }
         }
         Ok(report)
     }

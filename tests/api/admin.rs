@@ -141,6 +141,20 @@ async fn sync_reports_and_status() {
     assert_eq!(status["last"]["runId"], report["runId"]);
 }
 
+/// A replica that cannot read Redis answers the last report from Firestore: `last` is null
+/// only until a sync has run (helper-54's soak: a replica restarted while Redis was stopped
+/// answered null after syncs had run).
+#[tokio::test]
+async fn a_replica_without_redis_reads_the_last_sync_report_from_firestore() {
+    let (shared, mut redis) = Shared::with_own_redis().await;
+    let a = spawn_with(&shared, |_| {}).await;
+    let report = ok(a.admin(Method::POST, "/admin/sync", None).await).await;
+    redis.kill();
+    let b = spawn_with(&shared, |_| {}).await; // a fresh replica: no report of its own
+    let status = ok(b.admin(Method::GET, "/admin/sync", None).await).await;
+    assert_eq!(status["last"], report);
+}
+
 /// The admin POSTs without fields take no body or `{}`; any other body is refused like
 /// every body: its media type, its size and its members are checked (nothing runs).
 #[tokio::test]
