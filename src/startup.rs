@@ -12,6 +12,7 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::{
     config::Config,
+    domain::quota::MARK_POLL,
     domain::{QuotaService, limiter, limiter::RateLimiter, ratelimit, schedule::Schedule, sync::SyncJob, writer},
     http::{self, App, Health},
     storage::{Counters, Ledger, firestore::FirestoreLedger, memory, redis::RedisCounters},
@@ -392,12 +393,23 @@ async fn reconcile(app: Arc<App>, cancel: CancellationToken) {
     }
 }
 
-/// Looks for other replicas' fallback marks every [`quota::MARK_POLL`] (see
-/// [`QuotaService::watch_marks`]); a failed poll is logged at debug level and tried again
-/// at the next tick (a Firestore that does not answer is the health task's to report).
+/// Looks for other replicas' fallback marks every [`MARK_POLL`] from the start of one
+/// poll to the next's, however long a query takes (see [`QuotaService::watch_marks`]: the
+/// period bounds how late a mark is seen); a slower query delays the next. A failed poll is
+/// logged at debug level and tried again at the next tick (a Firestore that does not answer
+/// is the health task's to report); shutdown does not wait for a poll.
 async fn watch_marks(app: Arc<App>, cancel: CancellationToken) {
-    while tick(&cancel, crate::domain::quota::MARK_POLL).await {
-        if let Err(err) = app.quotas.watch_marks().await {
+    let mut ticks = tokio::time::interval(MARK_POLL);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let polled = tokio::select! {
+            () = cancel.cancelled() => return,
+            _ = ticks.tick() => tokio::select! {
+                () = cancel.cancelled() => return,
+                polled = app.quotas.watch_marks() => polled,
+            },
+        };
+        if let Err(err) = polled {
             tracing::debug!(error = %err, "looking for other replicas' fallback marks failed");
         }
     }

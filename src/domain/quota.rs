@@ -1770,9 +1770,12 @@ impl QuotaService {
 const ANNOUNCE_WAIT: Duration = Duration::from_millis(300);
 
 /// How often replicas that reach Redis look for other replicas' fallback marks in
-/// `dual-write` ([`QuotaService::watch_marks`]): shorter than [`ANNOUNCE_WAIT`] by the
-/// time a Firestore query takes. Each poll is one query (one document read when it finds
-/// nothing): 5 a second per replica, about 430,000 reads a day.
+/// `dual-write` ([`QuotaService::watch_marks`]), from the start of one poll to the next's:
+/// a mark is acted on at most this plus one query's time after it lands, before the
+/// fallback decides ([`ANNOUNCE_WAIT`] after its mark's write came back) while a query
+/// takes under ~100 ms (Firestore in the same region: tens of ms). Each poll is one query
+/// (one document read when it finds nothing): 5 a second per replica, about 430,000 reads
+/// a day.
 pub const MARK_POLL: Duration = Duration::from_millis(200);
 
 /// After this long without a fallback for a provider, the next one announces again: the

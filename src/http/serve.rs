@@ -41,11 +41,14 @@ pub struct Deadlines {
 }
 
 impl Default for Deadlines {
-    /// hyper's own default for the head (the one `axum::serve` leaves inert), and 10 s for
-    /// a body of at most 64 KiB.
+    /// 120 s for the head: hyper's deadline runs while a keep-alive connection waits for
+    /// its next request too, so it is an idle timeout as well, and it must outlast the
+    /// idle timeouts of clients' connection pools (Go's 90 s, Node's 4-5 s, httpx's 5 s):
+    /// a pool that reuses a connection just as the server closes it loses that request
+    /// (a `POST` is not retried). 10 s for a body of at most 64 KiB.
     fn default() -> Self {
         Self {
-            head: Duration::from_secs(30),
+            head: Duration::from_secs(120),
             body: Duration::from_secs(10),
         }
     }

@@ -668,6 +668,8 @@ impl Ledger for FirestoreLedger {
                     .fields(["quotadFallback"])
                     .from(self.collection.as_str())
                     .filter(|q| q.for_all([q.field("quotadFallback").greater_than_or_equal(since.clone())]))
+                    // newest first: past `max`, the oldest marks are the ones left out
+                    .order(|o| o.fields([o.field("quotadFallback").desc()]))
                     .limit(u32::try_from(max).unwrap_or(u32::MAX))
                     .query(),
             )
