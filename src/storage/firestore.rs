@@ -170,6 +170,14 @@ struct PhaseDoc {
     since: DateTime<Utc>,
 }
 
+/// A provider document of a listing or query, with its id; `None` for a document whose
+/// id is not a provider id or whose fields do not parse (skipped).
+fn provider_doc(raw: &firestore::FirestoreDocument) -> Option<(ProviderId, ProviderDoc)> {
+    let id = raw.name.rsplit('/').next().unwrap_or_default();
+    let provider = ProviderId::parse(id).ok()?;
+    Some((provider, FirestoreDb::deserialize_doc_to::<ProviderDoc>(raw).ok()?))
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct ChangedDoc {
     provider: String,
@@ -640,17 +648,8 @@ impl Ledger for FirestoreLedger {
             None => listing,
         };
         let result = self.timed(CALL_TIMEOUT, listing.get_page()).await?;
-        let mut docs = Vec::new();
-        for raw in &result.documents {
-            let id = raw.name.rsplit('/').next().unwrap_or_default();
-            let (Ok(provider), Ok(doc)) = (
-                ProviderId::parse(id),
-                FirestoreDb::deserialize_doc_to::<ProviderDoc>(raw),
-            ) else {
-                continue;
-            };
-            docs.push((provider, doc.document()));
-        }
+        let docs = result.documents.iter().filter_map(provider_doc);
+        let docs = docs.map(|(provider, doc)| (provider, doc.document())).collect();
         Ok((docs, result.page_token.filter(|t| !t.is_empty())))
     }
 
@@ -674,20 +673,11 @@ impl Ledger for FirestoreLedger {
                     .query(),
             )
             .await?;
-        let mut marks = Vec::new();
-        for raw in &docs {
-            let id = raw.name.rsplit('/').next().unwrap_or_default();
-            let (Ok(provider), Ok(doc)) = (
-                ProviderId::parse(id),
-                FirestoreDb::deserialize_doc_to::<ProviderDoc>(raw),
-            ) else {
-                continue;
-            };
-            if let Some(mark) = doc.fallback().filter(|mark| mark.at_ms >= since_ms) {
-                marks.push((provider, mark));
-            }
-        }
-        Ok(marks)
+        let marks = docs.iter().filter_map(provider_doc).filter_map(|(provider, doc)| {
+            let mark = doc.fallback().filter(|mark| mark.at_ms >= since_ms)?;
+            Some((provider, mark))
+        });
+        Ok(marks.collect())
     }
 
     async fn changed_outside(&self, max: usize) -> Result<Vec<ProviderId>, StorageError> {
