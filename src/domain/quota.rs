@@ -1272,14 +1272,15 @@ impl QuotaService {
             return Ok(0);
         }
         let now = Utc::now().timestamp_millis();
-        let since = now - FallbackMark::RECENT_MS;
+        // every mark `deciding_elsewhere` may take for a replica still deciding in Firestore
+        let since = now - FallbackMark::RECENT_MS - FallbackMark::CLOCK_SLACK_MS;
         let marks = self.ledger.fallback_marks(since, 1000).await?;
         let fresh: Vec<ProviderId> = {
             let mut seen = self.marks_seen.lock().unwrap();
             seen.retain(|_, at| *at >= since);
             marks
                 .into_iter()
-                .filter(|(_, mark)| mark.by != self.replica && mark.at_ms <= now + FallbackMark::CLOCK_SLACK_MS)
+                .filter(|(_, mark)| mark.deciding_elsewhere(&self.replica, now))
                 .filter_map(|(provider, mark)| {
                     let newer = seen.get(&provider).is_none_or(|at| mark.at_ms > *at);
                     newer.then(|| {

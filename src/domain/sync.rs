@@ -59,11 +59,11 @@ const BATCH: usize = 500;
 /// The lock expires this long after its holder stopped renewing it (API.md: a dead
 /// holder's lock is released within 60 s).
 const LOCK_TTL: Duration = Duration::from_secs(30);
+const RENEW_EVERY: Duration = Duration::from_secs(10);
 
 /// The name of the last sync report among quotad's own values in Firestore
 /// ([`Ledger::meta`](crate::storage::Ledger::meta)), for replicas that cannot read Redis's.
 const REPORT_META: &str = "sync-report";
-const RENEW_EVERY: Duration = Duration::from_secs(10);
 
 impl SyncJob {
     pub fn new(service: Arc<QuotaService>) -> Self {

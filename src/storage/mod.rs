@@ -857,7 +857,7 @@ pub fn decide(used: i64, limit: i64, change: &Change<'_>) -> Decision {
         },
         Op::Refund => Decision {
             allowed: true,
-            used: (used - change.amount).max(used.min(0)),
+            used: refunded(used, change.amount),
             limit,
         },
     }
@@ -874,7 +874,7 @@ pub fn decide_stored(used: i64, limit: i64, change: &Change<'_>) -> (Decision, i
         // adding a positive amount cannot overflow)
         Op::Consume if decision.allowed => used + change.amount,
         Op::Consume => used,
-        Op::Refund => used.saturating_sub(change.amount).max(used.min(0)),
+        Op::Refund => refunded(used, change.amount),
     };
     decision.used = exact(stored);
     (decision, stored)
@@ -888,7 +888,20 @@ pub fn usage_after_write(stored: i64, delta: i64, correction: i64) -> i64 {
     stored
         .saturating_add(delta)
         .saturating_add(correction)
-        .max(stored.min(0))
+        .max(floor(stored))
+}
+
+/// The lowest a refund or a write takes a usage `used`: 0, or `used` itself when another
+/// writer left it below 0 (see [`decide`]). The Lua scripts apply the same
+/// (`math.max(math.min(used, 0), ...)` in `apply.lua`, `rebase.lua`, `settle_receipt.lua`).
+fn floor(used: i64) -> i64 {
+    used.min(0)
+}
+
+/// `used` after a refund of `amount` ([`decide`]'s rule; saturating: another writer may
+/// store anything).
+fn refunded(used: i64, amount: i64) -> i64 {
+    used.saturating_sub(amount).max(floor(used))
 }
 
 /// A document's `aiCallsUsed` after [`Ledger::add_used`] adds `delta`, or `None` when it
